@@ -1,0 +1,465 @@
+"""APOLLO: SGD-like memory, AdamW-level performance (Zhu et al., arXiv 2412.05270, MLSys 2025).
+
+Adam's moments are kept for a random projection R of the gradient (r x max(m, n) instead of m x n); the
+ratio between the Adam-normalised projected gradient and the projected gradient gives a per-channel (APOLLO)
+or per-tensor (APOLLO-Mini) scaling factor that is applied to the raw full-rank gradient.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+from torch.optim import Optimizer
+
+from . import _common
+from .projection import RIGHT, ProjectionPlan, Rank, identity_key, matrix_shape, orientation, project, resolve_rank
+
+logger = logging.getLogger(__name__)
+
+SCALE_TYPES = ("channel", "tensor")
+_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+_LIMITER_EPS = 1e-8  # the published limiter divides by (prev + 1e-8)
+_SCALING_EPS = 1e-8  # s = ||R~|| / (||R|| + 1e-8)
+
+
+def _state_dtype_name(value: Any, where: str = "") -> Optional[str]:
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype):
+        for name, dt in _STATE_DTYPES.items():
+            if dt == value:
+                return name
+    elif isinstance(value, str) and value in _STATE_DTYPES:
+        return value
+    raise ValueError(f"state_dtype must be None or one of {', '.join(_STATE_DTYPES)}, got {value!r}{where}")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Math runs in fp32 for half-precision parameters, else in the parameter's own dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The math, as pure functions on tensors (state tensors are updated in place, as torch's functional optimizers do)
+
+
+def apollo_scaling(
+    grad2d: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    proj: torch.Tensor,
+    *,
+    side: str,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    scale_type: str,
+) -> torch.Tensor:
+    """Steps 1-5 of APOLLO for one matrix: project, update the moments, return the scaling factor.
+
+    ``grad2d`` (m x n) and ``proj`` are in the compute dtype; ``exp_avg``/``exp_avg_sq`` have the shape of R
+    and are updated in place (in their own dtype). Returns s: shape (m,) for a right projection (one factor
+    per row), (n,) for a left projection (one per column), or a 0-d tensor for ``scale_type="tensor"``.
+    """
+    # 1. R = G P^T (tall/square) or P G (wide): the gradient in the random subspace.
+    low_rank = project(grad2d, proj, side)
+    rank_dim = 1 if side == RIGHT else 0
+    # 2.-3. Adam moments on R, without bias correction here (it is folded into the step size).
+    compute = low_rank.dtype
+    m = exp_avg if exp_avg.dtype == compute else exp_avg.to(compute)
+    v = exp_avg_sq if exp_avg_sq.dtype == compute else exp_avg_sq.to(compute)
+    m.mul_(beta1).add_(low_rank, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(low_rank, low_rank, value=1.0 - beta2)
+    if m is not exp_avg:
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
+    # 4. R~ = m / (sqrt(v) + eps): the Adam direction in the subspace.
+    normalized = m / v.sqrt().add_(eps)
+    # 5. Scaling: how much Adam stretches each channel (or the whole tensor) of the projected gradient.
+    if scale_type == "channel":
+        return torch.linalg.vector_norm(normalized, dim=rank_dim) / (
+            torch.linalg.vector_norm(low_rank, dim=rank_dim) + _SCALING_EPS
+        )
+    return torch.linalg.vector_norm(normalized) / (torch.linalg.vector_norm(low_rank) + _SCALING_EPS)
+
+
+def growth_limit_factor(
+    update_norm: torch.Tensor, prev_norm: Optional[torch.Tensor], gamma: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fira's norm-growth limiter: the factor that keeps ||U|| <= gamma * previous ||U||, and the norm to
+    remember. Decreases are never limited. With no previous norm (first step) nothing is limited."""
+    if prev_norm is None:
+        return torch.ones_like(update_norm), update_norm.clone()
+    ratio = update_norm / (prev_norm + _LIMITER_EPS)
+    factor = torch.where(ratio > gamma, gamma / ratio, torch.ones_like(ratio))
+    return factor, update_norm * factor
+
+
+def bias_corrected_step_size(lr: float, beta1: float, beta2: float, step: int, correct_bias: bool) -> float:
+    if not correct_bias:
+        return lr
+    return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+
+
+def _channel_view(factor: torch.Tensor, shape: torch.Size, side: str) -> torch.Tensor:
+    """Broadcast a per-channel factor of the 2-D view back onto the parameter's own (possibly N-D) shape."""
+    if factor.ndim == 0:
+        return factor
+    if side == RIGHT:  # one factor per row (shape[0])
+        return factor.view(shape[0], *([1] * (len(shape) - 1)))
+    return factor.view(1, *shape[1:])  # one factor per column of the flattened trailing dims
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Apollo(Optimizer):
+    r"""APOLLO: AdamW-quality updates with SGD-like optimizer memory (arXiv 2412.05270).
+
+    For a weight W (N-D weights are viewed as ``shape[0] x prod(shape[1:])``) with gradient G, each step:
+
+    1. Orientation: compress the smaller dimension (``sort_dims=True``): tall/square -> R = G P^T with
+       P in R^{r x n}; wide -> R = P G with P in R^{r x m}. ``sort_dims=False`` always compresses the rows.
+    2. P has N(0, 1/r) entries, a pure function of (``seed``, parameter identity, ``step // update_proj_gap``):
+       redrawn every ``update_proj_gap`` steps, never saved, the same on every process.
+    3. Moments on R: m = b1 m + (1-b1) R, v = b2 v + (1-b2) R^2 (kept across redraws).
+    4. R~ = m / (sqrt(v) + eps).
+    5. Scaling: channel: s = ||R~|| / (||R|| + 1e-8) over the rank dimension (one factor per index of the
+       larger dimension); tensor: one scalar from the Frobenius norms.
+    6. U = G * s (the raw full-rank gradient), then
+    7. the norm-growth limiter: if ||U|| > gamma * prev then U <- U * gamma * prev / ||U||; prev <- ||U||,
+    8. times sqrt(scale) (``scale`` is the paper's alpha squared),
+    9. W <- W - lr * sqrt(1 - b2^t) / (1 - b1^t) * U, then decoupled weight decay W <- W - lr * wd * W.
+
+    Parameters with ``ndim < 2`` and every parameter of a group whose ``rank`` is ``None`` get AdamW with the
+    same betas/eps/weight decay (in the published form: eps added to sqrt(v), decay after the update).
+
+    Args:
+        params: parameters, ``(name, parameter)`` pairs (``model.named_parameters()``; names then appear in
+            errors and fix each parameter's projection), or param-group dicts overriding any option below.
+        lr (float): learning rate. Default 1e-3.
+        betas (tuple[float, float]): moment decay rates. Default (0.9, 0.999).
+        eps (float): added to sqrt(v). Default 1e-6 (the published APOLLO's).
+        weight_decay (float): decoupled weight decay. Default 0.
+        rank (int | float | callable | None): projection rank. An int (clipped to the compressed dimension),
+            a fraction in (0, 1] of it, or ``dim -> int``. ``None`` makes the group plain AdamW. Default 256.
+        scale_type (str): ``"channel"`` (APOLLO) or ``"tensor"`` (APOLLO-Mini). Default "channel".
+        scale (float): the update is multiplied by sqrt(scale). APOLLO-Mini uses 128. Default 1.
+        update_proj_gap (int): steps between projection redraws (T). Default 200.
+        sort_dims (bool): compress the smaller dimension; else always the rows. Default True.
+        norm_growth_limit (float | None): gamma of the limiter, ``None`` turns it off. Default 1.01.
+        seed (int): seed of every projection. Default 0.
+        cache_projection (bool): keep each P in memory between redraws (faster on slow RNGs, costs
+            r x min(m, n) per matrix, never saved); else P is regenerated each step. Default False.
+        state_dtype (None | str | torch.dtype): dtype of the moments; ``None`` is fp32 (fp64 for fp64
+            parameters); ``torch.bfloat16`` halves optimizer memory. Math is always fp32 or wider.
+        correct_bias (bool): fold Adam's bias correction into the step size. Default True.
+        nonfinite (str): a gradient with inf/nan makes ``step()`` raise, naming the parameter, before any
+            parameter or state changes (``"raise"``, default), or that tensor's update is skipped and counted
+            in ``skipped_tensors`` (``"skip"``).
+
+    Example:
+        >>> groups = lowrank_param_groups(model, "all-linear", rank=128)
+        >>> opt = Apollo(groups, lr=1e-3, weight_decay=0.0)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        rank: Rank = 256,
+        scale_type: str = "channel",
+        scale: float = 1.0,
+        update_proj_gap: int = 200,
+        sort_dims: bool = True,
+        norm_growth_limit: Optional[float] = 1.01,
+        seed: int = 0,
+        cache_projection: bool = False,
+        state_dtype: Union[None, str, torch.dtype] = None,
+        correct_bias: bool = True,
+        nonfinite: str = "raise",
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            rank=rank,
+            scale_type=scale_type,
+            scale=scale,
+            update_proj_gap=update_proj_gap,
+            sort_dims=sort_dims,
+            norm_growth_limit=norm_growth_limit,
+            seed=seed,
+            cache_projection=cache_projection,
+            state_dtype=state_dtype,
+            correct_bias=correct_bias,
+            nonfinite=nonfinite,
+        )
+        self._param_index: dict[torch.Tensor, int] = {}
+        self._identity_cache: dict[torch.Tensor, int] = {}
+        self._projection_cache: dict[torch.Tensor, tuple[int, torch.Tensor]] = {}
+        self.skipped_tensors = 0
+        super().__init__(params, defaults)
+        _common.check_param_dtypes(self)
+
+    # -- construction-time validation ------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group_index = len(self.param_groups) - 1
+        group = self.param_groups[group_index]
+        try:
+            self._validate_group(group, group_index)
+        except Exception:
+            self.param_groups.pop()
+            raise
+        for p in group["params"]:
+            self._param_index.setdefault(p, len(self._param_index))
+
+    def _validate_group(self, group: dict, group_index: int) -> None:
+        where = _common.group_where(group_index)
+        _common.check_lr(group["lr"], where)
+        _common.check_betas(group["betas"], where)
+        group["betas"] = tuple(group["betas"])
+        _common.check_eps(group["eps"], where)
+        _common.check_weight_decay(group["weight_decay"], where)
+        _common.check_choice(group["scale_type"], "scale_type", SCALE_TYPES, where)
+        _common.check_finite_positive(group["scale"], "scale", where)
+        _common.check_positive_int(group["update_proj_gap"], "update_proj_gap", where)
+        _common.check_choice(group["nonfinite"], "nonfinite", _common.NONFINITE_CHOICES, where)
+        if group["norm_growth_limit"] is not None:
+            gamma = float(group["norm_growth_limit"])
+            if not (math.isfinite(gamma) and gamma >= 1.0):
+                raise ValueError(f"norm_growth_limit must be None or a finite number >= 1, got "
+                                 f"{group['norm_growth_limit']!r}{where}")
+        if isinstance(group["seed"], bool) or not isinstance(group["seed"], int):
+            raise ValueError(f"seed must be an int, got {group['seed']!r}{where}")
+        group["state_dtype"] = _state_dtype_name(group["state_dtype"], where)
+        if group["rank"] is not None:
+            for i, p in enumerate(group["params"]):
+                if p.ndim >= 2:
+                    shape2d = matrix_shape(p.shape)
+                    side = orientation(shape2d, group["sort_dims"])
+                    dim = shape2d[1] if side == RIGHT else shape2d[0]
+                    resolve_rank(group["rank"], dim, _common.param_label(group, i, p))
+
+    # -- projection ------------------------------------------------------------------------------------
+
+    def _identity(self, group: dict, index_in_group: int, p: torch.Tensor) -> int:
+        identity = self._identity_cache.get(p)
+        if identity is None:
+            names = group.get("param_names")
+            key = names[index_in_group] if names is not None else self._param_index[p]
+            identity = identity_key(key)
+            self._identity_cache[p] = identity
+        return identity
+
+    def _plan(self, group: dict, index_in_group: int, p: torch.Tensor) -> Optional[ProjectionPlan]:
+        """How ``p`` is projected, or None when it is updated with plain AdamW."""
+        if group["rank"] is None or p.ndim < 2:
+            return None
+        shape2d = matrix_shape(p.shape)
+        side = orientation(shape2d, group["sort_dims"])
+        dim = shape2d[1] if side == RIGHT else shape2d[0]
+        rank = resolve_rank(group["rank"], dim, _common.param_label(group, index_in_group, p))
+        return ProjectionPlan(shape2d, side, rank, self._identity(group, index_in_group, p))
+
+    def _locate(self, param: torch.Tensor) -> tuple[dict, int]:
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p is param:
+                    return group, i
+        raise KeyError("the tensor is not a parameter of this optimizer")
+
+    def projection_matrix(self, param: torch.Tensor, step: Optional[int] = None) -> Optional[torch.Tensor]:
+        """The projection matrix P (rank x compressed dim, fp32, on the parameter's device) that ``param``
+        uses at optimizer step ``step`` (counted from 0; default: the step its next update will take).
+        ``None`` for parameters updated with plain AdamW. The orientation follows the class docstring:
+        R = G P^T when P's second dimension is G's columns, else R = P G."""
+        group, i = self._locate(param)
+        plan = self._plan(group, i, param)
+        if plan is None:
+            return None
+        if step is None:
+            step = self.state[param].get("step", 0) if param in self.state else 0
+        return plan.matrix(group["seed"], step, group["update_proj_gap"], param.device)
+
+    def _projection(self, group: dict, plan: ProjectionPlan, p: torch.Tensor, step: int, dtype) -> torch.Tensor:
+        gap = group["update_proj_gap"]
+        if not group["cache_projection"]:
+            return plan.matrix(group["seed"], step, gap, p.device, dtype)
+        refresh_index = step // gap
+        cached = self._projection_cache.get(p)
+        if cached is None or cached[0] != refresh_index or cached[1].dtype != dtype:
+            cached = (refresh_index, plan.matrix(group["seed"], step, gap, p.device, dtype))
+            self._projection_cache[p] = cached
+        return cached[1]
+
+    # -- state -----------------------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._projection_cache.clear()
+        self._identity_cache.clear()
+        _common.load_state_dict_keep_dtypes(self, state_dict)
+
+    def _init_state(self, group: dict, p: torch.Tensor, plan: Optional[ProjectionPlan]) -> dict:
+        state = self.state[p]
+        if "step" not in state:
+            dtype = _STATE_DTYPES[group["state_dtype"]] if group["state_dtype"] else _compute_dtype(p.dtype)
+            shape = plan.moment_shape if plan is not None else p.shape
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
+        return state
+
+    # -- step ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """One optimization step. A gradient with inf/nan raises (before anything changes) or is skipped,
+        per ``nonfinite``."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        # Pass 1 (read only): gather work and the gradient norms the update needs anyway, and check that
+        # every gradient is finite before any parameter or state is touched.
+        work = []  # (group, index, p, plan, channel_norms or None)
+        checks = []
+        dense = []
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                _common.check_grad_supported(self, group, i, p)
+                plan = self._plan(group, i, p)
+                if plan is None:
+                    work.append((group, i, p, None, None))
+                    dense.append(len(work) - 1)
+                    continue
+                grad2d = p.grad.reshape(plan.shape2d)
+                # Norms of G per kept channel (rows for a right projection, columns for a left one):
+                # ||G * s|| is computed from them without materialising G * s.
+                channel_norms = torch.linalg.vector_norm(
+                    grad2d, dim=1 if plan.side == RIGHT else 0, dtype=_compute_dtype(p.dtype)
+                )
+                work.append((group, i, p, plan, channel_norms))
+                checks.append(channel_norms.sum())
+        if not work:
+            return loss
+        if dense:
+            checks.extend(torch._foreach_norm([work[k][2].grad for k in dense]))
+            order = [k for k in range(len(work)) if k not in set(dense)] + dense
+        else:
+            order = list(range(len(work)))
+        skip = self._nonfinite(work, order, checks)
+
+        # Pass 2: the updates.
+        for k, (group, i, p, plan, channel_norms) in enumerate(work):
+            if k in skip:
+                continue
+            if plan is None:
+                self._adamw_update(group, p)
+            else:
+                self._apollo_update(group, p, plan, channel_norms)
+        return loss
+
+    def _nonfinite(self, work: list, order: list[int], checks: list[torch.Tensor]) -> set[int]:
+        flags = torch.isfinite(torch.stack([c.float() for c in checks]))
+        if bool(flags.all()):
+            return set()
+        bad = []
+        for flag, k in zip(flags.tolist(), order):
+            if not flag and not bool(torch.isfinite(work[k][2].grad).all()):  # norm overflow is not a bad grad
+                bad.append(k)
+        if not bad:
+            return set()
+        labels = [_common.param_label(work[k][0], work[k][1], work[k][2]) for k in bad]
+        policies = {work[k][0]["nonfinite"] for k in bad}
+        if "raise" in policies:
+            raise RuntimeError(_common.nonfinite_message(self, labels))
+        self.skipped_tensors += len(bad)
+        logger.warning("Apollo: skipped the update of %s (non-finite gradient)", ", ".join(labels))
+        return set(bad)
+
+    def _apollo_update(self, group: dict, p: torch.Tensor, plan: ProjectionPlan, channel_norms: torch.Tensor):
+        state = self._init_state(group, p, plan)
+        beta1, beta2 = group["betas"]
+        compute = _compute_dtype(p.dtype)
+        grad = p.grad
+        step = state["step"]
+        # Steps 1-5 on the 2-D view of the gradient.
+        proj = self._projection(group, plan, p, step, compute)
+        grad2d = grad.reshape(plan.shape2d)
+        if grad2d.dtype != compute:
+            grad2d = grad2d.to(compute)
+        factor = apollo_scaling(
+            grad2d, state["exp_avg"], state["exp_avg_sq"], proj,
+            side=plan.side, beta1=beta1, beta2=beta2, eps=group["eps"], scale_type=group["scale_type"],
+        )
+        state["step"] = step = step + 1
+        # 6.-7. ||U|| = ||G * s|| from the per-channel gradient norms, then the growth limiter.
+        gamma = group["norm_growth_limit"]
+        if gamma is not None:
+            if factor.ndim == 0:
+                update_norm = factor * torch.linalg.vector_norm(channel_norms)
+            else:
+                update_norm = torch.linalg.vector_norm(factor * channel_norms)
+            limit, state["limiter_norm"] = growth_limit_factor(update_norm, state.get("limiter_norm"), gamma)
+            factor = factor * limit
+        # 8. alpha = sqrt(scale).
+        if group["scale"] != 1.0:
+            factor = factor * math.sqrt(group["scale"])
+        # 9. W <- W - step_size * G * s, then decoupled weight decay; no full-size temporary for U.
+        step_size = bias_corrected_step_size(float(group["lr"]), beta1, beta2, step, group["correct_bias"])
+        self._apply(p, group, lambda w: w.addcmul_(grad, _channel_view(factor, p.shape, plan.side), value=-step_size))
+
+    def _adamw_update(self, group: dict, p: torch.Tensor) -> None:
+        state = self._init_state(group, p, None)
+        beta1, beta2 = group["betas"]
+        compute = _compute_dtype(p.dtype)
+        grad = p.grad if p.grad.dtype == compute else p.grad.to(compute)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        m = exp_avg if exp_avg.dtype == compute else exp_avg.to(compute)
+        v = exp_avg_sq if exp_avg_sq.dtype == compute else exp_avg_sq.to(compute)
+        m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        if m is not exp_avg:
+            exp_avg.copy_(m)
+            exp_avg_sq.copy_(v)
+        state["step"] = step = state["step"] + 1
+        step_size = bias_corrected_step_size(float(group["lr"]), beta1, beta2, step, group["correct_bias"])
+        denom = v.sqrt().add_(group["eps"])
+        self._apply(p, group, lambda w: w.addcdiv_(m, denom, value=-step_size))
+
+    @staticmethod
+    def _apply(p: torch.Tensor, group: dict, update: Callable[[torch.Tensor], Any]) -> None:
+        """Run ``update`` on the weight (in the compute dtype) and then decoupled weight decay."""
+        decay = float(group["lr"]) * group["weight_decay"]
+        if p.dtype == _compute_dtype(p.dtype):
+            update(p)
+            if decay:
+                p.mul_(1.0 - decay)
+            return
+        weight = p.to(_compute_dtype(p.dtype))
+        update(weight)
+        if decay:
+            weight.mul_(1.0 - decay)
+        p.copy_(weight)
+
+
+def apollo_mini(params: Iterable[Any], lr: float = 1e-3, **kwargs: Any) -> Apollo:
+    """APOLLO-Mini: rank 1, one tensor-wise scaling factor, scale 128 (alpha = sqrt(128)); any other
+    :class:`Apollo` option may be given. Optimizer state is about 2 x max(m, n) numbers per matrix."""
+    options = dict(rank=1, scale_type="tensor", scale=128.0)
+    options.update(kwargs)
+    return Apollo(params, lr=lr, **options)

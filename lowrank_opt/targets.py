@@ -1,0 +1,111 @@
+"""Choose which matrices of a model go low-rank: module names, regexes or ``"all-linear"``, as in the
+Hugging Face Trainer's ``optim_target_modules``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence, Union
+
+import torch
+from torch import nn
+
+TargetModules = Union[str, Sequence[str]]
+
+ALL_LINEAR = "all-linear"
+
+
+def _is_all_linear(targets: Any) -> bool:
+    return isinstance(targets, str) and targets.replace("_", "-").lower() == ALL_LINEAR
+
+
+def module_matches(targets: TargetModules, module_name: str) -> bool:
+    """HF's rule: a single string is a regex that must match the whole module name; in a list, an entry
+    matches when it equals the name, is a substring of it, or fully matches it as a regex."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module_name) is not None
+    for target in targets:
+        if target == module_name or target in module_name:
+            return True
+        try:
+            if re.fullmatch(target, module_name) is not None:
+                return True
+        except re.error:
+            continue
+    return False
+
+
+def _output_embedding(model: nn.Module) -> Any:
+    getter = getattr(model, "get_output_embeddings", None)
+    try:
+        return getter() if callable(getter) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def lowrank_targets(
+    model: nn.Module, target_modules: TargetModules = ALL_LINEAR, *, include_embeddings: bool = False
+) -> list[tuple[str, torch.nn.Parameter]]:
+    """The ``(name, parameter)`` pairs selected for low rank: the weights (ndim >= 2, requiring grad) that
+    belong directly to a matched module. ``"all-linear"`` takes every ``nn.Linear`` except the model's output
+    embedding (``lm_head``); embeddings are taken only when named explicitly or ``include_embeddings``."""
+    if target_modules is None or (not isinstance(target_modules, str) and len(list(target_modules)) == 0):
+        raise ValueError("target_modules must name at least one module (names, regexes or 'all-linear')")
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    all_linear = _is_all_linear(target_modules)
+    output_embedding = _output_embedding(model)
+    seen: set[int] = set()
+    selected = []
+    for module_name, module in model.named_modules():
+        if all_linear:
+            chosen = isinstance(module, nn.Linear) and module is not output_embedding
+        else:
+            chosen = module_matches(target_modules, module_name)
+        if include_embeddings and isinstance(module, nn.Embedding):
+            chosen = True
+        if not chosen:
+            continue
+        for param_name, p in module.named_parameters(prefix=module_name, recurse=False):
+            if p.ndim >= 2 and p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                selected.append((param_name, p))
+    if not selected:
+        sample = [name for name, _ in model.named_modules() if name][:12]
+        raise ValueError(
+            f"target_modules={target_modules!r} matched no weight with ndim >= 2 in {type(model).__name__}; "
+            f"module names look like: {', '.join(sample)}"
+        )
+    return selected
+
+
+def lowrank_param_groups(
+    model: nn.Module,
+    target_modules: TargetModules = ALL_LINEAR,
+    *,
+    include_embeddings: bool = False,
+    **lowrank_options: Any,
+) -> list[dict]:
+    """Param groups for :class:`~lowrank_opt.Apollo` (or any torch optimizer): the selected matrices in one
+    group carrying ``lowrank_options`` (``rank``, ``scale``, ...), every other trainable parameter in a group
+    with ``rank=None`` (plain AdamW). Parameters are given with their names, so errors name them and each
+    matrix gets its own projection.
+
+    Example:
+        >>> groups = lowrank_param_groups(model, ["attn", "mlp"], rank=128, scale_type="channel")
+        >>> optimizer = Apollo(groups, lr=1e-3)
+    """
+    targets = lowrank_targets(model, target_modules, include_embeddings=include_embeddings)
+    chosen = {id(p) for _, p in targets}
+    rest = []
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in chosen and id(p) not in seen:
+            seen.add(id(p))
+            rest.append((name, p))
+    groups = []
+    if rest:
+        groups.append({"params": rest, "rank": None})
+    groups.append({"params": targets, **lowrank_options})
+    return groups
+
