@@ -160,6 +160,14 @@ class Apollo(Optimizer):
         nonfinite (str): a gradient with inf/nan makes ``step()`` raise, naming the parameter, before any
             parameter or state changes (``"raise"``, default), or that tensor's update is skipped and counted
             in ``skipped_tensors`` (``"skip"``).
+        layerwise (bool): update each parameter inside backward, as soon as its gradient is accumulated, and
+            free that gradient at once, so only about one matrix of gradients is alive at a time. ``step()``
+            then has nothing left to do; schedulers and checkpoints work unchanged (same state dict as the
+            normal mode). Not compatible with gradient accumulation over several backward passes, nor with
+            data-parallel gradient all-reduce, and global-norm clipping sees no gradients (use
+            :class:`~lowrank_opt.NormGrowthCap`-style per-tensor limits: the built-in ``norm_growth_limit``).
+            With ``nonfinite="raise"`` an inf/nan gradient raises out of ``backward()``; parameters updated
+            earlier in that backward pass keep their update.
 
     Example:
         >>> groups = lowrank_param_groups(model, "all-linear", rank=128)
@@ -185,6 +193,7 @@ class Apollo(Optimizer):
         state_dtype: Union[None, str, torch.dtype] = None,
         correct_bias: bool = True,
         nonfinite: str = "raise",
+        layerwise: bool = False,
     ):
         defaults = dict(
             lr=lr,
@@ -204,11 +213,15 @@ class Apollo(Optimizer):
             nonfinite=nonfinite,
         )
         self._param_index: dict[torch.Tensor, int] = {}
+        self._location: dict[torch.Tensor, tuple[int, int]] = {}  # param -> (group index, index in group)
         self._identity_cache: dict[torch.Tensor, int] = {}
         self._projection_cache: dict[torch.Tensor, tuple[int, torch.Tensor]] = {}
         self.skipped_tensors = 0
+        self._hooks: list = []
         super().__init__(params, defaults)
         _common.check_param_dtypes(self)
+        if layerwise:
+            self._register_layerwise_hooks()
 
     # -- construction-time validation ------------------------------------------------------------------
 
@@ -221,8 +234,9 @@ class Apollo(Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
-        for p in group["params"]:
+        for i, p in enumerate(group["params"]):
             self._param_index.setdefault(p, len(self._param_index))
+            self._location[p] = (group_index, i)
 
     def _validate_group(self, group: dict, group_index: int) -> None:
         where = _common.group_where(group_index)
@@ -273,11 +287,11 @@ class Apollo(Optimizer):
         return ProjectionPlan(shape2d, side, rank, self._identity(group, index_in_group, p))
 
     def _locate(self, param: torch.Tensor) -> tuple[dict, int]:
-        for group in self.param_groups:
-            for i, p in enumerate(group["params"]):
-                if p is param:
-                    return group, i
-        raise KeyError("the tensor is not a parameter of this optimizer")
+        # Indices, not group dicts: load_state_dict replaces the group dicts.
+        location = self._location.get(param)
+        if location is None:
+            raise KeyError("the tensor is not a parameter of this optimizer")
+        return self.param_groups[location[0]], location[1]
 
     def projection_matrix(self, param: torch.Tensor, step: Optional[int] = None) -> Optional[torch.Tensor]:
         """The projection matrix P (rank x compressed dim, fp32, on the parameter's device) that ``param``
@@ -330,35 +344,62 @@ class Apollo(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._update([(group, i, p) for group in self.param_groups for i, p in enumerate(group["params"])])
+        return loss
 
+    @torch.no_grad()
+    def step_parameter(self, param: torch.Tensor) -> None:
+        """Update one parameter from its gradient (what the layer-wise hooks call). Same result as
+        ``step()`` restricted to that parameter."""
+        group, i = self._locate(param)
+        self._update([(group, i, param)])
+
+    def _register_layerwise_hooks(self) -> None:
+        def hook(p: torch.Tensor) -> None:
+            if p.grad is not None:
+                self.step_parameter(p)
+                p.grad = None
+
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(hook))
+
+    def remove_hooks(self) -> None:
+        """Detach the layer-wise hooks (updates then happen in ``step()`` again)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    def _update(self, candidates: list) -> None:
         # Pass 1 (read only): gather work and the gradient norms the update needs anyway, and check that
         # every gradient is finite before any parameter or state is touched.
         work = []  # (group, index, p, plan, channel_norms or None)
         checks = []
         dense = []
-        for group in self.param_groups:
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                _common.check_grad_supported(self, group, i, p)
-                plan = self._plan(group, i, p)
-                if plan is None:
-                    work.append((group, i, p, None, None))
-                    dense.append(len(work) - 1)
-                    continue
-                grad2d = p.grad.reshape(plan.shape2d)
-                # Norms of G per kept channel (rows for a right projection, columns for a left one):
-                # ||G * s|| is computed from them without materialising G * s.
-                channel_norms = torch.linalg.vector_norm(
-                    grad2d, dim=1 if plan.side == RIGHT else 0, dtype=_compute_dtype(p.dtype)
-                )
-                work.append((group, i, p, plan, channel_norms))
-                checks.append(channel_norms.sum())
+        for group, i, p in candidates:
+            if p.grad is None:
+                continue
+            _common.check_grad_supported(self, group, i, p)
+            plan = self._plan(group, i, p)
+            if plan is None:
+                work.append((group, i, p, None, None))
+                dense.append(len(work) - 1)
+                continue
+            grad2d = p.grad.reshape(plan.shape2d)
+            # Norms of G per kept channel (rows for a right projection, columns for a left one):
+            # ||G * s|| is computed from them without materialising G * s.
+            channel_norms = torch.linalg.vector_norm(
+                grad2d, dim=1 if plan.side == RIGHT else 0, dtype=_compute_dtype(p.dtype)
+            )
+            work.append((group, i, p, plan, channel_norms))
+            checks.append(channel_norms.sum())
         if not work:
-            return loss
+            return
         if dense:
             checks.extend(torch._foreach_norm([work[k][2].grad for k in dense]))
-            order = [k for k in range(len(work)) if k not in set(dense)] + dense
+            dense_set = set(dense)
+            order = [k for k in range(len(work)) if k not in dense_set] + dense
         else:
             order = list(range(len(work)))
         skip = self._nonfinite(work, order, checks)
@@ -371,7 +412,6 @@ class Apollo(Optimizer):
                 self._adamw_update(group, p)
             else:
                 self._apollo_update(group, p, plan, channel_norms)
-        return loss
 
     def _nonfinite(self, work: list, order: list[int], checks: list[torch.Tensor]) -> set[int]:
         flags = torch.isfinite(torch.stack([c.float() for c in checks]))

@@ -443,3 +443,45 @@ def test_lowrank_param_groups_selects_like_hf():
     assert opt.param_groups[1]["rank"] == 4 and opt.param_groups[1]["param_names"][0] == "layers.0.attn.weight"
     with pytest.raises(ValueError, match="matched no weight"):
         lowrank_param_groups(model, ["q_proj"])
+
+
+# -- layer-wise mode -------------------------------------------------------------------------------------
+
+
+def test_layerwise_equals_normal_and_frees_gradients():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 12), torch.randn(32, 3)
+
+    def make():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Conv1d(1, 1, 1), nn.Flatten(), nn.Linear(24, 3))
+
+    def forward(model):
+        h = model[1](model[0](x))
+        return ((model[4](model[3](model[2](h.unsqueeze(1)))) - y) ** 2).mean()
+
+    normal, layerwise = make(), make()
+    opt_n = Apollo(lowrank_param_groups(normal, "all-linear", rank=4), lr=1e-2, update_proj_gap=3, weight_decay=0.1)
+    opt_l = Apollo(lowrank_param_groups(layerwise, "all-linear", rank=4), lr=1e-2, update_proj_gap=3, weight_decay=0.1,
+                   layerwise=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt_l, lambda t: 1.0 / (1 + t))
+    schedule_n = torch.optim.lr_scheduler.LambdaLR(opt_n, lambda t: 1.0 / (1 + t))
+    for _ in range(7):
+        opt_n.zero_grad()
+        forward(normal).backward()
+        opt_n.step()
+        schedule_n.step()
+        forward(layerwise).backward()
+        assert all(p.grad is None for p in layerwise.parameters())  # consumed inside backward
+        opt_l.step()  # nothing left to do, but keeps the scheduler's bookkeeping
+        schedule.step()
+    for a, b in zip(normal.parameters(), layerwise.parameters()):
+        assert torch.equal(a, b)
+    sd_n, sd_l = opt_n.state_dict(), opt_l.state_dict()
+    for k in sd_n["state"]:
+        for key, value in sd_n["state"][k].items():
+            other = sd_l["state"][k][key]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other
+    opt_l.remove_hooks()
+    forward(layerwise).backward()
+    assert all(p.grad is not None for p in layerwise.parameters())

@@ -17,6 +17,8 @@ from lowrank_opt.registry import OPTIMIZERS, available, build_optimizer, parse_n
 TEST_OPTIONS = {
     "apollo": dict(lr=3e-2, rank=2),
     "apollo_mini": dict(lr=3e-2),
+    "apollo_layerwise": dict(lr=3e-2, rank=2),
+    "apollo_mini_layerwise": dict(lr=3e-2),
     "apollo_dqn": dict(lr=1e-2, warmup=10),  # quasi-Newton: steps up to lr * g / 0.01, so a small lr
     "apollo_dqn_w": dict(lr=1e-2, warmup=10),
     "adamp": dict(lr=3e-2),
