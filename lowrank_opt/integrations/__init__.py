@@ -1,0 +1,1 @@
+"""Optional integrations: Hugging Face Trainer (hf), DeepSpeed (deepspeed). Import them explicitly."""

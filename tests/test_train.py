@@ -1,0 +1,137 @@
+"""train.py end to end on the tiny config (CPU): optimizers by our and HF's names, fine-tuning with
+response-only loss, exact resume, the golden loss of the default run, and bad input failing early."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("datasets")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import train  # noqa: E402
+
+GOLDEN = REPO / "tests" / "golden" / "tiny_default_loss.json"
+# A short run of the tiny config: small blocks and batches so each run takes seconds.
+FAST = ["--max_steps", "12", "--block_size", "64", "--per_device_train_batch_size", "8", "--logging_steps", "1",
+        "--eval_strategy", "no", "--max_train_samples", "400", "--disable_tqdm", "true", "--warmup_steps", "0"]
+
+
+def _losses(trainer):
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def _run(tmp_path, *extra, name="run"):
+    return train.main([*FAST, "--output_dir", str(tmp_path / name), *extra])
+
+
+@pytest.mark.parametrize(
+    "optim,optim_args",
+    [
+        ("apollo", "rank=16,scale=1,update_proj_gap=200,scale_type=channel"),
+        ("apollo_mini", ""),
+        ("apollo_layerwise", "rank=16"),
+        ("adamw_torch", ""),
+        ("apollo_adamw", "rank=16,proj=random,scale_type=channel,update_proj_gap=200,scale=1,proj_type=std"),
+        ("galore_adamw", "rank=16,update_proj_gap=200,scale=0.25,proj_type=std"),
+    ],
+)
+def test_optimizers_train_with_falling_loss(tmp_path, optim, optim_args):
+    lr = "1e-2"
+    trainer, _ = _run(tmp_path, "--optim", optim, "--optim_args", optim_args, "--learning_rate", lr,
+                      "--optim_target_modules", "all-linear" if "galore" not in optim else r".*(self_attn|mlp).*")
+    losses = _losses(trainer)
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
+    if optim.startswith("apollo") and optim != "apollo_adamw":
+        from lowrank_opt import Apollo
+
+        assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer,
+                          (Apollo, torch.optim.Optimizer))
+
+
+def test_finetune_saved_model_on_prompt_response_jsonl(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lowrank_opt.data import build_datasets, load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    config = AutoConfig.from_pretrained(REPO / "configs" / "llama_tiny.json", vocab_size=len(tokenizer))
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "sft.jsonl"
+    records = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(60)]
+    data.write_text("\n".join(json.dumps(r) for r in records))
+
+    trainer, _ = _run(tmp_path, "--model_name_or_path", str(model_dir), "--task", "sft",
+                      "--data_files", str(data), "--optim", "apollo", "--optim_args", "rank=8", "--learning_rate", "1e-2",
+                      "--eval_fraction", "0")
+    losses = _losses(trainer)
+    assert losses[-1] < losses[0]
+    # Prompt tokens carry no loss: labels are -100 exactly on the prompt part of each example.
+    train_ds, _ = build_datasets(trainer.processing_class, data_files=[str(data)], task="sft", block_size=64,
+                                 eval_fraction=0.0)
+    example = train_ds[0]
+    labelled = [t for t, l in zip(example["input_ids"], example["labels"]) if l != -100]
+    assert example["labels"][0] == -100
+    assert "It is 0." in trainer.processing_class.decode(labelled)
+    assert "What is" not in trainer.processing_class.decode(labelled)
+    # And the Trainer's loss on a batch is the cross-entropy over the labelled tokens only.
+    model = trainer.model.eval()
+    ids = torch.tensor([example["input_ids"]])
+    labels = torch.tensor([example["labels"]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, :-1]
+        target = labels[0, 1:]
+        keep = target != -100
+        manual = torch.nn.functional.cross_entropy(logits[keep], target[keep])
+        assert model(input_ids=ids, labels=labels).loss.item() == pytest.approx(manual.item(), rel=1e-5)
+
+
+def test_resume_equals_straight_run(tmp_path):
+    common = ["--optim", "apollo", "--optim_args", "rank=8,update_proj_gap=4", "--max_steps", "8",
+              "--save_strategy", "steps", "--save_steps", "4", "--seed", "3", "--data_seed", "3"]
+    straight, _ = _run(tmp_path, *common, name="straight")
+    resumed, _ = _run(tmp_path, *common, "--resume_from_checkpoint", str(tmp_path / "straight" / "checkpoint-4"),
+                      name="resumed")
+    for (n, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), n
+    # The resumed run's history holds the checkpoint's 4 losses and its own 4: all equal to the straight run's.
+    assert len(_losses(resumed)) == 8 and _losses(straight) == _losses(resumed)
+
+
+@pytest.mark.slow
+def test_default_run_matches_golden_loss(tmp_path):
+    trainer, metrics = train.main(["--output_dir", str(tmp_path / "default"), "--disable_tqdm", "true"])
+    logged = {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
+    golden = json.loads(GOLDEN.read_text())
+    assert sorted(int(k) for k in golden["loss"]) == sorted(logged)
+    for step, value in golden["loss"].items():
+        assert logged[int(step)] == pytest.approx(value, rel=0.02, abs=0.02), step
+    assert metrics["eval_loss"] == pytest.approx(golden["eval_loss"], rel=0.02)
+    assert logged[max(logged)] < 0.7 * logged[min(logged)]
+
+
+@pytest.mark.parametrize(
+    "extra,error,message",
+    [
+        (["--optim", "adafactorr"], ValueError, "unknown --optim 'adafactorr'. lowrank-opt names: .*apollo.*Hugging Face names: .*adamw_torch"),
+        (["--optim", "apollo", "--optim_args", "rnak=4"], ValueError, r"unknown optim_args key\(s\) 'rnak'.*valid keys: .*rank"),
+        (["--optim", "apollo", "--optim_args", "rank=0"], ValueError, "rank must be >= 1, got 0"),
+        (["--data_files", "/nonexistent/corpus.txt"], FileNotFoundError, "/nonexistent/corpus.txt"),
+        (["--optim", "apollo", "--optim_target_modules", "q_proj_typo"], ValueError, "matched no weight"),
+        (["--optim", "apollo_layerwise", "--gradient_accumulation_steps", "2"], ValueError, "cannot accumulate gradients"),
+    ],
+)
+def test_bad_input_fails_before_writing(tmp_path, extra, error, message):
+    out = tmp_path / "out"
+    with pytest.raises(error, match=message):
+        train.main([*FAST, "--output_dir", str(out), *extra])
+    assert not out.exists()
