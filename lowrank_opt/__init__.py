@@ -8,6 +8,7 @@ from .apollo import Apollo, apollo_mini, apollo_scaling, growth_limit_factor
 from .classic import SGDP, AdamP, ApolloDQN, ApolloW
 from .norm_growth import NormGrowthCap
 from .projection import gaussian_projection, resolve_rank
+from .rounding import stochastic_round_to_bf16
 from .targets import lowrank_param_groups, lowrank_targets
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "growth_limit_factor",
     "gaussian_projection",
     "resolve_rank",
+    "stochastic_round_to_bf16",
     "lowrank_param_groups",
     "lowrank_targets",
     "NormGrowthCap",

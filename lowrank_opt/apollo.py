@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 from . import _common
 from .projection import RIGHT, ProjectionPlan, Rank, identity_key, matrix_shape, orientation, project, resolve_rank
+from .rounding import rounding_seed, seeded_generator, stochastic_round_to_bf16_
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +169,14 @@ class Apollo(Optimizer):
             :class:`~lowrank_opt.NormGrowthCap`-style per-tensor limits: the built-in ``norm_growth_limit``).
             With ``nonfinite="raise"`` an inf/nan gradient raises out of ``backward()``; parameters updated
             earlier in that backward pass keep their update.
+        stochastic_rounding (bool): for bf16 parameters (pure-bf16 training, no fp32 master weights), write
+            the fp32 result of the update and weight decay back with stochastic rounding
+            (:func:`~lowrank_opt.rounding.stochastic_round_to_bf16`), so that updates smaller than half a
+            bf16 spacing (2^-9 to 2^-8 of the weight) are not lost but kept in expectation; ``False`` rounds
+            to nearest. The random bits are a pure function of (``seed``, parameter identity, the parameter's step
+            count): runs are reproducible, resume is bit-exact, and data-parallel replicas round alike.
+            fp16 parameters are always rounded to nearest (fp16 training normally keeps fp32 master
+            weights); fp32/fp64 parameters need no rounding. Default True.
 
     Example:
         >>> groups = lowrank_param_groups(model, "all-linear", rank=128)
@@ -194,6 +203,7 @@ class Apollo(Optimizer):
         correct_bias: bool = True,
         nonfinite: str = "raise",
         layerwise: bool = False,
+        stochastic_rounding: bool = True,
     ):
         defaults = dict(
             lr=lr,
@@ -211,6 +221,7 @@ class Apollo(Optimizer):
             state_dtype=state_dtype,
             correct_bias=correct_bias,
             nonfinite=nonfinite,
+            stochastic_rounding=stochastic_rounding,
         )
         self._param_index: dict[torch.Tensor, int] = {}
         self._location: dict[torch.Tensor, tuple[int, int]] = {}  # param -> (group index, index in group)
@@ -256,6 +267,8 @@ class Apollo(Optimizer):
                                  f"{group['norm_growth_limit']!r}{where}")
         if isinstance(group["seed"], bool) or not isinstance(group["seed"], int):
             raise ValueError(f"seed must be an int, got {group['seed']!r}{where}")
+        if not isinstance(group["stochastic_rounding"], bool):
+            raise TypeError(f"stochastic_rounding must be a bool, got {group['stochastic_rounding']!r}{where}")
         group["state_dtype"] = _state_dtype_name(group["state_dtype"], where)
         if group["rank"] is not None:
             for i, p in enumerate(group["params"]):
@@ -318,6 +331,11 @@ class Apollo(Optimizer):
         return cached[1]
 
     # -- state -----------------------------------------------------------------------------------------
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # checkpoints from before the option: the constructor's choice
+            group.setdefault("stochastic_rounding", self.defaults.get("stochastic_rounding", True))
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._projection_cache.clear()
@@ -481,9 +499,10 @@ class Apollo(Optimizer):
         denom = v.sqrt().add_(group["eps"])
         self._apply(p, group, lambda w: w.addcdiv_(m, denom, value=-step_size))
 
-    @staticmethod
-    def _apply(p: torch.Tensor, group: dict, update: Callable[[torch.Tensor], Any]) -> None:
-        """Run ``update`` on the weight (in the compute dtype) and then decoupled weight decay."""
+    def _apply(self, p: torch.Tensor, group: dict, update: Callable[[torch.Tensor], Any]) -> None:
+        """Run ``update`` on the weight (in the compute dtype) and then decoupled weight decay; a bf16
+        weight is written back with stochastic rounding when the group asks for it, else (and for fp16)
+        rounded to nearest."""
         decay = float(group["lr"]) * group["weight_decay"]
         if p.dtype == _compute_dtype(p.dtype):
             update(p)
@@ -494,6 +513,11 @@ class Apollo(Optimizer):
         update(weight)
         if decay:
             weight.mul_(1.0 - decay)
+        if p.dtype == torch.bfloat16 and group["stochastic_rounding"]:
+            # Bits seeded by (seed, identity, step): the step count is in the state dict, so resume is exact.
+            identity = self._identity(group, self._location[p][1], p)
+            seed = rounding_seed(group["seed"], identity, self.state[p]["step"])
+            stochastic_round_to_bf16_(weight, seeded_generator(weight.device, seed))  # now exact in bf16
         p.copy_(weight)
 
 
