@@ -35,6 +35,9 @@ class ModelArguments:
         default=None, metadata={"help": "A transformers config JSON (e.g. configs/llama_60m.json): random init."})
     tokenizer_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "Tokenizer; default: the model directory's, else the offline one in configs/tokenizer."})
+    model_dtype: str = field(default="float32", metadata={
+        "help": "Dtype of the weights themselves: float32, or bfloat16 for pure-bf16 training (APOLLO writes its "
+                "fp32 update back with stochastic rounding). --bf16 is the separate mixed-precision switch."})
 
 
 @dataclass
@@ -118,6 +121,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     for path in data_args.data_files or []:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--data_files {path} does not exist")
+    if model_args.model_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--model_dtype must be 'float32' or 'bfloat16', got {model_args.model_dtype!r}")
     if data_args.task not in ("pretrain", "sft"):
         raise ValueError(f"--task must be 'pretrain' or 'sft', got {data_args.task!r}")
     name = training_args.lowrank_optim or training_args.optim.value
@@ -145,17 +150,19 @@ def build_tokenizer(model_args: ModelArguments):
 
 
 def build_model(model_args: ModelArguments, tokenizer):
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    dtype = getattr(torch, model_args.model_dtype)
     if model_args.model_name_or_path:
-        return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
+        return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype)
     config = AutoConfig.from_pretrained(model_args.model_config)
     if config.vocab_size != len(tokenizer):
         logger.info("vocab_size %d -> %d to match the tokenizer", config.vocab_size, len(tokenizer))
         config.vocab_size = len(tokenizer)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(config, key, getattr(tokenizer, key))
-    return AutoModelForCausalLM.from_config(config)
+    return AutoModelForCausalLM.from_config(config).to(dtype)
 
 
 def build_optimizer_option(training_args, model):

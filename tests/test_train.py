@@ -55,6 +55,15 @@ def test_optimizers_train_with_falling_loss(tmp_path, optim, optim_args):
                           (Apollo, torch.optim.Optimizer))
 
 
+def test_pure_bf16_training_keeps_bf16_weights(tmp_path):
+    trainer, _ = _run(tmp_path, "--optim", "apollo", "--optim_args", "rank=8", "--learning_rate", "1e-2",
+                      "--model_dtype", "bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in trainer.model.parameters())
+    assert trainer.optimizer.param_groups[-1]["stochastic_rounding"] is True
+    losses = _losses(trainer)
+    assert sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses
+
+
 def test_finetune_saved_model_on_prompt_response_jsonl(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
