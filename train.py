@@ -126,6 +126,10 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     if data_args.task not in ("pretrain", "sft"):
         raise ValueError(f"--task must be 'pretrain' or 'sft', got {data_args.task!r}")
     name = training_args.lowrank_optim or training_args.optim.value
+    if training_args.deepspeed:
+        from lowrank_opt.integrations.deepspeed import check_deepspeed_config
+
+        check_deepspeed_config(training_args.deepspeed)  # e.g. offload that would swap our optimizer out
     if is_layerwise(name, training_args):
         if training_args.gradient_accumulation_steps != 1:
             raise ValueError(
@@ -166,11 +170,18 @@ def build_model(model_args: ModelArguments, tokenizer):
 
 
 def build_optimizer_option(training_args, model):
-    """(optimizer class, kwargs) for our names (validated now, built by the Trainer); None for HF's names."""
+    """(optimizer class, kwargs) for our names (validated now, built by the Trainer); None for HF's names.
+    Under DeepSpeed, APOLLO becomes ZeroApollo with one param group per matrix (shape-aware shards)."""
     from lowrank_opt.integrations.hf import optimizer_cls_and_kwargs, validate
 
     if training_args.lowrank_optim is None:
         return None
+    if training_args.deepspeed:
+        from lowrank_opt.integrations.deepspeed import hf_optimizer_cls_and_kwargs
+
+        cls, kwargs = hf_optimizer_cls_and_kwargs(training_args.lowrank_optim, model, training_args)
+        cls(**{**kwargs, "params": [dict(g) for g in kwargs["params"]]})  # validate: construction has no side effects
+        return cls, kwargs
     validate(training_args.lowrank_optim, model, training_args)
     return optimizer_cls_and_kwargs(training_args.lowrank_optim, model, training_args)
 
@@ -184,6 +195,10 @@ def main(argv: Optional[list[str]] = None):
     # 1. Parse and check: bad input fails here, before anything is built or written.
     model_args, data_args, training_args = parse_args(list(sys.argv[1:] if argv is None else argv))
     check_arguments(model_args, data_args, training_args)
+    if training_args.deepspeed:  # ZeRO-3 partitions the model while it is built: its process group must exist
+        import deepspeed
+
+        deepspeed.init_distributed()
     set_seed(training_args.seed)
     # 2. Build tokenizer, model, data and optimizer (still nothing written).
     tokenizer = build_tokenizer(model_args)
@@ -212,9 +227,8 @@ def main(argv: Optional[list[str]] = None):
         eval_metrics["eval_perplexity"] = math.exp(min(eval_metrics["eval_loss"], 50.0))
         metrics.update(eval_metrics)
     trainer.log_metrics("final", metrics)
-    if training_args.should_save:
-        trainer.save_model()
-        trainer.save_metrics("all", metrics)
+    trainer.save_model()  # on every rank: ZeRO-3 gathers the weights collectively; only rank 0 writes
+    trainer.save_metrics("all", metrics)
     return trainer, metrics
 
 

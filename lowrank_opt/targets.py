@@ -43,6 +43,11 @@ def _output_embedding(model: nn.Module) -> Any:
         return None
 
 
+def full_ndim(p: torch.Tensor) -> int:
+    """ndim of the parameter's real shape, also for a DeepSpeed ZeRO-3 placeholder (``ds_shape``)."""
+    return len(getattr(p, "ds_shape", p.shape))
+
+
 def lowrank_targets(
     model: nn.Module, target_modules: TargetModules = ALL_LINEAR, *, include_embeddings: bool = False
 ) -> list[tuple[str, torch.nn.Parameter]]:
@@ -67,7 +72,7 @@ def lowrank_targets(
         if not chosen:
             continue
         for param_name, p in module.named_parameters(prefix=module_name, recurse=False):
-            if p.ndim >= 2 and p.requires_grad and id(p) not in seen:
+            if full_ndim(p) >= 2 and p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 selected.append((param_name, p))
     if not selected:
