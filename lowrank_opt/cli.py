@@ -1,0 +1,141 @@
+"""The ``lowrank-opt`` command.
+
+    lowrank-opt memory llama_7b --optim apollo --optim-args "rank=256" --dtype bf16 --seq-len 2048
+    lowrank-opt memory configs/llama_1b.json --optim adamw,adamw_8bit,galore,apollo,apollo_mini --layerwise
+    lowrank-opt memory llama_7b --optim adamw --zero-stage 2 --num-gpus 8 --json
+    lowrank-opt optimizers
+    lowrank-opt configs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+PROG = "lowrank-opt"
+
+
+def _target_modules(text: Optional[str]):
+    if text is None:
+        return "all-linear"
+    if "," in text:
+        return [t for t in (s.strip() for s in text.split(",")) if t]
+    return text
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="lowrank-opt tools: memory estimates and listings.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    mem = sub.add_parser(
+        "memory", help="estimate per-GPU training memory of a model config (nothing is allocated)",
+        description="Estimate per-GPU training memory (weights, gradients, optimizer states, activations, "
+                    "overhead) from a transformers config, building the model on the meta device. "
+                    "Sizes are GB = 1e9 bytes.")
+    mem.add_argument("config", help="a config JSON path or directory, or a name in configs/ (e.g. llama_7b)")
+    mem.add_argument("--optim", default="apollo",
+                     help="optimizer name, or several separated by commas to compare (default: apollo); "
+                          "see `lowrank-opt optimizers`")
+    mem.add_argument("--optim-args", default=None, help='options, HF style: "rank=256,scale_type=channel"')
+    mem.add_argument("--target-modules", default=None,
+                     help="low-rank targets: all-linear (default), a regex, or names separated by commas")
+    mem.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weight dtype (default bf16)")
+    mem.add_argument("--batch-size", type=int, default=1, help="per-GPU micro-batch (default 1)")
+    mem.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    mem.add_argument("--gradient-checkpointing", action="store_true", help="per-layer activation checkpointing")
+    mem.add_argument("--layerwise", action="store_true",
+                     help="per-parameter updates inside backward (only the largest gradient is alive); implied "
+                          "by *_layerwise optimizer names")
+    mem.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage")
+    mem.add_argument("--num-gpus", type=int, default=1, help="data-parallel GPUs (per-GPU figures)")
+    master = mem.add_mutually_exclusive_group()
+    master.add_argument("--master-weights", dest="master_weights", action="store_true", default=None,
+                        help="fp32 master weights with a 16-bit dtype (default: on under ZeRO, else off)")
+    master.add_argument("--no-master-weights", dest="master_weights", action="store_false")
+    mem.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"],
+                     help="attention kernel (eager stores the s x s scores)")
+    mem.add_argument("--detail", action="store_true", help="also a table per parameter kind")
+    mem.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sub.add_parser("optimizers", help="list the optimizer names the tools and train.py take")
+    sub.add_parser("configs", help="list the model configs in configs/")
+    return parser
+
+
+def _memory(args: argparse.Namespace) -> int:
+    from .memory.estimate import compare_table, estimate
+
+    names = [n.strip() for n in args.optim.split(",") if n.strip()]
+    if not names:
+        raise ValueError("--optim needs at least one optimizer name")
+    results = []
+    for name in names:
+        results.append(estimate(
+            args.config, name, optim_args=args.optim_args, target_modules=_target_modules(args.target_modules),
+            dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
+            gradient_checkpointing=args.gradient_checkpointing, layerwise=True if args.layerwise else None,
+            zero_stage=args.zero_stage, num_gpus=args.num_gpus, master_weights=args.master_weights,
+            attn_implementation=args.attn_implementation,
+        ))
+    if args.json:
+        payload = results[0].to_dict() if len(results) == 1 else [r.to_dict() for r in results]
+        print(json.dumps(payload, indent=2))
+    elif len(results) == 1:
+        print(results[0].table(detail=args.detail))
+    else:
+        print(compare_table(results))
+        if args.detail:
+            for r in results:
+                print()
+                print(r.table(detail=True))
+    return 0
+
+
+def _optimizers() -> int:
+    from .memory.estimate import ALIASES, EXTERNAL_OPTIMIZERS
+    from .registry import OPTIMIZERS
+
+    print("lowrank-opt registry (train.py --optim, build_optimizer; each also as NAME_capped):")
+    for name in sorted(OPTIMIZERS):
+        print(f"  {name:26s}{OPTIMIZERS[name].description}")
+    print("Hugging Face names the memory estimator also knows:")
+    for name in sorted(EXTERNAL_OPTIMIZERS):
+        print(f"  {name:26s}{EXTERNAL_OPTIMIZERS[name].description}")
+    print("aliases: " + ", ".join(f"{a} -> {b}" + (f" ({', '.join(f'{k}={v}' for k, v in o.items())})" if o else "")
+                                  for a, (b, o) in sorted(ALIASES.items())))
+    return 0
+
+
+def _configs() -> int:
+    from .memory.estimate import CONFIG_DIRS, known_configs
+
+    names = known_configs()
+    if not names:
+        print(f"no configs found in {', '.join(map(str, CONFIG_DIRS))}", file=sys.stderr)
+        return 1
+    print("\n".join(names))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "memory":
+            return _memory(args)
+        if args.command == "optimizers":
+            return _optimizers()
+        if args.command == "configs":
+            return _configs()
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Training memory: estimate it before you train (meta device, nothing allocated), measure it while you do.
+
+    >>> from lowrank_opt.memory import estimate
+    >>> print(estimate("llama_7b", "apollo", optim_args="rank=256", dtype="bf16", layerwise=True).table())
+
+or from the shell: ``lowrank-opt memory llama_7b --optim apollo --optim-args rank=256 --layerwise``.
+
+:func:`estimate` returns a :class:`MemoryEstimate` (bytes per category, per GPU); the formulas and their
+sources are in :mod:`lowrank_opt.memory.estimate`. :class:`MemoryCallback` (a ``transformers.TrainerCallback``)
+records the real numbers during training; :func:`optimizer_state_bytes` counts an optimizer's state.
+"""
+
+from .estimate import (
+    CUDA_CONTEXT_BYTES,
+    EXTERNAL_OPTIMIZERS,
+    FRAGMENTATION,
+    MemoryEstimate,
+    activation_bytes,
+    compare_table,
+    estimate,
+    known_configs,
+    known_optimizers,
+    resolve_config,
+)
+from .measure import MemoryCallback, optimizer_state_breakdown, optimizer_state_bytes, peak_rss_bytes
+
+__all__ = [
+    "CUDA_CONTEXT_BYTES",
+    "EXTERNAL_OPTIMIZERS",
+    "FRAGMENTATION",
+    "MemoryCallback",
+    "MemoryEstimate",
+    "activation_bytes",
+    "compare_table",
+    "estimate",
+    "known_configs",
+    "known_optimizers",
+    "optimizer_state_breakdown",
+    "optimizer_state_bytes",
+    "peak_rss_bytes",
+    "resolve_config",
+]
