@@ -51,6 +51,9 @@ class DataArguments:
     block_size: int = field(default=128, metadata={"help": "Tokens per training sequence."})
     eval_fraction: float = field(default=0.05, metadata={"help": "Held-out fraction for eval loss/perplexity."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Cap on training sequences."})
+    memory_report: bool = field(default=False, metadata={
+        "help": "Log measured memory each step (CUDA peaks; on CPU optimizer-state bytes and peak RSS) and print "
+                "it at the end next to lowrank_opt.memory.estimate's prediction for this run."})
 
 
 def parse_args(argv: list[str]):
@@ -186,6 +189,31 @@ def build_optimizer_option(training_args, model):
     return optimizer_cls_and_kwargs(training_args.lowrank_optim, model, training_args)
 
 
+def memory_callbacks(data_args: DataArguments, training_args, model) -> list:
+    """[MemoryCallback] with this run's estimate when --memory_report is on (no estimate for optimizers the
+    estimator does not know; the measurement is still logged)."""
+    if not data_args.memory_report:
+        return []
+    import torch
+
+    from lowrank_opt.memory import MemoryCallback, estimate
+
+    name = training_args.lowrank_optim or training_args.optim.value
+    weight_dtype = next(model.parameters()).dtype
+    try:
+        predicted = estimate(
+            model.config, name, optim_args=training_args.optim_args,
+            target_modules=training_args.optim_target_modules or "all-linear",
+            dtype="bf16" if weight_dtype == torch.bfloat16 else "fp32",
+            batch_size=training_args.per_device_train_batch_size, seq_len=data_args.block_size,
+            gradient_checkpointing=training_args.gradient_checkpointing,
+        )
+    except (ValueError, KeyError, NotImplementedError) as error:
+        logger.warning("--memory_report: no estimate for --optim %s (%s); measuring only", name, error)
+        predicted = None
+    return [MemoryCallback(estimate=predicted)]
+
+
 def main(argv: Optional[list[str]] = None):
     from transformers import Trainer, set_seed
 
@@ -218,7 +246,7 @@ def main(argv: Optional[list[str]] = None):
     trainer = Trainer(
         model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=collator_for(data_args.task, tokenizer), processing_class=tokenizer,
-        optimizer_cls_and_kwargs=optimizer_option,
+        optimizer_cls_and_kwargs=optimizer_option, callbacks=memory_callbacks(data_args, training_args, model),
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = dict(result.metrics)

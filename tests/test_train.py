@@ -64,6 +64,16 @@ def test_pure_bf16_training_keeps_bf16_weights(tmp_path):
     assert sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses
 
 
+def test_memory_report_measures_optimizer_state_equal_to_estimate(tmp_path, capsys):
+    from lowrank_opt.memory import MemoryCallback, optimizer_state_bytes
+
+    trainer, _ = _run(tmp_path, "--optim", "apollo", "--optim_args", "rank=8", "--memory_report", "true")
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, MemoryCallback))
+    assert callback.estimate is not None
+    assert optimizer_state_bytes(trainer.optimizer) == callback.estimate.optimizer_states
+    assert "optimizer" in capsys.readouterr().out.lower()
+
+
 def test_finetune_saved_model_on_prompt_response_jsonl(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
