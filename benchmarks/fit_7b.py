@@ -1,0 +1,581 @@
+"""Does LLaMA-7B really train on one GPU under 48, 24 and 16 GB? Measured peaks next to the estimator's.
+
+    python benchmarks/fit_7b.py                                   # CUDA GPU: LLaMA-7B, caps 48,24,16, six optimizers
+    python benchmarks/fit_7b.py --caps 24 --optims apollo_mini_layerwise --steps 20 --output fit_24.json
+    python benchmarks/fit_7b.py --config configs/llama_1b.json --caps 0 --output fit_1b.json   # no cap
+    python benchmarks/fit_7b.py --device cpu --config configs/llama_tiny.json --caps 0 --seq-len 64 --steps 2
+                                                                  # smoke test of the script itself, CPU
+
+What one run is, for each cap and optimizer (larger caps first):
+
+1. Free everything from the previous run (``del``, ``gc.collect()``, ``torch.cuda.empty_cache()``), reset the
+   peak statistics, and cap what PyTorch's caching allocator may reserve with
+   ``torch.cuda.set_per_process_memory_fraction(cap * 1e9 / total_memory)`` (``--caps 0``: no cap). GB is
+   10^9 bytes, the estimator's unit. The CUDA context (~0.5-1 GB) lives outside the allocator and so outside
+   the cap: a run that fits a 24e9-byte cap needs about 25 GB of card, and a card sold as "24 GB" has
+   24 GiB = 25.8e9 bytes.
+2. Build the model from ``--config`` on the device, random init, directly in bf16 (``with torch.device(...)``,
+   ``dtype=torch.bfloat16``: no fp32 copy is ever made), with Hugging Face's per-decoder-layer gradient
+   checkpointing (non-reentrant) and SDPA attention. Pure bf16 training: no fp32 master weights.
+3. Build the optimizer: ours through ``lowrank_opt.registry.build_optimizer(name, model, lr=...)`` (APOLLO
+   rounds its bf16 writes stochastically; the ``*_layerwise`` ones update each parameter inside backward and
+   free its gradient there), ``torch.optim.AdamW(fused=True)`` for ``adamw_fused`` (``foreach=True`` for
+   ``adamw``), ``bitsandbytes.optim.AdamW8bit`` for ``adamw_8bit`` with the embeddings kept in 32-bit as
+   the HF Trainer does (skipped when bitsandbytes does not import).
+4. ``--steps`` training steps (forward, loss, backward, ``step()``, ``zero_grad(set_to_none=True)``) on one
+   fixed batch of random tokens: the loss falling from the first to the last step shows that the updates
+   happen (the model memorises the batch), not that it learns language.
+5. Record the peaks ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` over the whole run (model
+   build included), tokens/s over the steps after the first (the first one allocates the optimizer state),
+   first and last loss, and the optimizer-state bytes (``lowrank_opt.memory.optimizer_state_bytes``).
+6. Out of memory at ``--seq-len``: the same again at each ``--fallback-seq-lens`` (1024, 512) until one fits;
+   the longest that fits is reported. A smaller cap starts at the longest length that fitted the larger one,
+   and an optimizer that fitted no length under a larger cap is not retried under a smaller one (status
+   ``oom (implied)``).
+
+Next to every measurement: ``lowrank_opt.memory.estimate`` for the same model, optimizer, batch and length.
+Its ``total`` includes a 0.75 GB CUDA context and 8 % fragmentation; the comparable figures are the estimated
+peak *allocated* (``total - overhead``: weights, gradients, states, activations, step scratch) against
+``max_memory_allocated``, and the estimate without the context (``total - 0.75 GB``) against
+``max_memory_reserved``. The table prints both and the ratio measured / estimated (allocated).
+
+Without a CUDA GPU the script stops before allocating anything, with exit status 3. ``--device cpu`` runs
+the same code on the CPU for a smoke test (any config; no caps; no memory peaks, which CUDA alone reports;
+CPU timings): its numbers are never GPU numbers, and the table and JSON say ``device: cpu``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+GB = 1e9
+EXIT_NO_CUDA = 3
+DEFAULT_CONFIG = "configs/llama_7b.json"
+DEFAULT_OPTIMS = "apollo,apollo_mini,apollo_layerwise,apollo_mini_layerwise,adamw_fused,adamw_8bit"
+NO_CUDA_MESSAGE = (
+    "fit_7b.py: error: no CUDA GPU is available (torch.cuda.is_available() is False), and this benchmark "
+    "measures GPU memory; nothing was allocated. Run it on a machine with a CUDA GPU and a CUDA build of "
+    "torch. To smoke-test the script itself on the CPU: python benchmarks/fit_7b.py --device cpu "
+    "--config configs/llama_tiny.json --caps 0 --seq-len 64 --steps 2"
+)
+
+
+@dataclass(frozen=True)
+class OptimChoice:
+    """How ``--optims NAME`` is built and which estimator name predicts it."""
+
+    name: str
+    kind: str  # "registry" | "torch_adamw" | "bnb8bit"
+    estimator: str  # name for lowrank_opt.memory.estimate
+    lr: float
+    options: dict = field(default_factory=dict)
+    layerwise: bool = False
+
+
+CHOICES = {
+    c.name: c
+    for c in [
+        OptimChoice("apollo", "registry", "apollo", 1e-2),
+        OptimChoice("apollo_mini", "registry", "apollo_mini", 1e-2),
+        OptimChoice("apollo_layerwise", "registry", "apollo_layerwise", 1e-2, layerwise=True),
+        OptimChoice("apollo_mini_layerwise", "registry", "apollo_mini_layerwise", 1e-2, layerwise=True),
+        OptimChoice("adamw_fused", "torch_adamw", "adamw_torch_fused", 1e-3, dict(fused=True)),
+        OptimChoice("adamw", "torch_adamw", "adamw", 1e-3, dict(foreach=True)),
+        OptimChoice("adamw_8bit", "bnb8bit", "adamw_8bit", 1e-3),
+    ]
+}
+
+
+def resolve_choice(name: str) -> OptimChoice:
+    """A name from CHOICES, or any other registry name (``apollo_capped``, ``adamp``, ...) with its own lr."""
+    key = name.strip().lower()
+    if key in CHOICES:
+        return CHOICES[key]
+    from lowrank_opt.registry import parse_name
+
+    spec, _ = parse_name(key)  # ValueError with the known names
+    return OptimChoice(key, "registry", key, float(spec.defaults.get("lr", 1e-3)),
+                       layerwise=bool(spec.defaults.get("layerwise", False)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def parse_caps(text: str) -> list[float]:
+    """``"48,24,16"`` -> [48.0, 24.0, 16.0] (GB, largest first); 0 means no cap."""
+    caps = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"caps must be numbers of GB separated by commas, got {item!r}") from None
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(f"a cap must be >= 0 GB (0: no cap), got {item!r}")
+        caps.append(value)
+    if not caps:
+        raise argparse.ArgumentTypeError("--caps needs at least one value (0: no cap)")
+    return sorted(caps, key=lambda c: math.inf if c == 0 else c, reverse=True)
+
+
+def parse_ints(text: str) -> list[int]:
+    values = []
+    for item in text.split(","):
+        item = item.strip()
+        if item:
+            try:
+                value = int(item)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {item!r}") from None
+            if value < 1:
+                raise argparse.ArgumentTypeError(f"sequence lengths must be >= 1, got {value}")
+            values.append(value)
+    return values
+
+
+def parse_optims(text: str) -> list[str]:
+    names = [t.strip().lower() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("--optims needs at least one optimizer name")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fit_7b.py",
+        description="Train LLaMA-7B (or --config) for a few real steps on one CUDA GPU under memory caps, per "
+                    "optimizer; print measured peaks, tokens/s and losses next to lowrank_opt.memory.estimate. "
+                    "Needs a CUDA GPU unless --device cpu (a smoke test of the script, no GPU numbers).")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"transformers config JSON (default {DEFAULT_CONFIG})")
+    parser.add_argument("--caps", type=parse_caps, default=parse_caps("48,24,16"),
+                        help="memory caps in GB (1e9 bytes) for PyTorch's allocator, comma-separated; 0 = no cap "
+                             "(default 48,24,16)")
+    parser.add_argument("--optims", type=parse_optims, default=parse_optims(DEFAULT_OPTIMS),
+                        help=f"optimizers, comma-separated (default {DEFAULT_OPTIMS}; also adamw and other "
+                             "registry names)")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence to try first (default 2048)")
+    parser.add_argument("--fallback-seq-lens", type=parse_ints, default=parse_ints("1024,512"),
+                        help="shorter lengths to try, in order, after an out-of-memory (default 1024,512)")
+    parser.add_argument("--steps", type=int, default=10, help="training steps per run (default 10)")
+    parser.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate for every optimizer (default: 1e-2 for APOLLO, the registry's, "
+                             "1e-3 for AdamW)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the init and the random batch (default 0)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cuda (default; the point of the benchmark) or cpu (smoke test, no GPU numbers)")
+    parser.add_argument("--no-estimate", dest="estimate", action="store_false",
+                        help="skip lowrank_opt.memory.estimate next to each measurement")
+    parser.add_argument("--output", type=Path, default=Path("fit_7b_results.json"),
+                        help="JSON file for the results (default fit_7b_results.json)")
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for label, value in (("--seq-len", args.seq_len), ("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if value < 1:
+            parser.error(f"{label} must be >= 1, got {value}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be a positive number, got {args.lr}")
+    if args.device == "cpu" and any(c != 0 for c in args.caps):
+        parser.error("--device cpu cannot cap memory: pass --caps 0 (the caps are for CUDA's allocator)")
+    if not Path(args.config).is_file():
+        parser.error(f"--config {args.config}: no such file")
+
+
+def seq_ladder(seq_len: int, fallbacks: list[int], start_at: Optional[int] = None) -> list[int]:
+    """The lengths to try in order: ``seq_len``, then the shorter fallbacks, longest first, none above
+    ``start_at`` (the longest length that fitted a larger cap)."""
+    ladder = [seq_len] + sorted({s for s in fallbacks if s < seq_len}, reverse=True)
+    if start_at is not None:
+        ladder = [s for s in ladder if s <= start_at]
+    return ladder
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Out of memory
+
+
+def is_oom(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    # OOMs raised from inside autograd hooks or bitsandbytes kernels may arrive as plain RuntimeErrors.
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def first_line(exc: BaseException, limit: int = 240) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def longest_fitting(run: Callable[[int], dict], ladder: list[int], cleanup: Callable[[], None] = lambda: None
+                    ) -> tuple[Optional[dict], list[dict]]:
+    """Call ``run(seq_len)`` down the ladder until one does not run out of memory.
+
+    Returns (the result of the first length that fitted or ``None``, one ``{"seq_len", "outcome"}`` per
+    attempt). Out-of-memory errors are caught (the exception, and with it every tensor its traceback holds,
+    is dropped before ``cleanup()`` runs); any other error propagates."""
+    attempts: list[dict] = []
+    for seq_len in ladder:
+        message = None
+        try:
+            result = run(seq_len)
+        except Exception as exc:  # only OOMs are handled here, the rest is re-raised
+            if not is_oom(exc):
+                raise
+            message = first_line(exc)
+        # Outside the except block: the exception and its frames (model, activations) are gone now.
+        cleanup()
+        if message is None:
+            attempts.append({"seq_len": seq_len, "outcome": "ok"})
+            return result, attempts
+        attempts.append({"seq_len": seq_len, "outcome": "oom", "error": message})
+    return None, attempts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One training run
+
+
+def free_memory(device: str) -> None:
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def set_cap(cap_gb: float) -> dict:
+    """Cap PyTorch's allocator at ``cap_gb`` GB (0: the whole card). Returns what was set."""
+    import torch
+
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    fraction = 1.0 if cap_gb == 0 else min(1.0, cap_gb * GB / total)
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    return {"fraction": fraction, "card_total_gb": total / GB,
+            "note": "cap above the card's memory: uncapped" if cap_gb and cap_gb * GB > total else ""}
+
+
+def build_model(config_path: str, device: str, seed: int):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(config_path)
+    config.use_cache = False
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:  # transformers >= 5.x
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def bitsandbytes_available() -> Optional[str]:
+    """None when ``bitsandbytes.optim.AdamW8bit`` imports, else why not."""
+    try:
+        import bitsandbytes  # noqa: F401
+        from bitsandbytes.optim import AdamW8bit  # noqa: F401
+    except Exception as exc:  # any import failure (missing package, no CUDA libraries) means skip
+        return f"bitsandbytes not importable ({first_line(exc, 120)})"
+    return None
+
+
+def build_optim(choice: OptimChoice, model, lr: float):
+    import torch
+
+    if choice.kind == "registry":
+        from lowrank_opt.registry import build_optimizer
+
+        return build_optimizer(choice.name, model, lr=lr, **choice.options)
+    if choice.kind == "torch_adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, **choice.options)
+    if choice.kind == "bnb8bit":
+        import bitsandbytes
+
+        optimizer = bitsandbytes.optim.AdamW8bit(model.parameters(), lr=lr, weight_decay=0.0)
+        manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+        for module in model.modules():  # as the HF Trainer does for adamw_bnb_8bit (and the estimator assumes)
+            if isinstance(module, torch.nn.Embedding):
+                manager.register_module_override(module, "weight", {"optim_bits": 32})
+        return optimizer
+    raise ValueError(f"unknown optimizer kind {choice.kind!r}")
+
+
+def train_run(config_path: str, choice: OptimChoice, *, device: str, seq_len: int, batch_size: int, steps: int,
+              lr: float, seed: int) -> dict:
+    """Build model and optimizer, train ``steps`` steps on one random batch; measurements as a dict.
+    Everything it allocates is local: gone (after ``gc.collect()``) once it returns or raises."""
+    import torch
+
+    from lowrank_opt.memory import optimizer_state_bytes
+
+    cuda = device == "cuda"
+    model = build_model(config_path, device, seed)
+    after_model = torch.cuda.memory_allocated() if cuda else None
+    optimizer = build_optim(choice, model, lr)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    vocab = int(model.config.vocab_size)
+    batch = torch.randint(0, vocab, (batch_size, seq_len), generator=generator, device=device)
+    losses, seconds = [], []
+    for _ in range(steps):
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()  # layer-wise optimizers have already updated everything inside backward
+        optimizer.zero_grad(set_to_none=True)
+        value = float(loss.detach())  # a host read: waits for the step's kernels on CUDA too
+        if cuda:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - started)
+        losses.append(value)
+        del loss
+    timed = seconds[1:] or seconds  # the first step allocates the state (and draws P / runs nothing else)
+    tokens = batch_size * seq_len
+    result = {
+        "seq_len": seq_len,
+        "losses": losses,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "loss_finite": all(math.isfinite(v) for v in losses),
+        "step_seconds": seconds,
+        "tokens_per_s": tokens / statistics.median(timed),
+        "first_step_s": seconds[0],
+        "optimizer_state_gb": optimizer_state_bytes(optimizer) / GB,
+        "weights_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / GB,
+        "param_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "peak_allocated_gb": None,
+        "peak_reserved_gb": None,
+        "allocated_after_model_gb": None,
+    }
+    if cuda:
+        result["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / GB
+        result["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / GB
+        result["allocated_after_model_gb"] = after_model / GB
+    if hasattr(optimizer, "remove_hooks"):  # layer-wise APOLLO: drop the hooks' references to the optimizer
+        optimizer.remove_hooks()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The estimate
+
+
+_ESTIMATES: dict = {}
+
+
+def predict(config_path: str, choice: OptimChoice, seq_len: int, batch_size: int) -> Optional[dict]:
+    """lowrank_opt.memory.estimate for this run (GB), or None when the estimator does not know the optimizer."""
+    key = (config_path, choice.estimator, seq_len, batch_size)
+    if key not in _ESTIMATES:
+        from lowrank_opt.memory import estimate
+
+        try:
+            e = estimate(config_path, choice.estimator, dtype="bf16", batch_size=batch_size, seq_len=seq_len,
+                         gradient_checkpointing=True)
+        except ValueError as exc:
+            print(f"  (no estimate for {choice.name}: {exc})", file=sys.stderr)
+            _ESTIMATES[key] = None
+        else:
+            context = e.components.get("overhead.cuda context", 0)
+            _ESTIMATES[key] = {
+                "total_gb": e.total / GB,
+                "allocated_gb": (e.total - e.overhead) / GB,
+                "reserved_gb": (e.total - context) / GB,
+                "optimizer_states_gb": e.optimizer_states / GB,
+                "weights_gb": e.weights / GB,
+                "gradients_gb": e.gradients / GB,
+                "activations_gb": e.activations / GB,
+                "layerwise": e.layerwise,
+            }
+    return _ESTIMATES[key]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report
+
+
+def _f(value: Optional[float], digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(records: list[dict], device: str) -> str:
+    lines = []
+    if device != "cuda":
+        lines.append("CPU smoke test: no GPU memory was measured (peaks are CUDA-only) and the timings are CPU "
+                     "timings. These are not GPU numbers.")
+        lines.append("")
+    lines.append("| cap GB | optimizer | seq | status | peak alloc GB | est. alloc GB | meas/est | peak reserved GB "
+                 "| est. reserved GB | est. total GB | states GB (meas / est) | tokens/s | loss first → last |")
+    lines.append("|--:|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|---|")
+    for r in records:
+        m, e = r.get("measured") or {}, r.get("estimate") or {}
+        ratio = None
+        if m.get("peak_allocated_gb") and e.get("allocated_gb"):
+            ratio = m["peak_allocated_gb"] / e["allocated_gb"]
+        cap = "none" if not r["cap_gb"] else f"{r['cap_gb']:g}"
+        states = (f"{_f(m.get('optimizer_state_gb'), 3)} / {_f(e.get('optimizer_states_gb'), 3)}"
+                  if m or e else "—")
+        loss = f"{m['first_loss']:.3f} → {m['last_loss']:.3f}" if m else "—"
+        lines.append(
+            f"| {cap} | {r['optimizer']} | {r.get('seq_len') or '—'} | {r['status']} | "
+            f"{_f(m.get('peak_allocated_gb'))} | {_f(e.get('allocated_gb'))} | {_f(ratio)} | "
+            f"{_f(m.get('peak_reserved_gb'))} | {_f(e.get('reserved_gb'))} | {_f(e.get('total_gb'))} | {states} | "
+            f"{_f(m.get('tokens_per_s'), 0)} | {loss} |")
+    return "\n".join(lines)
+
+
+def environment(device: str) -> dict:
+    import torch
+
+    env = {
+        "device": device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+    }
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover - needed to build the model anyway
+        pass
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        env.update(gpu=props.name, gpu_total_gb=props.total_memory / GB, cuda=torch.version.cuda)
+    return env
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+
+    import torch  # after the arguments, before anything else: no allocation happens without CUDA
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(NO_CUDA_MESSAGE, file=sys.stderr)
+        return EXIT_NO_CUDA
+
+    try:
+        choices = [resolve_choice(n) for n in args.optims]
+    except ValueError as exc:
+        parser.error(f"--optims: {exc}; also {', '.join(CHOICES)}")
+    command = "python benchmarks/fit_7b.py" + ("" if not (sys.argv[1:] if argv is None else argv) else
+                                               " " + shlex.join(sys.argv[1:] if argv is None else argv))
+    device = args.device
+    env = environment(device)
+    print(f"{command}\n{json.dumps(env)}")
+    if device != "cuda":
+        print("device cpu: a smoke test of the script; no GPU memory is measured and timings are CPU timings")
+    bnb_problem = bitsandbytes_available() if any(c.kind == "bnb8bit" for c in choices) else None
+
+    records: list[dict] = []
+    longest_so_far: dict[str, Optional[int]] = {}  # optimizer -> longest length that fitted a larger cap (0: none)
+    for cap in args.caps:
+        cap_info = set_cap(cap) if device == "cuda" else {"fraction": None, "note": "cpu: no cap"}
+        for choice in choices:
+            record = {"cap_gb": cap, "optimizer": choice.name, "seq_len": None, "status": "", "measured": None,
+                      "estimate": None, "attempts": [], "cap": cap_info}
+            lr = args.lr if args.lr is not None else choice.lr
+            record["lr"] = lr
+            previous = longest_so_far.get(choice.name)
+            if choice.kind == "bnb8bit" and bnb_problem:
+                record["status"] = f"skipped: {bnb_problem}"
+            elif previous == 0:
+                record["status"] = "oom (implied)"
+                record["note"] = "ran out of memory at every length under a larger cap"
+            else:
+                ladder = seq_ladder(args.seq_len, args.fallback_seq_lens, previous)
+                print(f"cap {cap:g} GB, {choice.name}: trying seq {ladder} ...", flush=True)
+                free_memory(device)
+                if device == "cuda":
+                    set_cap(cap)
+
+                def run(seq_len: int, choice=choice, lr=lr) -> dict:
+                    return train_run(args.config, choice, device=device, seq_len=seq_len,
+                                     batch_size=args.batch_size, steps=args.steps, lr=lr, seed=args.seed)
+
+                measured, attempts = None, []
+                try:
+                    measured, attempts = longest_fitting(run, ladder, cleanup=lambda: free_memory(device))
+                except Exception as exc:  # one broken optimizer must not lose the other results
+                    traceback.print_exc()
+                    record["status"] = f"error: {type(exc).__name__}: {first_line(exc)}"
+                free_memory(device)  # outside the except block, so the traceback's tensors are gone
+                record["attempts"] = attempts
+                if measured is not None:
+                    record["measured"] = measured
+                    record["seq_len"] = measured["seq_len"]
+                    record["status"] = "ok" if measured["seq_len"] == args.seq_len else "ok (shorter)"
+                    if not measured["loss_finite"]:
+                        record["status"] += ", non-finite loss"
+                    longest_so_far[choice.name] = measured["seq_len"]
+                elif attempts:
+                    record["status"] = "oom at " + ", ".join(str(a["seq_len"]) for a in attempts)
+                    longest_so_far[choice.name] = 0
+            if args.estimate:
+                record["estimate"] = predict(args.config, choice, record["seq_len"] or args.seq_len, args.batch_size)
+            records.append(record)
+            m = record["measured"] or {}
+            print(f"  -> {record['status']}" + (f", peak allocated {_f(m.get('peak_allocated_gb'))} GB, "
+                                                f"{_f(m.get('tokens_per_s'), 0)} tokens/s, loss "
+                                                f"{m['first_loss']:.3f} -> {m['last_loss']:.3f}" if m else ""),
+                  flush=True)
+    if device == "cuda":
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+    table = markdown_table(records, device)
+    print()
+    print(table)
+    payload = {
+        "command": command,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": env,
+        "settings": {"config": args.config, "caps_gb": args.caps, "optims": args.optims, "seq_len": args.seq_len,
+                     "fallback_seq_lens": args.fallback_seq_lens, "steps": args.steps,
+                     "batch_size": args.batch_size, "seed": args.seed, "dtype": "bfloat16 (pure, no master)",
+                     "gradient_checkpointing": True, "attention": "sdpa", "gb": 1e9},
+        "results": records,
+        "markdown": table,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(payload, indent=2))
+    print(f"\nwrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

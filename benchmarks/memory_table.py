@@ -1,0 +1,766 @@
+"""The estimator's training-memory table for docs/memory.md: LLaMA 60M..7B x optimizers x {plain, layer-wise}.
+
+    pip install -e ".[hf,bench]"          # transformers for the configs, matplotlib for the plots
+    python benchmarks/memory_table.py     # writes docs/memory.md and docs/memory_{60m,130m,350m,1b,7b}.png
+    python benchmarks/memory_table.py --sizes 7b --seq-len 4096 --output /tmp/memory.md --plots-dir /tmp
+
+Every number comes from :func:`lowrank_opt.memory.estimate` (the model is built on the meta device, nothing
+is allocated, no GPU is needed); nothing here is measured. The setting, unless changed by the flags: pure
+bf16 weights (no fp32 master copy; one row adds it for AdamW), micro-batch 1 x 2048 tokens, Hugging Face
+per-decoder-layer gradient checkpointing, SDPA attention, one GPU, no ZeRO. The optimizers and their ranks:
+
+  adamw              torch.optim.AdamW, foreach (its CUDA default); its moments are in the parameter dtype
+  adamw_fp32_master  torch.optim.AdamW on fp32 master weights (torch autocast, the HF Trainer's --bf16 on an
+                     fp32 model): fp32 weights, gradients and moments plus autocast's bf16 weight copies
+  adamw_8bit         bitsandbytes AdamW8bit as the HF Trainer builds it (embeddings keep 32-bit state)
+  galore_adamw       galore-torch GaLoreAdamW on the attention and MLP matrices (the GaLore repo's targets),
+                     rank 128/256/256/512 (GaLore paper Table 2, r/d_model) and 1024 for 7B (the GaLore repo's
+                     7B scripts), update_proj_gap 200, scale 0.25
+  apollo             lowrank_opt APOLLO (registry "apollo"), rank 1/4 of the hidden size up to 256:
+                     128/192/256/256/256 (the APOLLO paper and its repository's scripts); fp32 moments
+                     (state_dtype None, the default)
+  apollo_mini        lowrank_opt APOLLO-Mini (rank 1, tensor-wise scaling, scale 128)
+
+Layer-wise: the registry's ``apollo_layerwise``/``apollo_mini_layerwise``, Hugging Face's
+``galore_adamw_layerwise``; for the AdamW rows it is one optimizer per parameter stepped from a
+post-accumulate-grad hook (PyTorch's "fuse the optimizer step into backward" recipe), which neither the HF
+Trainer nor train.py offers: an estimate of what that technique would give, nothing more.
+
+The plots need matplotlib (``pip install matplotlib`` or the ``bench`` extra); ``--no-plots`` skips them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+GB = 1e9
+CARDS_GB = (8, 12, 16, 24, 32, 40, 48, 80, 141)  # common single-GPU memory sizes (marketing GB), smallest first
+PLOT_LINES_GB = (16, 24, 48, 80)  # horizontal guides on the plots
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    key: str
+    config: str  # name in configs/
+    label: str
+    apollo_rank: int
+    galore_rank: int
+
+
+SIZES = {
+    s.key: s
+    for s in [
+        ModelSize("60m", "llama_60m", "LLaMA-60M", apollo_rank=128, galore_rank=128),
+        ModelSize("130m", "llama_130m", "LLaMA-130M", apollo_rank=192, galore_rank=256),
+        ModelSize("350m", "llama_350m", "LLaMA-350M", apollo_rank=256, galore_rank=256),
+        ModelSize("1b", "llama_1b", "LLaMA-1B", apollo_rank=256, galore_rank=512),
+        ModelSize("7b", "llama_7b", "LLaMA-7B", apollo_rank=256, galore_rank=1024),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str
+    label: str
+    plain: str  # estimator name, plain mode
+    layerwise: str  # estimator name, layer-wise mode
+    optim_args: Callable[[ModelSize], dict] = lambda size: {}
+    target_modules: Any = "all-linear"
+    master_weights: Optional[bool] = None
+    what: str = ""
+
+
+GALORE_TARGETS = ["attn", "mlp"]  # the GaLore repo: modules whose name contains "attn" or "mlp"
+
+METHODS = {
+    m.key: m
+    for m in [
+        Method("adamw", "AdamW", "adamw", "adamw",
+               what="`torch.optim.AdamW` (foreach, its CUDA default) on the bf16 weights: its two moments "
+                    "are bf16 too (4 bytes/param)"),
+        Method("adamw_fp32_master", "AdamW, fp32 master", "adamw", "adamw", master_weights=True,
+               what="`torch.optim.AdamW` on fp32 master weights under torch autocast (the HF Trainer's "
+                    "`--bf16` with an fp32 model): fp32 moments (8 bytes/param), fp32 gradients, plus "
+                    "autocast's bf16 weight copies"),
+        Method("adamw_8bit", "AdamW 8-bit", "adamw_8bit", "adamw_8bit",
+               what="bitsandbytes `AdamW8bit` as the HF Trainer builds it (`adamw_bnb_8bit`; embeddings "
+                    "keep 32-bit state)"),
+        Method("galore_adamw", "GaLore", "galore_adamw", "galore_adamw_layerwise",
+               optim_args=lambda size: dict(rank=size.galore_rank, update_proj_gap=200, scale=0.25),
+               target_modules=GALORE_TARGETS,
+               what="galore-torch `GaLoreAdamW` (HF `galore_adamw`/`galore_adamw_layerwise`) on the "
+                    "attention and MLP matrices"),
+        Method("apollo", "APOLLO", "apollo", "apollo_layerwise",
+               optim_args=lambda size: dict(rank=size.apollo_rank),
+               what="`lowrank_opt` APOLLO (`apollo`/`apollo_layerwise`), channel-wise scaling, fp32 "
+                    "moments (the default `state_dtype`)"),
+        Method("apollo_mini", "APOLLO-Mini", "apollo_mini", "apollo_mini_layerwise",
+               what="`lowrank_opt` APOLLO-Mini (`apollo_mini`/`apollo_mini_layerwise`): rank 1, "
+                    "tensor-wise scaling, scale 128"),
+    ]
+}
+
+
+@dataclass
+class Row:
+    size: ModelSize
+    method: Method
+    layerwise: bool
+    estimate: Any  # lowrank_opt.memory.MemoryEstimate
+
+    @property
+    def mode(self) -> str:
+        return "layer-wise" if self.layerwise else "plain"
+
+    def segments(self) -> dict[str, float]:
+        """The total split into parts that add up to it (GB): activations net of what backward frees."""
+        e = self.estimate
+        return {
+            "weights": e.weights / GB,
+            "gradients": e.gradients / GB,
+            "optimizer states": e.optimizer_states / GB,
+            "activations": (e.activations - e.freed_during_backward) / GB,
+            "step scratch": e.step_temporaries / GB,
+            "overhead": e.overhead / GB,
+        }
+
+
+@dataclass
+class Setting:
+    batch_size: int = 1
+    seq_len: int = 2048
+    gradient_checkpointing: bool = True
+    extras: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Estimating
+
+
+def estimate_row(size: ModelSize, method: Method, layerwise: bool, setting: Setting) -> Row:
+    from lowrank_opt.memory import estimate
+
+    name = method.layerwise if layerwise else method.plain
+    result = estimate(
+        size.config, name, optim_args=method.optim_args(size) or None, target_modules=method.target_modules,
+        dtype="bf16", batch_size=setting.batch_size, seq_len=setting.seq_len,
+        gradient_checkpointing=setting.gradient_checkpointing, layerwise=True if layerwise else None,
+        master_weights=method.master_weights,
+    )
+    return Row(size, method, layerwise, result)
+
+
+def collect(sizes: list[ModelSize], methods: list[Method], setting: Setting, log=print) -> list[Row]:
+    rows = []
+    for size in sizes:
+        for method in methods:
+            for layerwise in (False, True):
+                started = time.perf_counter()
+                row = estimate_row(size, method, layerwise, setting)
+                parts = sum(row.segments().values())
+                if abs(parts - row.estimate.total / GB) > 1e-3:  # the plot's stack must be the total
+                    raise AssertionError(f"{size.key} {method.key} {row.mode}: parts {parts:.3f} GB != total "
+                                         f"{row.estimate.total / GB:.3f} GB")
+                rows.append(row)
+                log(f"  {size.key:5s} {method.key:18s} {row.mode:10s} {row.estimate.total / GB:7.2f} GB "
+                    f"({time.perf_counter() - started:.1f} s)")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:.2f}"
+
+
+def _negative_gb(x: float) -> str:
+    return f"-{x / GB:.2f}" if round(x / GB, 2) else "0.00"
+
+
+def smallest_card(total_bytes: float) -> str:
+    for card in CARDS_GB:
+        if total_bytes <= card * GB:
+            return f"{card} GB"
+    return f"> {CARDS_GB[-1]} GB"
+
+
+def method_header(method: Method, sizes: list[ModelSize]) -> str:
+    if method.key == "galore_adamw":
+        return "GaLore (r " + "/".join(str(s.galore_rank) for s in sizes) + ")"
+    if method.key == "apollo":
+        return "APOLLO (r " + "/".join(str(s.apollo_rank) for s in sizes) + ")"
+    return method.label
+
+
+def summary_table(rows: list[Row], sizes: list[ModelSize], methods: list[Method]) -> str:
+    """Totals: one line per model, one column per optimizer, 'plain / layer-wise' in each cell."""
+    by = {(r.size.key, r.method.key, r.layerwise): r for r in rows}
+    head = "| model | params | " + " | ".join(method_header(m, sizes) for m in methods) + " |"
+    lines = [head, "|---|--:|" + "--:|" * len(methods)]
+    for size in sizes:
+        first = by[(size.key, methods[0].key, False)].estimate
+        cells = []
+        for m in methods:
+            plain, lw = by[(size.key, m.key, False)].estimate, by[(size.key, m.key, True)].estimate
+            cells.append(f"{_gb(plain.total)} / {_gb(lw.total)}")
+        lines.append(f"| {size.label} | {first.n_params / 1e9:.3f} B | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def detail_table(rows: list[Row], size: ModelSize) -> str:
+    """Every row of the estimate for one model (GB), one line per optimizer and mode."""
+    head = ("| optimizer | mode | weights | gradients | optimizer states | activations | freed during backward "
+            "| step temporaries | overhead | **total** | smallest card |")
+    lines = [head, "|---|---|" + "--:|" * 9]
+    for r in rows:
+        if r.size.key != size.key:
+            continue
+        e = r.estimate
+        args = ", ".join(f"{k}={v}" for k, v in r.method.optim_args(size).items() if k == "rank")
+        label = r.method.label + (f" ({args})" if args else "")
+        lines.append(
+            f"| {label} | {r.mode} | {_gb(e.weights)} | {_gb(e.gradients)} | {_gb(e.optimizer_states)} | "
+            f"{_gb(e.activations)} | {_negative_gb(e.freed_during_backward)} | {_gb(e.step_temporaries)} | "
+            f"{_gb(e.overhead)} | **{_gb(e.total)}** | {smallest_card(e.total)} |")
+    return "\n".join(lines)
+
+
+def state_split_table(rows: list[Row], size: ModelSize) -> str:
+    """Where the optimizer-state bytes of one model go (the estimate's components)."""
+    lines = ["| optimizer | optimizer states | of which |", "|---|--:|---|"]
+    for r in rows:
+        if r.size.key != size.key or r.layerwise:
+            continue
+        e = r.estimate
+        parts = ", ".join(f"{k.split('.', 1)[1]} {v / GB:.2f}" for k, v in e.components.items()
+                          if k.startswith("optimizer_states.") and v >= 5e5)
+        lines.append(f"| {r.method.label} | {_gb(e.optimizer_states)} | {parts} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plots
+
+
+SEGMENT_COLORS = {
+    "weights": "#4c72b0",
+    "gradients": "#dd8452",
+    "optimizer states": "#c44e52",
+    "activations": "#55a868",
+    "step scratch": "#8172b3",
+    "overhead": "#937860",
+}
+
+
+def plot_size(rows: list[Row], size: ModelSize, setting: Setting, path: Path, command: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mine = [r for r in rows if r.size.key == size.key]
+    fig, ax = plt.subplots(figsize=(13, 6))
+    xs, labels = [], []
+    x = 0.0
+    previous = None
+    for r in mine:
+        if previous is not None and previous != r.method.key:
+            x += 0.5  # a gap between optimizers
+        previous = r.method.key
+        bottom = 0.0
+        for name, value in r.segments().items():
+            ax.bar(x, value, bottom=bottom, width=0.8, color=SEGMENT_COLORS[name],
+                   hatch="//" if r.layerwise else None, edgecolor="white", linewidth=0.5,
+                   label=name if not xs else None)
+            bottom += value
+        ax.text(x, bottom, f"{bottom:.1f}", ha="center", va="bottom", fontsize=8)
+        xs.append(x)
+        labels.append(r.method.label.replace(", ", "\n") + f"\n{r.mode}")
+        x += 1.0
+    top = max(sum(r.segments().values()) for r in mine)
+    for card in PLOT_LINES_GB:
+        if card < top * 1.15:
+            ax.axhline(card, color="grey", linestyle="--", linewidth=0.8)
+            ax.text(xs[-1] + 0.6, card, f"{card} GB", va="center", fontsize=8, color="grey",
+                    bbox=dict(facecolor="white", edgecolor="none", pad=1.0))
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels, fontsize=7.5)
+    ax.set_xlim(xs[0] - 0.7, xs[-1] + 1.4)
+    ax.set_ylabel("estimated peak per GPU (GB = 1e9 bytes)")
+    e = mine[0].estimate
+    ax.set_title(f"{size.label} ({e.n_params / 1e9:.2f} B params), bf16 weights, batch {setting.batch_size} x "
+                 f"{setting.seq_len} tokens" + (", gradient checkpointing" if setting.gradient_checkpointing else "")
+                 + "\nestimate (lowrank_opt.memory.estimate), not a measurement; hatched = layer-wise updates",
+                 fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8)
+    ax.set_ylim(0, top * 1.12)
+    fig.text(0.01, 0.005, command, fontsize=6.5, color="grey")
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The document
+
+
+def _relative(path: Path, start: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(start.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _total(rows: list[Row], size: str, method: str, layerwise: bool) -> Optional[Any]:
+    for r in rows:
+        if r.size.key == size and r.method.key == method and r.layerwise == layerwise:
+            return r.estimate
+    return None
+
+
+def _highlights(rows: list[Row], setting: Setting, small_vocab: Optional[Any] = None) -> list[str]:
+    """A few sentences about the figures, only for the rows that were computed. ``small_vocab``: the 7B
+    layer-wise APOLLO-Mini estimate with a 1000-token vocabulary (what the embeddings cost)."""
+    out = []
+    def get(method: str, layerwise: bool):
+        return _total(rows, "7b", method, layerwise)
+
+    mini, apollo, adamw = get("apollo_mini", True), get("apollo", True), get("adamw", False)
+    if mini is not None and apollo is not None and adamw is not None:
+        out.append(
+            f"- **LLaMA-7B**: plain AdamW needs about {adamw.total / GB:.0f} GB; layer-wise APOLLO "
+            f"{apollo.total / GB:.1f} GB and layer-wise APOLLO-Mini {mini.total / GB:.1f} GB. Of these, "
+            f"{mini.weights / GB:.1f} GB are the bf16 weights, which no optimizer can shrink. The estimate puts "
+            f"layer-wise APOLLO-Mini {'under' if mini.total <= 24 * GB else 'over'} a 24 GB card and "
+            f"{'under' if mini.total <= 16 * GB else 'over'} 16 GB at this setting (see \"What the estimator "
+            "does not know\" before relying on a margin of a few GB). A back-of-the-envelope count of weights, the "
+            f"largest gradient and activations gives {(mini.weights + mini.gradients + mini.activations) / GB:.1f} GB "
+            "(the \"about 16 GB\" one often hears); the estimate adds the optimizer states, almost all of them the "
+            f"AdamW moments of the embeddings and `lm_head` ({mini.optimizer_states / GB:.1f} GB), "
+            f"the update's scratch tensors ({mini.step_temporaries / GB:.1f} GB) and the CUDA context plus "
+            f"fragmentation ({mini.overhead / GB:.1f} GB).")
+        if small_vocab is not None:
+            out.append(
+                f"- **The embeddings dominate the layer-wise step's scratch at 7B**: "
+                f"{mini.step_temporaries / GB:.2f} GB "
+                f"for layer-wise APOLLO-Mini, but {small_vocab.step_temporaries / GB:.2f} GB for the same model "
+                "with a 1000-token vocabulary (same command, estimated by this script): the fp32 working copies "
+                "of the AdamW update of the 32000 x 4096 `embed_tokens` and `lm_head` matrices, which run inside "
+                "backward at the activation peak. Updating those two matrices in row chunks would save most of it.")
+    plain_apollo = get("apollo", False)
+    if plain_apollo is not None and apollo is not None:
+        out.append(
+            f"- **Layer-wise updates** matter more than the optimizer state at 7B: they drop the gradients from "
+            f"{plain_apollo.gradients / GB:.1f} GB (one bf16 gradient per parameter) to the largest single "
+            f"gradient, {apollo.gradients / GB:.2f} GB (the 32000 x 4096 embedding).")
+    if plain_apollo is not None:
+        c = plain_apollo.components
+        low = c.get("optimizer_states.low-rank", 0)
+        dense = c.get("optimizer_states.dense", 0)
+        out.append(
+            f"- **APOLLO's states at 7B are {plain_apollo.optimizer_states / GB:.2f} GB, not the paper's 1.6 GB**: "
+            f"{low / GB:.2f} GB are the rank-256 moments of the attention/MLP matrices, kept in fp32 by default "
+            f"(`state_dtype=bfloat16` halves them to the paper's 1.6 GB), and {dense / GB:.2f} GB are the plain "
+            "AdamW moments (fp32) of `embed_tokens` and `lm_head` (2 x 131 M parameters), which the paper's "
+            "optimizer-memory figures leave out. The same dense part is why APOLLO-Mini is not \"about 0\" here.")
+    adamw_plain, adamw_master = get("adamw", False), get("adamw_fp32_master", False)
+    if adamw_plain is not None and adamw_master is not None:
+        out.append(
+            f"- **AdamW's states depend on the weight dtype**: `torch.optim.AdamW` keeps its moments in the "
+            f"parameter dtype, so on pure bf16 weights they are {adamw_plain.optimizer_states / GB:.1f} GB "
+            f"(4 bytes/param), not the 54 GB of fp32 states (8 bytes/param) usually quoted; those need fp32 "
+            f"master weights, the `AdamW, fp32 master` row ({adamw_master.total / GB:.0f} GB in all). Plain "
+            f"foreach AdamW also makes a moment-sized `sqrt(v)` for all parameters at once in its step "
+            f"({adamw_plain.step_temporaries / GB:.1f} GB at 7B); `fused=True` (`adamw_torch_fused`) avoids it.")
+    sizes = list(dict.fromkeys(r.size for r in rows))
+    worse = [s.label for s in sizes
+             if _total(rows, s.key, "apollo", True) is not None and _total(rows, s.key, "apollo", False) is not None
+             and _total(rows, s.key, "apollo", True).total > _total(rows, s.key, "apollo", False).total]
+    if worse:
+        out.append(
+            f"- **Small models: layer-wise is not smaller** ({', '.join(worse)}, APOLLO): there the gradients are "
+            "tiny and the peak is the loss's logits (tokens x 32000 vocabulary); a layer-wise update runs inside "
+            "backward, on top of that peak, so its scratch tensors add to it, while a plain `step()` runs after "
+            "the activations are gone.")
+    dense_heavy = [f"{METHODS[m].label} at {s.label}" for s in sizes for m in ("apollo", "apollo_mini")
+                   if _total(rows, s.key, m, False) is not None
+                   and _total(rows, s.key, "adamw", False) is not None
+                   and _total(rows, s.key, m, False).optimizer_states
+                   > _total(rows, s.key, "adamw", False).optimizer_states]
+    if dense_heavy:
+        out.append(
+            f"- **APOLLO's states can exceed pure-bf16 AdamW's** ({', '.join(dense_heavy)}): the embeddings and "
+            "`lm_head` (32000 x hidden each) are a large share of a small model, APOLLO gives them plain AdamW "
+            "with fp32 moments (8 bytes/param), while `torch.optim.AdamW` on bf16 weights keeps bf16 moments "
+            "(4 bytes/param) for everything.")
+    return out
+
+
+def render(rows: list[Row], sizes: list[ModelSize], methods: list[Method], setting: Setting, command: str,
+           plots: dict[str, Path], output: Path, extra: list[Row], small_vocab: Optional[Any] = None) -> str:
+    doc_dir = output.parent
+    ckpt = "on" if setting.gradient_checkpointing else "off"
+    lines: list[str] = []
+    add = lines.append
+    add("# Training memory: estimates per model size and optimizer")
+    add("")
+    add("How much GPU memory does training a LLaMA model take with each optimizer, and what fits on which card? "
+        "This page answers with **estimates** from `lowrank_opt.memory.estimate`, which builds the model on "
+        "PyTorch's meta device (shapes only, nothing allocated) and counts bytes from formulas and from a dry "
+        "run of the optimizer's own `step()`. No number on this page was measured on a GPU; see "
+        "[Measured on a GPU: pending](#measured-on-a-gpu-pending).")
+    add("")
+    add("## Estimate your own run")
+    add("")
+    add("From the shell (the console script installed with the package; add `--json` for machine-readable "
+        "output, `--detail` for a split per parameter kind):")
+    add("")
+    add("```bash")
+    add("lowrank-opt memory llama_7b --optim apollo_mini --layerwise --gradient-checkpointing --seq-len 2048")
+    add("lowrank-opt memory configs/llama_1b.json --optim adamw,adamw_8bit,galore,apollo,apollo_mini \\")
+    add("    --gradient-checkpointing                     # several optimizers side by side, default options")
+    add("lowrank-opt memory path/to/config.json --optim apollo --dtype bf16 --batch-size 4 --seq-len 4096")
+    add("lowrank-opt memory llama_7b --optim adamw --zero-stage 2 --num-gpus 8   # per-GPU figure under ZeRO-2")
+    add("lowrank-opt optimizers   # every name it takes;  lowrank-opt configs   # the configs/ names")
+    add("```")
+    add("")
+    add("`--optim-args` (HF style, `\"rank=128,scale_type=channel\"`) goes to every optimizer named, so "
+        "compare optimizers with different options in separate calls. "
+        "`CONFIG` is a name in `configs/`, a transformers `config.json` or a directory holding one (no weights "
+        "are read). From Python: `from lowrank_opt.memory import estimate; print(estimate(\"llama_7b\", "
+        "\"apollo\", layerwise=True, gradient_checkpointing=True).table())`; the result's fields are bytes "
+        "(`.to_dict()`, `.components` for the split).")
+    add("")
+    add("During training, `train.py --memory_report true` adds a `MemoryCallback` "
+        "(`lowrank_opt.memory.MemoryCallback`) that logs the measured memory at every step (on CUDA the "
+        "peaks `torch.cuda.max_memory_allocated` / `max_memory_reserved`; on CPU the optimizer-state bytes and "
+        "the process's peak RSS) and, at the end of training, prints the measured peak next to the estimate "
+        "for the same run (model, optimizer and `--optim_args`, dtype, batch size, `--block_size`, gradient "
+        "checkpointing). For example:")
+    add("")
+    add("```bash")
+    add("python train.py --model_config configs/llama_60m.json --model_dtype bfloat16 --optim apollo \\")
+    add("    --optim_args rank=128 --block_size 256 --gradient_checkpointing --max_steps 50 --memory_report true")
+    add("```")
+    add("")
+    add("The log then carries `mem_*` keys (GB) each step, and the run ends with the measured peak beside the "
+        "estimate. On CPU the comparable figure is the optimizer state (exact); peak RSS also holds Python, "
+        "torch and the data. With your own `transformers.Trainer`, pass "
+        "`callbacks=[MemoryCallback(estimate=estimate(...))]`.")
+    add("")
+    add("## The table")
+    add("")
+    add("Produced by (takes a few minutes on a 2-core CPU; no GPU involved):")
+    add("")
+    add("```bash")
+    add(command)
+    add("```")
+    add("")
+    add(f"Setting: **bf16 weights** (pure bf16: no fp32 master copy, except in the `AdamW, fp32 master` "
+        f"column), **micro-batch {setting.batch_size} x {setting.seq_len} tokens**, gradient checkpointing "
+        f"**{ckpt}** (Hugging Face's per-decoder-layer checkpointing), SDPA attention, one GPU, no ZeRO. "
+        "Sizes are GB = 10^9 bytes, per GPU, at the peak of one training step. Configs: `configs/llama_*.json` "
+        "(the APOLLO/GaLore papers' LLaMA shapes, vocabulary 32000, untied embeddings).")
+    add("")
+    add("Optimizers:")
+    add("")
+    for m in methods:
+        add(f"- **{m.label}**: {m.what}.")
+    add("")
+    add("Ranks. GaLore: " + ", ".join(f"{s.label} {s.galore_rank}" for s in sizes)
+        + " — the GaLore paper's pre-training ranks (Table 2, r/d_model 128/256, 256/768, 256/1024, "
+        "512/2048) and, for 7B, rank 1024 from the GaLore repository's 7B scripts "
+        "(`scripts/benchmark_c4/llama_7b.sh`, `scripts/single_gpu/llama_7b*.sh`); note that the repository's "
+        "`scripts/benchmark_c4/llama_1b.sh` passes rank 1024, not the paper's 512. update_proj_gap 200, scale "
+        "0.25, SVD projection. APOLLO: " + ", ".join(f"{s.label} {s.apollo_rank}" for s in sizes)
+        + " — a quarter of the hidden size, at most 256, as in the APOLLO paper's tables and scripts "
+        "(the APOLLO repository's pre-training scripts; the paper runs 1B and 7B at rank 256, and its LLaMA-7B optimizer-state figure, 1.6 GB, is for r = 256). APOLLO-Mini: rank 1.")
+    add("")
+    add("Layer-wise (\"plain / layer-wise\" in each cell): every parameter is updated inside the backward pass "
+        "as soon as its gradient is ready, and the gradient is freed at once (`apollo_layerwise`, "
+        "`apollo_mini_layerwise`, HF's `galore_adamw_layerwise`). For the three AdamW columns the layer-wise "
+        "figure is what one optimizer per parameter stepped from `register_post_accumulate_grad_hook` would "
+        "need (PyTorch's tutorial recipe); neither `train.py` nor the HF Trainer offers that, so it is only an "
+        "estimate of the technique. Layer-wise updates cannot be combined with gradient accumulation, "
+        "data-parallel all-reduce or global-norm clipping.")
+    add("")
+    add("### Totals (GB, plain / layer-wise)")
+    add("")
+    add(summary_table(rows, sizes, methods))
+    add("")
+    highlights = _highlights(rows, setting, small_vocab)
+    if highlights:
+        add("What stands out:")
+        add("")
+        lines.extend(highlights)
+        add("")
+    for size in sizes:
+        add(f"### {size.label}")
+        add("")
+        add(detail_table(rows, size))
+        add("")
+        add(f"Optimizer states, {size.label}, by part (GB; the same in both modes):")
+        add("")
+        add(state_split_table(rows, size))
+        add("")
+        if size.key in plots:
+            rel = _relative(plots[size.key], doc_dir)
+            add(f"![{size.label} estimated memory per optimizer]({rel})")
+            add("")
+            add(f"*{rel}: the total of each bar split into weights, gradients, optimizer states, activations "
+                "(net of what backward frees while gradients appear), optimizer step scratch and overhead; "
+                "hatched bars are layer-wise. Same command as above.*")
+            add("")
+    if extra:
+        add("### LLaMA-7B: a few other settings")
+        add("")
+        add("Same command (the script adds these rows for 7B): the AdamW that `benchmarks/fit_7b.py` runs "
+            "(fused), and APOLLO with bf16 moments.")
+        add("")
+        bf16 = [r for r in extra if r.method.key == "apollo_bf16" and r.layerwise]
+        base = _total(rows, "7b", "apollo", True)
+        if bf16 and base is not None:
+            e = bf16[0].estimate
+            add(f"bf16 moments save {(base.optimizer_states - e.optimizer_states) / GB:.2f} GB of state in "
+                f"layer-wise APOLLO, but the update works on fp32 copies of them, so its scratch grows by "
+                f"{(e.step_temporaries - base.step_temporaries) / GB:.2f} GB and the peak drops by "
+                f"{(base.total - e.total) / GB:.2f} GB.")
+            add("")
+        add("| optimizer | mode | optimizer states | step temporaries | **total** |")
+        add("|---|---|--:|--:|--:|")
+        for r in extra:
+            e = r.estimate
+            args = ",".join(f"{k}={v}" for k, v in e.optim_args.items())
+            add(f"| `{e.optimizer}`{'(' + args + ')' if args else ''} | {r.mode} | {_gb(e.optimizer_states)} | "
+                f"{_gb(e.step_temporaries)} | **{_gb(e.total)}** |")
+        add("")
+    add("## What each row means")
+    add("")
+    add("The formulas live in the docstring of `lowrank_opt/memory/estimate.py`; in plain words:")
+    add("")
+    add("- **weights**: number of parameters x bytes per parameter (bf16: 2). With fp32 master weights "
+        "(mixed precision) also a 4-byte fp32 copy per parameter; the bf16 copy is then autocast's cache of "
+        "cast weights. LLaMA-7B: 6.74 B x 2 = 13.5 GB.")
+    add("- **gradients**: one gradient per trainable parameter, in the dtype autograd accumulates into (bf16 "
+        "for pure bf16, fp32 under autocast with fp32 master weights). With layer-wise updates only the "
+        "largest single gradient is counted, because each one is freed right after its update.")
+    add("- **optimizer states**: for `lowrank_opt`'s own optimizers and torch's AdamW, the optimizer is "
+        "really built on the meta-device model and runs one `step()` on meta gradients; its state is then "
+        "counted by `lowrank_opt.memory.optimizer_state_bytes`, the same function that measures a real "
+        "optimizer (so the two agree to the byte: tests/test_memory.py, and train.py's `--memory_report` test). "
+        "APOLLO: two moments of r x max(m, n) per low-rank matrix, plus AdamW moments for the embeddings, "
+        "`lm_head` and norms (APOLLO paper Table 1: 2nr + 2 numbers per matrix). For packages the library must "
+        "not import, the published state layouts are used: bitsandbytes 8-bit AdamW (bitsandbytes 0.45-0.50 "
+        "`Optimizer2State`: 1 byte per moment plus an fp32 absmax per 256-element block, tensors under 4096 "
+        "elements and embeddings in 32-bit), GaLore (galore-torch 1.0 `GaLoreAdamW`: moments r x max(m, n) "
+        "and the projection r x min(m, n), 2nr + mr in the GaLore/APOLLO papers' notation, in the parameter "
+        "dtype).")
+    add("- **activations**: what the Hugging Face LLaMA implementation saves for backward, term by term per "
+        "decoder layer (the norms' inputs, the projections' inputs, SDPA's q/k/v and log-sum-exp, the SwiGLU "
+        "intermediates), checked byte-exact against `torch.autograd.graph.saved_tensors_hooks` in "
+        "tests/test_memory.py; in the spirit of Korthikanti et al. 2022 (\"Reducing Activation Recomputation "
+        "in Large Transformer Models\", Sec. 4.1). With gradient checkpointing each layer keeps only its input "
+        "(tokens x hidden x 2 bytes) and one layer is recomputed at a time; the loss adds the fp32 "
+        "log-probabilities and short-lived logits copies (tokens x vocabulary x several bytes — at 2048 "
+        "tokens and a 32000 vocabulary these are larger than all checkpointed layers of 7B together).")
+    add("- **freed during backward** (negative): while backward runs, gradients appear as activations are "
+        "freed; the estimator walks the backward pass layer by layer from the loss to the embedding and "
+        "takes the highest point instead of adding activations and gradients. 0 with layer-wise updates.")
+    add("- **step temporaries**: scratch tensors of the optimizer step, by how much they raise the peak. "
+        "Measured in the same meta dry run as a timeline of allocations (torch's AdamW with `foreach=True`, "
+        "its CUDA default, makes one `sqrt(v)` for all parameters at once; APOLLO's are per tensor, e.g. "
+        "fp32 working copies of a bf16 weight). bitsandbytes: 0 (in-place fused kernels); GaLore: the larger "
+        "of one full-size update and an SVD refresh of the largest target.")
+    add("- **overhead**: the CUDA context and library workspaces, a flat 0.75 GB (0.5-1 GB is typical for "
+        "CUDA 12 with cuBLAS on H100-class GPUs), plus 8 % of everything else for the caching allocator's "
+        "fragmentation (5-10 % is usual).")
+    add("- **total**: weights + gradients + optimizer states + activations - freed during backward + step "
+        "temporaries + overhead: the peak that `nvidia-smi` would show, roughly. **smallest card**: the "
+        f"smallest of {', '.join(str(c) for c in CARDS_GB)} GB at or above the total (the usual sizes, "
+        "taken as 10^9 bytes, so a card sold as 24 GB with 24 GiB has 1.8 GB of slack the table ignores).")
+    add("")
+    add("## What the estimator does not know")
+    add("")
+    add("- **The allocator's real behaviour.** Fragmentation is a flat 8 %; the true figure depends on the order "
+        "of allocations, on `PYTORCH_CUDA_ALLOC_CONF` (e.g. `expandable_segments:True` lowers it) and on how "
+        "close to the limit the run is (the allocator frees cached blocks and retries before it gives up).")
+    add("- **The CUDA context** is a fixed 0.75 GB; it varies with the driver, the GPU and which libraries "
+        "load (cuDNN, NCCL, Triton, flash-attention), and multi-GPU runs add NCCL buffers.")
+    add("- **Kernel workspaces and compilers**: SDPA/flash backward workspaces, cuBLAS workspaces, "
+        "`torch.compile` and CUDA-graph memory pools, fused cross-entropy kernels (the loss is modelled as "
+        "Hugging Face's default path: bf16 logits, fp32 upcast).")
+    add("- **Other architectures**: activations are the LLaMA decoder's; other `model_type`s are approximated "
+        "by the same formula (the estimate says so in a note). Mixture-of-experts, vision towers, LoRA "
+        "adapters, quantised weights (Q-APOLLO, QLoRA) and CPU offloading are not modelled.")
+    add("- **Training-loop details**: every sequence is taken as full length (no packing/padding effects); "
+        "gradients are taken as set to `None` after each step (the Trainer's default) — with gradient "
+        "accumulation they stay alive through the next forward, so the peak is gradients plus full "
+        "activations; evaluation, generation and checkpoint saving are not counted; host (CPU) memory is not "
+        "estimated.")
+    add("- **Layer-wise timing**: exactly one gradient (the largest) is taken to be alive at a time; in "
+        "reality a second one can exist for a moment while the previous hook runs.")
+    add("- **Other package versions**: the bitsandbytes and galore-torch layouts are those of the versions "
+        "named above; torch's optimizers are dry-run with the installed torch, so their figures follow torch.")
+    add("- **Whether training works**: memory only — not speed, not whether bf16 updates are lost without "
+        "stochastic rounding (APOLLO rounds stochastically by default), not convergence.")
+    add("")
+    add("## Measured on a GPU: pending")
+    add("")
+    add("**None of the figures on this page were measured.** They come from the estimator, run on a CPU-only "
+        "machine. The check that matters — real peaks on a GPU next to these estimates, with the aim that "
+        "the estimate is within 10 % of the measured peak for LLaMA-60M to 1B, and whether LLaMA-7B really "
+        "trains under 48, 24 and 16 GB caps — is **pending a session with a CUDA GPU**; none was available "
+        "when this page was written, so no measured number is reported here and none should be inferred.")
+    add("")
+    add("The script for it is ready: `benchmarks/fit_7b.py` builds LLaMA-7B from `configs/llama_7b.json` "
+        "(random init, bf16) on the GPU with gradient checkpointing, caps the memory PyTorch may use with "
+        "`torch.cuda.set_per_process_memory_fraction`, runs real training steps on random tokens for each "
+        "optimizer (APOLLO, APOLLO-Mini, both layer-wise, fused AdamW, bitsandbytes 8-bit AdamW), falls back to "
+        "shorter sequences on out-of-memory, and prints the measured peaks (allocated and reserved), tokens/s "
+        "and first/last loss next to the estimate for the same run, as a markdown table and a JSON file:")
+    add("")
+    add("```bash")
+    add("python benchmarks/fit_7b.py --caps 48,24,16 --output fit_7b.json          # LLaMA-7B, the defaults")
+    add("python benchmarks/fit_7b.py --config configs/llama_1b.json --caps 0 \\")
+    add("    --optims apollo,apollo_layerwise,adamw_fused --output fit_1b.json        # no cap: estimate check")
+    add("```")
+    add("")
+    add("Without a CUDA GPU it stops at once with an error (nothing is allocated); `--device cpu` runs a smoke "
+        "test of the script on a small config, whose timings are CPU timings and which measures no GPU "
+        "memory. When the GPU numbers exist, they belong in a table here next to the estimates, with the "
+        "command, the GPU and the torch/CUDA versions.")
+    add("")
+    add("---")
+    add(f"*Generated by `benchmarks/memory_table.py` on {datetime.date.today().isoformat()} "
+        f"(torch {_torch_version()}, transformers {_transformers_version()}).*")
+    add("")
+    return "\n".join(lines)
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def _transformers_version() -> str:
+    try:
+        import transformers
+
+        return transformers.__version__
+    except ImportError:  # pragma: no cover - the estimator needs it anyway
+        return "?"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _small_vocab_estimate(setting: Setting):
+    """Layer-wise APOLLO-Mini on LLaMA-7B with a 1000-token vocabulary: the step scratch without the big
+    embedding matrices."""
+    import json
+
+    from lowrank_opt.memory import estimate
+
+    config = json.loads((ROOT / "configs" / "llama_7b.json").read_text())
+    config["vocab_size"] = 1000
+    return estimate(config, "apollo_mini_layerwise", dtype="bf16", batch_size=setting.batch_size,
+                    seq_len=setting.seq_len, gradient_checkpointing=setting.gradient_checkpointing)
+
+
+def _csv(text: str, known: dict, what: str) -> list:
+    keys = [t.strip().lower() for t in text.split(",") if t.strip()]
+    unknown = [k for k in keys if k not in known]
+    if unknown or not keys:
+        raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or '(none given)'}; "
+                                         f"known: {', '.join(known)}")
+    return [known[k] for k in keys]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memory_table.py",
+        description="Write docs/memory.md: estimated training memory (lowrank_opt.memory.estimate, nothing "
+                    "allocated, no GPU) for LLaMA 60M..7B x optimizers x {plain, layer-wise}, plus one "
+                    "stacked-bar PNG per model size.")
+    parser.add_argument("--sizes", default=",".join(SIZES), type=lambda t: _csv(t, SIZES, "size"),
+                        help=f"model sizes, comma-separated (default: {','.join(SIZES)})")
+    parser.add_argument("--optims", default=",".join(METHODS), type=lambda t: _csv(t, METHODS, "optimizer"),
+                        help=f"optimizers, comma-separated (default: {','.join(METHODS)})")
+    parser.add_argument("--batch-size", type=int, default=1, help="per-GPU micro-batch (default 1)")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
+                        help="estimate without gradient checkpointing (default: on)")
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "memory.md",
+                        help="the markdown file to write (default docs/memory.md)")
+    parser.add_argument("--plots-dir", type=Path, default=None,
+                        help="where the PNGs go (default: the output's folder), as memory_<size>.png")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNGs (no matplotlib needed)")
+    return parser
+
+
+def _command_line(argv: Optional[list[str]]) -> str:
+    args = sys.argv[1:] if argv is None else argv
+    return "python benchmarks/memory_table.py" + ("" if not args else " " + shlex.join(args))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for label, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
+        if value < 1:
+            parser.error(f"{label} must be >= 1, got {value}")
+    if not args.no_plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("the plots need matplotlib: pip install matplotlib (or .[bench]), or pass --no-plots")
+    setting = Setting(batch_size=args.batch_size, seq_len=args.seq_len,
+                      gradient_checkpointing=args.gradient_checkpointing)
+    command = _command_line(argv)
+    print(f"estimating {len(args.sizes)} sizes x {len(args.optims)} optimizers x 2 modes ...")
+    rows = collect(args.sizes, args.optims, setting)
+    extra: list[Row] = []
+    seven = SIZES["7b"]
+    if seven in args.sizes:
+        for method in (Method("adamw_fused", "AdamW fused", "adamw_torch_fused", "adamw_torch_fused"),
+                       Method("apollo_bf16", "APOLLO, bf16 states", "apollo", "apollo_layerwise",
+                              optim_args=lambda size: dict(rank=size.apollo_rank, state_dtype="bfloat16"))):
+            for layerwise in (False, True):
+                extra.append(estimate_row(seven, method, layerwise, setting))
+        small_vocab = _small_vocab_estimate(setting)
+    else:
+        small_vocab = None
+    output = args.output
+    output.parent.mkdir(parents=True, exist_ok=True)
+    plots: dict[str, Path] = {}
+    if not args.no_plots:
+        plots_dir = args.plots_dir or output.parent
+        plots_dir.mkdir(parents=True, exist_ok=True)
+        for size in args.sizes:
+            path = plots_dir / f"memory_{size.key}.png"
+            plot_size(rows, size, setting, path, command)
+            plots[size.key] = path
+            print(f"wrote {path}")
+    text = render(rows, args.sizes, args.optims, setting, command, plots, output, extra, small_vocab)
+    output.write_text(text)
+    print(f"wrote {output}")
+    print()
+    print(summary_table(rows, args.sizes, args.optims))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

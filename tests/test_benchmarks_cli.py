@@ -1,0 +1,172 @@
+"""The benchmark scripts' command lines: benchmarks/fit_7b.py (GPU only, with a CPU smoke mode) and
+benchmarks/memory_table.py (the estimator table of docs/memory.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FIT_7B = ROOT / "benchmarks" / "fit_7b.py"
+MEMORY_TABLE = ROOT / "benchmarks" / "memory_table.py"
+
+
+def _run(*args: str, timeout: float = 120, hide_gpus: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if hide_gpus:  # so that the no-CUDA path is taken even on a machine with a GPU
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+@pytest.fixture(scope="module")
+def fit_7b():
+    return _load(FIT_7B, "fit_7b_under_test")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fit_7b.py
+
+
+def test_fit_7b_without_cuda_exits_with_a_clear_message_before_allocating(tmp_path):
+    output = tmp_path / "results.json"
+    proc = _run(FIT_7B, "--output", output)
+    assert proc.returncode == 3, proc.stderr
+    assert "no CUDA GPU is available" in proc.stderr
+    assert "nothing was allocated" in proc.stderr
+    assert "--device cpu" in proc.stderr  # tells how to smoke-test instead
+    assert not output.exists()
+    assert proc.stdout == ""  # stopped before building or printing anything
+
+
+def test_fit_7b_cpu_refuses_caps_and_bad_arguments():
+    proc = _run(FIT_7B, "--device", "cpu", "--config", "configs/llama_tiny.json", "--caps", "24")
+    assert proc.returncode == 2 and "--caps 0" in proc.stderr
+    proc = _run(FIT_7B, "--caps", "48,-1")
+    assert proc.returncode == 2 and "cap must be >= 0" in proc.stderr
+    proc = _run(FIT_7B, "--config", "configs/no_such_model.json")
+    assert proc.returncode == 2 and "no such file" in proc.stderr
+
+
+def test_fit_7b_cpu_smoke_trains_and_reports_no_gpu_numbers(tmp_path):
+    output = tmp_path / "smoke.json"
+    proc = _run(FIT_7B, "--device", "cpu", "--config", "configs/llama_tiny.json", "--caps", "0", "--seq-len", "32",
+                "--steps", "2", "--optims", "apollo_mini_layerwise,adamw_fused", "--output", output, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CPU smoke test" in proc.stdout and "not GPU numbers" in proc.stdout
+    payload = json.loads(output.read_text())
+    assert payload["environment"]["device"] == "cpu"
+    assert "gpu" not in payload["environment"]
+    assert [r["optimizer"] for r in payload["results"]] == ["apollo_mini_layerwise", "adamw_fused"]
+    for record in payload["results"]:
+        assert record["status"] == "ok" and record["seq_len"] == 32
+        measured, predicted = record["measured"], record["estimate"]
+        assert measured["peak_allocated_gb"] is None and measured["peak_reserved_gb"] is None  # CUDA only
+        assert measured["param_dtype"] == "bfloat16"
+        assert len(measured["losses"]) == 2 and measured["loss_finite"]
+        assert measured["last_loss"] < measured["first_loss"]  # the same batch twice: the update happened
+        # The estimator counts optimizer state with the same function on meta tensors: exact.
+        assert measured["optimizer_state_gb"] == pytest.approx(predicted["optimizer_states_gb"], rel=1e-9)
+        assert predicted["layerwise"] == (record["optimizer"] == "apollo_mini_layerwise")
+    assert payload["results"][0]["measured"]["first_loss"] == payload["results"][1]["measured"]["first_loss"]
+
+
+def test_fit_7b_falls_back_to_shorter_sequences_on_oom(fit_7b):
+    calls, cleanups = [], []
+
+    def run(seq_len):
+        calls.append(seq_len)
+        if seq_len > 1024:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"seq_len": seq_len}
+
+    result, attempts = fit_7b.longest_fitting(run, [2048, 1024, 512], cleanup=lambda: cleanups.append(1))
+    assert result == {"seq_len": 1024} and calls == [2048, 1024]
+    assert attempts == [{"seq_len": 2048, "outcome": "oom", "error": "CUDA out of memory. Tried to allocate 2.00 GiB"},
+                        {"seq_len": 1024, "outcome": "ok"}]
+    assert len(cleanups) == 2  # memory is freed after every attempt
+
+    def never(seq_len):
+        raise RuntimeError("CUDA error: out of memory")  # as raised from inside an autograd hook
+
+    result, attempts = fit_7b.longest_fitting(never, [2048, 1024, 512])
+    assert result is None and [a["outcome"] for a in attempts] == ["oom"] * 3
+
+    def broken(seq_len):
+        raise ValueError("not a memory problem")
+
+    with pytest.raises(ValueError, match="not a memory problem"):
+        fit_7b.longest_fitting(broken, [2048])
+
+
+def test_fit_7b_ladder_and_caps(fit_7b):
+    assert fit_7b.seq_ladder(2048, [1024, 512]) == [2048, 1024, 512]
+    assert fit_7b.seq_ladder(2048, [512, 1024, 4096]) == [2048, 1024, 512]
+    assert fit_7b.seq_ladder(2048, [1024, 512], start_at=1024) == [1024, 512]  # a larger cap fitted 1024 at most
+    assert fit_7b.seq_ladder(512, [1024, 512]) == [512]
+    assert fit_7b.parse_caps("16,48,24") == [48.0, 24.0, 16.0]
+    assert fit_7b.parse_caps("0,24") == [0.0, 24.0]  # no cap first
+    assert fit_7b.resolve_choice("adamw_fused").options == {"fused": True}
+    assert fit_7b.resolve_choice("apollo_mini_layerwise").layerwise
+    assert fit_7b.resolve_choice("adamp").kind == "registry"
+    with pytest.raises(ValueError):
+        fit_7b.resolve_choice("no_such_optimizer")
+
+
+def test_fit_7b_table_marks_cpu_runs(fit_7b):
+    record = {"cap_gb": 0, "optimizer": "apollo", "seq_len": 64, "status": "ok", "estimate": None,
+              "measured": {"peak_allocated_gb": None, "peak_reserved_gb": None, "optimizer_state_gb": 0.01,
+                           "tokens_per_s": 100.0, "first_loss": 8.0, "last_loss": 7.0}}
+    cpu = fit_7b.markdown_table([record], "cpu")
+    assert cpu.startswith("CPU smoke test") and "| none | apollo | 64 | ok |" in cpu
+    assert not fit_7b.markdown_table([record], "cuda").startswith("CPU")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# memory_table.py
+
+
+def test_memory_table_help():
+    proc = _run(MEMORY_TABLE, "--help", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "docs/memory.md" in proc.stdout
+    for flag in ("--sizes", "--optims", "--seq-len", "--batch-size", "--output", "--no-plots"):
+        assert flag in proc.stdout
+
+
+def test_memory_table_rejects_unknown_size():
+    proc = _run(MEMORY_TABLE, "--sizes", "3b", "--no-plots", timeout=60)
+    assert proc.returncode == 2 and "unknown size 3b" in proc.stderr
+
+
+def test_memory_table_writes_the_document(tmp_path):
+    table = _load(MEMORY_TABLE, "memory_table_under_test")
+    output = tmp_path / "memory.md"
+    assert table.main(["--sizes", "60m", "--optims", "adamw,apollo_mini", "--seq-len", "256", "--no-plots",
+                       "--output", str(output)]) == 0
+    text = output.read_text()
+    assert "python benchmarks/memory_table.py --sizes 60m --optims adamw,apollo_mini --seq-len 256" in text
+    assert "| LLaMA-60M | 0.058 B |" in text  # the summary line: plain / layer-wise totals
+    assert "| APOLLO-Mini | layer-wise |" in text  # the detail table
+    assert "pending a session with a CUDA GPU" in text and "None of the figures on this page were measured" in text
+    assert "lowrank-opt memory" in text and "--memory_report" in text
+    assert "What the estimator does not know" in text
