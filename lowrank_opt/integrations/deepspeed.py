@@ -63,7 +63,7 @@ from torch import nn
 from .. import _common
 from ..apollo import _STATE_DTYPES, Apollo, bias_corrected_step_size, growth_limit_factor
 from ..projection import RIGHT, ProjectionPlan, identity_key, matrix_shape, orientation, resolve_rank
-from ..targets import ALL_LINEAR, TargetModules, lowrank_param_groups
+from ..targets import ALL_LINEAR, TargetModules, lowrank_param_groups, lowrank_targets
 
 logger = logging.getLogger(__name__)
 
@@ -831,49 +831,19 @@ def _zero_init_partitioned(model: nn.Module) -> bool:
 
 def partitioned_lowrank_targets(model: nn.Module, target_modules: TargetModules = ALL_LINEAR
                                 ) -> list[tuple[str, torch.nn.Parameter]]:
-    """:func:`~lowrank_opt.lowrank_targets` for a model zero.Init has already partitioned (every parameter
-    is a ``(0,)`` placeholder): the same rule (HF's ``optim_target_modules``; ``"all-linear"`` = every
-    ``nn.Linear`` but the output embedding), reading each parameter's real shape from ``ds_shape``."""
-    from ..targets import _is_all_linear, _output_embedding, module_matches
-
-    if not isinstance(target_modules, str):
-        target_modules = list(target_modules)
-    all_linear = _is_all_linear(target_modules)
-    output_embedding = _output_embedding(model)
-    seen: set[int] = set()
-    selected = []
-    for module_name, module in model.named_modules():
-        chosen = (isinstance(module, nn.Linear) and module is not output_embedding) if all_linear else \
-            module_matches(target_modules, module_name)
-        if not chosen:
-            continue
-        for param_name, p in module.named_parameters(prefix=module_name, recurse=False):
-            if len(_full_shape(p)) >= 2 and p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                selected.append((param_name, p))
-    if not selected:
-        raise ValueError(f"target_modules={target_modules!r} matched no weight with ndim >= 2 in "
-                         f"{type(model).__name__}")
-    return selected
+    """:func:`~lowrank_opt.lowrank_targets`, which reads each parameter's real shape from ``ds_shape`` and so
+    also works on a model zero.Init has already partitioned."""
+    return lowrank_targets(model, target_modules)
 
 
 def _partitioned_hf_groups(lowrank: bool, model: nn.Module, weight_decay: float,
                            targets: Optional[TargetModules]) -> list[dict]:
-    """What hf.param_groups_for builds, for a zero.Init-partitioned model."""
-    chosen = partitioned_lowrank_targets(model, targets or ALL_LINEAR) if lowrank else []
-    chosen_ids = {id(p) for _, p in chosen}
-    rest = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in chosen_ids]
-    extra = {"rank": None} if lowrank else {}
-    groups = []
-    decay = [(n, p) for n, p in rest if len(_full_shape(p)) >= 2]
-    no_decay = [(n, p) for n, p in rest if len(_full_shape(p)) < 2]
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay, **extra})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, **extra})
-    if chosen:
-        groups.append({"params": chosen, "weight_decay": weight_decay})
-    return groups
+    """What hf.param_groups_for builds (shape-aware, so also for a zero.Init-partitioned model)."""
+    from ..registry import OPTIMIZERS
+    from .hf import param_groups_for
+
+    spec = next(s for s in OPTIMIZERS.values() if s.lowrank == lowrank)
+    return param_groups_for(spec, model, weight_decay, targets)
 
 
 def hf_optimizer_cls_and_kwargs(name: str, model: nn.Module, args: Any, optim_args: Union[None, str, dict] = None,

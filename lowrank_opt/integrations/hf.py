@@ -27,7 +27,7 @@ from torch import nn
 
 from ..norm_growth import NormGrowthCap
 from ..registry import OPTIMIZERS, OptimizerSpec, available, parse_name
-from ..targets import TargetModules, lowrank_param_groups
+from ..targets import TargetModules, full_ndim, lowrank_param_groups
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +112,8 @@ def _translate_hf_apollo_keys(options: dict) -> dict:
 
 
 def _decay_split(named: list[tuple[str, torch.Tensor]], weight_decay: float, extra: dict) -> list[dict]:
-    decay = [(n, p) for n, p in named if p.ndim >= 2]
-    no_decay = [(n, p) for n, p in named if p.ndim < 2]
+    decay = [(n, p) for n, p in named if full_ndim(p) >= 2]  # full_ndim: also for ZeRO-3 placeholders
+    no_decay = [(n, p) for n, p in named if full_ndim(p) < 2]
     groups = []
     if decay:
         groups.append({"params": decay, "weight_decay": weight_decay, **extra})
