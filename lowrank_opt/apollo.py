@@ -15,8 +15,10 @@ import torch
 from torch.optim import Optimizer
 
 from . import _common
-from .projection import RIGHT, ProjectionPlan, Rank, identity_key, matrix_shape, orientation, project, resolve_rank
-from .rounding import rounding_seed, seeded_generator, stochastic_round_to_bf16_
+from .projection import (
+    RIGHT, ProjectionPlan, Rank, identity_key, matrix_shape, orientation, project, resolve_rank, seeded_generator,
+)
+from .rounding import rounding_seed, stochastic_round_to_bf16_
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,22 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # The math, as pure functions on tensors (state tensors are updated in place, as torch's functional optimizers do)
 
 
+def adam_moments_(
+    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, x: torch.Tensor, beta1: float, beta2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam's moments m = b1 m + (1-b1) x, v = b2 v + (1-b2) x^2, computed in ``x``'s dtype and stored back
+    in the state's own dtype (e.g. bf16 state, fp32 math). Returns (m, v) in ``x``'s dtype."""
+    compute = x.dtype
+    m = exp_avg if exp_avg.dtype == compute else exp_avg.to(compute)
+    v = exp_avg_sq if exp_avg_sq.dtype == compute else exp_avg_sq.to(compute)
+    m.mul_(beta1).add_(x, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(x, x, value=1.0 - beta2)
+    if m is not exp_avg:
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
+    return m, v
+
+
 def apollo_scaling(
     grad2d: torch.Tensor,
     exp_avg: torch.Tensor,
@@ -69,14 +87,7 @@ def apollo_scaling(
     low_rank = project(grad2d, proj, side)
     rank_dim = 1 if side == RIGHT else 0
     # 2.-3. Adam moments on R, without bias correction here (it is folded into the step size).
-    compute = low_rank.dtype
-    m = exp_avg if exp_avg.dtype == compute else exp_avg.to(compute)
-    v = exp_avg_sq if exp_avg_sq.dtype == compute else exp_avg_sq.to(compute)
-    m.mul_(beta1).add_(low_rank, alpha=1.0 - beta1)
-    v.mul_(beta2).addcmul_(low_rank, low_rank, value=1.0 - beta2)
-    if m is not exp_avg:
-        exp_avg.copy_(m)
-        exp_avg_sq.copy_(v)
+    m, v = adam_moments_(exp_avg, exp_avg_sq, low_rank, beta1, beta2)
     # 4. R~ = m / (sqrt(v) + eps): the Adam direction in the subspace.
     normalized = m / v.sqrt().add_(eps)
     # 5. Scaling: how much Adam stretches each channel (or the whole tensor) of the projected gradient.
@@ -342,11 +353,11 @@ class Apollo(Optimizer):
         self._identity_cache.clear()
         _common.load_state_dict_keep_dtypes(self, state_dict)
 
-    def _init_state(self, group: dict, p: torch.Tensor, plan: Optional[ProjectionPlan]) -> dict:
+    def _init_state(self, group: dict, p: torch.Tensor, shape: tuple[int, ...]) -> dict:
+        """The parameter's state, with zero moments of ``shape`` on its first update."""
         state = self.state[p]
         if "step" not in state:
             dtype = _STATE_DTYPES[group["state_dtype"]] if group["state_dtype"] else _compute_dtype(p.dtype)
-            shape = plan.moment_shape if plan is not None else p.shape
             state["step"] = 0
             state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
             state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
@@ -450,7 +461,7 @@ class Apollo(Optimizer):
         return set(bad)
 
     def _apollo_update(self, group: dict, p: torch.Tensor, plan: ProjectionPlan, channel_norms: torch.Tensor):
-        state = self._init_state(group, p, plan)
+        state = self._init_state(group, p, plan.moment_shape)
         beta1, beta2 = group["betas"]
         compute = _compute_dtype(p.dtype)
         grad = p.grad
@@ -482,18 +493,11 @@ class Apollo(Optimizer):
         self._apply(p, group, lambda w: w.addcmul_(grad, _channel_view(factor, p.shape, plan.side), value=-step_size))
 
     def _adamw_update(self, group: dict, p: torch.Tensor) -> None:
-        state = self._init_state(group, p, None)
+        state = self._init_state(group, p, p.shape)
         beta1, beta2 = group["betas"]
         compute = _compute_dtype(p.dtype)
         grad = p.grad if p.grad.dtype == compute else p.grad.to(compute)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        m = exp_avg if exp_avg.dtype == compute else exp_avg.to(compute)
-        v = exp_avg_sq if exp_avg_sq.dtype == compute else exp_avg_sq.to(compute)
-        m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-        v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        if m is not exp_avg:
-            exp_avg.copy_(m)
-            exp_avg_sq.copy_(v)
+        m, v = adam_moments_(state["exp_avg"], state["exp_avg_sq"], grad, beta1, beta2)
         state["step"] = step = state["step"] + 1
         step_size = bias_corrected_step_size(float(group["lr"]), beta1, beta2, step, group["correct_bias"])
         denom = v.sqrt().add_(group["eps"])

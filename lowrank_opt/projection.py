@@ -95,11 +95,20 @@ def projection_seed(seed: int, identity: int, refresh_index: int) -> int:
 _GENERATORS: dict[torch.device, torch.Generator] = {}
 
 
-def _generator(device: torch.device) -> torch.Generator:
+def seeded_generator(device: torch.device | str, generator_seed: int) -> torch.Generator:
+    """A generator for ``device`` (one cached per device, shared by every seeded draw in the package),
+    re-seeded with ``generator_seed``. The meta device (dry runs of the memory estimator) gets a CPU generator:
+    meta random ops accept one and draw nothing."""
+    device = torch.device(device)
+    if device.type == "meta":
+        device = torch.device("cpu")
+    elif device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     gen = _GENERATORS.get(device)
     if gen is None:
         gen = torch.Generator(device=device)
         _GENERATORS[device] = gen
+    gen.manual_seed(generator_seed)
     return gen
 
 
@@ -111,11 +120,7 @@ def gaussian_projection(
     The draw is in fp32 (then cast), so the matrix does not depend on the parameter dtype. Different
     device types (CPU vs CUDA) have different generators and so give different matrices.
     """
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    gen = _generator(device)
-    gen.manual_seed(generator_seed)
+    gen = seeded_generator(device, generator_seed)
     p = torch.randn((rank, dim), generator=gen, device=device, dtype=torch.float32)
     p.mul_(1.0 / math.sqrt(rank))
     return p if dtype == torch.float32 else p.to(dtype)

@@ -30,22 +30,6 @@ def rounding_seed(seed: int, identity: int, step: int) -> int:
     return _stable_hash(f"apollo-stochastic-rounding/{int(seed)}/{int(identity)}/{int(step)}")
 
 
-_GENERATORS: dict[torch.device, torch.Generator] = {}
-
-
-def seeded_generator(device: torch.device, generator_seed: int) -> torch.Generator:
-    """A generator on ``device`` (one cached per device), re-seeded with ``generator_seed``."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    gen = _GENERATORS.get(device)
-    if gen is None:
-        gen = torch.Generator(device=device)
-        _GENERATORS[device] = gen
-    gen.manual_seed(generator_seed)
-    return gen
-
-
 def stochastic_round_to_bf16_(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """In place: make every element of the fp32 tensor ``x`` a bf16 value, stochastically rounded; returns
     ``x`` (still fp32; ``x.to(torch.bfloat16)`` is then exact). See :func:`stochastic_round_to_bf16`."""

@@ -2,7 +2,6 @@
 response-only loss, exact resume, the golden loss of the default run, and bad input failing early."""
 
 import json
-import math
 import sys
 from pathlib import Path
 

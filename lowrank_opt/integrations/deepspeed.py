@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from .. import _common
-from ..apollo import _STATE_DTYPES, Apollo, bias_corrected_step_size, growth_limit_factor
+from ..apollo import Apollo, adam_moments_, bias_corrected_step_size, growth_limit_factor
 from ..projection import RIGHT, ProjectionPlan, identity_key, matrix_shape, orientation, resolve_rank
 from ..targets import ALL_LINEAR, TargetModules, lowrank_param_groups, lowrank_targets
 
@@ -665,24 +665,13 @@ class ZeroApollo(Apollo):
                     low_rank[b.row - layout.first_row] = cut_part[cut_index[b.row]]
 
         # Moments on the local rows of R (right) or on the full R (left), as apollo_scaling does.
-        if "step" not in state:
-            dtype = _STATE_DTYPES[group["state_dtype"]] if group["state_dtype"] else compute
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros(low_rank.shape, dtype=dtype, device=device)
-            state["exp_avg_sq"] = torch.zeros(low_rank.shape, dtype=dtype, device=device)
-        elif tuple(state["exp_avg"].shape) != tuple(low_rank.shape):
+        if "step" in state and tuple(state["exp_avg"].shape) != tuple(low_rank.shape):
             raise RuntimeError(
                 f"ZeroApollo: the saved moments of {label} have shape {tuple(state['exp_avg'].shape)} but this rank's "
                 f"shard needs {tuple(low_rank.shape)}: the checkpoint was written with another world size or "
                 "partitioning, which resuming does not support")
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        mom = exp_avg if exp_avg.dtype == compute else exp_avg.to(compute)
-        var = exp_avg_sq if exp_avg_sq.dtype == compute else exp_avg_sq.to(compute)
-        mom.mul_(beta1).add_(low_rank, alpha=1.0 - beta1)
-        var.mul_(beta2).addcmul_(low_rank, low_rank, value=1.0 - beta2)
-        if mom is not exp_avg:
-            exp_avg.copy_(mom)
-            exp_avg_sq.copy_(var)
+        state = self._init_state(group, p, tuple(low_rank.shape))
+        mom, var = adam_moments_(state["exp_avg"], state["exp_avg_sq"], low_rank, beta1, beta2)
         normalized = mom / var.sqrt().add_(group["eps"])
         state["step"] = step = step + 1
 

@@ -439,43 +439,14 @@ def _shadow_values_mode(track_allocations: bool = False):
     return ShadowValues(track_allocations)
 
 
-class _GeneratorFactory(type):
-    """Stands in for ``torch.Generator`` during a dry run: ``torch.Generator(device="meta")`` (which torch
-    refuses: meta is not an accelerator) gives a CPU generator, which meta random ops accept and which
-    draws nothing. ``isinstance``/``issubclass`` keep answering for the real class."""
-
-    real = torch.Generator
-
-    def __call__(cls, device=None, *args, **kwargs):
-        if device is not None and torch.device(device).type == "meta":
-            device = "cpu"
-        return cls.real(*args, **kwargs) if device is None else cls.real(device, *args, **kwargs)
-
-    def __instancecheck__(cls, obj):
-        return isinstance(obj, cls.real)
-
-    def __subclasscheck__(cls, sub):
-        return issubclass(sub, cls.real)
-
-
-class _MetaSafeGenerator(metaclass=_GeneratorFactory):
-    pass
-
-
 @contextmanager
 def meta_dry_run(track_allocations: bool = False):
     """Context in which an optimizer ``step()`` on meta parameters with meta gradients runs through: host
-    reads are answered (see ``ShadowValues``) and generators asked for on the meta device (APOLLO's seeded
-    projections, stochastic rounding) are CPU generators. Not thread-safe: ``torch.Generator`` is replaced
-    for the duration. With ``track_allocations`` the yielded mode records meta allocations
-    (``temporaries_peak()``)."""
-    original = torch.Generator
-    torch.Generator = _MetaSafeGenerator
-    try:
-        with _shadow_values_mode(track_allocations) as mode:
-            yield mode
-    finally:
-        torch.Generator = original
+    reads are answered (see ``ShadowValues``); APOLLO's seeded draws on meta tensors get a CPU generator from
+    :func:`lowrank_opt.projection.seeded_generator`. With ``track_allocations`` the yielded mode records meta
+    allocations (``temporaries_peak()``)."""
+    with _shadow_values_mode(track_allocations) as mode:
+        yield mode
 
 
 def _split_cap_options(options: dict) -> tuple[dict, dict]:
@@ -1035,7 +1006,6 @@ def estimate(
         if spec.cls is torch.optim.AdamW and opt_dtype != torch.float32:
             notes.append("torch.optim.AdamW keeps its moments in the parameter dtype; with fp32 master weights "
                          "(master_weights=True) they are fp32 (8 bytes/param)")
-    optimizer_states_full = sum(state_by_param.values()) + unattributed
 
     # -- weights and gradients, per parameter ---------------------------------------------------------
     wb = _DTYPES[dtype]
