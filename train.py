@@ -257,7 +257,18 @@ def main(argv: Optional[list[str]] = None):
     trainer.log_metrics("final", metrics)
     trainer.save_model()  # on every rank: ZeRO-3 gathers the weights collectively; only rank 0 writes
     trainer.save_metrics("all", metrics)
+    _shutdown_process_group()
     return trainer, metrics
+
+
+def _shutdown_process_group() -> None:
+    """End the run's process group on every rank together. Left to interpreter exit, gloo's threads can
+    outlive it and abort a rank (seen with ZeRO-3 on CPU)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
