@@ -26,6 +26,16 @@ SCALE_TYPES = ("channel", "tensor")
 _STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 _LIMITER_EPS = 1e-8  # the published limiter divides by (prev + 1e-8)
 _SCALING_EPS = 1e-8  # s = ||R~|| / (||R|| + 1e-8)
+# The fast path updates big dense tensors in pieces of this many elements (a multiple of every vector width,
+# so each element sees the same kernels as in one whole-tensor op: results are bit-identical) and never
+# holds a full-size temporary; smaller ones together with torch's foreach ops. On CPU 4 MiB pieces stay in
+# cache-friendly, already-mapped memory; on GPUs larger pieces keep the number of kernel launches small.
+_DENSE_CHUNK = 1 << 20
+_DENSE_CHUNK_ACCELERATOR = 1 << 24
+
+
+def _dense_chunk(device: torch.device) -> int:
+    return _DENSE_CHUNK if device.type == "cpu" else _DENSE_CHUNK_ACCELERATOR
 
 
 def _state_dtype_name(value: Any, where: str = "") -> Optional[str]:
@@ -47,6 +57,28 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # ----------------------------------------------------------------------------------------------------------
 # The math, as pure functions on tensors (state tensors are updated in place, as torch's functional optimizers do)
+
+
+_PREFETCH_MIN = 1 << 15  # smaller P (e.g. APOLLO-Mini's rank 1) are drawn in line: cheaper than a thread hand-off
+_NORM_BLOCK = 1 << 18  # elements per block of the CPU column-norm loop (a 1 MiB fp32 temporary)
+
+
+def channel_norms(x: torch.Tensor, dim: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Euclidean norms of a 2-D tensor along ``dim`` (``dim=1``: one per row; ``dim=0``: one per column),
+    computed in ``dtype`` (default: ``x``'s). Column norms on CPU are summed from blocks of rows (squares of
+    at most ``_NORM_BLOCK`` elements at a time): torch's CPU norm over the leading dimension of a row-major
+    matrix is 4-20x slower than that, and squaring the whole matrix would need a full-size temporary."""
+    if dim != 0 or x.device.type != "cpu" or x.ndim != 2:
+        return torch.linalg.vector_norm(x, dim=dim, dtype=dtype)
+    dtype = dtype or x.dtype
+    rows = max(1, _NORM_BLOCK // max(1, x.shape[1]))
+    total = torch.zeros(x.shape[1], dtype=dtype)
+    for start in range(0, x.shape[0], rows):
+        block = x[start:start + rows]
+        if block.dtype != dtype:
+            block = block.to(dtype)
+        total.add_(block.square().sum(dim=0))
+    return total.sqrt_()
 
 
 def adam_moments_(
@@ -92,9 +124,7 @@ def apollo_scaling(
     normalized = m / v.sqrt().add_(eps)
     # 5. Scaling: how much Adam stretches each channel (or the whole tensor) of the projected gradient.
     if scale_type == "channel":
-        return torch.linalg.vector_norm(normalized, dim=rank_dim) / (
-            torch.linalg.vector_norm(low_rank, dim=rank_dim) + _SCALING_EPS
-        )
+        return channel_norms(normalized, rank_dim) / (channel_norms(low_rank, rank_dim) + _SCALING_EPS)
     return torch.linalg.vector_norm(normalized) / (torch.linalg.vector_norm(low_rank) + _SCALING_EPS)
 
 
@@ -188,6 +218,11 @@ class Apollo(Optimizer):
             count): runs are reproducible, resume is bit-exact, and data-parallel replicas round alike.
             fp16 parameters are always rounded to nearest (fp16 training normally keeps fp32 master
             weights); fp32/fp64 parameters need no rounding. Default True.
+        foreach (bool | None): the fast path (``None``, default, or ``True``): plain-AdamW tensors are updated
+            with torch's foreach ops (small ones) or in pieces (2^20 elements on CPU, 2^24 on GPUs: no
+            full-size temporaries), and on CPU the projection matrices of the next matrices are drawn on worker threads
+            while the current one is updated. Same numbers as ``False``, the simple one-tensor-at-a-time
+            reference path it is tested against (bit for bit on CPU).
 
     Example:
         >>> groups = lowrank_param_groups(model, "all-linear", rank=128)
@@ -215,6 +250,7 @@ class Apollo(Optimizer):
         nonfinite: str = "raise",
         layerwise: bool = False,
         stochastic_rounding: bool = True,
+        foreach: Optional[bool] = None,
     ):
         defaults = dict(
             lr=lr,
@@ -233,6 +269,7 @@ class Apollo(Optimizer):
             correct_bias=correct_bias,
             nonfinite=nonfinite,
             stochastic_rounding=stochastic_rounding,
+            foreach=foreach,
         )
         self._param_index: dict[torch.Tensor, int] = {}
         self._location: dict[torch.Tensor, tuple[int, int]] = {}  # param -> (group index, index in group)
@@ -278,6 +315,8 @@ class Apollo(Optimizer):
                                  f"{group['norm_growth_limit']!r}{where}")
         if isinstance(group["seed"], bool) or not isinstance(group["seed"], int):
             raise ValueError(f"seed must be an int, got {group['seed']!r}{where}")
+        if group["foreach"] is not None and not isinstance(group["foreach"], bool):
+            raise TypeError(f"foreach must be None or a bool, got {group['foreach']!r}{where}")
         if not isinstance(group["stochastic_rounding"], bool):
             raise TypeError(f"stochastic_rounding must be a bool, got {group['stochastic_rounding']!r}{where}")
         group["state_dtype"] = _state_dtype_name(group["state_dtype"], where)
@@ -347,6 +386,7 @@ class Apollo(Optimizer):
         super().__setstate__(state)
         for group in self.param_groups:  # checkpoints from before the option: the constructor's choice
             group.setdefault("stochastic_rounding", self.defaults.get("stochastic_rounding", True))
+            group.setdefault("foreach", self.defaults.get("foreach"))
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._projection_cache.clear()
@@ -403,7 +443,7 @@ class Apollo(Optimizer):
     def _update(self, candidates: list) -> None:
         # Pass 1 (read only): gather work and the gradient norms the update needs anyway, and check that
         # every gradient is finite before any parameter or state is touched.
-        work = []  # (group, index, p, plan, channel_norms or None)
+        work = []  # (group, index, p, plan, per-channel gradient norms or None)
         checks = []
         dense = []
         for group, i, p in candidates:
@@ -416,13 +456,14 @@ class Apollo(Optimizer):
                 dense.append(len(work) - 1)
                 continue
             grad2d = p.grad.reshape(plan.shape2d)
-            # Norms of G per kept channel (rows for a right projection, columns for a left one):
-            # ||G * s|| is computed from them without materialising G * s.
-            channel_norms = torch.linalg.vector_norm(
-                grad2d, dim=1 if plan.side == RIGHT else 0, dtype=_compute_dtype(p.dtype)
-            )
-            work.append((group, i, p, plan, channel_norms))
-            checks.append(channel_norms.sum())
+            # Norms of G per kept channel (rows for a right projection, columns for a left one), or its
+            # Frobenius norm for tensor-wise scaling: ||G * s|| is computed from them without materialising G * s.
+            if group["scale_type"] == "tensor":
+                norms = torch.linalg.vector_norm(grad2d, dtype=_compute_dtype(p.dtype))
+            else:
+                norms = channel_norms(grad2d, 1 if plan.side == RIGHT else 0, _compute_dtype(p.dtype))
+            work.append((group, i, p, plan, norms))
+            checks.append(norms.sum())
         if not work:
             return
         if dense:
@@ -433,14 +474,22 @@ class Apollo(Optimizer):
             order = list(range(len(work)))
         skip = self._nonfinite(work, order, checks)
 
-        # Pass 2: the updates.
-        for k, (group, i, p, plan, channel_norms) in enumerate(work):
+        # Pass 2: the updates (the fast path batches the plain-AdamW tensors and prefetches projections).
+        lowrank, dense_fast = [], []
+        for k, (group, i, p, plan, norms) in enumerate(work):
             if k in skip:
                 continue
-            if plan is None:
-                self._adamw_update(group, p)
+            if plan is not None:
+                lowrank.append((group, p, plan, norms))
+            elif group["foreach"] is not False and p.dtype in (torch.float32, torch.float64):
+                dense_fast.append((group, p))
             else:
-                self._apollo_update(group, p, plan, channel_norms)
+                self._adamw_update(group, p)
+        projections = self._prefetched_projections(lowrank)
+        for k, (group, p, plan, norms) in enumerate(lowrank):
+            self._apollo_update(group, p, plan, norms, projections(k))
+        if dense_fast:
+            self._adamw_updates_fast(dense_fast)
 
     def _nonfinite(self, work: list, order: list[int], checks: list[torch.Tensor]) -> set[int]:
         flags = torch.isfinite(torch.stack([c.float() for c in checks]))
@@ -460,14 +509,16 @@ class Apollo(Optimizer):
         logger.warning("Apollo: skipped the update of %s (non-finite gradient)", ", ".join(labels))
         return set(bad)
 
-    def _apollo_update(self, group: dict, p: torch.Tensor, plan: ProjectionPlan, channel_norms: torch.Tensor):
+    def _apollo_update(self, group: dict, p: torch.Tensor, plan: ProjectionPlan, grad_norms: torch.Tensor,
+                       proj: Optional[torch.Tensor] = None):
         state = self._init_state(group, p, plan.moment_shape)
         beta1, beta2 = group["betas"]
         compute = _compute_dtype(p.dtype)
         grad = p.grad
         step = state["step"]
         # Steps 1-5 on the 2-D view of the gradient.
-        proj = self._projection(group, plan, p, step, compute)
+        if proj is None:
+            proj = self._projection(group, plan, p, step, compute)
         grad2d = grad.reshape(plan.shape2d)
         if grad2d.dtype != compute:
             grad2d = grad2d.to(compute)
@@ -480,9 +531,9 @@ class Apollo(Optimizer):
         gamma = group["norm_growth_limit"]
         if gamma is not None:
             if factor.ndim == 0:
-                update_norm = factor * torch.linalg.vector_norm(channel_norms)
+                update_norm = factor * torch.linalg.vector_norm(grad_norms)
             else:
-                update_norm = torch.linalg.vector_norm(factor * channel_norms)
+                update_norm = torch.linalg.vector_norm(factor * grad_norms)
             limit, state["limiter_norm"] = growth_limit_factor(update_norm, state.get("limiter_norm"), gamma)
             factor = factor * limit
         # 8. alpha = sqrt(scale).
@@ -491,6 +542,101 @@ class Apollo(Optimizer):
         # 9. W <- W - step_size * G * s, then decoupled weight decay; no full-size temporary for U.
         step_size = bias_corrected_step_size(float(group["lr"]), beta1, beta2, step, group["correct_bias"])
         self._apply(p, group, lambda w: w.addcmul_(grad, _channel_view(factor, p.shape, plan.side), value=-step_size))
+
+    def _prefetched_projections(self, lowrank: list) -> Callable[[int], Optional[torch.Tensor]]:
+        """``k -> P`` of the k-th matrix, drawn ahead on worker threads (one generator per thread, each P from
+        its own seed: the same values as drawn in line), for the fast path's uncached CPU matrices whose P has
+        at least ``_PREFETCH_MIN`` elements; ``None``
+        where the update draws (or looks up) its own. At most one P per thread is drawn ahead."""
+        threads = torch.get_num_threads()
+        todo = [k for k, (group, p, plan, _) in enumerate(lowrank)
+                if group["foreach"] is not False and not group["cache_projection"] and p.device.type == "cpu"
+                and plan.rank * plan.p_shape[1] >= _PREFETCH_MIN]
+        if threads < 2 or len(todo) < 2:
+            return lambda k: None
+        pool = _draw_pool(threads)
+        pending: dict[int, Any] = {}
+        queue = iter(todo)
+
+        def submit() -> None:
+            k = next(queue, None)
+            if k is not None:
+                group, p, plan, _ = lowrank[k]
+                step = self.state[p]["step"] if "step" in self.state[p] else 0
+                pending[k] = pool.submit(plan.matrix, group["seed"], step, group["update_proj_gap"], p.device,
+                                         _compute_dtype(p.dtype))
+
+        for _ in range(threads):
+            submit()
+
+        def get(k: int) -> Optional[torch.Tensor]:
+            future = pending.pop(k, None)
+            if future is None:
+                return None
+            submit()
+            return future.result()
+
+        return get
+
+    def _adamw_updates_fast(self, items: list) -> None:
+        """The plain-AdamW tensors of the fast path (fp32/fp64 weights): large ones in pieces, small ones
+        batched per (group, device, dtype) with foreach ops, at most a chunk's worth of elements per batch (so
+        the scratch never exceeds one chunk). The same element-wise operations, in the same order, as
+        :meth:`_adamw_update`."""
+        batches: dict[tuple, list] = {}
+        for group, p in items:
+            state = self._init_state(group, p, p.shape)
+            chunk = _dense_chunk(p.device)
+            if not (p.is_contiguous() and state["exp_avg"].is_contiguous() and state["exp_avg_sq"].is_contiguous()):
+                self._adamw_update(group, p)
+            elif p.numel() >= chunk or state["exp_avg"].dtype != p.dtype:
+                self._adamw_update_chunked(group, p)
+            else:
+                key_batches = batches.setdefault((id(group), p.device, p.dtype), [[0, []]])
+                if key_batches[-1][0] + p.numel() > chunk:
+                    key_batches.append([0, []])
+                key_batches[-1][0] += p.numel()
+                key_batches[-1][1].append((group, p))
+        for batch in (b for key_batches in batches.values() for _, b in key_batches):
+            group = batch[0][0]
+            beta1, beta2 = group["betas"]
+            params = [p for _, p in batch]
+            grads = [p.grad for p in params]
+            exp_avgs = [self.state[p]["exp_avg"] for p in params]
+            exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+            torch._foreach_mul_(exp_avgs, beta1)
+            torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+            step_sizes = []
+            for p in params:
+                self.state[p]["step"] += 1
+                step_sizes.append(-bias_corrected_step_size(float(group["lr"]), beta1, beta2, self.state[p]["step"],
+                                                            group["correct_bias"]))
+            denoms = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_add_(denoms, group["eps"])
+            torch._foreach_addcdiv_(params, exp_avgs, denoms, step_sizes)
+            decay = float(group["lr"]) * group["weight_decay"]
+            if decay:
+                torch._foreach_mul_(params, 1.0 - decay)
+
+    def _adamw_update_chunked(self, group: dict, p: torch.Tensor) -> None:
+        """:meth:`_adamw_update` for an fp32/fp64 weight, a chunk of elements at a time."""
+        state = self._init_state(group, p, p.shape)
+        beta1, beta2 = group["betas"]
+        state["step"] = step = state["step"] + 1
+        step_size = bias_corrected_step_size(float(group["lr"]), beta1, beta2, step, group["correct_bias"])
+        decay = float(group["lr"]) * group["weight_decay"]
+        weight, grad = p.view(-1), p.grad.reshape(-1)
+        exp_avg, exp_avg_sq = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+        chunk = _dense_chunk(p.device)
+        for start in range(0, weight.numel(), chunk):
+            piece = slice(start, start + chunk)
+            m, v = adam_moments_(exp_avg[piece], exp_avg_sq[piece], grad[piece], beta1, beta2)
+            w = weight[piece]
+            w.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-step_size)
+            if decay:
+                w.mul_(1.0 - decay)
 
     def _adamw_update(self, group: dict, p: torch.Tensor) -> None:
         state = self._init_state(group, p, p.shape)
@@ -523,6 +669,19 @@ class Apollo(Optimizer):
             seed = rounding_seed(group["seed"], identity, self.state[p]["step"])
             stochastic_round_to_bf16_(weight, seeded_generator(weight.device, seed))  # now exact in bf16
         p.copy_(weight)
+
+
+_DRAW_POOLS: dict[int, Any] = {}
+
+
+def _draw_pool(threads: int):
+    """The worker threads that draw projection matrices ahead (one pool per thread count, kept)."""
+    pool = _DRAW_POOLS.get(threads)
+    if pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = _DRAW_POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="apollo-draw")
+    return pool
 
 
 def apollo_mini(params: Iterable[Any], lr: float = 1e-3, **kwargs: Any) -> Apollo:

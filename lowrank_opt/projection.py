@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from dataclasses import dataclass
 from typing import Callable, Union
 
@@ -92,22 +93,25 @@ def projection_seed(seed: int, identity: int, refresh_index: int) -> int:
     return _stable_hash(f"apollo-projection/{int(seed)}/{int(identity)}/{int(refresh_index)}")
 
 
-_GENERATORS: dict[torch.device, torch.Generator] = {}
+_GENERATORS = threading.local()  # .cache: {device: torch.Generator}, one set per thread
 
 
 def seeded_generator(device: torch.device | str, generator_seed: int) -> torch.Generator:
-    """A generator for ``device`` (one cached per device, shared by every seeded draw in the package),
-    re-seeded with ``generator_seed``. The meta device (dry runs of the memory estimator) gets a CPU generator:
-    meta random ops accept one and draw nothing."""
+    """A generator for ``device`` (one cached per device and thread, shared by every seeded draw in the
+    package), re-seeded with ``generator_seed``. The meta device (dry runs of the memory estimator) gets a CPU
+    generator: meta random ops accept one and draw nothing."""
     device = torch.device(device)
     if device.type == "meta":
         device = torch.device("cpu")
     elif device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    gen = _GENERATORS.get(device)
+    cache = getattr(_GENERATORS, "cache", None)
+    if cache is None:
+        cache = _GENERATORS.cache = {}
+    gen = cache.get(device)
     if gen is None:
         gen = torch.Generator(device=device)
-        _GENERATORS[device] = gen
+        cache[device] = gen
     gen.manual_seed(generator_seed)
     return gen
 

@@ -188,7 +188,12 @@ def test_optimizer_step_temporaries_are_measured():
     assert foreach.components["step.scratch tensors"] == 4 * n  # sqrt(v) of every parameter at once
     assert fused.optim_args == {"fused": True} and fused.optimizer_states == foreach.optimizer_states
     assert fused.components["step.scratch tensors"] < foreach.components["step.scratch tensors"]
-    assert 0 < apollo.components["step.scratch tensors"] < foreach.components["step.scratch tensors"] / 2
+    # APOLLO's plain-AdamW tensors (embeddings, lm_head, norms) are updated a chunk at a time (2^24 elements on
+    # accelerators, which the meta device stands for): its scratch is bounded by one fp32 chunk, not the model.
+    from lowrank_opt.apollo import _DENSE_CHUNK_ACCELERATOR
+
+    assert 0 < apollo.components["step.scratch tensors"] < foreach.components["step.scratch tensors"]
+    assert apollo.components["step.scratch tensors"] <= 4 * _DENSE_CHUNK_ACCELERATOR
     # With short sequences the step is the peak: all gradients plus the scratch tensors.
     assert foreach.step_temporaries > 0
     assert foreach.total > fused.total

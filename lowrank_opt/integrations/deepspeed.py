@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from .. import _common
-from ..apollo import Apollo, adam_moments_, bias_corrected_step_size, growth_limit_factor
+from ..apollo import Apollo, adam_moments_, bias_corrected_step_size, channel_norms, growth_limit_factor
 from ..projection import RIGHT, ProjectionPlan, identity_key, matrix_shape, orientation, resolve_rank
 from ..targets import ALL_LINEAR, TargetModules, lowrank_param_groups, lowrank_targets
 
@@ -696,8 +696,7 @@ class ZeroApollo(Apollo):
                 update_norm = factor * buf[_HEADER].sqrt()
         else:
             if channel:
-                factor = torch.linalg.vector_norm(normalized, dim=0) / (
-                    torch.linalg.vector_norm(low_rank, dim=0) + _SCALING_EPS)
+                factor = channel_norms(normalized, 0) / (channel_norms(low_rank, 0) + _SCALING_EPS)
                 update_norm = (factor.square() * col_sq).sum().sqrt() if gamma is not None else None
             else:
                 factor = torch.linalg.vector_norm(normalized) / (torch.linalg.vector_norm(low_rank) + _SCALING_EPS)

@@ -1,0 +1,152 @@
+"""The fast path (``foreach=None``/``True``: foreach and chunked plain-AdamW updates, projections drawn ahead on
+worker threads) against the simple one-tensor-at-a-time reference path (``foreach=False``): bit for bit on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowrank_opt import Apollo, apollo_mini
+from lowrank_opt import apollo as apollo_module
+
+
+def _params(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {
+        "embed": (1100, 1000),  # >= 2^20 elements: the chunked dense path (two pieces)
+        "q": (48, 48), "up": (96, 48), "down": (48, 96), "conv": (8, 3, 3, 3), "q2": (48, 48),
+        "norm": (48,), "bias": (96,), "head": (40, 48),
+    }
+    return {name: torch.nn.Parameter(torch.randn(shape, generator=g, dtype=dtype)) for name, shape in shapes.items()}
+
+
+def _groups(params, dense_names=("embed", "norm", "bias", "head")):
+    low = [(n, p) for n, p in params.items() if n not in dense_names]
+    dense = [(n, p) for n, p in params.items() if n in dense_names]
+    return [{"params": [p for _, p in low], "param_names": [n for n, _ in low]},
+            {"params": [p for _, p in dense], "param_names": [n for n, _ in dense], "rank": None}]
+
+
+def _run(foreach, steps=6, dtype=torch.float32, make=Apollo, grad_hook=None, make_params=_params, **options):
+    params = make_params(dtype)
+    opt = make(_groups(params), lr=1e-2, foreach=foreach, **options)
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        for name, p in params.items():
+            p.grad = torch.randn(p.shape, generator=g, dtype=dtype)
+        if grad_hook is not None:
+            grad_hook(step, params)
+        opt.step()
+    return params, opt
+
+
+def _assert_same(a, b):
+    (pa, oa), (pb, ob) = a, b
+    for name in pa:
+        assert torch.equal(pa[name], pb[name]), name
+        sa, sb = oa.state[pa[name]], ob.state[pb[name]]
+        assert sa.keys() == sb.keys(), name
+        for key in sa:
+            if isinstance(sa[key], torch.Tensor):
+                assert torch.equal(sa[key], sb[key]), (name, key)
+            else:
+                assert sa[key] == sb[key], (name, key)
+
+
+@pytest.fixture
+def two_threads(monkeypatch):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # projections are drawn ahead only with >= 2 threads
+    monkeypatch.setattr(apollo_module, "_PREFETCH_MIN", 1)  # and only for large P: here every P
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("options", [
+    dict(weight_decay=0.1),
+    dict(weight_decay=0.0, correct_bias=False, norm_growth_limit=None),
+    dict(weight_decay=0.05, cache_projection=True, update_proj_gap=2),
+    dict(weight_decay=0.05, update_proj_gap=2, state_dtype="bfloat16"),
+    dict(weight_decay=0.01, scale_type="tensor", scale=4.0),
+])
+def test_fast_path_equals_reference(two_threads, options):
+    fast = _run(None, **options)
+    _assert_same(fast, _run(False, **options))
+    _assert_same(fast, _run(True, **options))
+
+
+def test_fast_path_float64_and_mini(two_threads):
+    _assert_same(_run(None, dtype=torch.float64), _run(False, dtype=torch.float64))
+    _assert_same(_run(None, make=apollo_mini, weight_decay=0.1), _run(False, make=apollo_mini, weight_decay=0.1))
+
+
+def test_fast_path_bf16_weights_take_the_reference_path(two_threads):
+    fast = _run(None, steps=3, dtype=torch.bfloat16, weight_decay=0.1)
+    _assert_same(fast, _run(False, steps=3, dtype=torch.bfloat16, weight_decay=0.1))
+
+
+def test_fast_path_skips_nonfinite_like_the_reference(two_threads):
+    def poison(step, params):
+        if step == 2:
+            params["norm"].grad[3] = float("nan")
+            params["up"].grad[0, 0] = float("inf")
+
+    fast = _run(None, nonfinite="skip", grad_hook=poison)
+    reference = _run(False, nonfinite="skip", grad_hook=poison)
+    _assert_same(fast, reference)
+    assert fast[1].skipped_tensors == reference[1].skipped_tensors == 2
+
+
+def test_fast_path_noncontiguous_parameter(two_threads):
+    def with_transposed(dtype):
+        params = _params(dtype)
+        params["head"] = torch.nn.Parameter(params["head"].detach().t())  # dense and not contiguous
+        assert not params["head"].is_contiguous()
+        return params
+
+    fast = _run(None, weight_decay=0.1, make_params=with_transposed)
+    _assert_same(fast, _run(False, weight_decay=0.1, make_params=with_transposed))
+
+
+def test_prefetch_draws_the_same_projection_as_the_optimizer(two_threads):
+    """The worker threads draw with their own generators: P must equal projection_matrix() at every step."""
+    params, opt = _run(None, steps=1, update_proj_gap=1)
+    drawn = {}
+    original = opt._apollo_update
+
+    def spy(group, p, plan, grad_norms, proj=None):
+        drawn[p] = proj
+        return original(group, p, plan, grad_norms, proj)
+
+    opt._apollo_update = spy
+    expected = {p: opt.projection_matrix(p) for p in opt.param_groups[0]["params"]}
+    for p in params.values():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert set(drawn) == set(expected)
+    assert sum(proj is not None for proj in drawn.values()) >= 2  # prefetched, not drawn in line
+    for p, proj in drawn.items():
+        assert proj is None or torch.equal(proj, expected[p])
+
+
+def test_chunk_size_splits_the_dense_tensor():
+    assert _params()["embed"].numel() > apollo_module._DENSE_CHUNK  # the chunked path is exercised above
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (300, 1000), (1000, 300), (3, 200000)])
+def test_channel_norms_match_torch(shape):
+    x = torch.randn(shape, dtype=torch.float64)
+    for dim in (0, 1):
+        torch.testing.assert_close(apollo_module.channel_norms(x, dim), torch.linalg.vector_norm(x, dim=dim),
+                                   rtol=1e-12, atol=0)
+    half = x.to(torch.bfloat16)
+    torch.testing.assert_close(apollo_module.channel_norms(half, 0, torch.float32),
+                               torch.linalg.vector_norm(half, dim=0, dtype=torch.float32), rtol=1e-5, atol=0)
+    inf = x.clone()
+    inf[-1, 0] = float("inf")
+    assert torch.isinf(apollo_module.channel_norms(inf, 0)[0])
+
+
+def test_foreach_option_is_validated():
+    with pytest.raises(TypeError, match="foreach must be None or a bool, got 'yes'"):
+        Apollo([torch.nn.Parameter(torch.zeros(4, 4))], foreach="yes")
