@@ -47,7 +47,6 @@ import gc
 import json
 import os
 import platform
-import re
 import shlex
 import statistics
 import subprocess
@@ -59,6 +58,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _report import cpu_model, load_average, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND_ENV = "ZERO_BENCH_COMMAND"  # the user's command line, handed to the torchrun re-launch
@@ -398,23 +400,6 @@ def run_stage(args, stage: int) -> dict:
 # Report
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def load_average() -> str:
-    try:
-        return "/".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
 def mib(n: float) -> str:
     return f"{n / 2**20:,.1f}"
 
@@ -659,20 +644,6 @@ def render(args, results: list[list[dict]], reference: Optional[dict], meta: dic
     return stdout, "\n".join(parts)
 
 
-def write_section(path: str, section: str) -> None:
-    text = Path(path).read_text() if os.path.exists(path) else ""
-    marked = re.compile(re.escape(SECTION_BEGIN) + r".*?" + re.escape(SECTION_END), re.S)
-    bare = re.compile(r"^" + re.escape(SECTION_HEADER) + r"\n.*?(?=^## |\Z)", re.S | re.M)
-    if marked.search(text):
-        text = marked.sub(lambda _: section, text, count=1)
-    elif bare.search(text):
-        text = bare.sub(lambda _: section + "\n\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + section + "\n"
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(text if text.endswith("\n") else text + "\n")
-
-
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -736,7 +707,7 @@ def main(argv=None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(dict(meta=meta, reference=reference, stages=results), indent=1))
         if args.output:
-            write_section(args.output, section)
+            write_section(args.output, section, SECTION_BEGIN, SECTION_END, legacy_header=SECTION_HEADER)
             print(f"\nwrote the '{SECTION_HEADER}' section of {args.output}")
     dist.barrier()
     dist.destroy_process_group()
