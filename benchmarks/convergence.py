@@ -1,0 +1,646 @@
+"""Convergence: pre-train a small LLaMA from scratch with each optimizer on the same data, seed and schedule.
+
+    python benchmarks/convergence.py                  # CPU: configs/llama_5m.json, 400 steps, the full sweep
+    python benchmarks/convergence.py --optimizers adamw_torch,apollo --lrs 1e-2 --steps 50 --output /tmp/c.md
+    python benchmarks/convergence.py --device cuda --model-config configs/llama_60m.json --rank 128 \\
+        --steps 2000 --batch-size 64 --block-size 256 --parallel 1 --threads 0 --tag gpu
+
+Every run is ``train.py`` (the Hugging Face Trainer) in its own process, with the same model config and
+random init (``--seed``), the same data order (``--data-seed``), the same schedule (linear warmup over 10% of
+the steps, then cosine down to 10% of the peak learning rate, as in the APOLLO paper) and gradient clipping
+at 1.0 (turned off by train.py for the layer-wise forms, whose gradients are gone before clipping could see
+them). Only the optimizer and the learning rate change. The eval loss is measured on the same held-out
+blocks every ``--eval-steps`` steps.
+
+Optimizers (low-rank ones on every attention/MLP matrix, the same ``TARGET_MODULES`` pattern for all; embeddings,
+lm_head and norms: AdamW):
+  adamw_torch             torch.optim.AdamW through the Trainer (HF's name)
+  apollo                  ours: rank --rank, channel-wise scaling, scale 1, update_proj_gap 200
+  apollo_mini             ours: rank 1, tensor-wise scaling, scale 128, update_proj_gap 200
+  apollo_layerwise        apollo, updated inside backward (train.py turns gradient clipping off)
+  apollo_mini_layerwise   apollo_mini, likewise
+  apollo_adamw            the published APOLLO (apollo-torch) through HF: same rank/scale/gap, proj random
+  galore_adamw            GaLore (galore-torch) through HF: rank --rank, scale 0.25, update_proj_gap 200
+
+The learning-rate sweep (``--lrs``) is the same grid for every optimizer; where an optimizer's best point is at
+an end of the grid, the grid is extended beyond it for that optimizer (``--extend`` times at most), so that no
+reported optimum sits on the edge. Every point of the sweep is reported, the best in bold. Layer-wise forms are the same update as their plain
+forms (tests/test_apollo.py checks it bit for bit), so by default they run only at their plain form's best
+learning rate (``--sweep-layerwise`` sweeps them too). ``--repeat-seeds`` reruns some optimizers at their best
+learning rate with other seeds (init and data order): the spread is the run-to-run noise the comparisons are
+judged against.
+
+Outputs: one JSON per run under ``--work-dir`` (finished runs are reused when their settings are unchanged,
+so an interrupted sweep resumes), a CSV of eval loss per step for every run, a PNG of the curves, and a
+section of ``--output`` (docs/benchmarks.md) with the table and the exact command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import sysconfig
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import cpu_model, load_average, markers, write_section, write_text_atomic  # noqa: E402
+
+SECTION_BEGIN, SECTION_END = markers("convergence", "benchmarks/convergence.py")
+ALL_OPTIMIZERS = ("adamw_torch", "apollo", "apollo_mini", "apollo_layerwise", "apollo_mini_layerwise",
+                  "apollo_adamw", "galore_adamw")
+LAYERWISE_OF = {"apollo_layerwise": "apollo", "apollo_mini_layerwise": "apollo_mini"}
+BASELINE = "adamw_torch"
+# The attention and MLP matrices, for every optimizer alike. (HF's "all-linear" for apollo_adamw/galore_adamw
+# also takes lm_head; ours leaves it out, as PEFT does: an explicit pattern keeps the comparison equal.)
+TARGET_MODULES = r".*\.(self_attn|mlp)\.[a-z]+_proj"
+
+
+def optim_args(name: str, rank: int, gap: int) -> Optional[str]:
+    """The --optim_args train.py gets for ``name`` (None: the optimizer's defaults)."""
+    if name in ("apollo", "apollo_layerwise"):
+        return f"rank={rank},scale=1,update_proj_gap={gap},scale_type=channel"
+    if name in ("apollo_mini", "apollo_mini_layerwise"):
+        return f"rank=1,scale=128,update_proj_gap={gap},scale_type=tensor"
+    if name == "apollo_adamw":
+        return f"rank={rank},proj=random,scale_type=channel,update_proj_gap={gap},scale=1,proj_type=std"
+    if name == "galore_adamw":
+        return f"rank={rank},update_proj_gap={gap},scale=0.25,proj_type=std"
+    if name == BASELINE:
+        return None
+    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(ALL_OPTIMIZERS)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The corpus
+
+
+def build_corpus(path: Path, min_chars: int = 200) -> dict:
+    """A JSONL corpus of English text that every CPython installation has: the pydoc topics (the default
+    corpus of train.py) and the docstrings of the standard library's modules, classes and functions
+    (at least ``min_chars`` long; test packages, idlelib and site-packages left out), in a fixed order.
+    Returns a summary (documents, characters, Python version)."""
+    from lowrank_opt.data import default_corpus_documents
+
+    docs = list(default_corpus_documents())
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for source in sorted(stdlib.rglob("*.py")):
+        parts = set(source.relative_to(stdlib).parts)
+        if parts & {"test", "tests", "idlelib", "site-packages"}:
+            continue
+        try:
+            tree = ast.parse(source.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= min_chars:
+                    docs.append(doc)
+    text = "".join(json.dumps({"text": d}) + "\n" for d in docs)
+    write_text_atomic(path, text)
+    return {"documents": len(docs), "characters": sum(map(len, docs)), "python": platform.python_version()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One run (a child process)
+
+
+@dataclass
+class RunSpec:
+    optimizer: str
+    lr: float
+    seed: int
+    argv: list[str]
+    threads: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.optimizer}_lr{self.lr:g}_seed{self.seed}"
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def worker(spec_path: str, result_path: str) -> int:
+    """Run train.main() with the spec's argv in this process and write what the report needs."""
+    spec = json.loads(Path(spec_path).read_text())
+    import torch
+
+    if spec["threads"] > 0:
+        torch.set_num_threads(spec["threads"])
+    sys.path.insert(0, str(ROOT))
+    import train
+    from lowrank_opt.memory.measure import optimizer_state_breakdown, peak_rss_bytes
+    from lowrank_opt.targets import lowrank_targets
+
+    started = time.perf_counter()
+    trainer, metrics = train.main(spec["argv"])
+    wall = time.perf_counter() - started
+    evals: dict[int, float] = {}
+    train_losses: dict[int, float] = {}
+    for entry in trainer.state.log_history:
+        if "eval_loss" in entry:
+            evals[int(entry["step"])] = float(entry["eval_loss"])
+        elif "loss" in entry:
+            train_losses[int(entry["step"])] = float(entry["loss"])
+    model = trainer.model
+    breakdown = optimizer_state_breakdown(trainer.optimizer)
+    lowrank_ids = {id(p) for _, p in lowrank_targets(model, TARGET_MODULES)}
+    result = {
+        "spec": spec,
+        "eval_loss": sorted(evals.items()),
+        "train_loss": sorted(train_losses.items()),
+        "final_eval_loss": float(metrics["eval_loss"]),
+        "final_perplexity": float(metrics["eval_perplexity"]),
+        "train_runtime_s": float(metrics["train_runtime"]),
+        "wall_s": wall,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "lowrank_parameters": sum(p.numel() for _, p in lowrank_targets(model, TARGET_MODULES)),
+        "state_bytes": breakdown.total,
+        "lowrank_state_bytes": sum(b for k, b in breakdown.items() if k in lowrank_ids),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "tokens": int(trainer.state.global_step) * trainer.args.per_device_train_batch_size * spec["block_size"],
+        "optimizer_class": f"{type(_unwrap(trainer.optimizer)).__module__}.{type(_unwrap(trainer.optimizer)).__name__}",
+        "torch": torch.__version__,
+    }
+    write_text_atomic(result_path, json.dumps(result, indent=1))
+    return 0
+
+
+def _unwrap(optimizer):
+    while hasattr(optimizer, "optimizer") and optimizer.optimizer is not optimizer:
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def train_argv(args, name: str, lr: float, seed: int, corpus: Path, output_dir: Path) -> list[str]:
+    argv = [
+        "--config", str(ROOT / "configs" / "tiny.yaml"),
+        "--model_config", str(args.model_config),
+        "--data_files", str(corpus),
+        "--optim", name,
+        "--optim_target_modules", TARGET_MODULES,
+        "--learning_rate", f"{lr:g}",
+        "--lr_scheduler_type", "cosine_with_min_lr",
+        "--lr_scheduler_kwargs", json.dumps({"min_lr_rate": 0.1}),
+        "--warmup_steps", "0.1",
+        "--weight_decay", "0",
+        "--max_grad_norm", "1.0",
+        "--max_steps", str(args.steps),
+        "--per_device_train_batch_size", str(args.batch_size),
+        "--per_device_eval_batch_size", str(max(args.batch_size, 16)),
+        "--block_size", str(args.block_size),
+        "--eval_fraction", str(args.eval_fraction),
+        "--eval_strategy", "steps",
+        "--eval_steps", str(args.eval_steps),
+        "--logging_steps", str(args.eval_steps),
+        "--save_strategy", "no",
+        "--report_to", "none",
+        "--seed", str(seed),
+        "--data_seed", str(args.data_seed if args.data_seed is not None else seed),
+        "--output_dir", str(output_dir),
+        "--disable_tqdm", "true",
+        "--use_cpu", "true" if args.device == "cpu" else "false",
+    ]
+    extra = optim_args(name, args.rank, args.update_proj_gap)
+    if extra is not None:
+        argv += ["--optim_args", extra]
+    if args.bf16:
+        argv += ["--bf16", "true"]
+    return argv
+
+
+def run_all(specs: list[RunSpec], args) -> dict[str, dict]:
+    """Run the specs (``--parallel`` at a time), reusing finished runs with unchanged settings."""
+    runs_dir = Path(args.work_dir) / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    todo = []
+    for spec in specs:
+        path = runs_dir / f"{spec.key}.json"
+        if path.exists() and not args.force:
+            cached = json.loads(path.read_text())
+            if cached.get("digest") == spec.digest():
+                results[spec.key] = cached
+                continue
+        todo.append(spec)
+    print(f"{len(specs)} runs: {len(specs) - len(todo)} reused from {runs_dir}, {len(todo)} to run "
+          f"({args.parallel} at a time)", flush=True)
+
+    def one(index_spec):
+        index, spec = index_spec
+        spec_path = runs_dir / f"{spec.key}.spec.json"
+        result_path = runs_dir / f"{spec.key}.json"
+        log_path = runs_dir / f"{spec.key}.log"
+        spec_path.write_text(json.dumps({**asdict(spec), "block_size": args.block_size}))
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+        if spec.threads > 0:
+            env["OMP_NUM_THREADS"] = str(spec.threads)
+        started = time.time()
+        with open(log_path, "w") as log:
+            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path),
+                                   str(result_path) + ".tmp"], cwd=ROOT, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, check=False)
+        if proc.returncode != 0:
+            tail = log_path.read_text()[-2000:]
+            raise RuntimeError(f"run {spec.key} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+        result = json.loads(Path(str(result_path) + ".tmp").read_text())
+        result["digest"] = spec.digest()
+        write_text_atomic(result_path, json.dumps(result, indent=1))
+        os.unlink(str(result_path) + ".tmp")
+        print(f"[{index + 1}/{len(todo)}] {spec.key}: final eval loss {result['final_eval_loss']:.4f} "
+              f"({time.time() - started:.0f} s)", flush=True)
+        return spec.key, result
+
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        for key, result in pool.map(one, enumerate(todo)):
+            results[key] = result
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The report
+
+
+@dataclass
+class Summary:
+    optimizer: str
+    sweep: dict[float, float]  # lr -> final eval loss (seed --seed)
+    best_lr: float
+    best: dict
+    repeats: list[float] = field(default_factory=list)  # final eval losses at best_lr, every seed
+
+
+def summarize(results: dict[str, dict], optimizers: list[str], args) -> list[Summary]:
+    summaries = []
+    for name in optimizers:
+        sweep = {}
+        for key, result in results.items():
+            spec = result["spec"]
+            if spec["optimizer"] == name and spec["seed"] == args.seed:
+                sweep[spec["lr"]] = result["final_eval_loss"]
+        if not sweep:
+            continue
+        best_lr = min(sweep, key=lambda lr: (sweep[lr], lr))
+        best = results[RunSpec(name, best_lr, args.seed, [], 0).key]
+        repeats = sorted(r["final_eval_loss"] for r in results.values()
+                         if r["spec"]["optimizer"] == name and r["spec"]["lr"] == best_lr)
+        summaries.append(Summary(name, dict(sorted(sweep.items())), best_lr, best, repeats))
+    return summaries
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.2f}"
+
+
+def results_table(summaries: list[Summary], lrs: list[float]) -> str:
+    base = next((s for s in summaries if s.optimizer == BASELINE), None)
+    head = ("| optimizer | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr | final eval loss | perplexity "
+            "| vs adamw_torch | state MiB | state of low-rank matrices MiB | (% of AdamW's) | train time s | "
+            "tokens/s |")
+    rows = [head, "|---|" + "---:|" * (len(lrs) + 9)]
+    for s in summaries:
+        cells = [f"**{s.sweep[lr]:.4f}**" if lr == s.best_lr else (f"{s.sweep[lr]:.4f}" if lr in s.sweep else "—")
+                 for lr in lrs]
+        best = s.best
+        versus = "—" if base is None else f"{100 * (best['final_eval_loss'] / base.best['final_eval_loss'] - 1):+.2f}%"
+        share = ("—" if base is None or not base.best["lowrank_state_bytes"]
+                 else f"{100 * best['lowrank_state_bytes'] / base.best['lowrank_state_bytes']:.2f}%")
+        rows.append(
+            f"| {s.optimizer} | " + " | ".join(cells) + f" | {s.best_lr:g} | {best['final_eval_loss']:.4f} | "
+            f"{best['final_perplexity']:.2f} | {versus} | {_mib(best['state_bytes'])} | "
+            f"{_mib(best['lowrank_state_bytes'])} | {share} | {best['train_runtime_s']:.0f} | "
+            f"{best['tokens'] / best['train_runtime_s']:,.0f} |")
+    return "\n".join(rows)
+
+
+def noise_table(summaries: list[Summary], seeds: list[int]) -> str:
+    rows = ["| optimizer | lr | final eval loss per seed (" + ", ".join(map(str, seeds)) + ") | mean | spread (max - min) |",
+            "|---|---:|---|---:|---:|"]
+    for s in summaries:
+        if len(s.repeats) > 1:
+            rows.append(f"| {s.optimizer} | {s.best_lr:g} | " + ", ".join(f"{x:.4f}" for x in s.repeats) +
+                        f" | {sum(s.repeats) / len(s.repeats):.4f} | {max(s.repeats) - min(s.repeats):.4f} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
+def target_lines(summaries: list[Summary]) -> list[str]:
+    by_name = {s.optimizer: s for s in summaries}
+    base = by_name.get(BASELINE)
+    lines = []
+    spreads = [max(s.repeats) - min(s.repeats) for s in summaries if len(s.repeats) > 1]
+    noise = max(spreads) if spreads else None
+    for name, bound in (("apollo", 2.0), ("apollo_mini", 3.0), ("apollo_layerwise", 2.0),
+                        ("apollo_mini_layerwise", 3.0)):
+        if base is None or name not in by_name:
+            continue
+        ours, theirs = by_name[name].best["final_eval_loss"], base.best["final_eval_loss"]
+        gap = 100 * (ours / theirs - 1)
+        lines.append(f"- {name} vs adamw_torch (best lr each, final eval loss): {ours:.4f} vs {theirs:.4f} = "
+                     f"{gap:+.2f}% (target: within {bound:g}%; lower is better): "
+                     f"**{'met' if gap <= bound else 'missed'}**.")
+    if "apollo" in by_name and "apollo_adamw" in by_name:
+        ours, theirs = by_name["apollo"], by_name["apollo_adamw"]
+        mean = lambda s: sum(s.repeats) / len(s.repeats)  # noqa: E731
+        diff = mean(ours) - mean(theirs)
+        judged = "no noise estimate (give --repeat-seeds)" if noise is None else (
+            f"largest seed-to-seed spread of one optimizer {noise:.4f}: "
+            f"**{'equal within noise' if abs(diff) <= noise else 'differs by more than the noise'}**")
+        lines.append(f"- apollo vs apollo_adamw (the published implementation), mean over seeds at each one's best lr: "
+                     f"{mean(ours):.4f} vs {mean(theirs):.4f}, difference {diff:+.4f}; {judged}.")
+    if base is not None:
+        for name in ("apollo_mini", "apollo_mini_layerwise"):
+            if name in by_name and base.best["lowrank_state_bytes"]:
+                share = 100 * by_name[name].best["lowrank_state_bytes"] / base.best["lowrank_state_bytes"]
+                whole = 100 * by_name[name].best["state_bytes"] / base.best["state_bytes"]
+                lines.append(f"- {name} optimizer state on the low-rank matrices: {share:.3f}% of AdamW's on the same "
+                             f"matrices (target < 1%: **{'met' if share < 1 else 'missed'}**); whole model, with "
+                             f"AdamW on embeddings, lm_head and norms: {whole:.1f}%.")
+    return lines
+
+
+def write_csv(path: Path, results: dict[str, dict]) -> None:
+    rows = []
+    for key in sorted(results):
+        r = results[key]
+        train = dict(map(tuple, r["train_loss"]))
+        for step, loss in r["eval_loss"]:
+            rows.append([r["spec"]["optimizer"], f"{r['spec']['lr']:g}", r["spec"]["seed"], step, f"{loss:.6f}",
+                         f"{train[step]:.6f}" if step in train else ""])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["optimizer", "lr", "seed", "step", "eval_loss", "train_loss"])
+        writer.writerows(rows)
+
+
+def write_plot(path: Path, summaries: list[Summary], lrs: list[float], title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plot written", file=sys.stderr)
+        return False
+    fig, (curves, sweep) = plt.subplots(1, 2, figsize=(13, 5))
+    for s in summaries:
+        steps, losses = zip(*s.best["eval_loss"])
+        style = "--" if s.optimizer.endswith("_layerwise") else "-"
+        curves.plot(steps, losses, style, marker="o", markersize=3, label=f"{s.optimizer} (lr {s.best_lr:g})")
+        lr_points = sorted(s.sweep)
+        sweep.plot(lr_points, [s.sweep[lr] for lr in lr_points], style, marker="o", label=s.optimizer)
+    finals = [s.best["final_eval_loss"] for s in summaries]
+    if finals:
+        curves.set_ylim(min(finals) - 0.2, min(finals) + 2.5)
+    curves.set_xlabel("step")
+    curves.set_ylabel("eval loss")
+    curves.set_title("eval loss, best lr of each optimizer")
+    curves.grid(alpha=0.3)
+    curves.legend(fontsize=8)
+    sweep.set_xscale("log")
+    sweep.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+    sweep.set_xlabel("peak learning rate")
+    sweep.set_ylabel("final eval loss")
+    sweep.set_title("learning-rate sweep")
+    sweep.grid(alpha=0.3)
+    sweep.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def render(args, command: str, summaries: list[Summary], corpus_info: dict, machine: str, loads: tuple[str, str],
+           csv_path: Path, png_path: Optional[Path], seeds: list[int]) -> str:
+    base = summaries[0].best if summaries else {}
+    rel = lambda p: os.path.relpath(p, Path(args.output).parent) if args.output not in ("", "-") else str(p)  # noqa: E731
+    tokens_per_step = args.batch_size * args.block_size
+    parts = [
+        SECTION_BEGIN,
+        f"## Convergence: pre-training a {base.get('parameters', 0) / 1e6:.1f}M-parameter LLaMA "
+        f"(`benchmarks/convergence.py`{', ' + args.tag if args.tag else ''})",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Run {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')} on {machine}; "
+        f"{args.parallel} run(s) at a time, {args.threads or 'default'} thread(s) each. Load average "
+        f"(1/5/15 min) {loads[0]} at the start, {loads[1]} at the end.",
+        "",
+        f"Setting: `{os.path.relpath(args.model_config, ROOT)}` ({base.get('parameters', 0) / 1e6:.2f}M parameters, "
+        f"{base.get('lowrank_parameters', 0) / 1e6:.2f}M of them in the attention/MLP matrices), random init "
+        f"(seed {args.seed}); corpus: the pydoc topics and standard-library docstrings of Python "
+        f"{corpus_info.get('python')} ({corpus_info.get('documents', 0):,} documents, "
+        f"{corpus_info.get('characters', 0) / 1e6:.2f}M characters), the offline 4096-token BPE, blocks of "
+        f"{args.block_size} tokens, {args.eval_fraction:.0%} held out; {args.steps} steps of {args.batch_size} "
+        f"blocks ({tokens_per_step:,} tokens per step, {args.steps * tokens_per_step / 1e6:.2f}M tokens); "
+        f"warmup 10% then cosine to 10% of the peak lr; gradient clipping 1.0 (off for layer-wise); weight decay "
+        f"0; rank {args.rank} (APOLLO, apollo-torch, GaLore), update_proj_gap {args.update_proj_gap}.",
+        "",
+        "Final eval loss for each peak learning rate of the sweep (bold: the optimizer's best), and the run at "
+        "the best learning rate (perplexity = exp(eval loss); state bytes measured in the trained optimizer; "
+        "train time includes the periodic evals):",
+        "",
+        results_table(summaries, sorted({lr for s in summaries for lr in s.sweep} | set(args.lr_list))),
+        "",
+    ]
+    noise = noise_table(summaries, seeds)
+    if noise:
+        parts += ["Run-to-run noise: the same optimizer and learning rate with other seeds (init and data order):",
+                  "", noise, ""]
+    targets = target_lines(summaries)
+    if targets:
+        parts += ["Targets:", "", *targets, ""]
+    parts += [f"Curves: [{rel(csv_path)}]({rel(csv_path)}) (eval and train loss of every run, every "
+              f"{args.eval_steps} steps)" + (f"; plot:\n\n![convergence]({rel(png_path)})" if png_path else "."), ""]
+    layerwise = [n for n in LAYERWISE_OF if n in args.optimizer_list]
+    if layerwise and not args.sweep_layerwise:
+        parts += [f"Layer-wise forms ({', '.join(layerwise)}) ran only at their plain form's best learning rate "
+                  "(same update, tested bit for bit; here they differ only by having no global gradient clipping).",
+                  ""]
+    parts.append(SECTION_END)
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _round_lr(lr: float) -> float:
+    """1e-3 * 1e-3 / 3e-3 -> 3e-4 (not 3.333e-4): two significant digits, like the grid's own points."""
+    return float(f"{lr:.1g}") if abs(float(f"{lr:.1g}") / lr - 1) < 0.2 else float(f"{lr:.2g}")
+
+
+def _float_list(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"{flag} must be comma-separated numbers, got {text!r}") from None
+    if not values or any(not (math.isfinite(v) and v > 0) for v in values):
+        raise SystemExit(f"{flag} must be positive numbers, got {text!r}")
+    return values
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--optimizers", default=",".join(ALL_OPTIMIZERS), help="Comma-separated, from: "
+                        + ", ".join(ALL_OPTIMIZERS))
+    parser.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="Peak learning rates swept for every optimizer.")
+    parser.add_argument("--extend", type=int, default=2, help="Where an optimizer's best lr is at an end of the grid, "
+                        "add the next point beyond it (same ratio as the grid's last step), up to this many times.")
+    parser.add_argument("--sweep-layerwise", action="store_true",
+                        help="Sweep the layer-wise forms too (default: their plain form's best lr only).")
+    parser.add_argument("--repeat-seeds", default="43", help="Extra seeds for --repeat-optimizers at their best lr "
+                        "('' for none): the run-to-run noise.")
+    parser.add_argument("--repeat-optimizers", default="apollo,apollo_adamw")
+    parser.add_argument("--model-config", default=str(ROOT / "configs" / "llama_5m.json"))
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--eval-steps", type=int, default=50)
+    parser.add_argument("--eval-fraction", type=float, default=0.05)
+    parser.add_argument("--rank", type=int, default=64, help="APOLLO/apollo-torch/GaLore rank (paper: hidden/4).")
+    parser.add_argument("--update-proj-gap", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--data-seed", type=int, default=None, help="Data order seed (default: each run's seed).")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="Mixed precision (GPU).")
+    parser.add_argument("--parallel", type=int, default=2, help="Runs at a time.")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (0: torch's default).")
+    parser.add_argument("--data-files", default=None, help="A local corpus (.txt/.jsonl) instead of the built one.")
+    parser.add_argument("--work-dir", default=str(ROOT / "outputs" / "convergence"))
+    parser.add_argument("--force", action="store_true", help="Rerun finished runs.")
+    parser.add_argument("--tag", default="cpu", help="Names the CSV/PNG (convergence_TAG.* beside --output).")
+    parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"), help="'-' to write no Markdown.")
+    parser.add_argument("--worker", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return args
+    args.optimizer_list = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    for name in args.optimizer_list:
+        try:
+            optim_args(name, 1, 1)  # unknown names fail here, before any run
+        except ValueError as error:
+            raise SystemExit(f"--optimizers: {error}") from None
+    args.lr_list = sorted(_float_list(args.lrs, "--lrs"))
+    args.seed_list = [int(x) for x in args.repeat_seeds.split(",") if x.strip()]
+    args.repeat_list = [n.strip() for n in args.repeat_optimizers.split(",") if n.strip()]
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--block-size", args.block_size),
+                        ("--eval-steps", args.eval_steps), ("--rank", args.rank),
+                        ("--update-proj-gap", args.update_proj_gap), ("--parallel", args.parallel)):
+        if value < 1:
+            raise SystemExit(f"{flag} must be >= 1, got {value}")
+    if args.threads < 0:
+        raise SystemExit(f"--threads must be >= 0, got {args.threads}")
+    if not Path(args.model_config).is_file():
+        raise SystemExit(f"--model-config {args.model_config} does not exist")
+    if args.data_files and not Path(args.data_files).is_file():
+        raise SystemExit(f"--data-files {args.data_files} does not exist")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is available")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(*args.worker)
+    command = "python benchmarks/convergence.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
+    load_start = load_average()
+    work = Path(args.work_dir)
+    corpus_info = {}
+    if args.data_files:
+        corpus = Path(args.data_files).resolve()
+        corpus_info = {"documents": 0, "characters": corpus.stat().st_size, "python": platform.python_version()}
+    else:
+        corpus = work / "corpus.jsonl"
+        corpus_info = build_corpus(corpus)
+        print(f"corpus {corpus}: {corpus_info['documents']:,} documents, {corpus_info['characters']:,} characters",
+              flush=True)
+
+    def spec(name: str, lr: float, seed: int) -> RunSpec:
+        output_dir = work / "train" / RunSpec(name, lr, seed, [], 0).key
+        return RunSpec(name, lr, seed, train_argv(args, name, lr, seed, corpus, output_dir), args.threads)
+
+    # 1. The sweep (plain forms; layer-wise forms too with --sweep-layerwise).
+    swept = [n for n in args.optimizer_list if args.sweep_layerwise or n not in LAYERWISE_OF]
+    results = run_all([spec(n, lr, args.seed) for n in swept for lr in args.lr_list], args)
+    # An optimum at an end of the grid is not an optimum: extend the grid there (every optimizer alike).
+    for _ in range(args.extend):
+        extra = []
+        for summary in summarize(results, swept, args):
+            lrs = sorted(summary.sweep)
+            if len(lrs) < 2:
+                continue
+            if summary.best_lr == lrs[0]:
+                extra.append(spec(summary.optimizer, _round_lr(lrs[0] * lrs[0] / lrs[1]), args.seed))
+            elif summary.best_lr == lrs[-1]:
+                extra.append(spec(summary.optimizer, _round_lr(lrs[-1] * lrs[-1] / lrs[-2]), args.seed))
+        if not extra:
+            break
+        print("best lr at an end of the grid for " + ", ".join(f"{x.optimizer} (adding {x.lr:g})" for x in extra),
+              flush=True)
+        results.update(run_all(extra, args))
+    best = {s.optimizer: s.best_lr for s in summarize(results, swept, args)}
+    # 2. Layer-wise forms at their plain form's best lr, and repeats with other seeds at each best lr.
+    follow = []
+    for name in args.optimizer_list:
+        if name in LAYERWISE_OF and not args.sweep_layerwise:
+            lr = best.get(LAYERWISE_OF[name], args.lr_list[len(args.lr_list) // 2])
+            follow.append(spec(name, lr, args.seed))
+    for name in args.repeat_list:
+        if name in best:
+            follow += [spec(name, best[name], seed) for seed in args.seed_list]
+    if follow:
+        results.update(run_all(follow, args))
+    summaries = summarize(results, args.optimizer_list, args)
+    all_lrs = sorted({lr for s in summaries for lr in s.sweep} | set(args.lr_list))
+
+    import torch
+
+    machine = (f"{'GPU ' + torch.cuda.get_device_name(0) + ', ' if args.device == 'cuda' else ''}CPU {cpu_model()}, "
+               f"{os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}")
+    folder = work if args.output in ("", "-") else Path(args.output).resolve().parent
+    csv_path, png_path = folder / f"convergence_{args.tag}.csv", folder / f"convergence_{args.tag}.png"
+    write_csv(csv_path, results)
+    title = (f"{Path(args.model_config).name}, {args.steps} steps x {args.batch_size * args.block_size} tokens, "
+             f"{machine}")
+    if not write_plot(png_path, summaries, all_lrs, title):
+        png_path = None
+    print()
+    print(results_table(summaries, all_lrs))
+    for line in target_lines(summaries):
+        print(line)
+    print(f"\nCSV {csv_path}" + (f", plot {png_path}" if png_path else ""))
+    if args.output not in ("", "-"):
+        section = render(args, command, summaries, corpus_info, machine, (load_start, load_average()), csv_path,
+                         png_path, [args.seed, *args.seed_list])
+        write_section(args.output, section, SECTION_BEGIN, SECTION_END)
+        print(f"wrote the convergence section of {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
