@@ -19,6 +19,8 @@ Optimizers (all lr 1e-3, betas (0.9, 0.999), weight decay 0):
   ours-cached       the same with cache_projection=True (P kept between refreshes, never saved)
   apollo-torch-mini APOLLOAdamW as APOLLO-Mini: rank 1, tensor, scale 128
   ours-mini         lowrank_opt.apollo_mini (rank 1, tensor, scale 128)
+  ours-simple       ours with foreach=False: the simple one-tensor-at-a-time reference path the fast path
+                    (foreach and chunked updates of the plain-AdamW tensors) is tested against
 
 Timing (time.perf_counter, torch.cuda.synchronize around each step on CUDA, Python GC off while timing):
   first step    the first step() call: allocates the state, draws P (APOLLO) or runs the SVDs (GaLore);
@@ -79,9 +81,11 @@ SIZES = {
     "7b": LlamaShape(4096, 11008, 32, 256),
 }
 
-OPTIMIZERS = ("adamw", "apollo-torch", "galore", "ours", "ours-cached", "apollo-torch-mini", "ours-mini")
+OPTIMIZERS = ("adamw", "apollo-torch", "galore", "ours", "ours-cached", "apollo-torch-mini", "ours-mini",
+              "ours-simple")
 # (ours, reference) pairs compared in the comparison table and, with --paired-rounds, stepped alternately.
-PAIRS = (("ours", "apollo-torch"), ("ours-cached", "apollo-torch"), ("ours-mini", "apollo-torch-mini"))
+PAIRS = (("ours", "apollo-torch"), ("ours-cached", "apollo-torch"), ("ours-mini", "apollo-torch-mini"),
+         ("ours", "ours-simple"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -173,7 +177,7 @@ def build_optimizer(kind: str, low, rest, rank: int) -> torch.optim.Optimizer:
         lowrank = dict(rank=rank, update_proj_gap=UPDATE_PROJ_GAP, scale=0.25, proj_type="std")
         groups = [{"params": _plain(rest)}, {"params": _plain(low), **lowrank}]
         return GaLoreAdamW(groups, lr=LR, betas=BETAS, weight_decay=0.0, no_deprecation_warning=True)
-    if kind in ("ours", "ours-cached", "ours-mini"):
+    if kind in ("ours", "ours-cached", "ours-mini", "ours-simple"):
         from lowrank_opt import Apollo, apollo_mini
 
         groups = [{"params": rest, "rank": None}, {"params": low}]
@@ -181,7 +185,7 @@ def build_optimizer(kind: str, low, rest, rank: int) -> torch.optim.Optimizer:
         if kind == "ours-mini":
             return apollo_mini(groups, lr=LR, betas=BETAS, weight_decay=0.0, update_proj_gap=UPDATE_PROJ_GAP)
         return Apollo(groups, lr=LR, betas=BETAS, weight_decay=0.0, rank=rank, scale_type="channel", scale=1.0,
-                      update_proj_gap=UPDATE_PROJ_GAP, cache_projection=cache)
+                      update_proj_gap=UPDATE_PROJ_GAP, cache_projection=cache, foreach=kind != "ours-simple")
     raise ValueError(f"unknown optimizer {kind!r}")
 
 

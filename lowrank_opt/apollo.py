@@ -59,7 +59,6 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # The math, as pure functions on tensors (state tensors are updated in place, as torch's functional optimizers do)
 
 
-_PREFETCH_MIN = 1 << 15  # smaller P (e.g. APOLLO-Mini's rank 1) are drawn in line: cheaper than a thread hand-off
 _NORM_BLOCK = 1 << 18  # elements per block of the CPU column-norm loop (a 1 MiB fp32 temporary)
 
 
@@ -220,9 +219,8 @@ class Apollo(Optimizer):
             weights); fp32/fp64 parameters need no rounding. Default True.
         foreach (bool | None): the fast path (``None``, default, or ``True``): plain-AdamW tensors are updated
             with torch's foreach ops (small ones) or in pieces (2^20 elements on CPU, 2^24 on GPUs: no
-            full-size temporaries), and on CPU the projection matrices of the next matrices are drawn on worker threads
-            while the current one is updated. Same numbers as ``False``, the simple one-tensor-at-a-time
-            reference path it is tested against (bit for bit on CPU).
+            full-size temporaries). Same numbers as ``False``, the simple one-tensor-at-a-time reference path
+            it is tested against (bit for bit on CPU).
 
     Example:
         >>> groups = lowrank_param_groups(model, "all-linear", rank=128)
@@ -474,7 +472,7 @@ class Apollo(Optimizer):
             order = list(range(len(work)))
         skip = self._nonfinite(work, order, checks)
 
-        # Pass 2: the updates (the fast path batches the plain-AdamW tensors and prefetches projections).
+        # Pass 2: the updates (the fast path batches or chunks the plain-AdamW tensors).
         lowrank, dense_fast = [], []
         for k, (group, i, p, plan, norms) in enumerate(work):
             if k in skip:
@@ -485,9 +483,8 @@ class Apollo(Optimizer):
                 dense_fast.append((group, p))
             else:
                 self._adamw_update(group, p)
-        projections = self._prefetched_projections(lowrank)
-        for k, (group, p, plan, norms) in enumerate(lowrank):
-            self._apollo_update(group, p, plan, norms, projections(k))
+        for group, p, plan, norms in lowrank:
+            self._apollo_update(group, p, plan, norms)
         if dense_fast:
             self._adamw_updates_fast(dense_fast)
 
@@ -509,16 +506,14 @@ class Apollo(Optimizer):
         logger.warning("Apollo: skipped the update of %s (non-finite gradient)", ", ".join(labels))
         return set(bad)
 
-    def _apollo_update(self, group: dict, p: torch.Tensor, plan: ProjectionPlan, grad_norms: torch.Tensor,
-                       proj: Optional[torch.Tensor] = None):
+    def _apollo_update(self, group: dict, p: torch.Tensor, plan: ProjectionPlan, grad_norms: torch.Tensor):
         state = self._init_state(group, p, plan.moment_shape)
         beta1, beta2 = group["betas"]
         compute = _compute_dtype(p.dtype)
         grad = p.grad
         step = state["step"]
         # Steps 1-5 on the 2-D view of the gradient.
-        if proj is None:
-            proj = self._projection(group, plan, p, step, compute)
+        proj = self._projection(group, plan, p, step, compute)
         grad2d = grad.reshape(plan.shape2d)
         if grad2d.dtype != compute:
             grad2d = grad2d.to(compute)
@@ -542,41 +537,6 @@ class Apollo(Optimizer):
         # 9. W <- W - step_size * G * s, then decoupled weight decay; no full-size temporary for U.
         step_size = bias_corrected_step_size(float(group["lr"]), beta1, beta2, step, group["correct_bias"])
         self._apply(p, group, lambda w: w.addcmul_(grad, _channel_view(factor, p.shape, plan.side), value=-step_size))
-
-    def _prefetched_projections(self, lowrank: list) -> Callable[[int], Optional[torch.Tensor]]:
-        """``k -> P`` of the k-th matrix, drawn ahead on worker threads (one generator per thread, each P from
-        its own seed: the same values as drawn in line), for the fast path's uncached CPU matrices whose P has
-        at least ``_PREFETCH_MIN`` elements; ``None``
-        where the update draws (or looks up) its own. At most one P per thread is drawn ahead."""
-        threads = torch.get_num_threads()
-        todo = [k for k, (group, p, plan, _) in enumerate(lowrank)
-                if group["foreach"] is not False and not group["cache_projection"] and p.device.type == "cpu"
-                and plan.rank * plan.p_shape[1] >= _PREFETCH_MIN]
-        if threads < 2 or len(todo) < 2:
-            return lambda k: None
-        pool = _draw_pool(threads)
-        pending: dict[int, Any] = {}
-        queue = iter(todo)
-
-        def submit() -> None:
-            k = next(queue, None)
-            if k is not None:
-                group, p, plan, _ = lowrank[k]
-                step = self.state[p]["step"] if "step" in self.state[p] else 0
-                pending[k] = pool.submit(plan.matrix, group["seed"], step, group["update_proj_gap"], p.device,
-                                         _compute_dtype(p.dtype))
-
-        for _ in range(threads):
-            submit()
-
-        def get(k: int) -> Optional[torch.Tensor]:
-            future = pending.pop(k, None)
-            if future is None:
-                return None
-            submit()
-            return future.result()
-
-        return get
 
     def _adamw_updates_fast(self, items: list) -> None:
         """The plain-AdamW tensors of the fast path (fp32/fp64 weights): large ones in pieces, small ones
@@ -669,19 +629,6 @@ class Apollo(Optimizer):
             seed = rounding_seed(group["seed"], identity, self.state[p]["step"])
             stochastic_round_to_bf16_(weight, seeded_generator(weight.device, seed))  # now exact in bf16
         p.copy_(weight)
-
-
-_DRAW_POOLS: dict[int, Any] = {}
-
-
-def _draw_pool(threads: int):
-    """The worker threads that draw projection matrices ahead (one pool per thread count, kept)."""
-    pool = _DRAW_POOLS.get(threads)
-    if pool is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        pool = _DRAW_POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="apollo-draw")
-    return pool
 
 
 def apollo_mini(params: Iterable[Any], lr: float = 1e-3, **kwargs: Any) -> Apollo:
