@@ -225,6 +225,10 @@ def train_argv(args, name: str, lr: float, seed: int, corpus: Path, output_dir: 
     return argv
 
 
+def _mtime(path: Path) -> str:
+    return datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def run_all(specs: list[RunSpec], args) -> dict[str, dict]:
     """Run the specs (``--parallel`` at a time), reusing finished runs with unchanged settings."""
     runs_dir = Path(args.work_dir) / "runs"
@@ -236,6 +240,7 @@ def run_all(specs: list[RunSpec], args) -> dict[str, dict]:
         if path.exists() and not args.force:
             cached = json.loads(path.read_text())
             if cached.get("digest") == spec.digest():
+                cached.setdefault("finished", _mtime(path))
                 results[spec.key] = cached
                 continue
         todo.append(spec)
@@ -261,6 +266,7 @@ def run_all(specs: list[RunSpec], args) -> dict[str, dict]:
             raise RuntimeError(f"run {spec.key} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
         result = json.loads(Path(str(result_path) + ".tmp").read_text())
         result["digest"] = spec.digest()
+        result["finished"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         write_text_atomic(result_path, json.dumps(result, indent=1))
         os.unlink(str(result_path) + ".tmp")
         print(f"[{index + 1}/{len(todo)}] {spec.key}: final eval loss {result['final_eval_loss']:.4f} "
@@ -429,7 +435,7 @@ def write_plot(path: Path, summaries: list[Summary], lrs: list[float], title: st
 
 
 def render(args, command: str, summaries: list[Summary], corpus_info: dict, machine: str, loads: tuple[str, str],
-           csv_path: Path, png_path: Optional[Path], seeds: list[int]) -> str:
+           csv_path: Path, png_path: Optional[Path], seeds: list[int], finished: list[str]) -> str:
     base = summaries[0].best if summaries else {}
     rel = lambda p: os.path.relpath(p, Path(args.output).parent) if args.output not in ("", "-") else str(p)  # noqa: E731
     tokens_per_step = args.batch_size * args.block_size
@@ -442,9 +448,11 @@ def render(args, command: str, summaries: list[Summary], corpus_info: dict, mach
         command,
         "```",
         "",
-        f"Run {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')} on {machine}; "
-        f"{args.parallel} run(s) at a time, {args.threads or 'default'} thread(s) each. Load average "
-        f"(1/5/15 min) {loads[0]} at the start, {loads[1]} at the end.",
+        f"Runs finished between {min(finished)} and {max(finished)} on {machine}; {args.parallel} run(s) at a "
+        f"time, {args.threads or 'default'} thread(s) each (finished runs are reused by later invocations: the "
+        f"load average of this last one, {loads[0]} at its start and {loads[1]} at its end, says little about "
+        "theirs). Train time and tokens/s are indicative only: the runs shared the cores with each other and, "
+        "during part of the sweep, with other work.",
         "",
         f"Setting: `{os.path.relpath(args.model_config, ROOT)}` ({base.get('parameters', 0) / 1e6:.2f}M parameters, "
         f"{base.get('lowrank_parameters', 0) / 1e6:.2f}M of them in the attention/MLP matrices), random init "
@@ -567,7 +575,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(*args.worker)
-    command = "python benchmarks/convergence.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
+    command = " ".join(["python benchmarks/convergence.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     load_start = load_average()
     work = Path(args.work_dir)
     corpus_info = {}
@@ -636,7 +644,7 @@ def main(argv=None) -> int:
     print(f"\nCSV {csv_path}" + (f", plot {png_path}" if png_path else ""))
     if args.output not in ("", "-"):
         section = render(args, command, summaries, corpus_info, machine, (load_start, load_average()), csv_path,
-                         png_path, [args.seed, *args.seed_list])
+                         png_path, [args.seed, *args.seed_list], [r["finished"] for r in results.values()])
         write_section(args.output, section, SECTION_BEGIN, SECTION_END)
         print(f"wrote the convergence section of {args.output}")
     return 0
