@@ -120,6 +120,11 @@ def build_corpus(path: Path, min_chars: int = 200) -> dict:
 # One run (a child process)
 
 
+def run_key(optimizer: str, lr: float, seed: int) -> str:
+    """A run's name: its result file, its output directory."""
+    return f"{optimizer}_lr{lr:g}_seed{seed}"
+
+
 @dataclass
 class RunSpec:
     optimizer: str
@@ -130,7 +135,7 @@ class RunSpec:
 
     @property
     def key(self) -> str:
-        return f"{self.optimizer}_lr{self.lr:g}_seed{self.seed}"
+        return run_key(self.optimizer, self.lr, self.seed)
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -145,7 +150,7 @@ def worker(spec_path: str, result_path: str) -> int:
         torch.set_num_threads(spec["threads"])
     sys.path.insert(0, str(ROOT))
     import train
-    from lowrank_opt.memory.measure import optimizer_state_breakdown, peak_rss_bytes
+    from lowrank_opt.memory.measure import optimizer_state_breakdown, peak_rss_bytes, unwrap_optimizers
     from lowrank_opt.targets import lowrank_targets
 
     started = time.perf_counter()
@@ -160,7 +165,9 @@ def worker(spec_path: str, result_path: str) -> int:
             train_losses[int(entry["step"])] = float(entry["loss"])
     model = trainer.model
     breakdown = optimizer_state_breakdown(trainer.optimizer)
-    lowrank_ids = {id(p) for _, p in lowrank_targets(model, TARGET_MODULES)}
+    lowrank = [p for _, p in lowrank_targets(model, TARGET_MODULES)]
+    lowrank_ids = {id(p) for p in lowrank}
+    inner = type(unwrap_optimizers(trainer.optimizer)[-1])  # the optimizer behind accelerate's wrapper
     result = {
         "spec": spec,
         "eval_loss": sorted(evals.items()),
@@ -170,22 +177,16 @@ def worker(spec_path: str, result_path: str) -> int:
         "train_runtime_s": float(metrics["train_runtime"]),
         "wall_s": wall,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "lowrank_parameters": sum(p.numel() for _, p in lowrank_targets(model, TARGET_MODULES)),
+        "lowrank_parameters": sum(p.numel() for p in lowrank),
         "state_bytes": breakdown.total,
         "lowrank_state_bytes": sum(b for k, b in breakdown.items() if k in lowrank_ids),
         "peak_rss_bytes": peak_rss_bytes(),
         "tokens": int(trainer.state.global_step) * trainer.args.per_device_train_batch_size * spec["block_size"],
-        "optimizer_class": f"{type(_unwrap(trainer.optimizer)).__module__}.{type(_unwrap(trainer.optimizer)).__name__}",
+        "optimizer_class": f"{inner.__module__}.{inner.__name__}",
         "torch": torch.__version__,
     }
     write_text_atomic(result_path, json.dumps(result, indent=1))
     return 0
-
-
-def _unwrap(optimizer):
-    while hasattr(optimizer, "optimizer") and optimizer.optimizer is not optimizer:
-        optimizer = optimizer.optimizer
-    return optimizer
 
 
 def train_argv(args, name: str, lr: float, seed: int, corpus: Path, output_dir: Path) -> list[str]:
@@ -303,7 +304,7 @@ def summarize(results: dict[str, dict], optimizers: list[str], args) -> list[Sum
         if not sweep:
             continue
         best_lr = min(sweep, key=lambda lr: (sweep[lr], lr))
-        best = results[RunSpec(name, best_lr, args.seed, [], 0).key]
+        best = results[run_key(name, best_lr, args.seed)]
         repeats = sorted(r["final_eval_loss"] for r in results.values()
                          if r["spec"]["optimizer"] == name and r["spec"]["lr"] == best_lr)
         summaries.append(Summary(name, dict(sorted(sweep.items())), best_lr, best, repeats))
@@ -435,7 +436,7 @@ def write_plot(path: Path, summaries: list[Summary], lrs: list[float], title: st
 
 
 def render(args, command: str, summaries: list[Summary], corpus_info: dict, machine: str, loads: tuple[str, str],
-           csv_path: Path, png_path: Optional[Path], seeds: list[int], finished: list[str]) -> str:
+           csv_path: Path, png_path: Optional[Path], seeds: list[int], finished: list[str], lrs: list[float]) -> str:
     base = summaries[0].best if summaries else {}
     rel = lambda p: os.path.relpath(p, Path(args.output).parent) if args.output not in ("", "-") else str(p)  # noqa: E731
     tokens_per_step = args.batch_size * args.block_size
@@ -468,7 +469,7 @@ def render(args, command: str, summaries: list[Summary], corpus_info: dict, mach
         "the best learning rate (perplexity = exp(eval loss); state bytes measured in the trained optimizer; "
         "train time includes the periodic evals):",
         "",
-        results_table(summaries, sorted({lr for s in summaries for lr in s.sweep} | set(args.lr_list))),
+        results_table(summaries, lrs),
         "",
     ]
     noise = noise_table(summaries, seeds)
@@ -578,7 +579,6 @@ def main(argv=None) -> int:
     command = " ".join(["python benchmarks/convergence.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     load_start = load_average()
     work = Path(args.work_dir)
-    corpus_info = {}
     if args.data_files:
         corpus = Path(args.data_files).resolve()
         corpus_info = {"documents": 0, "characters": corpus.stat().st_size, "python": platform.python_version()}
@@ -589,7 +589,7 @@ def main(argv=None) -> int:
               flush=True)
 
     def spec(name: str, lr: float, seed: int) -> RunSpec:
-        output_dir = work / "train" / RunSpec(name, lr, seed, [], 0).key
+        output_dir = work / "train" / run_key(name, lr, seed)
         return RunSpec(name, lr, seed, train_argv(args, name, lr, seed, corpus, output_dir), args.threads)
 
     # 1. The sweep (plain forms; layer-wise forms too with --sweep-layerwise).
@@ -644,7 +644,8 @@ def main(argv=None) -> int:
     print(f"\nCSV {csv_path}" + (f", plot {png_path}" if png_path else ""))
     if args.output not in ("", "-"):
         section = render(args, command, summaries, corpus_info, machine, (load_start, load_average()), csv_path,
-                         png_path, [args.seed, *args.seed_list], [r["finished"] for r in results.values()])
+                         png_path, [args.seed, *args.seed_list], [r["finished"] for r in results.values()],
+                         all_lrs)
         write_section(args.output, section, SECTION_BEGIN, SECTION_END)
         print(f"wrote the convergence section of {args.output}")
     return 0

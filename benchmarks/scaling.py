@@ -51,7 +51,6 @@ import gc
 import io
 import os
 import resource
-import shlex
 import statistics
 import sys
 import tempfile
@@ -68,8 +67,8 @@ from step_time import (  # noqa: E402
     SIZES,
     UPDATE_PROJ_GAP,
     LlamaShape,
+    begin,
     build_optimizer,
-    machine_line,
     move_to_refresh_boundary,
     state_bytes,
     timed,
@@ -376,7 +375,7 @@ def _count(n: int) -> str:
 
 
 def _dims(cls: ShapeClass) -> str:
-    return "(" + ", ".join(map(str, cls.dims)) + ("," if len(cls.dims) == 1 else "") + ")"
+    return str(tuple(cls.dims))
 
 
 def class_table(runs: list[ClassRun], kinds: list[str]) -> str:
@@ -675,18 +674,10 @@ def dense_kinds(kinds: list[str]) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("scaling.py: --device cuda was asked for, but torch finds no CUDA device "
-              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}). Rerun with --device cpu.",
-              file=sys.stderr)
+    started = begin("scaling.py", args, argv)
+    if started is None:
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    command = shlex.join(["python", "benchmarks/scaling.py", *(sys.argv[1:] if argv is None else argv)])
-    machine = machine_line(device)
-    load_start = load_average()
-    print(f"# {command}\n# {machine}\n# load average {load_start}", flush=True)
+    device, command, machine, load_start = started
 
     if args.output in ("", "-"):
         out_dir = Path(tempfile.gettempdir())

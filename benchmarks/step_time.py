@@ -540,20 +540,31 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def begin(script: str, args, argv) -> Optional[tuple[torch.device, str, str, str]]:
+    """The start of a benchmark run (step_time.py, scaling.py): check --device, apply --threads, print the
+    command line, machine and load. Returns (device, command, machine, load average), or None (after saying
+    why) when --device cuda finds no CUDA device."""
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("step_time.py: --device cuda was asked for, but torch finds no CUDA device "
+        print(f"{script}: --device cuda was asked for, but torch finds no CUDA device "
               f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}). Rerun with --device cpu.",
               file=sys.stderr)
-        return 2
+        return None
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    command = shlex.join(["python", "benchmarks/step_time.py", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
     machine = machine_line(device)
     load_start = load_average()
     print(f"# {command}\n# {machine}\n# load average {load_start}", flush=True)
+    return device, command, machine, load_start
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = begin("step_time.py", args, argv)
+    if started is None:
+        return 2
+    device, command, machine, load_start = started
 
     results: list[Result] = []
     paired: list[Paired] = []

@@ -473,18 +473,16 @@ class Apollo(Optimizer):
         skip = self._nonfinite(work, order, checks)
 
         # Pass 2: the updates (the fast path batches or chunks the plain-AdamW tensors).
-        lowrank, dense_fast = [], []
+        dense_fast = []
         for k, (group, i, p, plan, norms) in enumerate(work):
             if k in skip:
                 continue
             if plan is not None:
-                lowrank.append((group, p, plan, norms))
+                self._apollo_update(group, p, plan, norms)
             elif group["foreach"] is not False and p.dtype in (torch.float32, torch.float64):
                 dense_fast.append((group, p))
             else:
                 self._adamw_update(group, p)
-        for group, p, plan, norms in lowrank:
-            self._apollo_update(group, p, plan, norms)
         if dense_fast:
             self._adamw_updates_fast(dense_fast)
 
