@@ -71,9 +71,36 @@ def test_fast_path_float64_and_mini():
     _assert_same(_run(None, make=apollo_mini, weight_decay=0.1), _run(False, make=apollo_mini, weight_decay=0.1))
 
 
-def test_fast_path_bf16_weights_take_the_reference_path():
-    fast = _run(None, steps=3, dtype=torch.bfloat16, weight_decay=0.1)
-    _assert_same(fast, _run(False, steps=3, dtype=torch.bfloat16, weight_decay=0.1))
+@pytest.mark.parametrize("options", [
+    dict(weight_decay=0.1),  # stochastic rounding (the default for bf16 weights)
+    dict(weight_decay=0.1, stochastic_rounding=False),
+    dict(weight_decay=0.0, state_dtype="bfloat16", scale_type="tensor", scale=4.0),
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fast_path_half_weights_in_row_blocks_equal_reference(monkeypatch, options, dtype):
+    """Half-precision weights go through an fp32 copy; the fast path makes it a block of rows at a time. With
+    a 2,000-element chunk every matrix is split (the 1,100 x 1,000 embedding into 550 blocks of 2 rows),
+    mostly at row counts that do not divide its height; per-row factors (right projections, tall "up") are sliced
+    with the rows, per-column ones ("down") are not. The rounding bits come from one generator per tensor
+    and step, so the blocks see the same bits as the reference's one whole draw (on CPU). fp16 weights are
+    always rounded to nearest."""
+    monkeypatch.setattr(apollo_module, "_DENSE_CHUNK", 2000)
+    calls = []
+    real_round = apollo_module.stochastic_round_to_bf16_
+    monkeypatch.setattr(apollo_module, "stochastic_round_to_bf16_",
+                        lambda x, g=None: calls.append(x.numel()) or real_round(x, g))
+    fast = _run(None, steps=3, dtype=dtype, **options)
+    fast_calls, calls[:] = list(calls), []
+    reference = _run(False, steps=3, dtype=dtype, **options)
+    _assert_same(fast, reference)
+    assert fast[0]["embed"].dtype == dtype
+    if dtype == torch.bfloat16 and options.get("stochastic_rounding", True):
+        n_params = len(fast[0])
+        assert len(calls) == 3 * n_params  # the reference: one whole-tensor rounding per tensor and step
+        assert len(fast_calls) > 3 * n_params and max(fast_calls) <= 2000
+        assert sum(fast_calls) == sum(calls)
+    # The weights moved (the comparison above is not between two untouched copies).
+    assert not torch.equal(fast[0]["up"], _params(dtype)["up"])
 
 
 def test_fast_path_skips_nonfinite_like_the_reference():

@@ -199,6 +199,21 @@ def test_optimizer_step_temporaries_are_measured():
     assert foreach.total > fused.total
 
 
+def test_pure_bf16_step_scratch_is_bounded_by_a_chunk_not_the_embedding():
+    """bf16 weights are updated through fp32 copies a block of rows at a time: LLaMA-1B's 65.5M-element
+    embedding and lm_head (AdamW under APOLLO) would need 16 bytes per element of scratch at once (the fp32
+    weight, the fp32 gradient, sqrt(v) and the int32 rounding bits), about 1 GB; in blocks it is at most that
+    for one chunk of 2^24 elements (the meta device stands for an accelerator)."""
+    from lowrank_opt.apollo import _DENSE_CHUNK_ACCELERATOR
+
+    for optim in ("apollo_mini", "apollo_mini_layerwise"):
+        est = estimate("llama_1b", optim, dtype="bf16", seq_len=256, gradient_checkpointing=True)
+        embed = next(k for k in est.kinds if k["kind"] == "embedding")
+        assert embed["params"] >= 3 * _DENSE_CHUNK_ACCELERATOR  # so a whole-tensor update would break the bound
+        scratch = est.components["step.scratch tensors"]
+        assert 0 < scratch <= 16 * _DENSE_CHUNK_ACCELERATOR, (optim, scratch)
+
+
 def test_aliases_and_unknown_names():
     assert estimate(TINY, "adamw_torch", dtype="fp32").optimizer_states == estimate(TINY, "adamw", dtype="fp32").optimizer_states
     assert estimate(TINY, "galore", dtype="fp32").optimizer == "galore_adamw"

@@ -566,13 +566,13 @@ class ZeroApollo(Apollo):
             return repr(names[k])
         return f"matrix of shape {tuple(group[SHAPES_KEY][k])} (identity {group[IDENTITIES_KEY][k]})"
 
-    def _apply(self, p: torch.Tensor, group: dict, update: Callable[[torch.Tensor], Any]) -> None:
+    def _apply(self, p: torch.Tensor, group: dict, update: Callable[[torch.Tensor, Any], Any]) -> None:
         if p in self._location or p.dtype == torch.float32 or p.dtype == torch.float64:
             super()._apply(p, group, update)
             return
         # A low-precision tensor DeepSpeed made (not one of ours): rounded to nearest.
         weight = p.to(torch.float32)
-        update(weight)
+        update(weight, ...)
         decay = float(group["lr"]) * group["weight_decay"]
         if decay:
             weight.mul_(1.0 - decay)
