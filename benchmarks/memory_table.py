@@ -578,7 +578,9 @@ def render(rows: list[Row], sizes: list[ModelSize], methods: list[Method], setti
         "tokens and a 32000 vocabulary these are larger than all checkpointed layers of 7B together).")
     add("- **freed during backward** (negative): while backward runs, gradients appear as activations are "
         "freed; the estimator walks the backward pass layer by layer from the loss to the embedding and "
-        "takes the highest point instead of adding activations and gradients. 0 with layer-wise updates.")
+        "takes the highest point instead of adding activations and gradients. With layer-wise updates only "
+        "the gradient being updated (and its update's scratch) is alive at each point of that walk; the loss's "
+        "own peak comes before any gradient, so the largest gradient usually shows up here as freed.")
     add("- **step temporaries**: scratch tensors of the optimizer step, by how much they raise the peak. "
         "Measured in the same meta dry run as a timeline of allocations (torch's AdamW with `foreach=True`, "
         "its CUDA default, makes one `sqrt(v)` for all parameters at once; APOLLO's are per tensor, e.g. "
@@ -619,8 +621,11 @@ def render(rows: list[Row], sizes: list[ModelSize], methods: list[Method], setti
     add("")
     add("## Measured on a GPU: pending")
     add("")
-    add("**None of the figures on this page were measured.** They come from the estimator, run on a CPU-only "
-        "machine. The check that matters — real peaks on a GPU next to these estimates, with the aim that "
+    add("**None of the figures on this page were measured on a GPU.** They come from the estimator, run on a "
+        "CPU-only machine. What has been measured is the estimator's model of live tensor bytes (weights, "
+        "gradients, states, activations, the loss, step scratch; not the CUDA context or fragmentation) "
+        "against real CPU training runs of LLaMA-60M and 130M, traced allocation by allocation: "
+        "[memory_measured_cpu.md](memory_measured_cpu.md). The check that matters — real peaks on a GPU next to these estimates, with the aim that "
         "the estimate is within 10 % of the measured peak for LLaMA-60M to 1B, and whether LLaMA-7B really "
         "trains under 48, 24 and 16 GB caps — is **pending a session with a CUDA GPU**; none was available "
         "when this page was written, so no measured number is reported here and none should be inferred.")
@@ -638,9 +643,9 @@ def render(rows: list[Row], sizes: list[ModelSize], methods: list[Method], setti
     add("    --optims apollo,apollo_layerwise,adamw_fused --output fit_1b.json        # no cap: estimate check")
     add("```")
     add("")
-    add("Without a CUDA GPU it stops at once with an error (nothing is allocated); `--device cpu` runs a smoke "
-        "test of the script on a small config, whose timings are CPU timings and which measures no GPU "
-        "memory. When the GPU numbers exist, they belong in a table here next to the estimates, with the "
+    add("Without a CUDA GPU it stops at once with an error (nothing is allocated); `--device cpu` runs the "
+        "same steps on the CPU and compares the traced peak of live CPU tensor bytes with the estimate for "
+        "`device=\"cpu\"` (CPU timings, no GPU memory). When the GPU numbers exist, they belong in a table here next to the estimates, with the "
         "command, the GPU and the torch/CUDA versions.")
     add("")
     add("---")

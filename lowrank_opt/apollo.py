@@ -7,6 +7,7 @@ or per-tensor (APOLLO-Mini) scaling factor that is applied to the raw full-rank 
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 from typing import Any, Callable, Iterable, Optional, Union
@@ -34,8 +35,14 @@ _DENSE_CHUNK = 1 << 20
 _DENSE_CHUNK_ACCELERATOR = 1 << 24
 
 
+# The device type that meta tensors stand for: the memory estimator dry-runs ``step()`` on meta tensors and
+# sets this to the device it estimates for, so the dry run takes that device's chunk size.
+META_STANDS_FOR: contextvars.ContextVar[str] = contextvars.ContextVar("lowrank_opt_meta_stands_for", default="cuda")
+
+
 def _dense_chunk(device: torch.device) -> int:
-    return _DENSE_CHUNK if device.type == "cpu" else _DENSE_CHUNK_ACCELERATOR
+    kind = META_STANDS_FOR.get() if device.type == "meta" else device.type
+    return _DENSE_CHUNK if kind == "cpu" else _DENSE_CHUNK_ACCELERATOR
 
 
 def _state_dtype_name(value: Any, where: str = "") -> Optional[str]:

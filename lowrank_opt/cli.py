@@ -57,6 +57,9 @@ def _build_parser() -> argparse.ArgumentParser:
     master.add_argument("--no-master-weights", dest="master_weights", action="store_false")
     mem.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"],
                      help="attention kernel (eager stores the s x s scores)")
+    mem.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                     help="what the run is estimated for (default cuda; cpu: torch's CPU code paths, no CUDA "
+                          "context or fragmentation, i.e. the peak of live tensor bytes)")
     mem.add_argument("--detail", action="store_true", help="also a table per parameter kind")
     mem.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -78,7 +81,7 @@ def _memory(args: argparse.Namespace) -> int:
             dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
             gradient_checkpointing=args.gradient_checkpointing, layerwise=True if args.layerwise else None,
             zero_stage=args.zero_stage, num_gpus=args.num_gpus, master_weights=args.master_weights,
-            attn_implementation=args.attn_implementation,
+            attn_implementation=args.attn_implementation, device=args.device,
         ))
     if args.json:
         payload = results[0].to_dict() if len(results) == 1 else [r.to_dict() for r in results]

@@ -72,7 +72,7 @@ def test_fit_7b_cpu_smoke_trains_and_reports_no_gpu_numbers(tmp_path):
     proc = _run(FIT_7B, "--device", "cpu", "--config", "configs/llama_tiny.json", "--caps", "0", "--seq-len", "32",
                 "--steps", "2", "--optims", "apollo_mini_layerwise,adamw_fused", "--output", output, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "CPU smoke test" in proc.stdout and "not GPU numbers" in proc.stdout
+    assert "CPU run" in proc.stdout and "not GPU numbers" in proc.stdout
     payload = json.loads(output.read_text())
     assert payload["environment"]["device"] == "cpu"
     assert "gpu" not in payload["environment"]
@@ -80,7 +80,9 @@ def test_fit_7b_cpu_smoke_trains_and_reports_no_gpu_numbers(tmp_path):
     for record in payload["results"]:
         assert record["status"] == "ok" and record["seq_len"] == 32
         measured, predicted = record["measured"], record["estimate"]
-        assert measured["peak_allocated_gb"] is None and measured["peak_reserved_gb"] is None  # CUDA only
+        assert measured["peak_reserved_gb"] is None and predicted["reserved_gb"] is None  # CUDA's allocator only
+        # The peak of live CPU tensor bytes (torch.profiler), next to the estimate for device cpu.
+        assert measured["peak_allocated_gb"] > measured["weights_gb"] + measured["optimizer_state_gb"]
         assert measured["param_dtype"] == "bfloat16"
         assert len(measured["losses"]) == 2 and measured["loss_finite"]
         assert measured["last_loss"] < measured["first_loss"]  # the same batch twice: the update happened
@@ -88,6 +90,12 @@ def test_fit_7b_cpu_smoke_trains_and_reports_no_gpu_numbers(tmp_path):
         assert measured["optimizer_state_gb"] == pytest.approx(predicted["optimizer_states_gb"], rel=1e-9)
         assert predicted["layerwise"] == (record["optimizer"] == "apollo_mini_layerwise")
     assert payload["results"][0]["measured"]["first_loss"] == payload["results"][1]["measured"]["first_loss"]
+    # Layer-wise APOLLO-Mini: the estimate within 10% of the measured peak (60M/130M at 1,024 tokens agree to
+    # 0.1%, docs/memory_measured_cpu.md); fused AdamW: the estimate takes no scratch for the fused kernel and
+    # is an upper bound here.
+    mini, fused = (r["measured"]["peak_allocated_gb"] / r["estimate"]["allocated_gb"] for r in payload["results"])
+    assert 0.9 <= mini <= 1.1
+    assert 0.8 <= fused <= 1.0
 
 
 def test_fit_7b_falls_back_to_shorter_sequences_on_oom(fit_7b):
@@ -137,7 +145,7 @@ def test_fit_7b_table_marks_cpu_runs(fit_7b):
               "measured": {"peak_allocated_gb": None, "peak_reserved_gb": None, "optimizer_state_gb": 0.01,
                            "tokens_per_s": 100.0, "first_loss": 8.0, "last_loss": 7.0}}
     cpu = fit_7b.markdown_table([record], "cpu")
-    assert cpu.startswith("CPU smoke test") and "| none | apollo | 64 | ok |" in cpu
+    assert cpu.startswith("CPU run") and "| none | apollo | 64 | ok |" in cpu
     assert not fit_7b.markdown_table([record], "cuda").startswith("CPU")
 
 

@@ -214,6 +214,18 @@ def test_pure_bf16_step_scratch_is_bounded_by_a_chunk_not_the_embedding():
         assert 0 < scratch <= 16 * _DENSE_CHUNK_ACCELERATOR, (optim, scratch)
 
 
+def test_device_cpu_takes_cpu_code_paths_and_no_cuda_overhead():
+    cuda = estimate(TINY, "adamw", dtype="fp32", seq_len=8)
+    cpu = estimate(TINY, "adamw", dtype="fp32", seq_len=8, device="cpu")
+    assert cpu.device == "cpu" and cpu.overhead == 0 and cuda.overhead > 0
+    assert cpu.optimizer_states == cuda.optimizer_states
+    # torch's AdamW on CPU runs its single-tensor loop: scratch for one tensor, not sqrt(v) of all of them.
+    assert cpu.components["step.scratch tensors"] < cuda.components["step.scratch tensors"]
+    assert "on cpu" in cpu.table() and "peak live tensors" in cpu.table()
+    with pytest.raises(ValueError, match="device must be 'cuda' or 'cpu', got 'gpu'"):
+        estimate(TINY, "apollo", device="gpu")
+
+
 def test_aliases_and_unknown_names():
     assert estimate(TINY, "adamw_torch", dtype="fp32").optimizer_states == estimate(TINY, "adamw", dtype="fp32").optimizer_states
     assert estimate(TINY, "galore", dtype="fp32").optimizer == "galore_adamw"
@@ -292,6 +304,34 @@ def test_activation_formula_matches_saved_tensors(mode, attn, kv):
     act = activation_bytes(config, batch_size=batch, seq_len=seq, dtype="fp32" if mode == "fp32" else "bf16",
                            autocast=mode == "mixed", attn_implementation=attn)
     assert act.base + act.layers * act.per_layer + act.head == measured
+
+
+def test_loss_peak_formula_matches_a_profiled_loss():
+    """The loss's short-lived tensors: Hugging Face's causal-LM loss on bf16 logits, profiled on CPU (every
+    allocation and free of torch's allocator, torch.profiler's memory timeline): its peak is the saved fp32
+    log-probabilities (4TV, part of ``head``) plus the larger of ``logits_forward`` and ``logits_backward``."""
+    import numpy as np
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1,
+                         vocab_size=8000, max_position_embeddings=512)
+    tokens = 256
+    act = activation_bytes(config, batch_size=1, seq_len=tokens, dtype="bf16")
+    x = torch.randn(tokens, 32, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(config.vocab_size, 32, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, config.vocab_size, (1, tokens))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        logits = (x @ w.T).view(1, tokens, config.vocab_size)
+        loss = ForCausalLMLoss(logits, labels, vocab_size=config.vocab_size)
+        del logits  # as in the model: nothing but the loss keeps the 16-bit logits
+        loss.backward()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+    measured = int(np.array(sizes).sum(axis=1).max())
+    predicted = 4 * tokens * config.vocab_size + max(act.logits_forward, act.logits_backward)
+    assert act.logits_backward > act.logits_forward  # the backward is the loss's peak
+    assert predicted <= measured <= 1.05 * predicted  # plus the gradients of x and w, and small tensors
 
 
 def test_activation_checkpointing_and_scaling():
@@ -514,7 +554,11 @@ def test_llama_7b_layerwise_and_zero(seven_b):
     lw = seven_b["apollo_layerwise"]
     assert lw["layerwise"] and lw["gradient_checkpointing"]
     assert lw["gradients"] == 2 * 32000 * 4096  # the largest tensor (embedding / lm_head) in bf16
-    assert lw["freed_during_backward"] == 0
+    # Layer-wise: the activation peak is the loss, before any gradient exists; each gradient appears later,
+    # next to fewer activations, so the largest one does not add to the peak.
+    assert lw["freed_during_backward"] == lw["gradients"]
+    assert lw["total"] - lw["overhead"] == pytest.approx(
+        lw["weights"] + lw["optimizer_states"] + lw["activations"] + lw["step_temporaries"], abs=8)
     assert lw["total"] < seven_b["apollo"]["total"] - 10e9
     n = seven_b["adamw"]["n_params"]
     z2 = seven_b["adamw_zero2"]

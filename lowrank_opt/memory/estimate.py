@@ -58,24 +58,28 @@ activations and r the bytes of the residual stream (2 for pure 16-bit, 4 for fp3
 So a pure-bf16 SDPA layer with k = a saves ``T(24h + 8i + 4a + 8)`` bytes: for LLaMA-7B at 2,048 tokens,
 ~0.38 GB per layer. The head adds the final norm, the lm_head input and the fp32 log-probabilities of the
 loss (``4TV``); the loss also makes short-lived copies of the logits: forward ``eTV`` (16-bit logits) +
-``4TV`` (fp32 upcast), backward ``8TV + eTV`` (fp32 gradients, then the 16-bit one). With
+``4TV`` (fp32 upcast), backward ``8TV`` (the fp32 gradients of the nll and of the log-softmax, next to the
+saved log-probabilities; the 16-bit gradient of the logits appears once those are freed). With
 ``gradient_checkpointing`` (HF's per-decoder-layer checkpointing) each layer keeps only its input
 ``rTh`` and one layer is recomputed at a time during backward (its full activations).
 
 **freed during backward** -- gradients appear while activations are being freed (the Trainer sets
 gradients to None after each step), so the peak of activations + gradients is found by walking the
 backward pass from the loss to the embedding, layer by layer; the difference to the plain sum is shown
-as a negative line (0 with layer-wise updates).
+as a negative line. With layer-wise updates the same walk holds, at each point, only the largest gradient of
+that segment (lm_head, one decoder layer, the embedding) and its update's scratch: the loss's own peak has
+no gradient yet, so the largest gradient usually shows up here as freed.
 
 **optimizer step temporaries** -- scratch tensors of ``step()``, measured in the dry run: the meta step's
 allocations are recorded as a timeline, and the most bytes alive at once of the storages that do not
 survive the step (the new state does) is its scratch (torch's optimizers are run
 with ``foreach=True``, their CUDA default, whose AdamW makes one moment-sized ``sqrt(v)`` for all
-parameters at once; APOLLO's are per tensor, e.g. fp32 working copies of a bf16 weight). For the analytic
+parameters at once, or, for ``device="cpu"``, with their CPU default, the single-tensor loop; APOLLO's are
+per tensor or per block of rows, e.g. fp32 working copies of a bf16 weight, with the device's chunk size). For the analytic
 optimizers: bitsandbytes 0 (fused in-place kernels), apollo-torch one full-size tensor of the largest
 parameter, GaLore the larger of that and an SVD refresh of the largest target (fp32 copy + U, S, Vh).
-The step runs with all gradients alive (or, layer-wise, inside backward at the activation peak); the line
-shows how much it raises the peak.
+The step runs with all gradients alive (or, layer-wise, inside backward, each update next to its own
+gradient and the activations still alive at that point); the line shows how much it raises the peak.
 
 **overhead** -- CUDA context plus library workspaces, ``CUDA_CONTEXT_BYTES`` = 0.75 GB (0.5-1 GB is typical
 for CUDA 12 with cuBLAS/cuDNN on H100-class GPUs), plus ``fragmentation`` = 8 % of everything else for the
@@ -113,6 +117,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from ..apollo import META_STANDS_FOR
 from ..registry import available, build_optimizer, parse_name
 from ..targets import ALL_LINEAR, TargetModules, lowrank_targets, module_matches
 from .measure import optimizer_state_breakdown
@@ -455,9 +460,10 @@ def _split_cap_options(options: dict) -> tuple[dict, dict]:
 
 
 def _registry_states(key: str, spec, capped: bool, model: nn.Module, options: dict,
-                     target_modules: Optional[TargetModules], foreach: bool = True) -> tuple[dict, int, dict, Any, int]:
-    """Per-parameter state bytes of a registry optimizer after one dry-run step on meta tensors, and the
-    most bytes of that step's scratch tensors alive at once."""
+                     target_modules: Optional[TargetModules], foreach: bool = True,
+                     device: str = "cuda") -> tuple[dict, int, dict, Any, int]:
+    """Per-parameter state bytes of a registry optimizer after one dry-run step on meta tensors (standing for
+    ``device``), and the most bytes of that step's scratch tensors alive at once."""
     options, cap = _split_cap_options(dict(options))
     valid = spec.options()
     if "layerwise" in valid:
@@ -480,10 +486,14 @@ def _registry_states(key: str, spec, capped: bool, model: nn.Module, options: di
     for p in model.parameters():
         if p.requires_grad:
             p.grad = torch.empty_like(p)
-    with meta_dry_run(track_allocations=True) as mode:
-        optimizer.step()  # creates the state; everything else it allocates is scratch
-        gc.collect()
-        temporaries = mode.temporaries_peak()
+    token = META_STANDS_FOR.set(device)  # APOLLO's chunk size on that device
+    try:
+        with meta_dry_run(track_allocations=True) as mode:
+            optimizer.step()  # creates the state; everything else it allocates is scratch
+            gc.collect()
+            temporaries = mode.temporaries_peak()
+    finally:
+        META_STANDS_FOR.reset(token)
     breakdown = optimizer_state_breakdown(optimizer)
     for p in model.parameters():
         p.grad = None
@@ -673,7 +683,9 @@ def activation_bytes(config, *, batch_size: int, seq_len: int, dtype: str = "bf1
     base = 2 * s * d * r + 16 * tokens + 4
     upcast = 4 * tokens * vocab if e != 4 else 0
     logits_forward = e * tokens * vocab + upcast
-    logits_backward = 8 * tokens * vocab + (e * tokens * vocab if e != 4 else 0)
+    # The loss backward's peak: the fp32 gradients of the nll and of the log-softmax, next to the saved
+    # log-probabilities (in ``head``); the 16-bit gradient of the logits comes after those two are freed.
+    logits_backward = 8 * tokens * vocab
     kept = r * tokens * h if gradient_checkpointing else per_layer
     return ActivationBreakdown(per_layer=per_layer, per_layer_kept=kept, layers=n_layers, head=head, base=base,
                                logits_forward=logits_forward, logits_backward=logits_backward,
@@ -729,6 +741,7 @@ class MemoryEstimate:
     kinds: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     seconds: float = 0.0
+    device: str = "cuda"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -750,6 +763,8 @@ class MemoryEstimate:
             extra.append("layer-wise updates")
         if self.zero_stage:
             extra.append(f"ZeRO-{self.zero_stage} x {self.num_gpus} GPUs")
+        if self.device != "cuda":
+            extra.append(f"on {self.device}")
         return (f"{self.model} ({self.n_params / 1e9:.2f} B params), {self.optimizer}"
                 f"{'(' + args + ')' if args else ''}, {prec}, batch {self.batch_size} x {self.seq_len} tokens"
                 + (", " + ", ".join(extra) if extra else ""))
@@ -767,7 +782,7 @@ class MemoryEstimate:
             ("freed during backward", -self.freed_during_backward, "activations freed as gradients appear"),
             ("optimizer step temporaries", self.step_temporaries, "raise of the peak by the step's scratch tensors"),
             ("overhead", self.overhead, sub("overhead")),
-            ("total (peak per GPU)", self.total, ""),
+            ("total (peak per GPU)" if self.device == "cuda" else "total (peak live tensors)", self.total, ""),
         ]
 
     def table(self, detail: bool = False) -> str:
@@ -807,7 +822,8 @@ def compare_table(estimates: list[MemoryEstimate]) -> str:
             f"{' + fp32 master' if first.master_weights else ''}, batch {first.batch_size} x {first.seq_len} tokens"
             f"{', gradient checkpointing' if first.gradient_checkpointing else ''}"
             f"{', layer-wise updates' if same_layerwise and first.layerwise else ''}"
-            f"{f', ZeRO-{first.zero_stage} x {first.num_gpus} GPUs' if first.zero_stage else ''}  (GB)")
+            f"{f', ZeRO-{first.zero_stage} x {first.num_gpus} GPUs' if first.zero_stage else ''}"
+            f"{f', on {first.device}' if first.device != 'cuda' else ''}  (GB)")
     lines = [head, f"  {'':28s}" + "".join(f"{n:>{width}s}" for n in names)]
     for idx, (label, _, _) in enumerate(first.rows()):
         if label.startswith("total"):
@@ -898,8 +914,9 @@ def estimate(
     master_weights: Optional[bool] = None,
     *,
     attn_implementation: str = "sdpa",
-    cuda_context_bytes: int = CUDA_CONTEXT_BYTES,
-    fragmentation: float = FRAGMENTATION,
+    device: str = "cuda",
+    cuda_context_bytes: Optional[int] = None,
+    fragmentation: Optional[float] = None,
 ) -> MemoryEstimate:
     """Estimate per-GPU training memory for ``config`` and ``optimizer`` without allocating the model.
 
@@ -922,7 +939,13 @@ def estimate(
         master_weights: keep fp32 master weights for a 16-bit ``dtype`` (mixed precision). ``None``: on
             under ZeRO (DeepSpeed keeps them), off otherwise (pure 16-bit training).
         attn_implementation: ``"sdpa"`` (also flash attention) or ``"eager"`` (stores the s x s scores).
-        cuda_context_bytes, fragmentation: the overhead model.
+        device: ``"cuda"`` (GPUs: the default) or ``"cpu"``, what the step's code paths and the overhead are
+            taken for: on CPU torch's optimizers run their single-tensor loop (their CPU default) instead of
+            foreach, APOLLO updates in 2^20- instead of 2^24-element pieces, and there is no CUDA context or
+            caching-allocator fragmentation (the overhead is 0: the total is the peak of live tensor bytes,
+            not the process's RSS, which adds Python, torch and the allocator's own caching).
+        cuda_context_bytes, fragmentation: the overhead model (``None``: ``CUDA_CONTEXT_BYTES`` and
+            ``FRAGMENTATION`` on ``"cuda"``, 0 on ``"cpu"``).
 
     Returns:
         a :class:`MemoryEstimate` (bytes; ``.table()``, ``.to_dict()``).
@@ -931,6 +954,12 @@ def estimate(
     dtype = _canonical_dtype(dtype)
     key, spec, capped, implied = _resolve_optimizer(optimizer)
     options = {**implied, **_parse_options(optim_args)}
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    if cuda_context_bytes is None:
+        cuda_context_bytes = CUDA_CONTEXT_BYTES if device == "cuda" else 0
+    if fragmentation is None:
+        fragmentation = FRAGMENTATION if device == "cuda" else 0.0
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
     if int(num_gpus) < 1:
@@ -978,12 +1007,15 @@ def estimate(
             lowrank = {id(p) for _, p in lowrank_targets(model, target_modules or ALL_LINEAR)}
         else:
             lowrank = set()
-        cache_key = _dry_run_key(resolved, spec, capped, {**options, "_foreach": not layerwise}, opt_dtype,
-                                 target_modules)
+        # torch's optimizers default to foreach on CUDA, to their single-tensor loop on CPU.
+        foreach = not layerwise and device == "cuda"
+        cache_key = _dry_run_key(resolved, spec, capped, {**options, "_foreach": foreach, "_device": device},
+                                 opt_dtype, target_modules)
         cached = _DRY_RUNS.get(cache_key)
         if cached is None:
             by_id, unattributed, sources, opt, step_temp = _registry_states(key, spec, capped, model, options,
-                                                                            target_modules, foreach=not layerwise)
+                                                                            target_modules, foreach=foreach,
+                                                                            device=device)
             ranks = {names[id(p)]: group.get("rank") for group in opt.param_groups for p in group["params"]}
             cached = ({names[i]: b for i, b in by_id.items()}, unattributed, sources, ranks, step_temp)
             _remember_dry_run(cache_key, cached)
@@ -1050,19 +1082,28 @@ def estimate(
         seg = _segment(names.get(id(p), ""), kinds.get(id(p), "other"))
         seg_grad[seg] = seg_grad.get(seg, 0) + per_param_grad[id(p)]
     step_temp = step_temp / n1
+    layer_ids = sorted({i for (s, i) in seg_grad if s == "layer"}, reverse=True)
+    n_layers = act.layers
+    kept = act.per_layer_kept
+    top = act.base + n_layers * kept + act.head  # every activation of the forward pass, before the loss
+    loss_peaks = [top + act.logits_forward, top + act.logits_backward]  # the loss forward; its backward
     if layerwise:
-        peak_bwd = activations + largest_grad
-        peak_ag = peak_bwd + step_temp  # each update runs inside backward
+        # The same walk down the backward pass, but only the gradient being updated is alive, together with
+        # that update's scratch (each update runs inside backward): the largest gradient of each segment.
+        seg_largest: dict[tuple[str, int], float] = {}
+        for p in params:
+            seg = _segment(names.get(id(p), ""), kinds.get(id(p), "other"))
+            seg_largest[seg] = max(seg_largest.get(seg, 0), per_param_grad[id(p)])
+        updates = [top + seg_largest.get(("head", 0), 0)]
+        for position, layer in enumerate(layer_ids):
+            remaining_layers = n_layers - position
+            updates.append(act.base + remaining_layers * kept + act.recompute + seg_largest[("layer", layer)])
+        updates.append(act.base + seg_largest.get(("end", 0), 0))
+        peak_bwd = max(loss_peaks + updates)
+        peak_ag = max(loss_peaks + [u + step_temp for u in updates])
     else:
         g_head = seg_grad.get(("head", 0), 0)
-        layer_ids = sorted({i for (s, i) in seg_grad if s == "layer"}, reverse=True)
-        n_layers = act.layers
-        kept = act.per_layer_kept
-        candidates = [
-            act.base + n_layers * kept + act.head + act.logits_forward,  # loss in the forward pass
-            act.base + n_layers * kept + act.head + act.logits_backward,  # loss backward, no gradients yet
-            act.base + n_layers * kept + act.head + g_head,  # lm_head gradient appears
-        ]
+        candidates = loss_peaks + [top + g_head]  # the lm_head gradient appears
         done = g_head
         for position, layer in enumerate(layer_ids):
             remaining_layers = n_layers - position  # this layer and those below it still hold activations
@@ -1160,5 +1201,5 @@ def estimate(
         zero_stage=int(zero_stage), num_gpus=num_gpus, weights=int(weights), gradients=int(gradients),
         optimizer_states=int(optimizer_states), activations=int(activations), freed_during_backward=int(freed),
         step_temporaries=int(step_extra), overhead=int(overhead), total=int(total), components=components, kinds=kind_list, notes=notes,
-        seconds=round(time.perf_counter() - started, 3),
+        seconds=round(time.perf_counter() - started, 3), device=device,
     )
