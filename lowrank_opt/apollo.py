@@ -641,17 +641,12 @@ class Apollo(Optimizer):
             if decay:
                 p.mul_(1.0 - decay)
             return
-        generator = None
-        if p.dtype == torch.bfloat16 and group["stochastic_rounding"]:
-            # Bits seeded by (seed, identity, step): the step count is in the state dict, so resume is exact.
-            identity = self._identity(group, self._location[p][1], p)
-            seed = rounding_seed(group["seed"], identity, self.state[p]["step"])
-            generator = seeded_generator(p.device, seed)
+        generator = self._rounding_generator(group, p)
         if group["foreach"] is False or p.ndim == 0 or not p.is_contiguous():
             blocks = [...]
         else:
-            per_row = max(1, p.numel() // max(1, p.shape[0]))
-            step_rows = max(1, _dense_chunk(p.device) // per_row)
+            row_numel = max(1, p.numel() // max(1, p.shape[0]))
+            step_rows = max(1, _dense_chunk(p.device) // row_numel)
             blocks = [slice(start, start + step_rows) for start in range(0, p.shape[0], step_rows)]
         for rows in blocks:
             target = p[rows]
@@ -662,6 +657,15 @@ class Apollo(Optimizer):
             if generator is not None:
                 stochastic_round_to_bf16_(weight, generator)  # now exact in bf16
             target.copy_(weight)
+
+    def _rounding_generator(self, group: dict, p: torch.Tensor) -> Optional[torch.Generator]:
+        """The generator of ``p``'s stochastic-rounding bits for this step, or None to round to nearest (not
+        bf16, or the group turned rounding off)."""
+        if p.dtype != torch.bfloat16 or not group["stochastic_rounding"]:
+            return None
+        # Bits seeded by (seed, identity, step): the step count is in the state dict, so resume is exact.
+        identity = self._identity(group, self._location[p][1], p)
+        return seeded_generator(p.device, rounding_seed(group["seed"], identity, self.state[p]["step"]))
 
 
 def apollo_mini(params: Iterable[Any], lr: float = 1e-3, **kwargs: Any) -> Apollo:

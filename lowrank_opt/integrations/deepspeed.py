@@ -566,17 +566,9 @@ class ZeroApollo(Apollo):
             return repr(names[k])
         return f"matrix of shape {tuple(group[SHAPES_KEY][k])} (identity {group[IDENTITIES_KEY][k]})"
 
-    def _apply(self, p: torch.Tensor, group: dict, update: Callable[[torch.Tensor, Any], Any]) -> None:
-        if p in self._location or p.dtype == torch.float32 or p.dtype == torch.float64:
-            super()._apply(p, group, update)
-            return
-        # A low-precision tensor DeepSpeed made (not one of ours): rounded to nearest.
-        weight = p.to(torch.float32)
-        update(weight, ...)
-        decay = float(group["lr"]) * group["weight_decay"]
-        if decay:
-            weight.mul_(1.0 - decay)
-        p.copy_(weight)
+    def _rounding_generator(self, group: dict, p: torch.Tensor) -> Optional[torch.Generator]:
+        # A low-precision tensor DeepSpeed made (not one of ours) is rounded to nearest.
+        return super()._rounding_generator(group, p) if p in self._location else None
 
     # -- element-wise AdamW on flat shards ------------------------------------------------------------------
 

@@ -1077,10 +1077,12 @@ def estimate(
     act = activation_bytes(resolved, batch_size=batch_size, seq_len=seq_len, dtype=dtype, autocast=autocast,
                            gradient_checkpointing=gradient_checkpointing, attn_implementation=attn_implementation)
     activations = act.peak
-    seg_grad: dict[tuple[str, int], float] = {}
+    seg_grad: dict[tuple[str, int], float] = {}  # gradient bytes per segment of the backward pass
+    seg_largest: dict[tuple[str, int], float] = {}  # its largest single gradient (layer-wise updates)
     for p in params:
         seg = _segment(names.get(id(p), ""), kinds.get(id(p), "other"))
         seg_grad[seg] = seg_grad.get(seg, 0) + per_param_grad[id(p)]
+        seg_largest[seg] = max(seg_largest.get(seg, 0), per_param_grad[id(p)])
     step_temp = step_temp / n1
     layer_ids = sorted({i for (s, i) in seg_grad if s == "layer"}, reverse=True)
     n_layers = act.layers
@@ -1090,10 +1092,6 @@ def estimate(
     if layerwise:
         # The same walk down the backward pass, but only the gradient being updated is alive, together with
         # that update's scratch (each update runs inside backward): the largest gradient of each segment.
-        seg_largest: dict[tuple[str, int], float] = {}
-        for p in params:
-            seg = _segment(names.get(id(p), ""), kinds.get(id(p), "other"))
-            seg_largest[seg] = max(seg_largest.get(seg, 0), per_param_grad[id(p)])
         updates = [top + seg_largest.get(("head", 0), 0)]
         for position, layer in enumerate(layer_ids):
             remaining_layers = n_layers - position
