@@ -3,6 +3,14 @@
 Adam's moments are kept for a random projection R of the gradient (r x max(m, n) instead of m x n); the
 ratio between the Adam-normalised projected gradient and the projected gradient gives a per-channel (APOLLO)
 or per-tensor (APOLLO-Mini) scaling factor that is applied to the raw full-rank gradient.
+
+The math is written once, as pure functions on the rows of a matrix a process holds
+(:func:`project_rows`, :func:`adam_moments_`, :func:`channel_scaling`, :func:`tensor_scaling`,
+:func:`growth_limit_factor`, :func:`bias_corrected_step_size`); the few sums that cross a shard boundary
+(partial projections of cut rows, the r x n partial sums of a left projection, squared norms) are all-reduced
+between the steps. Unsharded, every row is local and nothing is reduced. :class:`Apollo` is the one
+optimizer: it recognises unsharded parameters, FSDP2's ``Shard(0)`` DTensors and DeepSpeed ZeRO's flat shards
+(:mod:`lowrank_opt.sharding`) and gives the same result on each.
 """
 
 from __future__ import annotations
@@ -10,6 +18,8 @@ from __future__ import annotations
 import contextvars
 import logging
 import math
+import weakref
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -17,9 +27,13 @@ from torch.optim import Optimizer
 
 from . import _common
 from .projection import (
-    RIGHT, ProjectionPlan, Rank, identity_key, matrix_shape, orientation, project, resolve_rank, seeded_generator,
+    LEFT, RIGHT, ProjectionPlan, Rank, identity_key, matrix_shape, orientation, project, resolve_rank,
+    seeded_generator,
 )
 from .rounding import rounding_seed, stochastic_round_to_bf16_
+from .sharding import (
+    ShardLayout, TorchDistComm, dtensor_rows, full_shape, is_dtensor, zero_flat_pieces,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +47,10 @@ _SCALING_EPS = 1e-8  # s = ||R~|| / (||R|| + 1e-8)
 # cache-friendly, already-mapped memory; on GPUs larger pieces keep the number of kernel launches small.
 _DENSE_CHUNK = 1 << 20
 _DENSE_CHUNK_ACCELERATOR = 1 << 24
+# Sharded matrices are updated in batches whose projections hold at most this many bytes at once: one
+# all-reduce per batch and round instead of one per matrix, without keeping every matrix's R alive.
+_BATCH_BYTES = 64 << 20
+SHARD_STATE_KEY = "shard_state"  # state of a DeepSpeed flat shard: {index in group: that parameter's state}
 
 
 # The device type that meta tensors stand for: the memory estimator dry-runs ``step()`` on meta tensors and
@@ -103,6 +121,25 @@ def adam_moments_(
     return m, v
 
 
+def normalized_moments(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, low_rank: torch.Tensor, beta1: float,
+                       beta2: float, eps: float) -> torch.Tensor:
+    """Steps 3-4: Adam's moments on R (in place, no bias correction: it is folded into the step size), then
+    R~ = m / (sqrt(v) + eps), the Adam direction in the subspace."""
+    m, v = adam_moments_(exp_avg, exp_avg_sq, low_rank, beta1, beta2)
+    return m / v.sqrt().add_(eps)
+
+
+def channel_scaling(normalized: torch.Tensor, low_rank: torch.Tensor, rank_dim: int) -> torch.Tensor:
+    """Step 5, channel-wise: s = ||R~|| / (||R|| + 1e-8) over the rank dimension, one factor per channel."""
+    return channel_norms(normalized, rank_dim) / (channel_norms(low_rank, rank_dim) + _SCALING_EPS)
+
+
+def tensor_scaling(normalized_sq: torch.Tensor, low_rank_sq: torch.Tensor) -> torch.Tensor:
+    """Step 5, tensor-wise (APOLLO-Mini): s = ||R~||_F / (||R||_F + 1e-8), from the two squared norms (which
+    add up over shards)."""
+    return normalized_sq.sqrt() / (low_rank_sq.sqrt() + _SCALING_EPS)
+
+
 def apollo_scaling(
     grad2d: torch.Tensor,
     exp_avg: torch.Tensor,
@@ -115,34 +152,63 @@ def apollo_scaling(
     eps: float,
     scale_type: str,
 ) -> torch.Tensor:
-    """Steps 1-5 of APOLLO for one matrix: project, update the moments, return the scaling factor.
+    """Steps 1-5 of APOLLO for one whole matrix: project, update the moments, return the scaling factor.
 
     ``grad2d`` (m x n) and ``proj`` are in the compute dtype; ``exp_avg``/``exp_avg_sq`` have the shape of R
     and are updated in place (in their own dtype). Returns s: shape (m,) for a right projection (one factor
     per row), (n,) for a left projection (one per column), or a 0-d tensor for ``scale_type="tensor"``.
     """
-    # 1. R = G P^T (tall/square) or P G (wide): the gradient in the random subspace.
-    low_rank = project(grad2d, proj, side)
-    rank_dim = 1 if side == RIGHT else 0
-    # 2.-3. Adam moments on R, without bias correction here (it is folded into the step size).
-    m, v = adam_moments_(exp_avg, exp_avg_sq, low_rank, beta1, beta2)
-    # 4. R~ = m / (sqrt(v) + eps): the Adam direction in the subspace.
-    normalized = m / v.sqrt().add_(eps)
-    # 5. Scaling: how much Adam stretches each channel (or the whole tensor) of the projected gradient.
-    if scale_type == "channel":
-        return channel_norms(normalized, rank_dim) / (channel_norms(low_rank, rank_dim) + _SCALING_EPS)
-    return torch.linalg.vector_norm(normalized) / (torch.linalg.vector_norm(low_rank) + _SCALING_EPS)
+    low_rank = project(grad2d, proj, side)  # 1. R = G P^T (tall/square) or P G (wide)
+    normalized = normalized_moments(exp_avg, exp_avg_sq, low_rank, beta1, beta2, eps)  # 3.-4.
+    if scale_type == "channel":  # 5.
+        return channel_scaling(normalized, low_rank, 1 if side == RIGHT else 0)
+    return tensor_scaling(normalized.square().sum(), low_rank.square().sum())
+
+
+def project_rows(blocks: list[tuple[Any, torch.Tensor]], proj: torch.Tensor, layout: ShardLayout, side: str,
+                 compute: torch.dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Step 1 on the rows a process holds: ``blocks`` are ``(Block, G[rows, cols])`` pieces of the gradient.
+
+    Right projection (R = G P^T, one R row per G row): returns (the local rows of R, the partial products of
+    the cut rows, one row each in ``layout.cut_rows`` order, to be summed over the processes that share them;
+    rows this process does not hold stay 0). Left projection (R = P G, every G row contributes to every R
+    column): returns (this process's partial sum of R, r x n, to be summed over all processes; None)."""
+    m, n = layout.shape2d
+    r = proj.shape[0]
+    device = proj.device
+    if side == RIGHT:
+        low_rank = torch.zeros((layout.num_rows, r), dtype=compute, device=device)
+        cut_index = {row: j for j, row in enumerate(layout.cut_rows)}
+        cut_part = torch.zeros((len(layout.cut_rows), r), dtype=compute, device=device) if layout.cut_rows else None
+        for b, g in blocks:
+            part = g @ proj[:, b.col:b.col + b.ncols].T
+            if layout.is_partial(b) and b.row in cut_index:
+                cut_part[cut_index[b.row]] = part[0]
+            else:
+                low_rank[b.row - layout.first_row:b.row - layout.first_row + b.nrows] = part
+        return low_rank, cut_part
+    low_rank = torch.zeros((r, n), dtype=compute, device=device)
+    for b, g in blocks:
+        low_rank[:, b.col:b.col + b.ncols].addmm_(proj[:, b.row:b.row + b.nrows], g)
+    return low_rank, None
 
 
 def growth_limit_factor(
     update_norm: torch.Tensor, prev_norm: Optional[torch.Tensor], gamma: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fira's norm-growth limiter: the factor that keeps ||U|| <= gamma * previous ||U||, and the norm to
-    remember. Decreases are never limited. With no previous norm (first step) nothing is limited."""
+    remember. Decreases are never limited. With no previous norm (first step), or a previous norm of 0 (an
+    all-zero gradient: no history to grow from), nothing is limited.
+
+    The published APOLLO limits against a stored 0 too, which caps every later update near gamma * 1e-8 and
+    grows it by 1% a step: a matrix whose gradient was once all zero (a zero-initialised partner, a layer
+    frozen and then unfrozen, a masked head) is frozen for good. We treat 0 as "no history", as
+    :class:`~lowrank_opt.NormGrowthCap` does.
+    """
     if prev_norm is None:
         return torch.ones_like(update_norm), update_norm.clone()
     ratio = update_norm / (prev_norm + _LIMITER_EPS)
-    factor = torch.where(ratio > gamma, gamma / ratio, torch.ones_like(ratio))
+    factor = torch.where((ratio > gamma) & (prev_norm > 0), gamma / ratio, torch.ones_like(ratio))
     return factor, update_norm * factor
 
 
@@ -162,6 +228,56 @@ def _channel_view(factor: torch.Tensor, shape: torch.Size, side: str) -> torch.T
 
 
 # ----------------------------------------------------------------------------------------------------------
+# What the optimizer holds of each parameter in this step
+
+
+@dataclass(eq=False)
+class _Piece:
+    """One parameter as this process holds it in this step: all of it (``layout`` None), its rows under FSDP2,
+    or its slice of a DeepSpeed flat shard. ``weight``/``grad`` are local storage (flat 1-D for sharded
+    matrices); ``comm`` is where partial sums go (None: nothing crosses processes)."""
+
+    group: dict
+    index: int  # position in the group
+    label: str
+    identity: int
+    weight: torch.Tensor
+    grad: torch.Tensor
+    state: dict
+    plan: Optional[ProjectionPlan]  # None: plain AdamW
+    layout: Optional[ShardLayout] = None  # None: the whole parameter
+    comm: Any = None
+    shared: bool = False  # other processes hold parts of it: decisions and sums go through ``comm``
+    round_offset: int = 0  # first local element (salts the stochastic-rounding bits of a shard)
+    dtensor: Any = None  # the DTensor parameter (FSDP2): moments sharded like it are made DTensors
+    key: Any = None  # the tensor in param_groups (the parameter, or DeepSpeed's flat shard)
+    shard_index: Optional[int] = None  # position in the group, for a piece of a flat shard
+    is_copy: bool = False  # a copy of the parameter the optimizer was built with (DeepSpeed's stage-0 wrapper)
+    skip_state: bool = False  # holds no element of a shared matrix: adds zeros to the sums, keeps no state
+    # filled while the step runs
+    sq: Optional[torch.Tensor] = None  # squared gradient norms: per kept channel or total
+    bad: bool = False
+    low_rank: Optional[torch.Tensor] = None
+    cut_part: Optional[torch.Tensor] = None
+    factor: Optional[torch.Tensor] = None
+    partial: Optional[torch.Tensor] = None
+
+
+@dataclass
+class _Record:
+    """What the optimizer recorded about a parameter when it was built (so it recognises the parameter however
+    it is later sharded or swapped): identity, full shape, name, trainable, and a weak reference to it."""
+
+    identity: int
+    shape: tuple[int, ...]
+    name: Optional[str]
+    trainable: bool
+    original: Any = None  # weakref.ref or None
+    plan_key: Any = None
+    plan: Optional[ProjectionPlan] = None
+
+    def tensor(self) -> Optional[torch.Tensor]:
+        return self.original() if self.original is not None else None
 
 
 class Apollo(Optimizer):
@@ -178,12 +294,22 @@ class Apollo(Optimizer):
     5. Scaling: channel: s = ||R~|| / (||R|| + 1e-8) over the rank dimension (one factor per index of the
        larger dimension); tensor: one scalar from the Frobenius norms.
     6. U = G * s (the raw full-rank gradient), then
-    7. the norm-growth limiter: if ||U|| > gamma * prev then U <- U * gamma * prev / ||U||; prev <- ||U||,
+    7. the norm-growth limiter: if ||U|| > gamma * prev then U <- U * gamma * prev / ||U||; prev <- ||U||
+       (no limit while prev is absent or 0),
     8. times sqrt(scale) (``scale`` is the paper's alpha squared),
     9. W <- W - lr * sqrt(1 - b2^t) / (1 - b1^t) * U, then decoupled weight decay W <- W - lr * wd * W.
 
     Parameters with ``ndim < 2`` and every parameter of a group whose ``rank`` is ``None`` get AdamW with the
     same betas/eps/weight decay (in the published form: eps added to sqrt(v), decay after the update).
+
+    **Sharded training.** The same optimizer, built on the model's parameters as usual, trains exactly as
+    unsharded when the parameters are sharded: FSDP2 (``fully_shard``: ``Shard(0)`` DTensors, also when
+    accelerate swaps the entries of ``param_groups`` for the sharded parameters after building it) and
+    DeepSpeed ZeRO 1/2/3 (``deepspeed.initialize(model=..., optimizer=Apollo(...))``: flat shards). Each
+    parameter's full shape and identity are recorded at construction; each process projects the rows it
+    holds, and only what crosses a shard boundary is all-reduced (see :mod:`lowrank_opt.sharding`). A layout
+    it cannot recognise raises, naming the fix; a matrix is never updated as AdamW because of how it was
+    stored.
 
     Args:
         params: parameters, ``(name, parameter)`` pairs (``model.named_parameters()``; names then appear in
@@ -194,6 +320,8 @@ class Apollo(Optimizer):
         weight_decay (float): decoupled weight decay. Default 0.
         rank (int | float | callable | None): projection rank. An int (clipped to the compressed dimension),
             a fraction in (0, 1] of it, or ``dim -> int``. ``None`` makes the group plain AdamW. Default 256.
+            A callable is resolved to one integer per parameter in ``state_dict()`` (checkpoints hold plain
+            data); on load the rule comes from the constructor and must resolve to the same integers.
         scale_type (str): ``"channel"`` (APOLLO) or ``"tensor"`` (APOLLO-Mini). Default "channel".
         scale (float): the update is multiplied by sqrt(scale). APOLLO-Mini uses 128. Default 1.
         update_proj_gap (int): steps between projection redraws (T). Default 200.
@@ -212,22 +340,32 @@ class Apollo(Optimizer):
             free that gradient at once, so only about one matrix of gradients is alive at a time. ``step()``
             then has nothing left to do; schedulers and checkpoints work unchanged (same state dict as the
             normal mode). Not compatible with gradient accumulation over several backward passes, nor with
-            data-parallel gradient all-reduce, and global-norm clipping sees no gradients (use
-            :class:`~lowrank_opt.NormGrowthCap`-style per-tensor limits: the built-in ``norm_growth_limit``).
-            With ``nonfinite="raise"`` an inf/nan gradient raises out of ``backward()``; parameters updated
-            earlier in that backward pass keep their update.
+            data-parallel gradient all-reduce or sharding, and global-norm clipping sees no gradients (use
+            the built-in per-tensor ``norm_growth_limit``). With ``nonfinite="raise"`` an inf/nan gradient
+            raises out of ``backward()``; parameters updated earlier in that backward pass keep their update.
         stochastic_rounding (bool): for bf16 parameters (pure-bf16 training, no fp32 master weights), write
             the fp32 result of the update and weight decay back with stochastic rounding
             (:func:`~lowrank_opt.rounding.stochastic_round_to_bf16`), so that updates smaller than half a
             bf16 spacing (2^-9 to 2^-8 of the weight) are not lost but kept in expectation; ``False`` rounds
             to nearest. The random bits are a pure function of (``seed``, parameter identity, the parameter's step
-            count): runs are reproducible, resume is bit-exact, and data-parallel replicas round alike.
-            fp16 parameters are always rounded to nearest (fp16 training normally keeps fp32 master
-            weights); fp32/fp64 parameters need no rounding. Default True.
+            count, and, for a shard, its first element): runs are reproducible, resume is bit-exact, and
+            data-parallel replicas round alike. fp16 parameters are always rounded to nearest (fp16 training
+            normally keeps fp32 master weights); fp32/fp64 parameters need no rounding. Default True.
         foreach (bool | None): the fast path (``None``, default, or ``True``): plain-AdamW tensors are updated
             with torch's foreach ops (small ones) or in pieces (2^20 elements on CPU, 2^24 on GPUs: no
             full-size temporaries). Same numbers as ``False``, the simple one-tensor-at-a-time reference path
             it is tested against (bit for bit on CPU).
+        process_group: the process group DeepSpeed ZeRO's flat shards are split over (default: the world;
+            :func:`lowrank_opt.integrations.deepspeed.initialize` sets DeepSpeed's data-parallel group).
+            FSDP2 parameters use their own device mesh. Not saved.
+        comm: an object with ``rank``, ``world_size`` and ``all_reduce_(tensor)`` (sum in place) to use instead
+            of torch.distributed for flat shards (tests, custom transports). Not saved.
+
+    Attributes:
+        skipped_tensors: tensor updates skipped for a non-finite gradient.
+        comm_bytes_last_step / comm_bytes_total: bytes this optimizer all-reduced in its latest ``step()``
+            (summed over the per-group calls DeepSpeed makes) and since construction.
+        init_steps_skipped: DeepSpeed set-up calls recognised and skipped (see :meth:`step`).
 
     Example:
         >>> groups = lowrank_param_groups(model, "all-linear", rank=128)
@@ -256,6 +394,8 @@ class Apollo(Optimizer):
         layerwise: bool = False,
         stochastic_rounding: bool = True,
         foreach: Optional[bool] = None,
+        process_group: Any = None,
+        comm: Any = None,
     ):
         defaults = dict(
             lr=lr,
@@ -276,16 +416,32 @@ class Apollo(Optimizer):
             stochastic_rounding=stochastic_rounding,
             foreach=foreach,
         )
-        self._param_index: dict[torch.Tensor, int] = {}
-        self._location: dict[torch.Tensor, tuple[int, int]] = {}  # param -> (group index, index in group)
-        self._identity_cache: dict[torch.Tensor, int] = {}
-        self._projection_cache: dict[torch.Tensor, tuple[int, torch.Tensor]] = {}
+        if not isinstance(layerwise, bool):
+            raise TypeError(f"layerwise must be a bool, got {layerwise!r}")
+        self.layerwise = layerwise
+        self._process_group = process_group
+        self._comm = comm
+        self._init_caches()
+        self._records: list[list[_Record]] = []
+        self._param_count = 0
         self.skipped_tensors = 0
-        self._hooks: list = []
+        self.init_steps_skipped = 0
+        self.comm_bytes_total = 0
+        self._comm_bytes_by_key: dict[Any, int] = {}
         super().__init__(params, defaults)
         _common.check_param_dtypes(self)
         if layerwise:
             self._register_layerwise_hooks()
+
+    def _init_caches(self) -> None:
+        """Everything rebuilt from param_groups: lookups, projection cache, hooks."""
+        self._group_of: dict[int, int] = {}  # id(group dict) -> group index
+        self._group_dicts: list[dict] = []
+        self._where: dict[torch.Tensor, tuple[int, int]] = {}  # param -> (group index, index in group)
+        self._projection_cache: dict[torch.Tensor, tuple[int, torch.Tensor]] = {}
+        self._projection_cache_shards: dict[tuple, tuple[int, torch.Tensor]] = {}
+        self._hooks: list = []
+        self._flat_cache: dict[tuple, list] = {}
 
     # -- construction-time validation ------------------------------------------------------------------
 
@@ -298,9 +454,24 @@ class Apollo(Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+        names = group.get("param_names")
+        records = []
         for i, p in enumerate(group["params"]):
-            self._param_index.setdefault(p, len(self._param_index))
-            self._location[p] = (group_index, i)
+            name = names[i] if names is not None else None
+            identity = identity_key(name if name is not None else self._param_count)
+            self._param_count += 1
+            try:
+                ref = weakref.ref(p)
+            except TypeError:  # pragma: no cover - every torch tensor is weak-referenceable
+                ref = None
+            records.append(_Record(identity, full_shape(p), name, bool(p.requires_grad), ref))
+        self._records.append(records)
+        self._reindex()
+
+    def _reindex(self) -> None:
+        self._group_dicts = list(self.param_groups)
+        self._group_of = {id(g): gi for gi, g in enumerate(self.param_groups)}
+        self._where = {p: (gi, i) for gi, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])}
 
     def _validate_group(self, group: dict, group_index: int) -> None:
         where = _common.group_where(group_index)
@@ -327,38 +498,61 @@ class Apollo(Optimizer):
         group["state_dtype"] = _state_dtype_name(group["state_dtype"], where)
         if group["rank"] is not None:
             for i, p in enumerate(group["params"]):
-                if p.ndim >= 2:
-                    shape2d = matrix_shape(p.shape)
-                    side = orientation(shape2d, group["sort_dims"])
-                    dim = shape2d[1] if side == RIGHT else shape2d[0]
-                    resolve_rank(group["rank"], dim, _common.param_label(group, i, p))
+                shape = full_shape(p)
+                if len(shape) >= 2:
+                    self._resolve_rank(group, shape, _common.param_label(group, i, p) + where)
 
-    # -- projection ------------------------------------------------------------------------------------
-
-    def _identity(self, group: dict, index_in_group: int, p: torch.Tensor) -> int:
-        identity = self._identity_cache.get(p)
-        if identity is None:
-            names = group.get("param_names")
-            key = names[index_in_group] if names is not None else self._param_index[p]
-            identity = identity_key(key)
-            self._identity_cache[p] = identity
-        return identity
-
-    def _plan(self, group: dict, index_in_group: int, p: torch.Tensor) -> Optional[ProjectionPlan]:
-        """How ``p`` is projected, or None when it is updated with plain AdamW."""
-        if group["rank"] is None or p.ndim < 2:
-            return None
-        shape2d = matrix_shape(p.shape)
+    @staticmethod
+    def _resolve_rank(group: dict, shape: tuple[int, ...], label: str) -> int:
+        shape2d = matrix_shape(shape)
         side = orientation(shape2d, group["sort_dims"])
         dim = shape2d[1] if side == RIGHT else shape2d[0]
-        rank = resolve_rank(group["rank"], dim, _common.param_label(group, index_in_group, p))
-        return ProjectionPlan(shape2d, side, rank, self._identity(group, index_in_group, p))
+        return resolve_rank(group["rank"], dim, label)
+
+    # -- parameters and their records ------------------------------------------------------------------
+
+    def _group_index(self, group: dict) -> int:
+        """The index of a param group among those the optimizer was built with. DeepSpeed ZeRO 1/2 call
+        ``step()`` with ``param_groups = [that one group]``: the dict is ours, found by identity."""
+        index = self._group_of.get(id(group))
+        if index is not None and self._group_dicts[index] is group:
+            return index
+        self._reindex()  # groups replaced since (load_state_dict through a wrapper)
+        index = self._group_of.get(id(group))
+        if index is not None:
+            return index
+        raise RuntimeError("Apollo.step() got a param group it was not built with (a wrapper replaced the group "
+                           "dicts); build the optimizer on the parameters it will train")
+
+    def _label(self, group: dict, i: int, p: Optional[torch.Tensor] = None, record: Optional[_Record] = None) -> str:
+        if record is not None and record.name is not None:
+            return repr(record.name)
+        if p is not None and i < len(group["params"]) and group["params"][i] is p:
+            return _common.param_label(group, i, p)
+        shape = record.shape if record is not None else tuple(p.shape)
+        return f"param {i} (shape {shape}) of its param group"
+
+    def _plan_for(self, group: dict, record: _Record, label: str) -> Optional[ProjectionPlan]:
+        """How a parameter is projected (computed once, recomputed only if the group's rank rule or
+        orientation changes), or None when it is updated with plain AdamW."""
+        if group["rank"] is None or len(record.shape) < 2:
+            return None
+        key = (id(group["rank"]) if callable(group["rank"]) else group["rank"], group["sort_dims"])
+        if record.plan is None or record.plan_key != key:
+            shape2d = matrix_shape(record.shape)
+            side = orientation(shape2d, group["sort_dims"])
+            rank = self._resolve_rank(group, record.shape, label)
+            record.plan, record.plan_key = ProjectionPlan(shape2d, side, rank, record.identity), key
+        return record.plan
 
     def _locate(self, param: torch.Tensor) -> tuple[dict, int]:
-        # Indices, not group dicts: load_state_dict replaces the group dicts.
-        location = self._location.get(param)
-        if location is None:
-            raise KeyError("the tensor is not a parameter of this optimizer")
+        location = self._where.get(param)
+        if location is None or location[0] >= len(self.param_groups) or \
+                self.param_groups[location[0]]["params"][location[1]] is not param:
+            self._reindex()  # the entries were swapped (accelerate's FSDP2 preparation) or groups reloaded
+            location = self._where.get(param)
+            if location is None:
+                raise KeyError("the tensor is not a parameter of this optimizer")
         return self.param_groups[location[0]], location[1]
 
     def projection_matrix(self, param: torch.Tensor, step: Optional[int] = None) -> Optional[torch.Tensor]:
@@ -367,53 +561,177 @@ class Apollo(Optimizer):
         ``None`` for parameters updated with plain AdamW. The orientation follows the class docstring:
         R = G P^T when P's second dimension is G's columns, else R = P G."""
         group, i = self._locate(param)
-        plan = self._plan(group, i, param)
+        record = self._records[self._group_index(group)][i]
+        plan = self._plan_for(group, record, self._label(group, i, param, record))
         if plan is None:
             return None
         if step is None:
             step = self.state[param].get("step", 0) if param in self.state else 0
-        return plan.matrix(group["seed"], step, group["update_proj_gap"], param.device)
+        device = param.to_local().device if is_dtensor(param) else param.device
+        return plan.matrix(group["seed"], step, group["update_proj_gap"], device)
 
-    def _projection(self, group: dict, plan: ProjectionPlan, p: torch.Tensor, step: int, dtype) -> torch.Tensor:
+    def _projection(self, group: dict, plan: ProjectionPlan, key: Any, step: int, device, dtype) -> torch.Tensor:
+        """P for this step: drawn from (seed, identity, refresh), or kept between redraws with
+        ``cache_projection`` (keyed by the parameter, or (flat shard, position) for a piece of one)."""
         gap = group["update_proj_gap"]
         if not group["cache_projection"]:
-            return plan.matrix(group["seed"], step, gap, p.device, dtype)
+            return plan.matrix(group["seed"], step, gap, device, dtype)
         refresh_index = step // gap
-        cached = self._projection_cache.get(p)
+        cache = self._projection_cache if isinstance(key, torch.Tensor) else self._projection_cache_shards
+        cached = cache.get(key)
         if cached is None or cached[0] != refresh_index or cached[1].dtype != dtype:
-            cached = (refresh_index, plan.matrix(group["seed"], step, gap, p.device, dtype))
-            self._projection_cache[p] = cached
+            cached = (refresh_index, plan.matrix(group["seed"], step, gap, device, dtype))
+            cache[key] = cached
         return cached[1]
 
-    # -- state -----------------------------------------------------------------------------------------
+    # -- state, copies and checkpoints -----------------------------------------------------------------
+
+    def __getstate__(self) -> dict:
+        # Hooks, weak references, process groups and caches do not pickle; everything is rebuilt from
+        # param_groups in __setstate__ (torch's Optimizer.__getstate__ keeps only defaults, state, groups).
+        state = super().__getstate__()
+        state["layerwise"] = self.layerwise
+        state["skipped_tensors"] = self.skipped_tensors
+        state["init_steps_skipped"] = self.init_steps_skipped
+        state["comm_bytes_total"] = self.comm_bytes_total
+        state["_records"] = [[_Record(r.identity, r.shape, r.name, r.trainable) for r in rs] for rs in self._records]
+        state["_param_count"] = self._param_count
+        return state
 
     def __setstate__(self, state: dict) -> None:
+        if "_records" in self.__dict__ and "_records" not in state:
+            # torch's load_state_dict ends with __setstate__({"state", "param_groups"}) on a live optimizer:
+            # keep what it recorded at construction (the layout it recognises shards by), just reindex.
+            super().__setstate__(state)
+            self._fill_group_defaults()
+            self._reindex()
+            return
+        records = state.pop("_records", None)
+        extras = {k: state.pop(k, 0) for k in ("layerwise", "skipped_tensors", "init_steps_skipped",
+                                                "comm_bytes_total", "_param_count")}
         super().__setstate__(state)
+        self.layerwise = bool(extras["layerwise"])
+        self.skipped_tensors = extras["skipped_tensors"]
+        self.init_steps_skipped = extras["init_steps_skipped"]
+        self.comm_bytes_total = extras["comm_bytes_total"]
+        self._process_group = None
+        self._comm = None
+        self._comm_bytes_by_key = {}
+        self._init_caches()
+        self._fill_group_defaults()
+        if records is None:  # pickled by an older version: rebuild from the groups
+            records, count = [], 0
+            for group in self.param_groups:
+                names = group.get("param_names")
+                rs = []
+                for i, p in enumerate(group["params"]):
+                    name = names[i] if names is not None else None
+                    rs.append(_Record(identity_key(name if name is not None else count), full_shape(p), name,
+                                      bool(p.requires_grad)))
+                    count += 1
+                records.append(rs)
+            extras["_param_count"] = count
+        for group, rs in zip(self.param_groups, records):
+            for r, p in zip(rs, group["params"]):
+                r.original = weakref.ref(p)
+        self._records = records
+        self._param_count = extras["_param_count"]
+        self._reindex()
+        if self.layerwise:
+            self._register_layerwise_hooks()
+
+    def _fill_group_defaults(self) -> None:
         for group in self.param_groups:  # checkpoints from before the option: the constructor's choice
             group.setdefault("stochastic_rounding", self.defaults.get("stochastic_rounding", True))
             group.setdefault("foreach", self.defaults.get("foreach"))
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._projection_cache.clear()
-        self._identity_cache.clear()
-        _common.load_state_dict_keep_dtypes(self, state_dict)
+    def state_dict(self) -> dict:
+        """torch's state dict, with a callable ``rank`` replaced by the integer it resolves to for each
+        parameter (``None`` for the plain-AdamW ones), so checkpoints hold only tensors and plain data and load
+        with ``torch.load(weights_only=True)``."""
+        sd = super().state_dict()
+        for saved, group, records in zip(sd["param_groups"], self.param_groups, self._records):
+            if callable(group["rank"]):
+                saved["rank"] = [
+                    self._resolve_rank(group, r.shape, self._label(group, i, record=r)) if len(r.shape) >= 2 else None
+                    for i, r in enumerate(records)]
+        return sd
 
-    def _init_state(self, group: dict, p: torch.Tensor, shape: tuple[int, ...]) -> dict:
-        """The parameter's state, with zero moments of ``shape`` on its first update."""
-        state = self.state[p]
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load, keeping the saved dtypes of the state tensors (fp32 moments of bf16 weights stay fp32).
+        A rank saved as per-parameter integers (from a callable rule) keeps the constructor's rule, which must
+        resolve to the same integers."""
+        rules = [g["rank"] for g in self.param_groups]
+        for index, (saved, rule, records) in enumerate(zip(state_dict["param_groups"], rules, self._records)):
+            if isinstance(saved.get("rank"), (list, tuple)):
+                group = dict(saved, rank=rule, sort_dims=saved.get("sort_dims", True))
+                for i, (want, r) in enumerate(zip(saved["rank"], records)):
+                    if want is None or len(r.shape) < 2:
+                        continue
+                    got = resolve_rank(rule, matrix_shape(r.shape)[1 if orientation(
+                        matrix_shape(r.shape), group["sort_dims"]) == RIGHT else 0]) if rule is not None else None
+                    if got != want:
+                        raise ValueError(
+                            f"the checkpoint was saved with rank {want} for {self._label(group, i, record=r)} in "
+                            f"param_groups[{index}], but this optimizer's rank rule {rule!r} gives {got}: build the "
+                            "optimizer with the rank it was trained with")
+        self._projection_cache.clear()
+        self._projection_cache_shards.clear()
+        _common.load_state_dict_keep_dtypes(self, state_dict)
+        for group, rule in zip(self.param_groups, rules):
+            if isinstance(group.get("rank"), (list, tuple)):
+                group["rank"] = rule
+        self._reindex()
+
+    def _state_for(self, key: torch.Tensor, shard_index: Optional[int]) -> dict:
+        """The state of a parameter (or of one parameter's piece of a flat shard), or a new empty dict that
+        :meth:`_init_state` registers on the first update (looking does not create state)."""
+        state = self.state.get(key)
+        if shard_index is not None:
+            state = (state or {}).get(SHARD_STATE_KEY, {}).get(shard_index)
+        return state if state is not None else {}
+
+    def _init_state(self, piece: _Piece, shape: tuple[int, ...], global_shape: Optional[tuple[int, ...]] = None) -> dict:
+        """The piece's state, with zero moments of ``shape`` (local) on its first update. Under FSDP2 moments
+        whose rows are the weight's rows (dense, right projection) are DTensors sharded like it, so that
+        ``torch.distributed.checkpoint`` saves and reshards them."""
+        state = piece.state
         if "step" not in state:
-            dtype = _STATE_DTYPES[group["state_dtype"]] if group["state_dtype"] else _compute_dtype(p.dtype)
+            group = piece.group
+            dtype = _STATE_DTYPES[group["state_dtype"]] if group["state_dtype"] else _compute_dtype(piece.weight.dtype)
             state["step"] = 0
-            state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
+            for key in ("exp_avg", "exp_avg_sq"):
+                local = torch.zeros(shape, dtype=dtype, device=piece.weight.device)
+                if piece.dtensor is not None and global_shape is not None:
+                    from torch.distributed.tensor import DTensor
+
+                    stride = tuple(math.prod(global_shape[d + 1:]) for d in range(len(global_shape)))
+                    local = DTensor.from_local(local, piece.dtensor.device_mesh, piece.dtensor.placements,
+                                               run_check=False, shape=torch.Size(global_shape), stride=stride)
+                state[key] = local
+            if piece.shard_index is None:
+                self.state[piece.key] = state
+            else:
+                self.state[piece.key].setdefault(SHARD_STATE_KEY, {})[piece.shard_index] = state
         return state
+
+    @staticmethod
+    def _local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if is_dtensor(t) else t
 
     # -- step ------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One optimization step. A gradient with inf/nan raises (before anything changes) or is skipped,
-        per ``nonfinite``."""
+        per ``nonfinite``.
+
+        DeepSpeed's bf16/fp16 stage-0 wrapper calls ``step()`` once inside ``deepspeed.initialize`` with fp32
+        copies of the parameters and all-zero gradients, to create optimizer state. That call would count as
+        step 1 (bias correction and projection schedule shifted by one) and apply weight decay; a ``step()`` on
+        parameters that are not the ones the optimizer was built with, none of them with state yet, and every
+        gradient exactly zero, is recognised as it and changes nothing (counted in ``init_steps_skipped``).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -437,6 +755,9 @@ class Apollo(Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.requires_grad:
+                    if is_dtensor(p):
+                        raise ValueError("layerwise=True cannot run on sharded (FSDP2) parameters: their gradients "
+                                         "are reduced after backward; use layerwise=False")
                     self._hooks.append(p.register_post_accumulate_grad_hook(hook))
 
     def remove_hooks(self) -> None:
@@ -445,141 +766,458 @@ class Apollo(Optimizer):
             handle.remove()
         self._hooks.clear()
 
+    @property
+    def process_group(self) -> Any:
+        """The process group flat (DeepSpeed) shards are reduced over; setting it takes effect at the next step."""
+        return self._process_group
+
+    @process_group.setter
+    def process_group(self, group: Any) -> None:
+        self._process_group = group
+        self._comm = None
+        self._flat_cache.clear()
+
+    @property
+    def comm_bytes_last_step(self) -> int:
+        return sum(self._comm_bytes_by_key.values())
+
+    def _get_comm(self):
+        if self._comm is None:
+            self._comm = TorchDistComm(self._process_group)
+        return self._comm
+
+    # -- recognising what each parameter is in this step ----------------------------------------------
+
+    def _pieces(self, group: dict, i: int, p: torch.Tensor) -> list[_Piece]:
+        gi = self._group_index(group)
+        records = self._records[gi]
+        live = group["params"]
+        if is_dtensor(p):
+            return [self._dtensor_piece(group, i, p, records[i] if len(live) == len(records) else None)]
+        if len(live) == len(records) and tuple(p.shape) == records[i].shape:
+            return [self._whole_piece(group, i, p, records[i])]
+        trainable = [k for k, r in enumerate(records) if r.trainable]
+        if len(live) == len(trainable) and all(tuple(q.shape) == records[k].shape for q, k in zip(live, trainable)):
+            # fp32 copies of the trainable parameters (DeepSpeed's bf16/fp16 stage-0 wrapper)
+            return [self._whole_piece(group, i, p, records[trainable[i]])]
+        if len(live) == 1 and p.ndim == 1:
+            return self._flat_pieces(group, gi, p)
+        shapes = [tuple(q.shape) for q in live]
+        raise RuntimeError(
+            f"Apollo was built with parameters of shapes {[r.shape for r in records]} in param_groups[{gi}] but "
+            f"step() sees {shapes}: a wrapper changed the parameters in a way Apollo does not recognise (it knows "
+            "unsharded parameters, FSDP2 DTensors and DeepSpeed ZeRO 1-3 flat shards). Rather than update these "
+            "matrices as something else, it stops here: build the optimizer on the parameters the wrapper trains")
+
+    def _whole_piece(self, group: dict, i: int, p: torch.Tensor, record: _Record) -> _Piece:
+        label = self._label(group, i, p, record)
+        original = record.tensor()
+        return _Piece(group, i, label, record.identity, p, p.grad, self._state_for(p, None),
+                      self._plan_for(group, record, label),
+                      key=p, is_copy=original is not None and original is not p)
+
+    def _dtensor_piece(self, group: dict, i: int, p: torch.Tensor, record: Optional[_Record]) -> _Piece:
+        if record is None or tuple(p.shape) != record.shape:
+            raise RuntimeError(
+                f"Apollo got a sharded parameter of shape {tuple(p.shape)} at position {i} of a param group built "
+                f"with {'another parameter' if record is not None else 'a different number of parameters'}: the "
+                "parameters were swapped for others")
+        label = self._label(group, i, p, record)
+        plan = self._plan_for(group, record, label)
+        row0, nrows, comm = dtensor_rows(p, label)
+        grad = p.grad
+        if not is_dtensor(grad):
+            raise RuntimeError(f"the gradient of the DTensor parameter {label} is not a DTensor")
+        weight, local_grad = p.to_local(), grad.to_local()
+        layout = None
+        shared = comm is not None
+        if plan is not None and (shared or nrows != record.shape[0]):
+            layout = ShardLayout.rows(plan.shape2d, row0, nrows)
+        n_row = math.prod(record.shape[1:]) if len(record.shape) > 1 else 1
+        return _Piece(group, i, label, record.identity, weight, local_grad, self._state_for(p, None), plan, layout, comm,
+                      shared, round_offset=row0 * n_row, dtensor=p, key=p)
+
+    def _flat_pieces(self, group: dict, gi: int, flat: torch.Tensor) -> list[_Piece]:
+        records = self._records[gi]
+        comm = self._get_comm()
+        key = (id(flat), gi, comm.rank, comm.world_size, flat.numel())
+        layout_pieces = self._flat_cache.get(key)
+        if layout_pieces is None:
+            originals = [r.tensor() for r in records]
+            trainable = [bool(o.requires_grad) if o is not None else r.trainable for r, o in zip(records, originals)]
+            layout_pieces = zero_flat_pieces(flat, [r.shape for r in records], trainable, originals, comm.rank,
+                                             comm.world_size, f"param_groups[{gi}]")
+            self._flat_cache[key] = layout_pieces
+        grad = flat.grad
+        pieces = []
+        for fp in layout_pieces:
+            if fp.numel == 0 and not fp.shared:
+                continue
+            record = records[fp.index]
+            label = self._label(group, fp.index, record=record)
+            plan = self._plan_for(group, record, label)
+            weight = flat.narrow(0, fp.offset, fp.numel)
+            g = grad.narrow(0, fp.offset, fp.numel)
+            layout = None
+            if plan is not None:
+                n = plan.shape2d[1]
+                layout = ShardLayout.of_slice(plan.shape2d, fp.start, fp.numel, sorted({c // n for c in fp.cuts if c % n}))
+            pieces.append(_Piece(group, fp.index, label, record.identity, weight, g,
+                                 self._state_for(flat, fp.index), plan, layout, comm if fp.shared else None,
+                                 fp.shared, round_offset=fp.start, key=flat, shard_index=fp.index))
+        return pieces
+
+    # -- the update ------------------------------------------------------------------------------------
+
     def _update(self, candidates: list) -> None:
-        # Pass 1 (read only): gather work and the gradient norms the update needs anyway, and check that
-        # every gradient is finite before any parameter or state is touched.
-        work = []  # (group, index, p, plan, per-channel gradient norms or None)
-        checks = []
-        dense = []
+        pieces: list[_Piece] = []
         for group, i, p in candidates:
             if p.grad is None:
                 continue
             _common.check_grad_supported(self, group, i, p)
-            plan = self._plan(group, i, p)
-            if plan is None:
-                work.append((group, i, p, None, None))
-                dense.append(len(work) - 1)
-                continue
-            grad2d = p.grad.reshape(plan.shape2d)
-            # Norms of G per kept channel (rows for a right projection, columns for a left one), or its
-            # Frobenius norm for tensor-wise scaling: ||G * s|| is computed from them without materialising G * s.
-            if group["scale_type"] == "tensor":
-                norms = torch.linalg.vector_norm(grad2d, dtype=_compute_dtype(p.dtype))
-            else:
-                norms = channel_norms(grad2d, 1 if plan.side == RIGHT else 0, _compute_dtype(p.dtype))
-            work.append((group, i, p, plan, norms))
-            checks.append(norms.sum())
-        if not work:
+            pieces.extend(self._pieces(group, i, p))
+        if not pieces:
             return
-        if dense:
-            checks.extend(torch._foreach_norm([work[k][2].grad for k in dense]))
-            dense_set = set(dense)
-            order = [k for k in range(len(work)) if k not in dense_set] + dense
-        else:
-            order = list(range(len(work)))
-        skip = self._nonfinite(work, order, checks)
-
-        # Pass 2: the updates (the fast path batches or chunks the plain-AdamW tensors).
-        dense_fast = []
-        for k, (group, i, p, plan, norms) in enumerate(work):
-            if k in skip:
+        if self._is_setup_call(pieces):
+            self.init_steps_skipped += 1
+            logger.info("Apollo: step() with all-zero gradients on copies of the parameters before any state "
+                        "(DeepSpeed set-up) skipped: no step counted, no state, no weight decay")
+            return
+        # 1. Read only: squared gradient norms (needed for ||U|| anyway) and the finiteness of every gradient,
+        #    decided on every process alike, before any parameter or state changes.
+        skip = self._check(pieces)
+        work = [piece for piece in pieces if piece not in skip]
+        dense = [piece for piece in work if piece.plan is None and (piece.weight.numel() or piece.dtensor is not None)]
+        lowrank = [piece for piece in work if piece.plan is not None]
+        # 2. Low-rank matrices: whole ones one after the other (one R alive at a time); sharded ones in
+        #    batches that share each all-reduce.
+        batch: list[_Piece] = []
+        batch_bytes = 0
+        for piece in lowrank:
+            if not piece.shared:
+                self._lowrank_update([piece])
                 continue
-            if plan is not None:
-                self._apollo_update(group, p, plan, norms)
-            elif group["foreach"] is not False and p.dtype in (torch.float32, torch.float64):
-                dense_fast.append((group, p))
-            else:
-                self._adamw_update(group, p)
-        if dense_fast:
-            self._adamw_updates_fast(dense_fast)
+            batch.append(piece)
+            batch_bytes += math.prod(piece.plan.moment_shape) * 4
+            if batch_bytes >= _BATCH_BYTES:
+                self._lowrank_update(batch)
+                batch, batch_bytes = [], 0
+        if batch:
+            self._lowrank_update(batch)
+        # 3. Plain AdamW.
+        self._dense_updates(dense)
 
-    def _nonfinite(self, work: list, order: list[int], checks: list[torch.Tensor]) -> set[int]:
-        flags = torch.isfinite(torch.stack([c.float() for c in checks]))
-        if bool(flags.all()):
+    @staticmethod
+    def _is_setup_call(pieces: list[_Piece]) -> bool:
+        """DeepSpeed's stage-0 set-up call: copies of the parameters, no state yet, every gradient zero."""
+        if not all(piece.is_copy for piece in pieces) or any(len(piece.state) for piece in pieces):
+            return False
+        return all(piece.grad.device.type != "meta" and not bool(piece.grad.any()) for piece in pieces)
+
+    def _check(self, pieces: list[_Piece]) -> set:
+        """Before anything changes: squared gradient norms per kept channel (or in total), which ||U|| needs
+        anyway, and whether each gradient is finite. A gradient whose squares overflow the compute dtype counts
+        as non-finite (its second moment would become inf and freeze the weight). Pieces shared with other
+        processes decide through their comm, so that every process takes the same decision. Returns the pieces
+        to skip; raises when a non-finite gradient meets ``nonfinite="raise"`` (on any process)."""
+        totals: list[torch.Tensor] = [None] * len(pieces)  # type: ignore[list-item]
+        dense: dict[tuple, list[int]] = {}
+        for k, piece in enumerate(pieces):
+            plan = piece.plan
+            if plan is None:
+                dense.setdefault((piece.grad.device, piece.grad.dtype), []).append(k)
+                continue
+            compute = _compute_dtype(piece.weight.dtype)
+            tensor_wise = piece.group["scale_type"] == "tensor"
+            if piece.layout is None:
+                grad2d = piece.grad.reshape(plan.shape2d)
+                if tensor_wise:
+                    piece.sq = torch.linalg.vector_norm(grad2d, dtype=compute).square()
+                else:
+                    piece.sq = channel_norms(grad2d, plan.rank_dim, compute).square_()
+            else:
+                blocks = self._blocks(piece, compute)
+                device = piece.weight.device
+                if tensor_wise:
+                    piece.sq = torch.zeros((), dtype=compute, device=device)
+                    for _, g in blocks:
+                        piece.sq += torch.linalg.vector_norm(g, dtype=compute).square()
+                elif plan.side == RIGHT:
+                    piece.sq = torch.zeros(piece.layout.num_rows, dtype=compute, device=device)
+                    for b, g in blocks:
+                        r0 = b.row - piece.layout.first_row
+                        piece.sq[r0:r0 + b.nrows] += torch.linalg.vector_norm(g, dim=1, dtype=compute).square()
+                else:
+                    piece.sq = torch.zeros(plan.shape2d[1], dtype=compute, device=device)
+                    for b, g in blocks:
+                        piece.sq[b.col:b.col + b.ncols] += channel_norms(g, 0, compute).square_()
+            totals[k] = piece.sq.sum()
+        for (_, dtype), ks in dense.items():  # plain-AdamW tensors: one batched norm each
+            grads = [pieces[k].grad for k in ks]
+            wide = dtype if dtype == torch.float64 else torch.float32
+            try:
+                norms = torch._foreach_norm(grads, 2, dtype=wide)
+            except (TypeError, RuntimeError):  # pragma: no cover - torch without the dtype argument
+                norms = [torch.linalg.vector_norm(g, dtype=wide) for g in grads]
+            for k, norm in zip(ks, norms):
+                totals[k] = norm.square()
+        if all(t.device.type == "meta" for t in totals):
+            return set()  # meta tensors (the memory estimator's dry run) have no values to check
+        flags = [not f for f in self._host_bools([torch.isfinite(t) for t in totals])]
+        raise_here = any(flag and piece.group["nonfinite"] == "raise" for flag, piece in zip(flags, pieces))
+        elsewhere = False
+        by_comm: dict[int, list[int]] = {}
+        for k, piece in enumerate(pieces):
+            if piece.shared:
+                by_comm.setdefault(id(piece.comm), []).append(k)
+        for ks in by_comm.values():
+            # One all-reduce per comm: "some process raises", each shared piece's flag, and the squared norms
+            # that other processes add to (left projections: per column; tensor-wise: the total).
+            comm = pieces[ks[0]].comm
+            device = pieces[ks[0]].weight.device
+            dtype = torch.float64 if any(pieces[k].weight.dtype == torch.float64 for k in ks) else torch.float32
+            parts = [torch.tensor([float(raise_here)], dtype=dtype, device=device)]
+            summed = []
+            for k in ks:
+                piece = pieces[k]
+                parts.append(torch.tensor([float(flags[k])], dtype=dtype, device=device))
+                if piece.plan is not None and not (piece.plan.side == RIGHT and piece.group["scale_type"] == "channel"):
+                    parts.append(piece.sq.reshape(-1).to(device, dtype))
+                    summed.append(k)
+            buf = torch.cat(parts)
+            self._all_reduce(comm, buf, ("check",) + tuple(pieces[k].identity for k in ks))
+            values = buf.cpu()
+            elsewhere = elsewhere or float(values[0]) > 0
+            pos = 1
+            for k in ks:
+                flags[k] = float(values[pos]) > 0
+                pos += 1
+                if k in summed:
+                    piece = pieces[k]
+                    size = piece.sq.numel()
+                    piece.sq = buf[pos:pos + size].reshape(piece.sq.shape).to(piece.sq.dtype)
+                    pos += size
+        bad = [k for k in range(len(pieces)) if flags[k]]
+        if not bad and not elsewhere:
             return set()
-        bad = []
-        for flag, k in zip(flags.tolist(), order):
-            if not flag and not bool(torch.isfinite(work[k][2].grad).all()):  # norm overflow is not a bad grad
-                bad.append(k)
-        if not bad:
-            return set()
-        labels = [_common.param_label(work[k][0], work[k][1], work[k][2]) for k in bad]
-        policies = {work[k][0]["nonfinite"] for k in bad}
-        if "raise" in policies:
-            raise RuntimeError(_common.nonfinite_message(self, labels))
+        labels = [pieces[k].label for k in bad]
+        if raise_here or elsewhere or any(pieces[k].group["nonfinite"] == "raise" for k in bad):
+            message = _common.nonfinite_message(self, labels or ["a parameter held by another process"])
+            too_large = [pieces[k].label for k in bad if bool(torch.isfinite(pieces[k].grad).all())]
+            if too_large:
+                message += (f" Every element of the gradient of {', '.join(too_large)} is finite, but their squares "
+                            "overflow the compute dtype: the gradient is too large.")
+            if any(piece.shared for piece in pieces):
+                message = message.replace("no parameter or optimizer state was changed",
+                                          "no parameter or optimizer state was changed on any process")
+            raise RuntimeError(message)
         self.skipped_tensors += len(bad)
         logger.warning("Apollo: skipped the update of %s (non-finite gradient)", ", ".join(labels))
-        return set(bad)
+        return {pieces[k] for k in bad}
 
-    def _apollo_update(self, group: dict, p: torch.Tensor, plan: ProjectionPlan, grad_norms: torch.Tensor):
-        state = self._init_state(group, p, plan.moment_shape)
-        beta1, beta2 = group["betas"]
-        compute = _compute_dtype(p.dtype)
-        grad = p.grad
-        step = state["step"]
-        # Steps 1-5 on the 2-D view of the gradient.
-        proj = self._projection(group, plan, p, step, compute)
-        grad2d = grad.reshape(plan.shape2d)
-        if grad2d.dtype != compute:
-            grad2d = grad2d.to(compute)
-        factor = apollo_scaling(
-            grad2d, state["exp_avg"], state["exp_avg_sq"], proj,
-            side=plan.side, beta1=beta1, beta2=beta2, eps=group["eps"], scale_type=group["scale_type"],
-        )
-        state["step"] = step = step + 1
-        # 6.-7. ||U|| = ||G * s|| from the per-channel gradient norms, then the growth limiter.
-        gamma = group["norm_growth_limit"]
-        if gamma is not None:
-            if factor.ndim == 0:
-                update_norm = factor * torch.linalg.vector_norm(grad_norms)
+    @staticmethod
+    def _host_bools(values: list[torch.Tensor]) -> list[bool]:
+        """0-d bool tensors to Python bools with one host synchronisation per device."""
+        out: list[bool] = [False] * len(values)
+        by_device: dict = {}
+        for k, v in enumerate(values):
+            by_device.setdefault(v.device, []).append(k)
+        for ks in by_device.values():
+            for k, v in zip(ks, torch.stack([values[k] for k in ks]).tolist()):
+                out[k] = bool(v)
+        return out
+
+    def _all_reduce(self, comm: Any, tensor: torch.Tensor, key: Any) -> None:
+        if comm is None or comm.world_size == 1:
+            return
+        nbytes = tensor.numel() * tensor.element_size()
+        self._comm_bytes_by_key[key] = nbytes  # the latest bytes of this reduction (one per step)
+        self.comm_bytes_total += nbytes
+        comm.all_reduce_(tensor)
+
+    def _blocks(self, piece: _Piece, compute: torch.dtype) -> list:
+        """(Block, gradient rectangle in the compute dtype) for each block of a sharded matrix piece."""
+        flat = piece.grad.reshape(-1)
+        out = []
+        for b in piece.layout.blocks:
+            g = flat.narrow(0, b.offset, b.numel).view(b.nrows, b.ncols)
+            out.append((b, g if g.dtype == compute else g.to(compute)))
+        return out
+
+    def _lowrank_update(self, batch: list[_Piece]) -> None:
+        """Steps 1-9 for a batch of matrices. Sums that cross processes are all-reduced once per round for the
+        whole batch; a whole matrix (nothing shared) reduces nothing. A process holding no element of a shared
+        matrix adds zeros and keeps no state for it (except under FSDP2, where every process keeps the state
+        of every parameter, as torch.distributed.checkpoint expects)."""
+        comm = batch[0].comm
+        key = tuple(piece.identity for piece in batch)
+        # 1. Projections: whole rows of R locally; cut rows and left projections as partial sums.
+        payload = []
+        for piece in batch:
+            group, plan = piece.group, piece.plan
+            compute = _compute_dtype(piece.weight.dtype)
+            piece.skip_state = piece.weight.numel() == 0 and piece.dtensor is None
+            step = piece.state.get("step", 0)
+            if not piece.skip_state:
+                global_shape = plan.moment_shape if (piece.dtensor is not None and plan.side == RIGHT) else None
+                step = self._init_state(piece, self._moment_shape(piece), global_shape)["step"]
+            cache_key = piece.key if piece.shard_index is None else (id(piece.key), piece.shard_index)
+            proj = self._projection(group, plan, cache_key, step, piece.weight.device, compute)
+            if piece.layout is None:
+                grad2d = piece.grad.reshape(plan.shape2d)
+                piece.low_rank = project(grad2d if grad2d.dtype == compute else grad2d.to(compute), proj, plan.side)
             else:
-                update_norm = torch.linalg.vector_norm(factor * grad_norms)
-            limit, state["limiter_norm"] = growth_limit_factor(update_norm, state.get("limiter_norm"), gamma)
+                piece.low_rank, piece.cut_part = project_rows(self._blocks(piece, compute), proj, piece.layout,
+                                                              plan.side, compute)
+                if piece.shared:
+                    payload.append(piece.cut_part if plan.side == RIGHT else piece.low_rank)
+        self._reduce_parts(comm, [t for t in payload if t is not None], ("project",) + key)
+        # 3.-5. Moments and scaling on the local rows of R (right; cut rows now whole) or on all of R (left).
+        payload = []
+        for piece in batch:
+            group, plan = piece.group, piece.plan
+            sharded_rows = piece.layout is not None and plan.side == RIGHT and piece.shared
+            if piece.skip_state:
+                if sharded_rows and (group["scale_type"] == "tensor" or group["norm_growth_limit"] is not None):
+                    size = 2 if group["scale_type"] == "tensor" else 1
+                    payload.append(torch.zeros(size, dtype=piece.low_rank.dtype, device=piece.low_rank.device))
+                piece.low_rank = piece.cut_part = None
+                continue
+            if piece.cut_part is not None:
+                for j, row in enumerate(piece.layout.cut_rows):
+                    local = row - piece.layout.first_row
+                    if 0 <= local < piece.layout.num_rows:
+                        piece.low_rank[local] = piece.cut_part[j]
+            beta1, beta2 = group["betas"]
+            state = piece.state
+            exp_avg, exp_avg_sq = self._local(state["exp_avg"]), self._local(state["exp_avg_sq"])
+            normalized = normalized_moments(exp_avg, exp_avg_sq, piece.low_rank, beta1, beta2, group["eps"])
+            state["step"] += 1
+            if group["scale_type"] == "channel":
+                piece.factor = channel_scaling(normalized, piece.low_rank, plan.rank_dim)
+                if sharded_rows and group["norm_growth_limit"] is not None:
+                    piece.partial = (piece.factor.square() * piece.sq).sum().reshape(1)
+                    payload.append(piece.partial)
+            elif sharded_rows:
+                owned = 0 if piece.layout.owns_first_row else 1  # a cut row is counted by one process
+                piece.partial = torch.stack([normalized[owned:].square().sum(), piece.low_rank[owned:].square().sum()])
+                payload.append(piece.partial)
+            else:
+                piece.factor = tensor_scaling(normalized.square().sum(), piece.low_rank.square().sum())
+            piece.low_rank = piece.cut_part = None
+        # Round 2 (right projections split over processes): ||U||^2, or the squared norms of R~ and R.
+        self._reduce_parts(comm, payload, ("scale",) + key)
+        for piece in batch:
+            if not piece.skip_state:
+                self._finish(piece)
+
+    def _moment_shape(self, piece: _Piece) -> tuple[int, int]:
+        plan = piece.plan
+        if piece.layout is None or plan.side == LEFT:
+            return plan.moment_shape
+        return (piece.layout.num_rows, plan.rank)
+
+    def _reduce_parts(self, comm: Any, parts: list[torch.Tensor], key: Any) -> None:
+        """All-reduce several tensors as one buffer (sum, in place)."""
+        if not parts or comm is None:
+            return
+        if len(parts) == 1:
+            self._all_reduce(comm, parts[0], key)
+            return
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in parts) else parts[0].dtype
+        buf = torch.cat([t.reshape(-1).to(dtype) for t in parts])
+        self._all_reduce(comm, buf, key)
+        pos = 0
+        for t in parts:
+            t.copy_(buf[pos:pos + t.numel()].view(t.shape))
+            pos += t.numel()
+
+    def _finish(self, piece: _Piece) -> None:
+        """Steps 6-9: ||U||, the growth limiter, sqrt(scale), the update of the local rows and weight decay."""
+        group, plan, state = piece.group, piece.plan, piece.state
+        beta1, beta2 = group["betas"]
+        gamma = group["norm_growth_limit"]
+        sharded_rows = piece.layout is not None and plan.side == RIGHT and piece.shared
+        if group["scale_type"] == "tensor":
+            if sharded_rows:
+                piece.factor = tensor_scaling(piece.partial[0], piece.partial[1])
+            update_sq = piece.factor.square() * piece.sq
+        elif sharded_rows:
+            update_sq = piece.partial[0] if gamma is not None else None
+        else:
+            update_sq = (piece.factor.square() * piece.sq).sum()
+        factor = piece.factor
+        if gamma is not None:
+            limit, state["limiter_norm"] = growth_limit_factor(update_sq.sqrt(), state.get("limiter_norm"), gamma)
             factor = factor * limit
-        # 8. alpha = sqrt(scale).
         if group["scale"] != 1.0:
             factor = factor * math.sqrt(group["scale"])
-        # 9. W <- W - step_size * G * s, then decoupled weight decay; no full-size temporary for U.
-        step_size = bias_corrected_step_size(float(group["lr"]), beta1, beta2, step, group["correct_bias"])
-        scale = _channel_view(factor, p.shape, plan.side)
-        per_row = scale.ndim > 0 and scale.shape[0] > 1  # one factor per row of p: sliced with the rows
-        self._apply(p, group, lambda w, rows: w.addcmul_(grad[rows], scale[rows] if per_row else scale,
-                                                         value=-step_size))
+        step_size = bias_corrected_step_size(float(group["lr"]), beta1, beta2, state["step"], group["correct_bias"])
+        generator = self._rounding_generator(piece)
+        if piece.layout is None:
+            grad = piece.grad
+            scale = _channel_view(factor, piece.weight.shape, plan.side)
+            per_row = scale.ndim > 0 and scale.shape[0] > 1  # one factor per row: sliced with the rows
+            self._apply(piece.weight, group, generator,
+                        lambda w, rows: w.addcmul_(grad[rows], scale[rows] if per_row else scale, value=-step_size))
+        else:
+            flat_w, flat_g = piece.weight.reshape(-1), piece.grad.reshape(-1)
+            layout = piece.layout
+            for b in layout.blocks:
+                w = flat_w.narrow(0, b.offset, b.numel).view(b.nrows, b.ncols)
+                g = flat_g.narrow(0, b.offset, b.numel).view(b.nrows, b.ncols)
+                if factor.ndim == 0:
+                    f = factor
+                elif plan.side == RIGHT:
+                    f = factor[b.row - layout.first_row:b.row - layout.first_row + b.nrows].view(b.nrows, 1)
+                else:
+                    f = factor[b.col:b.col + b.ncols].view(1, b.ncols)
+                per_row = f.ndim > 0 and f.shape[0] > 1
+                self._apply(w, group, generator,
+                            lambda w_, rows, g=g, f=f, per_row=per_row: w_.addcmul_(g[rows], f[rows] if per_row else f,
+                                                                                    value=-step_size))
+        piece.sq = piece.factor = piece.partial = None
 
-    def _adamw_updates_fast(self, items: list) -> None:
-        """The plain-AdamW tensors of the fast path (fp32/fp64 weights): large ones in pieces, small ones
+    # -- plain AdamW --------------------------------------------------------------------------------------
+
+    def _dense_updates(self, pieces: list[_Piece]) -> None:
+        """The plain-AdamW tensors: on the fast path (fp32/fp64 weights) large ones in pieces, small ones
         batched per (group, device, dtype) with foreach ops, at most a chunk's worth of elements per batch (so
-        the scratch never exceeds one chunk). The same element-wise operations, in the same order, as
-        :meth:`_adamw_update`."""
+        the scratch never exceeds one chunk); else one at a time. The same element-wise operations, in the same
+        order, either way."""
         batches: dict[tuple, list] = {}
-        for group, p in items:
-            state = self._init_state(group, p, p.shape)
-            chunk = _dense_chunk(p.device)
-            if not (p.is_contiguous() and state["exp_avg"].is_contiguous() and state["exp_avg_sq"].is_contiguous()):
-                self._adamw_update(group, p)
-            elif p.numel() >= chunk or state["exp_avg"].dtype != p.dtype:
-                self._adamw_update_chunked(group, p)
+        for piece in pieces:
+            group, weight = piece.group, piece.weight
+            state = self._init_state(piece, tuple(weight.shape), tuple(piece.dtensor.shape)
+                                     if piece.dtensor is not None else None)
+            exp_avg, exp_avg_sq = self._local(state["exp_avg"]), self._local(state["exp_avg_sq"])
+            fast = group["foreach"] is not False and weight.dtype in (torch.float32, torch.float64)
+            chunk = _dense_chunk(weight.device)
+            if not fast or not (weight.is_contiguous() and exp_avg.is_contiguous() and exp_avg_sq.is_contiguous()):
+                self._adamw_update(piece)
+            elif weight.numel() >= chunk or exp_avg.dtype != weight.dtype or not piece.grad.is_contiguous():
+                self._adamw_update_chunked(piece)
             else:
-                key_batches = batches.setdefault((id(group), p.device, p.dtype), [[0, []]])
-                if key_batches[-1][0] + p.numel() > chunk:
+                key_batches = batches.setdefault((id(group), weight.device, weight.dtype), [[0, []]])
+                if key_batches[-1][0] + weight.numel() > chunk:
                     key_batches.append([0, []])
-                key_batches[-1][0] += p.numel()
-                key_batches[-1][1].append((group, p))
+                key_batches[-1][0] += weight.numel()
+                key_batches[-1][1].append(piece)
         for batch in (b for key_batches in batches.values() for _, b in key_batches):
-            group = batch[0][0]
+            group = batch[0].group
             beta1, beta2 = group["betas"]
-            params = [p for _, p in batch]
-            grads = [p.grad for p in params]
-            exp_avgs = [self.state[p]["exp_avg"] for p in params]
-            exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+            params = [piece.weight for piece in batch]
+            grads = [piece.grad for piece in batch]
+            exp_avgs = [self._local(piece.state["exp_avg"]) for piece in batch]
+            exp_avg_sqs = [self._local(piece.state["exp_avg_sq"]) for piece in batch]
             torch._foreach_mul_(exp_avgs, beta1)
             torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
             torch._foreach_mul_(exp_avg_sqs, beta2)
             torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
             step_sizes = []
-            for p in params:
-                self.state[p]["step"] += 1
-                step_sizes.append(-bias_corrected_step_size(float(group["lr"]), beta1, beta2, self.state[p]["step"],
+            for piece in batch:
+                piece.state["step"] += 1
+                step_sizes.append(-bias_corrected_step_size(float(group["lr"]), beta1, beta2, piece.state["step"],
                                                             group["correct_bias"]))
             denoms = torch._foreach_sqrt(exp_avg_sqs)
             torch._foreach_add_(denoms, group["eps"])
@@ -588,45 +1226,47 @@ class Apollo(Optimizer):
             if decay:
                 torch._foreach_mul_(params, 1.0 - decay)
 
-    def _adamw_update_chunked(self, group: dict, p: torch.Tensor) -> None:
+    def _adamw_update_chunked(self, piece: _Piece) -> None:
         """:meth:`_adamw_update` for an fp32/fp64 weight, a chunk of elements at a time."""
-        state = self._init_state(group, p, p.shape)
+        group, state = piece.group, piece.state
         beta1, beta2 = group["betas"]
         state["step"] = step = state["step"] + 1
         step_size = bias_corrected_step_size(float(group["lr"]), beta1, beta2, step, group["correct_bias"])
         decay = float(group["lr"]) * group["weight_decay"]
-        weight, grad = p.view(-1), p.grad.reshape(-1)
-        exp_avg, exp_avg_sq = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
-        chunk = _dense_chunk(p.device)
+        weight, grad = piece.weight.view(-1), piece.grad.reshape(-1)
+        exp_avg, exp_avg_sq = self._local(state["exp_avg"]).view(-1), self._local(state["exp_avg_sq"]).view(-1)
+        chunk = _dense_chunk(weight.device)
         for start in range(0, weight.numel(), chunk):
-            piece = slice(start, start + chunk)
-            m, v = adam_moments_(exp_avg[piece], exp_avg_sq[piece], grad[piece], beta1, beta2)
-            w = weight[piece]
+            part = slice(start, start + chunk)
+            m, v = adam_moments_(exp_avg[part], exp_avg_sq[part], grad[part], beta1, beta2)
+            w = weight[part]
             w.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-step_size)
             if decay:
                 w.mul_(1.0 - decay)
 
-    def _adamw_update(self, group: dict, p: torch.Tensor) -> None:
-        state = self._init_state(group, p, p.shape)
+    def _adamw_update(self, piece: _Piece) -> None:
+        group, state = piece.group, piece.state
         beta1, beta2 = group["betas"]
-        compute = _compute_dtype(p.dtype)
+        compute = _compute_dtype(piece.weight.dtype)
         state["step"] = step = state["step"] + 1
         step_size = bias_corrected_step_size(float(group["lr"]), beta1, beta2, step, group["correct_bias"])
+        exp_avg, exp_avg_sq, grad_all = self._local(state["exp_avg"]), self._local(state["exp_avg_sq"]), piece.grad
 
         def update(w: torch.Tensor, rows) -> None:
-            grad = p.grad[rows]
+            grad = grad_all[rows]
             if grad.dtype != compute:
                 grad = grad.to(compute)
-            m, v = adam_moments_(state["exp_avg"][rows], state["exp_avg_sq"][rows], grad, beta1, beta2)
+            m, v = adam_moments_(exp_avg[rows], exp_avg_sq[rows], grad, beta1, beta2)
             w.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-step_size)
 
-        self._apply(p, group, update)
+        self._apply(piece.weight, group, self._rounding_generator(piece), update)
 
-    def _apply(self, p: torch.Tensor, group: dict, update: Callable[[torch.Tensor, Any], Any]) -> None:
-        """Run ``update(w, rows)`` on the weight (in the compute dtype) and then decoupled weight decay;
-        ``rows`` indexes ``p``'s first dimension (``...``: all of it), for the update to slice the gradient,
-        state and per-row factors alike. A bf16 weight is written back with stochastic rounding when the
-        group asks for it, else (and for fp16) rounded to nearest.
+    def _apply(self, target: torch.Tensor, group: dict, generator: Optional[torch.Generator],
+               update: Callable[[torch.Tensor, Any], Any]) -> None:
+        """Run ``update(w, rows)`` on ``target`` (a weight or a block of its rows, in the compute dtype) and
+        then decoupled weight decay; ``rows`` indexes ``target``'s first dimension (``...``: all of it), for
+        the update to slice the gradient, state and per-row factors alike. A bf16 weight is written back with
+        stochastic rounding when ``generator`` is given, else (and for fp16) rounded to nearest.
 
         A half-precision weight is updated through an fp32 copy. On the fast path (``foreach`` not False) a
         contiguous one is done a block of rows at a time (at most about one dense chunk of elements), so the
@@ -635,37 +1275,37 @@ class Apollo(Optimizer):
         the one generator seeded for this tensor and step: on CPU the same stream as one whole-tensor draw,
         so both paths give the same bits there."""
         decay = float(group["lr"]) * group["weight_decay"]
-        compute = _compute_dtype(p.dtype)
-        if p.dtype == compute:
-            update(p, ...)
+        compute = _compute_dtype(target.dtype)
+        if target.dtype == compute:
+            update(target, ...)
             if decay:
-                p.mul_(1.0 - decay)
+                target.mul_(1.0 - decay)
             return
-        generator = self._rounding_generator(group, p)
-        if group["foreach"] is False or p.ndim == 0 or not p.is_contiguous():
+        if group["foreach"] is False or target.ndim == 0 or not target.is_contiguous():
             blocks = [...]
         else:
-            row_numel = max(1, p.numel() // max(1, p.shape[0]))
-            step_rows = max(1, _dense_chunk(p.device) // row_numel)
-            blocks = [slice(start, start + step_rows) for start in range(0, p.shape[0], step_rows)]
+            row_numel = max(1, target.numel() // max(1, target.shape[0]))
+            step_rows = max(1, _dense_chunk(target.device) // row_numel)
+            blocks = [slice(start, start + step_rows) for start in range(0, target.shape[0], step_rows)]
         for rows in blocks:
-            target = p[rows]
-            weight = target.to(compute)
+            part = target[rows]
+            weight = part.to(compute)
             update(weight, rows)
             if decay:
                 weight.mul_(1.0 - decay)
             if generator is not None:
                 stochastic_round_to_bf16_(weight, generator)  # now exact in bf16
-            target.copy_(weight)
+            part.copy_(weight)
 
-    def _rounding_generator(self, group: dict, p: torch.Tensor) -> Optional[torch.Generator]:
-        """The generator of ``p``'s stochastic-rounding bits for this step, or None to round to nearest (not
-        bf16, or the group turned rounding off)."""
-        if p.dtype != torch.bfloat16 or not group["stochastic_rounding"]:
+    def _rounding_generator(self, piece: _Piece) -> Optional[torch.Generator]:
+        """The generator of a bf16 weight's stochastic-rounding bits for this step, or None to round to nearest
+        (not bf16, or the group turned rounding off)."""
+        if piece.weight.dtype != torch.bfloat16 or not piece.group["stochastic_rounding"]:
             return None
-        # Bits seeded by (seed, identity, step): the step count is in the state dict, so resume is exact.
-        identity = self._identity(group, self._location[p][1], p)
-        return seeded_generator(p.device, rounding_seed(group["seed"], identity, self.state[p]["step"]))
+        # Bits seeded by (seed, identity, step[, first local element]): the step count is in the state dict, so
+        # resume is exact; a shard's offset gives each process its own bits.
+        seed = rounding_seed(piece.group["seed"], piece.identity, piece.state["step"], piece.round_offset)
+        return seeded_generator(piece.weight.device, seed)
 
 
 def apollo_mini(params: Iterable[Any], lr: float = 1e-3, **kwargs: Any) -> Apollo:

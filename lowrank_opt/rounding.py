@@ -24,10 +24,13 @@ _LOW_BITS = 1 << 16
 _HIGH_MASK = -_LOW_BITS  # 0xFFFF0000 as an int32
 
 
-def rounding_seed(seed: int, identity: int, step: int) -> int:
+def rounding_seed(seed: int, identity: int, step: int, offset: int = 0) -> int:
     """Generator seed for the rounding bits of one parameter at one optimizer step (a different salt from
-    :func:`~lowrank_opt.projection.projection_seed`, so the bits are independent of the projection)."""
-    return _stable_hash(f"apollo-stochastic-rounding/{int(seed)}/{int(identity)}/{int(step)}")
+    :func:`~lowrank_opt.projection.projection_seed`, so the bits are independent of the projection).
+    ``offset``: the first element a process holds of a sharded parameter (0 for a whole one), so that each
+    shard draws its own bits."""
+    text = f"apollo-stochastic-rounding/{int(seed)}/{int(identity)}/{int(step)}"
+    return _stable_hash(text + (f"/{int(offset)}" if offset else ""))
 
 
 def stochastic_round_to_bf16_(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 Run under ``DS_ACCELERATOR=cpu torchrun --standalone --nproc_per_node 2 tests/ds_worker.py OUT.json [CASE ...]``.
 Every case trains the same small model (a 4-D conv, a tall, a wide and a square matrix, all with odd sizes so
-that shard boundaries cut rows, plus an AdamW head and biases) for STEPS steps under DeepSpeed with
-:class:`ZeroApollo`, next to an unsharded :class:`Apollo` fed the same averaged gradients in the same process,
+that shard boundaries cut rows, plus an AdamW head and biases) for STEPS steps under DeepSpeed with a plain
+:class:`Apollo` handed to ``deepspeed.initialize``, next to an unsharded :class:`Apollo` fed the same averaged
+gradients in the same process,
 and rank 0 writes what it measured to OUT.json: max |param diff|, the optimizer's all-reduced bytes next to
 the gradient bytes, and state checks. One launch runs every case (each launch costs ~10 s of start-up).
 """
@@ -87,12 +88,15 @@ def full_fp32(engine, stage: int) -> list[torch.Tensor]:
     return [safe_get_full_fp32_param(p).detach().clone() for p in params]
 
 
-def case_equal(name: str, stage: int, scale_type: str, offload: bool = False) -> dict:
-    """ZeroApollo under DeepSpeed vs unsharded Apollo, fp32, STEPS steps."""
+def case_equal(name: str, stage: int, scale_type: str, offload: bool = False, groups: str = "concat") -> dict:
+    """Plain Apollo handed to ``deepspeed.initialize`` vs unsharded Apollo, fp32, STEPS steps. ``groups``:
+    "concat" (lowrank_param_groups: all matrices in one group, as users build it) or "per_matrix"
+    (deepspeed_param_groups)."""
+    import deepspeed
     import torch.distributed as dist
 
     from lowrank_opt import Apollo, lowrank_param_groups
-    from lowrank_opt.integrations.deepspeed import ZeroApollo, deepspeed_param_groups, initialize
+    from lowrank_opt.integrations.deepspeed import check_partition_layout, deepspeed_param_groups
 
     rank, world = dist.get_rank(), dist.get_world_size()
     options = dict(rank=3, scale_type=scale_type, update_proj_gap=7)
@@ -102,11 +106,12 @@ def case_equal(name: str, stage: int, scale_type: str, offload: bool = False) ->
     model = Net()
     ref_model = copy.deepcopy(model)
     ref_opt = Apollo(lowrank_param_groups(ref_model, TARGETS, **options), lr=LR, weight_decay=WEIGHT_DECAY)
-    opt = ZeroApollo(deepspeed_param_groups(model, TARGETS, **options), lr=LR, weight_decay=WEIGHT_DECAY)
-    engine, _, _, _ = initialize(model, opt, ds_config(stage, offload))
-    from lowrank_opt.integrations.deepspeed import check_partition_layout
-
-    checked = check_partition_layout(engine, opt)
+    param_groups = lowrank_param_groups(model, TARGETS, **options)
+    if groups == "per_matrix":
+        param_groups = deepspeed_param_groups(param_groups)
+    opt = Apollo(param_groups, lr=LR, weight_decay=WEIGHT_DECAY)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage, offload))
+    checked = check_partition_layout(engine)
     ref_params = list(ref_model.parameters())
     losses = []
     for step in range(STEPS):
@@ -135,12 +140,14 @@ def case_equal(name: str, stage: int, scale_type: str, offload: bool = False) ->
     grad_bytes = sum(p.numel() * 4 for p in ref_params)
     lowrank_grad_bytes = sum(p.numel() * 4 for n, p in ref_model.named_parameters()
                              if p.ndim >= 2 and n.split(".")[0] in TARGETS)
+    # Every matrix kept low-rank moments (never AdamW's full-size ones) wherever DeepSpeed put its elements.
+    shard_states = [s for state in opt.state.values() for s in state.get("shard_state", {}).values()]
+    moment_shapes = sorted({tuple(s["exp_avg"].shape) for s in shard_states if s["exp_avg"].ndim == 2})
     return dict(
         max_diff=max(diffs), diffs=diffs, moved=moved, losses=losses,
         comm_bytes_last_step=opt.comm_bytes_last_step, grad_bytes=grad_bytes, lowrank_grad_bytes=lowrank_grad_bytes,
-        sharded_updates=opt.sharded_updates, layout_checked=checked, init_steps_skipped=opt.init_steps_skipped,
-        state_shapes={str(k): [list(v.shape) for v in s.values() if torch.is_tensor(v) and v.ndim]
-                      for k, s in enumerate(opt.state.values())},
+        flat_pieces=len(shard_states), moment_shapes=[list(m) for m in moment_shapes], layout_checked=checked,
+        init_steps_skipped=opt.init_steps_skipped,
     )
 
 
@@ -148,8 +155,8 @@ def case_bf16_stage0(name: str) -> dict:
     """bf16 at stage 0: DeepSpeed's FP16_UnfusedOptimizer calls step() once with zero gradients at set-up."""
     import deepspeed
 
-    from lowrank_opt import Apollo
-    from lowrank_opt.integrations.deepspeed import ZeroApollo, deepspeed_param_groups, initialize
+    from lowrank_opt import Apollo, lowrank_param_groups
+    from lowrank_opt.integrations.deepspeed import initialize
 
     out = {}
 
@@ -165,15 +172,12 @@ def case_bf16_stage0(name: str) -> dict:
 
     options = dict(rank=3, scale_type="channel", update_proj_gap=7)
     runs = {
-        # plain Apollo through deepspeed.initialize: shows the trap
-        "plain": lambda m: (Apollo(deepspeed_param_groups(m, TARGETS, **options), lr=LR, weight_decay=WEIGHT_DECAY),
+        # plain Apollo through deepspeed.initialize: recognises the set-up call by itself
+        "plain": lambda m: (Apollo(lowrank_param_groups(m, TARGETS, **options), lr=LR, weight_decay=WEIGHT_DECAY),
                             deepspeed.initialize),
-        # ZeroApollo through deepspeed.initialize: the automatic detection
-        "auto": lambda m: (ZeroApollo(deepspeed_param_groups(m, TARGETS, **options), lr=LR, weight_decay=WEIGHT_DECAY),
-                           deepspeed.initialize),
-        # ZeroApollo through our initialize(): the explicit set-up context
-        "wrapped": lambda m: (ZeroApollo(deepspeed_param_groups(m, TARGETS, **options), lr=LR,
-                                         weight_decay=WEIGHT_DECAY), initialize),
+        # through our initialize()
+        "wrapped": lambda m: (Apollo(lowrank_param_groups(m, TARGETS, **options), lr=LR, weight_decay=WEIGHT_DECAY),
+                              initialize),
     }
     for key, build in runs.items():
         torch.manual_seed(1234)
@@ -208,7 +212,8 @@ def case_bf16_sharded(name: str) -> dict:
     reduced in different orders and precisions, so this is loose) and the state step counts checked."""
     import torch.distributed as dist
 
-    from lowrank_opt.integrations.deepspeed import ZeroApollo, deepspeed_param_groups, initialize
+    from lowrank_opt import Apollo, lowrank_param_groups
+    from lowrank_opt.integrations.deepspeed import initialize
 
     rank = dist.get_rank()
     options = dict(rank=3, scale_type="channel", update_proj_gap=7)
@@ -217,7 +222,7 @@ def case_bf16_sharded(name: str) -> dict:
                               ("stage2", 2, None), ("stage3", 3, None)):
         torch.manual_seed(1234)
         model = Net()
-        opt = ZeroApollo(deepspeed_param_groups(model, TARGETS, **options), lr=LR, weight_decay=WEIGHT_DECAY)
+        opt = Apollo(lowrank_param_groups(model, TARGETS, **options), lr=LR, weight_decay=WEIGHT_DECAY)
         cfg = ds_config(stage, bf16=True)
         if accum:
             cfg["data_types"] = {"grad_accum_dtype": accum}
@@ -232,8 +237,10 @@ def case_bf16_sharded(name: str) -> dict:
             losses.append(float(loss))
         finals[key] = full_fp32(engine, stage)
         out[key] = dict(wrapper=type(engine.optimizer).__name__, losses=losses,
-                        steps=sorted({s["step"] for s in opt.state.values()}),
-                        init_steps_skipped=opt.init_steps_skipped, sharded_updates=opt.sharded_updates,
+                        steps=sorted({s["step"] for state in opt.state.values()
+                                      for s in (state["shard_state"].values() if "shard_state" in state else [state])}),
+                        init_steps_skipped=opt.init_steps_skipped,
+                        flat=any("shard_state" in state for state in opt.state.values()),
                         diff_vs_stage0=max(float((a - b).abs().max()) for a, b in zip(finals[key], finals["stage0"])))
     return out
 
@@ -245,7 +252,9 @@ def case_resume(name: str) -> dict:
 
     import torch.distributed as dist
 
-    from lowrank_opt.integrations.deepspeed import ZeroApollo, deepspeed_param_groups, initialize
+    import deepspeed
+
+    from lowrank_opt import Apollo, lowrank_param_groups
 
     rank, world = dist.get_rank(), dist.get_world_size()
     options = dict(rank=3, scale_type="channel", update_proj_gap=7)
@@ -253,8 +262,8 @@ def case_resume(name: str) -> dict:
     def make(stage):
         torch.manual_seed(1234)
         model = Net()
-        opt = ZeroApollo(deepspeed_param_groups(model, TARGETS, **options), lr=LR, weight_decay=WEIGHT_DECAY)
-        return initialize(model, opt, ds_config(stage))[0]
+        opt = Apollo(lowrank_param_groups(model, TARGETS, **options), lr=LR, weight_decay=WEIGHT_DECAY)
+        return deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage))[0]
 
     def train(engine, steps):
         for step in steps:
@@ -319,7 +328,7 @@ def case_hf_zero3(name: str) -> dict:
         while hasattr(opt, "optimizer"):
             opt = opt.optimizer
         return dict(optimizer=type(opt).__name__, partitioned_at_build=partitioned,
-                    sharded_updates=getattr(opt, "sharded_updates", None),
+                    flat=any("shard_state" in state for state in opt.state.values()),
                     comm_bytes_last_step=getattr(opt, "comm_bytes_last_step", None),
                     losses=[e["loss"] for e in trainer.state.log_history if "loss" in e])
 
@@ -333,6 +342,8 @@ CASES = {
     "stage3_channel": lambda: case_equal("stage3_channel", 3, "channel"),
     "stage3_tensor": lambda: case_equal("stage3_tensor", 3, "tensor"),
     "stage2_offload": lambda: case_equal("stage2_offload", 2, "channel", offload=True),
+    "stage2_per_matrix": lambda: case_equal("stage2_per_matrix", 2, "channel", groups="per_matrix"),
+    "stage3_per_matrix": lambda: case_equal("stage3_per_matrix", 3, "tensor", groups="per_matrix"),
     "stage3_offload": lambda: case_equal("stage3_offload", 3, "tensor", offload=True),
     "bf16_stage0": lambda: case_bf16_stage0("bf16_stage0"),
     "bf16_sharded": lambda: case_bf16_sharded("bf16_sharded"),
