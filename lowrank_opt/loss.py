@@ -22,8 +22,8 @@ Algorithm (T tokens, H hidden, V vocabulary; every tile in fp32, whatever the in
 Memory beyond the inputs and the gradients themselves (bytes; Ct, Cv the chunk sizes, fp32 = 4 bytes):
 ``4*T`` (lse) + ``4*T*H`` (fp32 copy of a half-precision ``hidden``) + ``4*T*H`` (fp32 ``grad_h`` accumulator,
 backward) + ``4*Cv*H`` (fp32 weight block, half-precision weights only) + ``4*Cv*H`` (fp32 weight-gradient
-block, backward, half-precision weights only) + about ``3 * 4*Ct*Cv`` (the tile and its element-wise
-temporaries). Nothing is of size T x V or of size V x H in fp32.
+block, backward, half-precision weights only) + ``4*Ct*Cv`` (the one tile: every element-wise step works
+in place on it). Nothing is of size T x V or of size V x H in fp32.
 
 Numerics: the GEMMs run in fp32 on fp32 copies (also for bf16 inputs), so the result is the fp32 computation
 on the upcast inputs, rounded once to the input dtype at the end; the Hugging Face path instead rounds the
@@ -68,6 +68,10 @@ def _check_not_sharded(weight: torch.Tensor) -> None:
             "linear_cross_entropy reads the LM head weight outside its module's forward, so a DeepSpeed ZeRO-3 "
             f"partitioned weight (ds_shape {tuple(weight.ds_shape)}) would be seen unpartitioned nowhere; use the "
             "model's own loss under ZeRO-3")
+    if weight.numel() > 1 and 0 in weight.stride():
+        raise ValueError(
+            f"the LM head weight (shape {tuple(weight.shape)}, strides {weight.stride()}) holds no values of its own "
+            "(an int8 layer's gradient carrier?); the lean loss needs a float LM head")
     if type(weight).__name__ == "DTensor" or hasattr(weight, "device_mesh"):
         raise NotImplementedError(
             "linear_cross_entropy does not support a sharded (DTensor / FSDP2) LM head weight; use the model's "
@@ -100,15 +104,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     z = h32[t0:t1] @ w_block.T
                     if b_block is not None:
                         z += b_block
-                    # Online log-sum-exp: rescale the running sum to the new running max.
-                    new_max = torch.maximum(run_max[t0:t1], z.amax(dim=1))
-                    run_sum[t0:t1] *= torch.exp(run_max[t0:t1] - new_max)
-                    run_sum[t0:t1] += torch.exp(z - new_max[:, None]).sum(dim=1)
-                    run_max[t0:t1] = new_max
                     y = labels[t0:t1]
                     inside = (y >= v0) & (y < v1)
                     picked = z.gather(1, (y - v0).clamp_(0, v1 - v0 - 1)[:, None]).squeeze(1)
                     target_logit[t0:t1] += torch.where(inside, picked, 0.0)
+                    # Online log-sum-exp: rescale the running sum to the new running max. In place on the
+                    # tile, so one tile is all the scratch there is.
+                    new_max = torch.maximum(run_max[t0:t1], z.amax(dim=1))
+                    run_sum[t0:t1] *= torch.exp(run_max[t0:t1] - new_max)
+                    run_sum[t0:t1] += z.sub_(new_max[:, None]).exp_().sum(dim=1)
+                    run_max[t0:t1] = new_max
                     del z
             lse = run_max + torch.log(run_sum)
             # Ignored tokens have weight 0 (and lse -inf where their chunk was skipped): mask, not multiply.
