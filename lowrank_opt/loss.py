@@ -20,10 +20,11 @@ Algorithm (T tokens, H hidden, V vocabulary; every tile in fp32, whatever the in
    dz.sum(0)``. Token chunks whose labels are all ignored contribute nothing and are skipped.
 
 Memory beyond the inputs and the gradients themselves (bytes; Ct, Cv the chunk sizes, fp32 = 4 bytes):
-``4*T`` (lse) + ``4*T*H`` (fp32 copy of a half-precision ``hidden``) + ``4*T*H`` (fp32 ``grad_h`` accumulator,
-backward) + ``4*Cv*H`` (fp32 weight block, half-precision weights only) + ``4*Cv*H`` (fp32 weight-gradient
-block, backward, half-precision weights only) + ``4*Ct*Cv`` (the one tile: every element-wise step works
-in place on it). Nothing is of size T x V or of size V x H in fp32.
+about ``16*T`` (labels, per-token weights, log-sum-exp) + ``4*T*H`` (fp32 ``grad_h`` accumulator, backward)
++ ``4*Ct*Cv`` (the one tile: every element-wise step works in place on it) and, for half-precision inputs
+only, ``4*Ct*H`` (fp32 copy of a token chunk) + ``4*Cv*H`` (fp32 weight block) + ``4*Cv*H`` (fp32
+weight-gradient block, backward). Nothing is of size T x V, nor of size V x H in fp32. The gradients
+themselves (``grad_W`` V x H and ``grad_h`` T x H in the inputs' dtypes) are what the plain path returns too.
 
 Numerics: the GEMMs run in fp32 on fp32 copies (also for bf16 inputs), so the result is the fp32 computation
 on the upcast inputs, rounded once to the input dtype at the end; the Hugging Face path instead rounds the
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 DEFAULT_TOKEN_CHUNK = 2048
-DEFAULT_VOCAB_CHUNK = 4096
+DEFAULT_VOCAB_CHUNK = 2048
 IGNORE_INDEX = -100
 
 
@@ -62,12 +63,12 @@ def _check_chunk(value: Any, name: str) -> int:
     return value
 
 
-def _check_not_sharded(weight: torch.Tensor) -> None:
+def _check_weight(weight: torch.Tensor) -> None:
     if hasattr(weight, "ds_shape") or hasattr(weight, "ds_numel"):
         raise NotImplementedError(
-            "linear_cross_entropy reads the LM head weight outside its module's forward, so a DeepSpeed ZeRO-3 "
-            f"partitioned weight (ds_shape {tuple(weight.ds_shape)}) would be seen unpartitioned nowhere; use the "
-            "model's own loss under ZeRO-3")
+            "linear_cross_entropy reads the LM head weight outside its module's forward, where a DeepSpeed ZeRO-3 "
+            f"partitioned weight is an empty placeholder (full shape {tuple(getattr(weight, 'ds_shape', ()))}); "
+            "use the model's own loss under ZeRO-3")
     if weight.numel() > 1 and 0 in weight.stride():
         raise ValueError(
             f"the LM head weight (shape {tuple(weight.shape)}, strides {weight.stride()}) holds no values of its own "
@@ -76,6 +77,10 @@ def _check_not_sharded(weight: torch.Tensor) -> None:
         raise NotImplementedError(
             "linear_cross_entropy does not support a sharded (DTensor / FSDP2) LM head weight; use the model's "
             "own loss there")
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -89,7 +94,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         num_tokens = hidden.shape[0]
         vocab = weight.shape[0]
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            h32 = hidden if hidden.dtype == torch.float32 else hidden.float()
             run_max = torch.full((num_tokens,), float("-inf"), dtype=torch.float32, device=hidden.device)
             run_sum = torch.zeros(num_tokens, dtype=torch.float32, device=hidden.device)
             target_logit = torch.zeros(num_tokens, dtype=torch.float32, device=hidden.device)
@@ -101,7 +105,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     if not has_labels[index]:
                         continue
                     t1 = min(t0 + chunk_tokens, num_tokens)
-                    z = h32[t0:t1] @ w_block.T
+                    z = _fp32(hidden[t0:t1]) @ w_block.T
                     if b_block is not None:
                         z += b_block
                     y = labels[t0:t1]
@@ -134,7 +138,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = grad_w = grad_b = None
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             scale = token_weight * grad_loss.float()  # dL/dz row factor
-            h32 = hidden if hidden.dtype == torch.float32 else hidden.float()
             grad_h32 = torch.zeros(num_tokens, hidden.shape[1], dtype=torch.float32, device=hidden.device) \
                 if need_h else None
             if need_w:
@@ -156,24 +159,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     if not has_labels[index]:
                         continue
                     t1 = min(t0 + chunk_tokens, num_tokens)
-                    z = h32[t0:t1] @ w_block.T
+                    h32 = _fp32(hidden[t0:t1])
+                    z = h32 @ w_block.T
                     if b_block is not None:
                         z += b_block
                     # dL/dz = w_t * (softmax(z) - onehot(y)), built in the tile's own storage.
                     dz = z.sub_(lse[t0:t1, None]).exp_()
                     y = labels[t0:t1]
                     inside = (y >= v0) & (y < v1)
-                    rows = inside.nonzero().squeeze(1)
-                    if rows.numel():
-                        dz[rows, y[rows] - v0] -= 1.0
+                    # -1 at the target where it falls in this block (a scatter, not a host-side index: no sync)
+                    column = (y - v0).clamp_(0, v1 - v0 - 1)
+                    dz.scatter_add_(1, column[:, None], inside.to(torch.float32).neg_()[:, None])
                     dz *= scale[t0:t1, None]
                     if need_h:
                         grad_h32[t0:t1].addmm_(dz, w_block)
                     if need_w:
-                        gw_block.addmm_(dz.T, h32[t0:t1])
+                        gw_block.addmm_(dz.T, h32)
                     if need_b:
                         gb_block += dz.sum(dim=0)
-                    del z, dz
+                    del z, dz, h32
                 if need_w and gw_block.data_ptr() != grad_w[v0:v1].data_ptr():
                     grad_w[v0:v1].copy_(gw_block)
                 if need_b:
@@ -217,7 +221,7 @@ def linear_cross_entropy(
         raise TypeError(f"hidden must be a floating-point tensor, got {getattr(hidden, 'dtype', type(hidden))}")
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
         raise ValueError(f"weight must be a (vocab, hidden) matrix, got shape {tuple(getattr(weight, 'shape', ()))}")
-    _check_not_sharded(weight)
+    _check_weight(weight)
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden size {hidden.shape[-1]} does not match weight shape {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):

@@ -257,3 +257,13 @@ def test_model_with_logit_transform_is_refused():
     ids = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(NotImplementedError, match="final_logit_softcapping=30.0"):
         causal_lm_loss_from_model(model, {"input_ids": ids, "labels": ids})
+
+
+def test_an_int8_lm_head_is_refused():
+    from lowrank_opt.quant import quantize_model_
+
+    model = _tiny_llama()
+    quantize_model_(model, include_output_embedding=True)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="holds no values of its own"):
+        causal_lm_loss_from_model(model, {"input_ids": ids, "labels": ids})

@@ -59,7 +59,7 @@ DEFAULT_GROUP_SIZE = 128  # Q-APOLLO's group size (APOLLO paper, Sec. 5)
 QMAX = 127
 # Elements per row block of the dequantize/requantize loops: the fp32 scratch stays at a few blocks.
 _BLOCK = 1 << 20
-_BLOCK_ACCELERATOR = 1 << 24
+_BLOCK_ACCELERATOR = 1 << 22
 
 _MODULE_OF: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -353,7 +353,7 @@ def apply_int8_update_(
        (seed, parameter, step) so a resumed run is exact; ``None`` draws from torch's global generator).
 
     ``target``: the :class:`Int8Linear` or its gradient carrier parameter. ``block_elements``: the fp32 block
-    size (default 2^20 elements on CPU, 2^24 on accelerators); the result depends on it only through the
+    size (default 2^20 elements on CPU, 2^22 on accelerators); the result depends on it only through the
     order in which random bits are drawn, which is fixed for a given value.
     """
     module = target if isinstance(target, Int8Linear) else int8_module_of(target)
