@@ -11,36 +11,46 @@ This package imports with torch alone; bitsandbytes is imported lazily, with a c
 """
 
 from .int8 import (
+    DEFAULT_GROUP_SIZE,
     Int8Linear,
     apply_int8_update_,
     dequantize_int8,
     int8_module_of,
+    int8_weight_bytes,
     quantize_int8,
     quantize_model_,
     stochastic_requantize_int8_,
 )
 from .state8bit import (
     BLOCK_SIZE,
+    MIN_8BIT_SIZE,
+    STATE_KEYS,
     adamw_step_8bit_,
     decode,
     dynamic_map,
     encode,
     init_adam_state_8bit,
+    moments_8bit_,
     state_8bit_bytes,
 )
 
 __all__ = [
     "BLOCK_SIZE",
+    "MIN_8BIT_SIZE",
+    "STATE_KEYS",
     "adamw_step_8bit_",
     "decode",
     "dynamic_map",
     "encode",
     "init_adam_state_8bit",
+    "moments_8bit_",
     "state_8bit_bytes",
+    "DEFAULT_GROUP_SIZE",
     "Int8Linear",
     "apply_int8_update_",
     "dequantize_int8",
     "int8_module_of",
+    "int8_weight_bytes",
     "quantize_int8",
     "quantize_model_",
     "stochastic_requantize_int8_",

@@ -34,7 +34,6 @@ Q-GaLore does, would re-round every element of the group on a new grid each step
 from __future__ import annotations
 
 import copy
-import math
 from typing import Callable, Iterable, Optional, Union
 
 import torch
@@ -118,7 +117,9 @@ def _quantize_block(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, tor
     return _ungrouped(codes, w.shape[1]).to(torch.int8), scales
 
 
-def quantize_int8(weight: torch.Tensor, group_size: Optional[int] = DEFAULT_GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8(
+    weight: torch.Tensor, group_size: Optional[int] = DEFAULT_GROUP_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest int8 quantization of a 2-D float weight: ``(codes, scales)``, codes int8 (out, in),
     scales fp32 (out, ceil(in / group_size)) with ``s = max|W_group| / 127``; ``group_size=None`` gives one
     group per row. Error: ``|W - q s| <= s / 2`` per element. Works a block of rows at a time."""
