@@ -321,10 +321,11 @@ def hf_optimizer_cls_and_kwargs(name: str, model: nn.Module, args: Any, optim_ar
     same optimizer (Apollo recognises DeepSpeed's flat shards; matrices of a model built under ZeRO-3's
     zero.Init are recognised by ``ds_shape``), with what DeepSpeed cannot run refused before anything is built:
     layer-wise updates, NormGrowthCap (``*_capped``) and whole-tensor optimizers at ZeRO stages 1-3."""
-    from .hf import optimizer_cls_and_kwargs, resolve_options
+    from .hf import optimizer_cls_and_kwargs, resolve_for_args
 
-    spec, capped, kwargs = resolve_options(name, args, optim_args)
-    if kwargs.get("layerwise"):
+    resolved = resolve_for_args(name, args, optim_args, target_modules)
+    spec, capped = resolved.spec, resolved.capped
+    if resolved.layerwise:
         raise ValueError(f"--optim {name} is layer-wise, which DeepSpeed cannot run (DeepSpeed owns the gradients); "
                          "use the non-layer-wise name")
     stage = _zero_stage(check_deepspeed_config(args.deepspeed)) if getattr(args, "deepspeed", None) else 1
@@ -332,7 +333,7 @@ def hf_optimizer_cls_and_kwargs(name: str, model: nn.Module, args: Any, optim_ar
         raise ValueError(f"--optim {name}: NormGrowthCap limits per-tensor norms, which ZeRO stages 1-3 do not hand "
                          "the optimizer; use the name without _capped (Apollo keeps its per-matrix "
                          "norm_growth_limit) or ZeRO stage 0")
-    if stage >= 1 and spec.name in ("adamp", "sgdp", "apollo_dqn", "apollo_dqn_w"):
+    if stage >= 1 and not spec.elementwise:
         raise ValueError(f"--optim {name}: its update depends on whole tensors, which ZeRO stages 1-3 do not hand "
                          "the optimizer; use ZeRO stage 0, or apollo / adamw")
     return optimizer_cls_and_kwargs(name, model, args, optim_args, target_modules)
