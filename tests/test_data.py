@@ -17,6 +17,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from lowrank_opt import data  # noqa: E402
+from lowrank_opt.data import sft  # noqa: E402
 from lowrank_opt.data import (  # noqa: E402
     DEFAULT_SFT_FILE,
     DEFAULT_TOKENIZER_DIR,
@@ -266,7 +267,7 @@ def test_sft_prompt_response_labels_only_the_response(tokenizer, tmp_path, cache
         assert ids[-1] == tokenizer.eos_token_id
         prompt = tokenizer.decode(ids[:n_prompt])
         assert prompt.endswith("<|assistant|>\n") and record.get("prompt", record.get("instruction")) in prompt
-        messages = data._record_messages(record, 0)
+        messages = sft._record_messages(record, 0)
         check_against_template(tokenizer, row, messages)
     assert "<|system|>\nAnswer briefly.\n" in tokenizer.decode(train[4]["input_ids"])
     assert "Add the numbers.\n\n2 and 3" in tokenizer.decode(train[5]["input_ids"])
@@ -323,13 +324,13 @@ def test_segment_boundaries_inside_a_token_stay_exact(tokenizer):
     whole = tokenizer("The statement", add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(whole[-1:]) == " statement"  # one token, so a boundary inside it cannot be kept
     segments = [("The sta", False), ("tement", True)]
-    ids, labels, canonical = data._tokenize_segments(segments, tokenizer)
+    ids, labels, canonical = sft._tokenize_segments(segments, tokenizer)
     assert not canonical
     n_prompt = len(tokenizer("The sta", add_special_tokens=False)["input_ids"])
     assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
     assert tokenizer.decode(ids[:n_prompt]) == "The sta" and tokenizer.decode(ids[n_prompt:]) == "tement"
 
-    ids, labels, canonical = data._tokenize_segments([("The", False), (" statement", True)], tokenizer)
+    ids, labels, canonical = sft._tokenize_segments([("The", False), (" statement", True)], tokenizer)
     assert canonical and ids == whole and labels == [IGNORE_INDEX] * (len(whole) - 1) + whole[-1:]
 
 
