@@ -1,6 +1,6 @@
 """``build_datasets``: train and eval rows for ``train.py`` from local files, a hub dataset or the default corpus.
 
-    1. Check the arguments and the files (they exist, one format) before any work.
+    1. Check the arguments and the files (they exist, one format, not all empty) before any work.
     2. Load the raw rows (``files``), a hub dataset's ``train`` split, or the default corpus (``corpus``).
     3. Make the task's rows: packed blocks for ``"pretrain"`` (``packing``), masked examples for ``"sft"``
        (``sft``).
@@ -13,7 +13,7 @@ import os
 from typing import TYPE_CHECKING
 
 from .corpus import default_corpus_documents
-from .files import SFT_BUILDERS, TEXT_SAMPLE_BY_CHOICES, _load_files, _resolve_data_files
+from .files import SFT_BUILDERS, TEXT_SAMPLE_BY_CHOICES, _check_not_empty, _load_files, _resolve_data_files
 from .packing import _pack_blocks
 from .sft import DEFAULT_SFT_FILE, _sft_examples
 
@@ -67,7 +67,9 @@ def build_datasets(
 
     Raises:
         FileNotFoundError: a data file (or glob) that does not exist, before anything is loaded.
-        ValueError: bad arguments, an unsupported or mixed file extension, a missing column, too little data.
+        ValueError: bad arguments, an unsupported or mixed file extension, empty files (before anything is
+            loaded), a JSON file that does not parse (naming the file and line), a missing column, too little
+            data.
     """
     # 1. Arguments and files, before any work.
     if task not in TASKS:
@@ -92,6 +94,8 @@ def build_datasets(
     if task == "sft" and builder is not None and builder not in SFT_BUILDERS:
         raise ValueError(f"task 'sft' reads records from .json, .jsonl or .parquet files, got {builder!r} files "
                          f"({files[0]})")
+    if builder is not None:
+        _check_not_empty(files, builder)
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token; pretraining needs it between documents and SFT after "
                          "each response")
