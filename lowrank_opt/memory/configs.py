@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,12 @@ def known_configs() -> list[str]:
 
 def resolve_config(config: Any):
     """A ``transformers.PretrainedConfig`` from a config object, a JSON path, a directory with a
-    config.json, or a name in configs/ (``"llama_7b"``)."""
+    config.json, or a name in configs/ (``"llama_7b"``).
+
+    Raises:
+        ValueError: an unknown name, a missing file, a directory without config.json; a file that is not valid
+            JSON (with the line and column) or that transformers cannot read as a config (its reason, one line).
+    """
     from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(config, PretrainedConfig):
@@ -40,9 +47,44 @@ def resolve_config(config: Any):
         candidates += [d / text, d / f"{text}.json"]
     for path in candidates:
         if path.is_file() or (path.is_dir() and (path / "config.json").is_file()):
-            return AutoConfig.from_pretrained(str(path))
+            _check_json(path / "config.json" if path.is_dir() else path)
+            try:
+                return AutoConfig.from_pretrained(str(path))
+            except Exception as error:  # transformers' reasons come as many types; the first line says it
+                raise ValueError(f"cannot read config {str(path)!r}: {_reason(error)}") from error
+    names = ", ".join(known_configs()) or "(no configs/ directory found)"
+    if Path(text).is_dir():
+        raise ValueError(f"config directory {text!r} has no config.json; give a transformers config JSON file or "
+                         f"directory, or one of: {names}")
+    if text.endswith(".json") or "/" in text or os.sep in text:
+        raise ValueError(f"config file {text!r} not found; give a transformers config JSON file or directory, or "
+                         f"one of: {names}")
     raise ValueError(f"unknown config {text!r}: give a transformers config JSON file or directory, or one of: "
-                     f"{', '.join(known_configs()) or '(no configs/ directory found)'}")
+                     f"{names}")
+
+
+def _check_json(file: Path) -> None:
+    """The file holds one JSON object; otherwise a ValueError with the line and column of the fault."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"config file {str(file)!r} is not valid JSON ({error.msg} at line {error.lineno}, "
+                         f"column {error.colno})") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"config file {str(file)!r} is not UTF-8 text ({error.reason} at byte {error.start})") \
+            from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(file)!r} must hold a JSON object of config fields, got a "
+                         f"{type(data).__name__}")
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of the innermost cause: transformers wraps validation errors and adds paragraphs of
+    advice after the reason."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def _config_label(config: Any, resolved) -> str:

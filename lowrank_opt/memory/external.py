@@ -106,15 +106,16 @@ def _external_states(ext: ExternalOptimizer, model: nn.Module, options: dict,
     shared = 0
     sources: dict[str, int] = {}
     if ext.layout == "bnb8bit":
-        if int(opts.get("optim_bits", 8)) != 8:
+        if _integer(opts.get("optim_bits", 8), "optim_bits", ext) != 8:
             raise ValueError("adamw_bnb_8bit: optim_bits must be 8 (use adamw for 32-bit states)")
+        min_8bit_size = _integer(opts["min_8bit_size"], "min_8bit_size", ext)
         embeddings = set()
         if opts["embeddings_32bit"]:
             embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
         any8 = False
         for p in _unique_params(model):
             n = p.numel()
-            if id(p) in embeddings or n < int(opts["min_8bit_size"]):
+            if id(p) in embeddings or n < min_8bit_size:
                 per_param[id(p)] = 2 * n * 4
                 treatment[id(p)] = "32-bit AdamW"
             else:
@@ -125,7 +126,7 @@ def _external_states(ext: ExternalOptimizer, model: nn.Module, options: dict,
         sources = {"states": sum(per_param.values()) + shared}
         return per_param, shared, sources, treatment, 0  # fused in-place update kernels: no temporaries
     targets = {id(p) for _, p in _hf_targets(model, target_modules)}
-    rank = int(opts["rank"])
+    rank = _integer(opts["rank"], "rank", ext)
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     proj_type = opts["proj_type"]
@@ -166,6 +167,13 @@ def _external_states(ext: ExternalOptimizer, model: nn.Module, options: dict,
         treatment[id(p)] = f"low-rank r={r}" + (" (SVD)" if svd else "")
     sources = {"states": moments, "cache (projection)": projections}
     return per_param, shared, sources, treatment, temporaries
+
+
+def _integer(value, name: str, ext: ExternalOptimizer) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"optim_args {name} must be an integer for {ext.name}, got {value!r}") from None
 
 
 def _unique_params(model: nn.Module) -> list[nn.Parameter]:

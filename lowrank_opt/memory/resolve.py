@@ -12,6 +12,7 @@ and the ``ALIASES`` below.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -42,7 +43,7 @@ class ResolvedOptimizer:
             NormGrowthCap, included).
         defaults: the optimizer's own defaults.
         layerwise: the name or the options ask for per-parameter updates inside backward.
-        target_modules: the low-rank targets.
+        target_modules: the low-rank targets (a single string is checked to be a valid regex where used).
         external: the published state layout of an optimizer from another package; None for a registry one.
         cls: a registry optimizer's class (the inner one when capped).
         option_names: the keyword options ``cls`` accepts.
@@ -84,7 +85,7 @@ def resolve_optimizer(name: str, optim_args: Union[None, str, dict] = None,
 
     Raises:
         ValueError: an unknown name; a malformed ``optim_args``; ``cap_*`` options without ``_capped``; an option
-            an external optimizer does not take. (Options
+            an external optimizer does not take; a ``target_modules`` string that is not a valid regex. (Options
             of registry optimizers are checked by the optimizer itself when the dry run builds it.)
     """
     if not isinstance(name, str) or not name.strip():
@@ -98,6 +99,8 @@ def resolve_optimizer(name: str, optim_args: Union[None, str, dict] = None,
         if unknown:
             raise ValueError(f"unknown optim_args key(s) {', '.join(map(repr, unknown))} for {external.name}; "
                              f"valid: {', '.join(sorted(_EXTERNAL_KEYS[external.layout]))}")
+        if external.layout in ("galore", "apollo_torch"):
+            _check_target_modules(target_modules)
         return ResolvedOptimizer(name=key, options=options, defaults=dict(external.defaults),
                                  layerwise=external.layerwise, target_modules=target_modules, external=external)
     try:
@@ -108,6 +111,8 @@ def resolve_optimizer(name: str, optim_args: Union[None, str, dict] = None,
     cap = [k for k in options if k.startswith("cap_")]
     if cap and not capped:
         raise ValueError(f"optim_args {', '.join(cap)} need a *_capped optimizer name")
+    if spec.lowrank:
+        _check_target_modules(target_modules)
     return ResolvedOptimizer(
         name=spec.name + ("_capped" if capped else ""), options=options, defaults=dict(spec.defaults),
         layerwise=bool(options.get("layerwise", spec.defaults.get("layerwise", False))),
@@ -134,3 +139,14 @@ def _parse_options(optim_args: Union[None, str, dict]) -> dict:
 def _split_cap_options(options: dict) -> tuple[dict, dict]:
     cap = {k[len("cap_"):]: options.pop(k) for k in list(options) if k.startswith("cap_")}
     return options, cap
+
+
+def _check_target_modules(target_modules: Optional[TargetModules]) -> None:
+    """A single string is a regex that must match whole module names (HF's rule), so it must compile; a list's
+    entries also match as names or substrings, so an entry that is no regex is not an error there."""
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as error:
+            raise ValueError(f"target_modules {target_modules!r} is not a valid regular expression ({error}); give "
+                             "a regex, module names separated by commas, or 'all-linear'") from None
