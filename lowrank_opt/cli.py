@@ -69,7 +69,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _memory(args: argparse.Namespace) -> int:
-    from .memory.estimate import compare_table, estimate
+    from .memory import compare_table, estimate
 
     names = [n.strip() for n in args.optim.split(",") if n.strip()]
     if not names:
@@ -98,7 +98,8 @@ def _memory(args: argparse.Namespace) -> int:
 
 
 def _optimizers() -> int:
-    from .memory.estimate import ALIASES, EXTERNAL_OPTIMIZERS
+    from .memory.external import EXTERNAL_OPTIMIZERS
+    from .memory.resolve import ALIASES
     from .registry import OPTIMIZERS
 
     print("lowrank-opt registry (train.py --optim, build_optimizer; each also as NAME_capped):")
@@ -113,7 +114,7 @@ def _optimizers() -> int:
 
 
 def _configs() -> int:
-    from .memory.estimate import CONFIG_DIRS, known_configs
+    from .memory.configs import CONFIG_DIRS, known_configs
 
     names = known_configs()
     if not names:
@@ -123,7 +124,15 @@ def _configs() -> int:
     return 0
 
 
+def _one_line(exc: BaseException) -> str:
+    """The message on one line, as argparse prints its own errors (some libraries' messages span lines)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    """Run the command in ``argv`` (default ``sys.argv[1:]``); returns the exit status. Bad input (an unknown
+    config or optimizer, bad options, an invalid regex) prints one line, ``lowrank-opt COMMAND: error: ...``,
+    to stderr and returns 2, as argparse does for bad arguments."""
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
@@ -133,8 +142,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return _optimizers()
         if args.command == "configs":
             return _configs()
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as exc:  # bad input; anything else is a bug and keeps its traceback
+        print(f"{PROG} {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
     return 2

@@ -17,6 +17,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from lowrank_opt import data  # noqa: E402
+from lowrank_opt.data import sft  # noqa: E402
 from lowrank_opt.data import (  # noqa: E402
     DEFAULT_SFT_FILE,
     DEFAULT_TOKENIZER_DIR,
@@ -266,7 +267,7 @@ def test_sft_prompt_response_labels_only_the_response(tokenizer, tmp_path, cache
         assert ids[-1] == tokenizer.eos_token_id
         prompt = tokenizer.decode(ids[:n_prompt])
         assert prompt.endswith("<|assistant|>\n") and record.get("prompt", record.get("instruction")) in prompt
-        messages = data._record_messages(record, 0)
+        messages = sft._record_messages(record, 0)
         check_against_template(tokenizer, row, messages)
     assert "<|system|>\nAnswer briefly.\n" in tokenizer.decode(train[4]["input_ids"])
     assert "Add the numbers.\n\n2 and 3" in tokenizer.decode(train[5]["input_ids"])
@@ -323,13 +324,13 @@ def test_segment_boundaries_inside_a_token_stay_exact(tokenizer):
     whole = tokenizer("The statement", add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(whole[-1:]) == " statement"  # one token, so a boundary inside it cannot be kept
     segments = [("The sta", False), ("tement", True)]
-    ids, labels, canonical = data._tokenize_segments(segments, tokenizer)
+    ids, labels, canonical = sft._tokenize_segments(segments, tokenizer)
     assert not canonical
     n_prompt = len(tokenizer("The sta", add_special_tokens=False)["input_ids"])
     assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
     assert tokenizer.decode(ids[:n_prompt]) == "The sta" and tokenizer.decode(ids[n_prompt:]) == "tement"
 
-    ids, labels, canonical = data._tokenize_segments([("The", False), (" statement", True)], tokenizer)
+    ids, labels, canonical = sft._tokenize_segments([("The", False), (" statement", True)], tokenizer)
     assert canonical and ids == whole and labels == [IGNORE_INDEX] * (len(whole) - 1) + whole[-1:]
 
 
@@ -483,3 +484,79 @@ def test_too_little_data_says_tokens_and_block_size(tokenizer, tmp_path, cache):
     train, evaluation = build_datasets(tokenizer, data_files=[path], block_size=one_block, eval_fraction=0,
                                        cache_dir=cache)
     assert len(train) == 1 and evaluation is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files that are empty or do not parse: one error naming the file (and the line), not datasets' internals
+
+
+def test_empty_data_files_fail_before_any_work(tmp_path, cache):
+    empty_jsonl = tmp_path / "empty.jsonl"
+    empty_jsonl.write_text("")
+    blank_txt = tmp_path / "blank.txt"
+    blank_txt.write_text("\n  \n\t\n")
+    for task, path in (("sft", empty_jsonl), ("pretrain", empty_jsonl), ("pretrain", blank_txt)):
+        with pytest.raises(ValueError, match=rf"data file '{path}' is empty") as caught:
+            build_datasets(Untouchable(), task=task, data_files=[str(path)], cache_dir=cache)
+        assert caught.value.__cause__ is None and caught.value.__context__ is None
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n")
+    with pytest.raises(ValueError, match=r"all 2 data files are empty .*empty\.jsonl.*other\.jsonl"):
+        build_datasets(Untouchable(), data_files=[str(empty_jsonl), str(other)], cache_dir=cache)
+    # The csv reader fails on any empty file, even next to good ones.
+    good_csv = tmp_path / "good.csv"
+    good_csv.write_text("text\nhello world\n")
+    empty_csv = tmp_path / "empty.csv"
+    empty_csv.write_text("")
+    with pytest.raises(ValueError, match=rf"data file '{empty_csv}' is empty; the csv reader fails"):
+        build_datasets(Untouchable(), data_files=[str(good_csv), str(empty_csv)], cache_dir=cache)
+    assert not cache.exists()
+
+
+def test_an_empty_json_file_next_to_good_ones_still_loads(tokenizer, tmp_path, cache):
+    good = write_jsonl(tmp_path / "good.jsonl", PAIRS)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    train, _ = build_datasets(tokenizer, task="sft", data_files=[str(empty), good], eval_fraction=0, cache_dir=cache)
+    assert len(train) == len(PAIRS)
+
+
+@pytest.mark.parametrize("bad_line,message", [
+    # The column is where the value is missing: one past the 28 characters of the line, which ends with a space.
+    ('{"prompt": "a", "response": ', r"line 3: not valid JSON \(Expecting value at column 29\): "
+                                     r"'\{\"prompt\": \"a\", \"response\":'"),
+    ('{"prompt": "a", "response": "b",}', r"line 3: not valid JSON \(Expecting property name"),
+    ('["a", "b"]', r"line 3: a JSON array, not an object"),
+])
+def test_malformed_jsonl_names_the_file_and_the_line(tokenizer, tmp_path, cache, bad_line, message):
+    lines = [json.dumps(record) for record in PAIRS[:4]]
+    path = tmp_path / "broken.jsonl"
+    path.write_text("\n".join(lines[:2] + [bad_line] + lines[2:]) + "\n")
+    for task in ("sft", "pretrain"):
+        with pytest.raises(ValueError, match=rf"^data file '{path}', {message}") as caught:
+            build_datasets(tokenizer, task=task, data_files=[str(path)], cache_dir=cache)
+        assert caught.value.__cause__ is None and caught.value.__context__ is None  # one error, not a chain
+
+
+def test_malformed_json_array_names_the_line(tokenizer, tmp_path, cache):
+    array = tmp_path / "records.json"
+    broken = '  {"prompt": "c", "response": }'
+    array.write_text('[\n  {"prompt": "a", "response": "b"},\n' + broken + '\n]\n')
+    column = broken.index("}") + 1  # where a value was expected
+    with pytest.raises(ValueError, match=rf"^data file '{array}', line 3: not valid JSON \(Expecting value at "
+                                         rf"column {column}\)"):
+        build_datasets(tokenizer, task="sft", data_files=[str(array)], cache_dir=cache)
+
+
+def test_train_py_reports_an_empty_data_file_before_writing_anything(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(DEFAULT_SFT_FILE.parents[2]))
+    import train
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    output_dir = tmp_path / "out"
+    with pytest.raises(ValueError, match=rf"data file '{empty}' is empty"):
+        train.main(["--task", "sft", "--data_files", str(empty), "--output_dir", str(output_dir), "--max_steps", "1"])
+    assert not output_dir.exists()

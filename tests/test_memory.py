@@ -568,3 +568,62 @@ def test_llama_7b_layerwise_and_zero(seven_b):
     z3 = seven_b["adamw_zero3"]
     assert z3["weights"] + z3["gradients"] + z3["optimizer_states"] == pytest.approx(20 * n / 8, rel=1e-6)
     assert z3["components"]["overhead.zero-3 gathered layer"] == 4 * 32000 * 4096
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resolution of names and options, and readable errors for bad configs and targets
+
+
+def test_resolve_optimizer_gives_the_dry_run_what_it_needs():
+    from lowrank_opt.memory.resolve import resolve_optimizer
+
+    fused = resolve_optimizer("adamw_torch_fused")
+    assert (fused.name, fused.options, fused.cls, fused.external) == ("adamw", {"fused": True}, torch.optim.AdamW, None)
+    assert {"foreach", "fused"} <= fused.option_names and not fused.lowrank and not fused.capped
+    capped = resolve_optimizer(" APOLLO_capped ", "rank=4,cap_tau=1.1", ["q_proj"])
+    assert capped.name == "apollo_capped" and capped.capped and capped.lowrank
+    assert capped.options == {"rank": 4, "cap_tau": 1.1} and capped.target_modules == ["q_proj"]
+    assert capped.defaults == OPTIMIZERS["apollo"].defaults and not capped.layerwise
+    assert resolve_optimizer("apollo_mini_layerwise").layerwise
+    assert resolve_optimizer("apollo", "layerwise=True").layerwise
+    galore = resolve_optimizer("galore_layerwise", {"rank": 8})
+    assert galore.name == "galore_adamw_layerwise" and galore.external.layout == "galore" and galore.layerwise
+    assert galore.options == {"rank": 8} and galore.defaults["rank"] == 128
+    with pytest.raises(TypeError, match="not built"):
+        galore.build(torch.nn.Linear(2, 2))
+
+
+def test_invalid_target_regex_is_a_value_error_before_any_work():
+    for name in ("apollo", "galore", "apollo_adamw"):
+        with pytest.raises(ValueError, match=r"target_modules '\(\(' is not a valid regular expression"):
+            estimate("no_such_config_is_read_first", name, target_modules="((")
+    # A list entry that is no regex still matches as a name or substring (HF's rule), so it is not an error.
+    est = estimate(TINY, "apollo", optim_args="rank=4", target_modules=["q_proj", "(("], dtype="fp32")
+    assert {k["kind"]: k["treatment"] for k in est.kinds}["attention"] == "AdamW + low-rank rank=4"
+
+
+def test_bad_config_files_name_the_file(tmp_path):
+    from lowrank_opt.memory import resolve_config
+
+    broken = tmp_path / "broken.json"
+    second = ' "num_attention_heads": }'
+    broken.write_text('{"hidden_size": 64,\n' + second)
+    column = second.index("}") + 1  # where the missing value was expected
+    with pytest.raises(ValueError, match=rf"config file '{broken}' is not valid JSON \(Expecting value at line 2, "
+                                         rf"column {column}\)"):
+        resolve_config(str(broken))
+    with pytest.raises(ValueError, match=rf"config file '{tmp_path / 'nope.json'}' not found; .*llama_tiny"):
+        resolve_config(str(tmp_path / "nope.json"))
+    with pytest.raises(ValueError, match=rf"config directory '{tmp_path}' has no config.json"):
+        resolve_config(tmp_path)
+    odd = tmp_path / "config.json"
+    odd.write_text('{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 5}')
+    with pytest.raises(ValueError, match=rf"^cannot read config '{tmp_path}': [^\n]*\(64\)[^\n]*\(5\)[^\n]*$"):
+        resolve_config(tmp_path)
+
+
+def test_external_integer_options_say_which_option():
+    with pytest.raises(ValueError, match="optim_args rank must be an integer for galore_adamw, got 'x'"):
+        estimate(TINY, "galore", optim_args="rank=x")
+    with pytest.raises(ValueError, match="optim_args min_8bit_size must be an integer for adamw_bnb_8bit, got 'big'"):
+        estimate(TINY, "adamw_8bit", optim_args="min_8bit_size=big")

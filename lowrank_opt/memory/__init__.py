@@ -6,8 +6,21 @@
 or from the shell: ``lowrank-opt memory llama_7b --optim apollo --optim-args rank=256 --layerwise``.
 
 :func:`estimate` returns a :class:`MemoryEstimate` (bytes per category, per GPU); the formulas and their
-sources are in :mod:`lowrank_opt.memory.estimate`. :class:`MemoryCallback` (a ``transformers.TrainerCallback``)
-records the real numbers during training; :func:`optimizer_state_bytes` counts an optimizer's state.
+sources are in :mod:`lowrank_opt.memory.estimate`, which points to the module of each part. :class:`MemoryCallback`
+(a ``transformers.TrainerCallback``) records the real numbers during training; :func:`optimizer_state_bytes`
+counts an optimizer's state.
+
+Modules, one job each:
+
+- ``estimate``: :func:`estimate`: weights, gradients, the backward walk, ZeRO and overhead, put together.
+- ``resolve``: optimizer names, aliases and options, resolved once (:func:`~.resolve.resolve_optimizer`).
+- ``dryrun``: registry optimizers' state and step scratch from one ``step()`` on the meta device.
+- ``shadow``: the dispatch mode that answers host reads of meta tensors during that step.
+- ``external``: state layouts of optimizers from other packages (bitsandbytes, GaLore, apollo-torch).
+- ``activations``: the bytes autograd saves for backward, per decoder layer.
+- ``configs``: model configs by name or path, built on the meta device.
+- ``report``: :class:`MemoryEstimate` and its tables; ``dtypes``: dtype names and sizes.
+- ``measure``: measured numbers (:class:`MemoryCallback`, :func:`optimizer_state_bytes`).
 """
 
 from .estimate import (

@@ -1,8 +1,8 @@
 """Measure what training really uses: optimizer-state bytes, CUDA peaks, process peak RSS.
 
 ``optimizer_state_bytes(optimizer)`` is the single definition of "optimizer memory" in this package: the
-estimator (:mod:`lowrank_opt.memory.estimate`) applies the very same function to an optimizer built on meta
-tensors, so an estimate and a measurement of the same set-up agree to the byte.
+estimator's dry run (:mod:`lowrank_opt.memory.dryrun`) applies the very same function to an optimizer built on
+meta tensors, so an estimate and a measurement of the same set-up agree to the byte.
 
 What it counts: every tensor reachable from the optimizer's per-parameter dicts (``optimizer.state`` and
 any other dict attribute keyed by parameters, e.g. APOLLO's cache of projection matrices), including
