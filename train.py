@@ -129,6 +129,11 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     if data_args.task not in ("pretrain", "sft"):
         raise ValueError(f"--task must be 'pretrain' or 'sft', got {data_args.task!r}")
     name = training_args.lowrank_optim or training_args.optim.value
+    if training_args.fsdp and _runs_on_cpu(training_args):
+        raise ValueError(
+            "--fsdp on CPU: accelerate runs FSDP only on GPUs and would silently train with plain data parallelism "
+            "(DDP) instead. For FSDP2 on CPU use torch directly (docs/examples/fsdp2.py runs on CPU ranks with "
+            "gloo); on GPUs --fsdp works with every --optim name")
     if training_args.deepspeed:
         from lowrank_opt.integrations.deepspeed import check_deepspeed_config
 
@@ -148,6 +153,12 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
             logger.warning("layer-wise updates leave no gradients to clip: --max_grad_norm %s is turned off; the "
                            "optimizer's norm_growth_limit (per tensor) replaces it", training_args.max_grad_norm)
             training_args.max_grad_norm = 0.0
+
+
+def _runs_on_cpu(training_args) -> bool:
+    import torch
+
+    return bool(training_args.use_cpu) or not torch.cuda.is_available()
 
 
 def build_tokenizer(model_args: ModelArguments):

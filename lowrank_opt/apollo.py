@@ -365,6 +365,8 @@ class Apollo(Optimizer):
         skipped_tensors: tensor updates skipped for a non-finite gradient.
         comm_bytes_last_step / comm_bytes_total: bytes this optimizer all-reduced in its latest ``step()``
             (summed over the per-group calls DeepSpeed makes) and since construction.
+        comm_bytes_by_param: each shared parameter's share of the latest step's all-reduces, by its label (the
+            one flag per batch that says "some process raises" is not attributed).
         init_steps_skipped: DeepSpeed set-up calls recognised and skipped (see :meth:`step`).
 
     Example:
@@ -428,6 +430,7 @@ class Apollo(Optimizer):
         self.init_steps_skipped = 0
         self.comm_bytes_total = 0
         self._comm_bytes_by_key: dict[Any, int] = {}
+        self.comm_bytes_by_param: dict[str, int] = {}
         super().__init__(params, defaults)
         _common.check_param_dtypes(self)
         if layerwise:
@@ -617,6 +620,7 @@ class Apollo(Optimizer):
         self._process_group = None
         self._comm = None
         self._comm_bytes_by_key = {}
+        self.comm_bytes_by_param = {}
         self._init_caches()
         self._fill_group_defaults()
         if records is None:  # pickled by an older version: rebuild from the groups
@@ -878,6 +882,9 @@ class Apollo(Optimizer):
             pieces.extend(self._pieces(group, i, p))
         if not pieces:
             return
+        for piece in pieces:
+            if piece.shared:
+                self.comm_bytes_by_param[piece.label] = 0
         if self._is_setup_call(pieces):
             self.init_steps_skipped += 1
             logger.info("Apollo: step() with all-zero gradients on copies of the parameters before any state "
@@ -984,6 +991,7 @@ class Apollo(Optimizer):
                 if piece.plan is not None and not (piece.plan.side == RIGHT and piece.group["scale_type"] == "channel"):
                     parts.append(piece.sq.reshape(-1).to(device, dtype))
                     summed.append(k)
+                self._count(piece, (1 + (piece.sq.numel() if k in summed else 0)) * parts[0].element_size())
             buf = torch.cat(parts)
             self._all_reduce(comm, buf, ("check",) + tuple(pieces[k].identity for k in ks))
             values = buf.cpu()
@@ -1035,6 +1043,11 @@ class Apollo(Optimizer):
         self.comm_bytes_total += nbytes
         comm.all_reduce_(tensor)
 
+    def _count(self, piece: _Piece, nbytes: int) -> None:
+        """Attribute all-reduced bytes to a parameter (``comm_bytes_by_param``: its share in the latest step)."""
+        if piece.comm is not None and piece.comm.world_size > 1:
+            self.comm_bytes_by_param[piece.label] = self.comm_bytes_by_param.get(piece.label, 0) + nbytes
+
     def _blocks(self, piece: _Piece, compute: torch.dtype) -> list:
         """(Block, gradient rectangle in the compute dtype) for each block of a sharded matrix piece."""
         flat = piece.grad.reshape(-1)
@@ -1070,7 +1083,10 @@ class Apollo(Optimizer):
                 piece.low_rank, piece.cut_part = project_rows(self._blocks(piece, compute), proj, piece.layout,
                                                               plan.side, compute)
                 if piece.shared:
-                    payload.append(piece.cut_part if plan.side == RIGHT else piece.low_rank)
+                    part = piece.cut_part if plan.side == RIGHT else piece.low_rank
+                    payload.append(part)
+                    if part is not None:
+                        self._count(piece, part.numel() * part.element_size())
         self._reduce_parts(comm, [t for t in payload if t is not None], ("project",) + key)
         # 3.-5. Moments and scaling on the local rows of R (right; cut rows now whole) or on all of R (left).
         payload = []
@@ -1081,6 +1097,7 @@ class Apollo(Optimizer):
                 if sharded_rows and (group["scale_type"] == "tensor" or group["norm_growth_limit"] is not None):
                     size = 2 if group["scale_type"] == "tensor" else 1
                     payload.append(torch.zeros(size, dtype=piece.low_rank.dtype, device=piece.low_rank.device))
+                    self._count(piece, size * piece.low_rank.element_size())
                 piece.low_rank = piece.cut_part = None
                 continue
             if piece.cut_part is not None:
@@ -1098,10 +1115,12 @@ class Apollo(Optimizer):
                 if sharded_rows and group["norm_growth_limit"] is not None:
                     piece.partial = (piece.factor.square() * piece.sq).sum().reshape(1)
                     payload.append(piece.partial)
+                    self._count(piece, piece.partial.numel() * piece.partial.element_size())
             elif sharded_rows:
                 owned = 0 if piece.layout.owns_first_row else 1  # a cut row is counted by one process
                 piece.partial = torch.stack([normalized[owned:].square().sum(), piece.low_rank[owned:].square().sum()])
                 payload.append(piece.partial)
+                self._count(piece, piece.partial.numel() * piece.partial.element_size())
             else:
                 piece.factor = tensor_scaling(normalized.square().sum(), piece.low_rank.square().sum())
             piece.low_rank = piece.cut_part = None

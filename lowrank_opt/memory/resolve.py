@@ -2,8 +2,10 @@
 
 This is the estimator's one place that reads optimizer names and options. :func:`resolve_optimizer` turns
 ``(name, optim_args, target_modules)`` into a :class:`ResolvedOptimizer`; the dry run (:mod:`.dryrun`), the
-analytic layouts (:mod:`.external`) and :func:`~lowrank_opt.memory.estimate` see only that object. A
-project-wide resolver can take this module's place by returning the same fields.
+analytic layouts (:mod:`.external`) and :func:`~lowrank_opt.memory.estimate` see only that object. Registry
+names go through the project-wide resolver, :func:`lowrank_opt.registry.resolve` (the one train.py, the HF
+and DeepSpeed glue use), so an option one path takes is never refused here; this module adds the Hugging Face
+names whose state layouts :mod:`.external` computes and their aliases.
 
 Names: every ``lowrank_opt.registry`` name (also as ``NAME_capped``: inside NormGrowthCap, ``cap_*`` options
 for the cap), the Hugging Face names backed by other packages whose state layouts :mod:`.external` computes,
@@ -19,7 +21,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..registry import available, build_optimizer, parse_name
+from ..registry import available, build_optimizer, parse_name, parse_optim_args
+from ..registry import resolve as resolve_registry
 from ..targets import ALL_LINEAR, TargetModules
 from .external import _EXTERNAL_KEYS, EXTERNAL_OPTIMIZERS, ExternalOptimizer
 
@@ -108,11 +111,15 @@ def resolve_optimizer(name: str, optim_args: Union[None, str, dict] = None,
     except ValueError:
         raise _unknown_optimizer(name) from None
     options = {**implied, **_parse_options(optim_args)}
-    cap = [k for k in options if k.startswith("cap_")]
-    if cap and not capped:
-        raise ValueError(f"optim_args {', '.join(cap)} need a *_capped optimizer name")
     if spec.lowrank:
         _check_target_modules(target_modules)
+    # The project-wide resolver checks the options (unknown keys, cap_* without _capped) and translates HF's
+    # APOLLO keys (proj_type=std -> sort_dims=True), exactly as train.py and the Trainer glue do.
+    resolved = resolve_registry(key, options, target_modules if spec.lowrank else None)
+    user_keys = set(options) - {"proj", "proj_type"}
+    options = {k: v for k, v in resolved.options.items() if k in user_keys or k == "sort_dims" and
+               "proj_type" in options}
+    options.update({"cap_" + k: v for k, v in resolved.cap.items()})
     return ResolvedOptimizer(
         name=spec.name + ("_capped" if capped else ""), options=options, defaults=dict(spec.defaults),
         layerwise=bool(options.get("layerwise", spec.defaults.get("layerwise", False))),
@@ -131,8 +138,6 @@ def _unknown_optimizer(name: Any) -> ValueError:
 
 
 def _parse_options(optim_args: Union[None, str, dict]) -> dict:
-    from ..integrations.hf import parse_optim_args
-
     return parse_optim_args(optim_args)
 
 
