@@ -297,10 +297,10 @@ def square_limit(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(dtype).max)
 
 
-def gradient_fault_flags(grads: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype]) -> torch.Tensor:
+def gradient_fault_flags(grads: Sequence[torch.Tensor], dtypes: Sequence[Optional[torch.dtype]]) -> torch.Tensor:
     """One bool per gradient, on the gradients' (common) device, True where the gradient holds an inf/nan or
-    an element beyond ``square_limit(dtypes[i])``. One read of each gradient (its max-abs), no host sync.
-    Empty gradients have no fault."""
+    an element beyond ``square_limit(dtypes[i])`` (``None``: no size limit, for math that squares nothing).
+    One read of each gradient (its max-abs), no host sync. Empty gradients have no fault."""
     if not grads:
         return torch.zeros(0, dtype=torch.bool)
     live = [i for i, g in enumerate(grads) if g.numel() > 0]
@@ -309,7 +309,7 @@ def gradient_fault_flags(grads: Sequence[torch.Tensor], dtypes: Sequence[torch.d
     # max |g| per tensor (NaN propagates; the inf-norm of a finite tensor cannot overflow, unlike its 2-norm),
     # as a fraction of its limit: <= 1 is fine, > 1, inf and nan are faults.
     maxabs = torch._foreach_norm([grads[i] for i in live], math.inf)
-    ratios = torch._foreach_mul(maxabs, [1.0 / square_limit(dtypes[i]) for i in live])
+    ratios = torch._foreach_mul(maxabs, [0.0 if dtypes[i] is None else 1.0 / square_limit(dtypes[i]) for i in live])
     live_flags = ~(torch.stack(ratios) <= 1.0)
     if len(live) == len(grads):
         return live_flags
@@ -318,9 +318,9 @@ def gradient_fault_flags(grads: Sequence[torch.Tensor], dtypes: Sequence[torch.d
     return flags
 
 
-def describe_fault(grad: torch.Tensor, dtype: torch.dtype) -> str:
+def describe_fault(grad: torch.Tensor, dtype: Optional[torch.dtype]) -> str:
     """Why ``grad`` was refused, for the error message (this reads the gradient: only on the error path)."""
-    if not bool(torch.isfinite(grad).all()):
+    if dtype is None or not bool(torch.isfinite(grad).all()):
         return "non-finite gradient (inf or nan)"
     largest = float(grad.abs().max().double())
     dtype_name = str(dtype).replace("torch.", "")

@@ -117,9 +117,11 @@ class NormGrowthCap(torch.optim.Optimizer):
     Per parameter with a gradient, keeping ``prev`` (the last passed or capped norm, 0 at first) in
     ``optimizer.state[p]["norm_growth_prev"]`` as a 0-d fp32 tensor:
 
-    1. ``n = ||g||`` (in fp32). If any ``n`` is inf or nan: with ``on_nonfinite="raise"`` a ``RuntimeError``
-       names the parameters and nothing (gradient, state, parameter) is changed; with ``"skip"`` the whole
-       step is skipped for every parameter, counted in ``skipped_steps`` and logged as a warning.
+    1. ``n = ||g||`` (in fp32). A faulty gradient, one with an inf/nan, a norm beyond fp32, or an element
+       whose square overflows the dtype the wrapped optimizer keeps its moments in (the package's shared
+       non-finite policy): with ``nonfinite="raise"`` a ``RuntimeError`` names the parameters and why, and
+       nothing (gradient, state, parameter) is changed; with ``"skip"`` the whole step is skipped for every
+       parameter, counted in ``skipped_steps`` and logged as a warning.
     2. ``prev == 0``: ``g`` passes, ``prev <- n``.
     3. ``n < lb * sqrt(numel)`` (``n < lb`` when ``scale_lb=False``): ``g`` passes, ``prev <- n``.
     4. ``n / (prev + eps) > tau``: ``g <- g * tau * prev / (n + eps)``, ``prev <-`` that capped norm
@@ -149,7 +151,10 @@ class NormGrowthCap(torch.optim.Optimizer):
         lb: norm floor below which gradients always pass; >= 0. Default 1e-7.
         eps: added to denominators; >= 0. Default 1e-8.
         scale_lb: scale the floor by ``sqrt(numel)`` of the tensor. Default True.
-        on_nonfinite: ``"raise"`` (default) or ``"skip"``, see step 1.
+        nonfinite: ``"raise"`` (default) or ``"skip"``, see step 1; the option's name in every optimizer of
+            the package.
+        on_nonfinite: deprecated name of ``nonfinite`` (a ``DeprecationWarning``); objects pickled with it
+            still load.
 
     Origin: ``NormGrowthCap`` of Optimisers.jl (PR #196, first named ``GradNormGrowthLimiter``), after the
     norm-growth limiter of Fira (Chen et al., "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
@@ -411,23 +416,33 @@ def _nonfinite_option(nonfinite: Optional[str], on_nonfinite: Optional[str]) -> 
     return "raise" if nonfinite is None else nonfinite
 
 
-def _inner_math_dtype(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.dtype:
-    """The dtype ``optimizer`` computes ``p``'s update in: what it says (a ``math_dtype(p)`` method), else the
-    parameter's own for torch's optimizers (AdamW keeps fp16 moments for fp16 parameters), else fp32 for
-    16-bit parameters (the package's optimizers and most others upcast)."""
+# torch's optimizers that keep a running square of the gradient in the parameter's dtype (fp16 moments for fp16
+# parameters); torch's others (SGD, Adamax, Rprop, ...) square nothing.
+_TORCH_SQUARING = tuple(
+    getattr(torch.optim, name)
+    for name in ("Adam", "AdamW", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "SparseAdam")
+    if hasattr(torch.optim, name)
+)
+
+
+def _inner_math_dtype(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype whose square limit ``p``'s gradient is held to: what ``optimizer`` says (a ``math_dtype(p)``
+    method, as the package's optimizers have: fp32 for 16-bit parameters); for torch's optimizers, the
+    parameter's own dtype when they keep a square of the gradient, else ``None`` (no size limit); for any
+    other optimizer fp32 for 16-bit parameters (they generally upcast)."""
     math_dtype = getattr(optimizer, "math_dtype", None)
     if callable(math_dtype):
         return math_dtype(p)
     if type(optimizer).__module__.startswith("torch.optim"):
-        return p.dtype
+        return p.dtype if isinstance(optimizer, _TORCH_SQUARING) else None
     return compute_dtype(p.dtype)
 
 
-def _describe(grad: torch.Tensor, dtype: torch.dtype) -> str:
+def _describe(grad: torch.Tensor, dtype: Optional[torch.dtype]) -> str:
     """Why ``grad`` was refused (error path only): inf/nan, an element whose square overflows ``dtype``, or
     (all elements fine) a 2-norm beyond fp32, which the cap cannot compare."""
     finite = bool(torch.isfinite(grad).all())
-    if not finite or float(grad.abs().max().double()) > square_limit(dtype):
+    if not finite or (dtype is not None and float(grad.abs().max().double()) > square_limit(dtype)):
         return describe_fault(grad, dtype)
     return "gradient too large: its 2-norm overflows float32"
 
