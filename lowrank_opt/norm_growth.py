@@ -354,6 +354,9 @@ class NormGrowthCap(torch.optim.Optimizer):
             # the wrapped optimizer computes in (its second moment would become inf): the shared policy.
             dtypes = [_inner_math_dtype(self.optimizer, p) for p in params]
             fault = ~torch.isfinite(norms) | gradient_fault_flags(grads, dtypes)
+            if device.type == "meta":  # shapes without values (a dry run for memory): nothing to decide
+                plan.prevs.append((params, new_prev))
+                continue
             # The one host synchronisation: which gradients are faulty, which are scaled.
             flags = torch.stack([fault, capped]).cpu().tolist()
             for (group, index, p), dtype, bad in zip(entries, dtypes, flags[0]):

@@ -431,3 +431,27 @@ def test_copies_keep_the_skip_count_and_continue_identically(cls, kwargs, how):
     assert clone.skipped_tensors == opt.skipped_tensors == 2
     for a, b in zip(model.parameters(), clone_model.parameters()):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Item 8 (our part): parameters on the meta device step, as torch's AdamW does (the memory estimator's dry run)
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("capped", [False, True], ids=["bare", "capped"])
+@pytest.mark.parametrize("cls, kwargs", OURS)
+def test_meta_parameters_step_and_get_state_of_the_right_shape_and_dtype(cls, kwargs, capped):
+    # Before: AdamP/SGDP and any NormGrowthCap failed with "Tensor.item() cannot be called on meta tensors".
+    named = [("w", torch.nn.Parameter(torch.empty(4, 3, device="meta"))),
+             ("b", torch.nn.Parameter(torch.empty(3, device="meta", dtype=torch.bfloat16)))]
+    opt = cls(named, **kwargs)
+    if capped:
+        opt = NormGrowthCap(opt)
+    for _ in range(2):
+        for _, p in named:
+            p.grad = torch.empty(p.shape, device="meta", dtype=p.dtype)
+        opt.step()
+    for _, p in named:
+        tensors = {k: v for k, v in opt.state[p].items() if isinstance(v, torch.Tensor) and v.ndim > 0}
+        assert tensors and all(v.shape == p.shape and v.device.type == "meta" for v in tensors.values())
+        assert all(v.dtype == torch.float32 for v in tensors.values())  # fp32 moments for the bf16 bias too

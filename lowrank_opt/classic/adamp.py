@@ -78,8 +78,8 @@ def radial_projection(
     Returns:
         ``(projected update, weight-decay ratio)``; the update is a new tensor when the projection fires.
     """
-    if param.ndim <= 1 or param.numel() == 0:
-        return update, 1.0
+    if param.ndim <= 1 or param.numel() == 0 or param.device.type == "meta":
+        return update, 1.0  # meta tensors have shapes but no values to decide on (a dry run for memory)
     for rows in (param.shape[0], 1):  # 1. channel view first, then layer view
         param_rows = param.reshape(rows, -1)
         grad_rows = grad.reshape(rows, -1)
