@@ -105,6 +105,11 @@ def _check_tau(tau: Any) -> float:
 
 
 def _fp32_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``||g||`` of each gradient as fp32 (computed in fp32 for fp32 and narrower gradients, in fp64 for fp64
+    ones, which torch will not narrow inside the norm; a norm beyond fp32 becomes inf, a fault)."""
+    if any(g.dtype == torch.float64 for g in grads):
+        return [torch.linalg.vector_norm(g).float() if g.dtype == torch.float64
+                else torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
     try:
         return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
     except (TypeError, RuntimeError):  # torch without the dtype argument of _foreach_norm

@@ -597,6 +597,23 @@ def test_closure():
         assert p.grad.norm().item() <= prev.item() * (1 + 1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2,), (2, 0), ()])
+def test_fp64_params(shape):
+    # Before: "linalg.vector_norm: the dtype of the input (Double) should be convertible without narrowing".
+    p = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float64))
+    opt = NormGrowthCap(torch.optim.SGD([p], lr=1.0))
+    grads = [torch.full(shape, 0.5, dtype=torch.float64), torch.full(shape, 5.0, dtype=torch.float64)]
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    prev = opt.state[p][PREV_KEY]
+    assert prev.dtype == torch.float32 and p.dtype == torch.float64
+    n = max(1, p.numel())
+    if p.numel():  # the second gradient (norm 5 sqrt(n)) is capped to tau times the first (0.5 sqrt(n))
+        assert prev.item() == pytest.approx(TAU * 0.5 * math.sqrt(n), rel=1e-6)
+        assert p.grad.norm().item() == pytest.approx(TAU * 0.5 * math.sqrt(n), rel=1e-6)
+
+
 def test_bf16_params():
     p = torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
     opt = NormGrowthCap(torch.optim.SGD([p], lr=1.0))
