@@ -11,7 +11,10 @@
 * **Checkpoints**: :func:`load_state_dict_checked` refuses a checkpoint whose hyperparameters or state tensors
   do not fit the optimizer (naming the parameter and both shapes) before anything changes, and keeps the
   saved state dtypes.
-* Parameter labels and the older ``check_*`` helpers (kept with their signatures and messages).
+* **Writing back** a low-precision weight (:func:`write_back`): an fp16 weight that would overflow 65504 raises
+  instead of becoming inf.
+* Parameter labels and the older ``check_*`` helpers (kept with their signatures and messages for bad
+  values; a value of the wrong type is now refused too, where ``float()`` used to take a numeric string).
 
 Nothing here knows about a particular algorithm.
 """
@@ -49,7 +52,7 @@ class Option:
     Attributes:
         kind: ``"real"``, ``"int"``, ``"bool"``, ``"choice"`` or ``"pair"``.
         low, high: the range (``None``: unbounded); ``low_open``/``high_open`` make an end exclusive.
-        finite: refuse +-inf (NaN always fails the range).
+        finite: refuse +-inf and NaN (NaN also fails any bound).
         tensor: a one-element real tensor is accepted (torch accepts a tensor ``lr``).
         none: ``None`` is accepted.
         choices: the accepted values of a ``"choice"``.
@@ -161,7 +164,7 @@ def check_option(name: str, value: Any, spec: Option, where: str = "") -> None:
     elif spec.kind == "choice":
         listed = ", ".join(map(repr, spec.choices))
         try:
-            ok = any(type(value) is type(c) and value == c for c in spec.choices)
+            ok = any(isinstance(value, type(c)) and value == c for c in spec.choices)
         except Exception:  # an object whose == raises is not one of the choices either
             ok = False
         if not ok:

@@ -373,7 +373,8 @@ class NormGrowthCap(torch.optim.Optimizer):
         if faults:
             if self.nonfinite == "raise":
                 raise RuntimeError(gradient_fault_message(
-                    self, faults, effect="skip such steps", changed="no gradient, parameter or optimizer state was changed",
+                    self, faults, effect="skip such steps",
+                    changed="no gradient, parameter or optimizer state was changed",
                 ))
             self.skipped_steps += 1
             logger.warning(

@@ -200,7 +200,8 @@ XFAIL_A = {**{n: APOLLO_XFAIL for n in APOLLO if not n.endswith("_capped")}, **{
 
 @pytest.mark.parametrize("name", _marked(NAMES, XFAIL_A))
 @SETTINGS
-@given(shape=nonempty_shapes, dtype=st.sampled_from(DTYPES), scales=st.lists(st.sampled_from(SCALES), min_size=1, max_size=4),
+@given(shape=nonempty_shapes, dtype=st.sampled_from(DTYPES),
+       scales=st.lists(st.sampled_from(SCALES), min_size=1, max_size=4),
        **OPTION_ARGS)
 @example(shape=(4, 3), dtype=torch.float32, scales=[1e30], **DEFAULT_OPTIONS)  # Apollo: exp_avg_sq = inf
 @example(shape=(4, 3), dtype=torch.float32, scales=[1.0, 1e19], **DEFAULT_OPTIONS)  # Apollo: limiter_norm = inf
@@ -253,7 +254,8 @@ XFAIL_RESUME = {n: APOLLO_XFAIL for n in APOLLO}
 
 @pytest.mark.parametrize("name", _marked(NAMES, XFAIL_RESUME))
 @SETTINGS
-@given(shape=shapes, dtype=st.sampled_from(DTYPES), scales=st.lists(st.sampled_from(FINITE_SCALES), min_size=2, max_size=5),
+@given(shape=shapes, dtype=st.sampled_from(DTYPES),
+       scales=st.lists(st.sampled_from(FINITE_SCALES), min_size=2, max_size=5),
        cut=st.integers(1, 4), **OPTION_ARGS)
 @example(shape=(4, 3), dtype=torch.float32, scales=[1.0, 1.0], cut=1,
          **{**DEFAULT_OPTIONS, "rank": "half_rank"})  # Apollo: the rule is pickled, weights_only refuses it
@@ -290,8 +292,10 @@ XFAIL_COPY = {n: APOLLO_XFAIL for n in APOLLO}
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 @pytest.mark.parametrize("name", _marked(NAMES, XFAIL_COPY))
 @SETTINGS
-@given(shape=shapes, dtype=st.sampled_from(DTYPES), scales=st.lists(st.sampled_from(FINITE_SCALES), min_size=2, max_size=4),
-       cut=st.integers(1, 3), **{**OPTION_ARGS, "rank": ranks.filter(lambda r: r != "lambda")})  # a lambda never pickles
+@given(shape=shapes, dtype=st.sampled_from(DTYPES),
+       scales=st.lists(st.sampled_from(FINITE_SCALES), min_size=2, max_size=4),
+       cut=st.integers(1, 3),
+       **{**OPTION_ARGS, "rank": ranks.filter(lambda r: r != "lambda")})  # a lambda never pickles
 @example(shape=(4, 3), dtype=torch.float32, scales=[1.0, 1.0], cut=1, **DEFAULT_OPTIONS)  # Apollo: caches lost
 def test_deepcopy_and_pickle_continue_identically(name, how, shape, dtype, scales, cut, rank, scale_type, nonfinite,
                                                   cap_nonfinite):
