@@ -2,7 +2,8 @@
 
 (a) no non-finite value is ever written silently: after a step on any gradient (zeros, 1e-30 to 1e30, nan,
     inf), either ``step()`` raised, or a skip counter went up, and every weight and state tensor is finite;
-(a') 0-D to 4-D parameters, empty and size-1 dimensions, step like any other;
+(a') parameters with an empty dimension step, save, load and copy like any other (the other properties draw
+    0-D to 4-D shapes with size-1 dimensions);
 (b) ``state_dict`` -> ``torch.save`` -> ``torch.load(weights_only=True)`` -> load into a fresh optimizer on
     cloned parameters -> continue equals the uninterrupted run bit for bit;
 (c) a ``copy.deepcopy`` or ``pickle`` round trip of (parameters, optimizer) continues identically;
@@ -11,8 +12,9 @@
 Shapes, dtypes (fp32, fp64, bf16, fp16), gradient scales, the non-finite policy and, for Apollo, ranks (int,
 fraction, callable) and scale types are drawn by hypothesis; ``derandomize=True`` makes every CI run draw the
 same examples. Known failures are marked ``xfail(strict=True)`` per (name, property), so a fix turns them
-into an XPASS failure and the mark must go: Apollo's (issue 15, the lead's part) and torch's AdamW/AMSGrad,
-which the registry uses as they are.
+into an XPASS failure and the mark must go: Apollo's (issue 15, the lead's part; marked as of main 6932884,
+whose Apollo already passes (a), (b), (c) and (d)) and torch's AdamW/AMSGrad, which the registry uses as they
+are. The explicit ``@example`` cases are the ones that failed on 68fc348.
 
 Locally, ``LOWRANK_HYPOTHESIS_EXAMPLES=200`` draws more examples and ``LOWRANK_HYPOTHESIS_SHRINK=1`` shrinks a
 failure to a minimal example.
@@ -195,7 +197,7 @@ def _roundtrip(state_dict):
 # (a) no non-finite value is written silently
 # --------------------------------------------------------------------------------------------------------
 
-XFAIL_A = {**{n: APOLLO_XFAIL for n in APOLLO if not n.endswith("_capped")}, **{n: TORCH_XFAIL for n in TORCH}}
+XFAIL_A = {n: TORCH_XFAIL for n in TORCH}
 
 
 @pytest.mark.parametrize("name", _marked(NAMES, XFAIL_A))
@@ -203,8 +205,8 @@ XFAIL_A = {**{n: APOLLO_XFAIL for n in APOLLO if not n.endswith("_capped")}, **{
 @given(shape=nonempty_shapes, dtype=st.sampled_from(DTYPES),
        scales=st.lists(st.sampled_from(SCALES), min_size=1, max_size=4),
        **OPTION_ARGS)
-@example(shape=(4, 3), dtype=torch.float32, scales=[1e30], **DEFAULT_OPTIONS)  # Apollo: exp_avg_sq = inf
-@example(shape=(4, 3), dtype=torch.float32, scales=[1.0, 1e19], **DEFAULT_OPTIONS)  # Apollo: limiter_norm = inf
+@example(shape=(4, 3), dtype=torch.float32, scales=[1e30], **DEFAULT_OPTIONS)  # 68fc348's Apollo: exp_avg_sq = inf
+@example(shape=(4, 3), dtype=torch.float32, scales=[1.0, 1e19], **DEFAULT_OPTIONS)  # 68fc348's Apollo: limiter inf
 @example(shape=(3,), dtype=torch.float16, scales=[0.0], **DEFAULT_OPTIONS)  # torch AdamW: fp16 eps = 0, 0/0
 def test_no_nonfinite_value_is_written_silently(name, shape, dtype, scales, rank, scale_type, nonfinite, cap_nonfinite):
     named = _params(shape, dtype)
@@ -225,40 +227,47 @@ def test_no_nonfinite_value_is_written_silently(name, shape, dtype, scales, rank
 
 
 # --------------------------------------------------------------------------------------------------------
-# (a') every shape steps: 0-D to 4-D, empty and size-1 dimensions
+# (a') empty parameters (a dimension of size 0, 1-D to 4-D) step, save, load and copy like any other
 # --------------------------------------------------------------------------------------------------------
 
-XFAIL_SHAPES = {n: APOLLO_XFAIL for n in APOLLO}
+XFAIL_EMPTY = {n: APOLLO_XFAIL for n in APOLLO}
 
 
-@pytest.mark.parametrize("name", _marked(NAMES, XFAIL_SHAPES))
+@pytest.mark.parametrize("name", _marked(NAMES, XFAIL_EMPTY))
 @SETTINGS
 @given(shape=shapes.filter(lambda s: 0 in s), dtype=st.sampled_from(DTYPES), **OPTION_ARGS)
 @example(shape=(3, 0), dtype=torch.float32, **DEFAULT_OPTIONS)  # Apollo: ZeroDivisionError in projection.py
-def test_empty_parameters_step_like_any_other(name, shape, dtype, rank, scale_type, nonfinite, cap_nonfinite):
+def test_empty_parameters_step_save_load_and_copy(name, shape, dtype, rank, scale_type, nonfinite, cap_nonfinite):
+    opts = options(name, rank, scale_type, nonfinite, cap_nonfinite)
     named = _params(shape, dtype)
-    opt = _build(name, named, options(name, rank, scale_type, nonfinite, cap_nonfinite))
+    opt = _build(name, named, opts)
     for step in range(2):
         _set_grads(named, 1.0, step)
         opt.step()
     assert named[0][1].shape == shape
     assert all(bool(torch.isfinite(v).all()) for _, _, v in _state_tensors(opt, named))
+    resumed = _clone(named)
+    resumed_opt = _build(name, resumed, opts)
+    resumed_opt.load_state_dict(_roundtrip(opt.state_dict()))
+    twin_named, twin = copy.deepcopy((named, opt))
+    for nm, o in ((named, opt), (resumed, resumed_opt), (twin_named, twin)):
+        _set_grads(nm, 1.0, 2)
+        o.step()
+    _assert_identical(named, opt, resumed, resumed_opt)
+    _assert_identical(named, opt, twin_named, twin)
 
 
 # --------------------------------------------------------------------------------------------------------
 # (b) save -> torch.load(weights_only=True) -> load -> continue == uninterrupted, bit for bit
 # --------------------------------------------------------------------------------------------------------
 
-XFAIL_RESUME = {n: APOLLO_XFAIL for n in APOLLO}
-
-
-@pytest.mark.parametrize("name", _marked(NAMES, XFAIL_RESUME))
+@pytest.mark.parametrize("name", NAMES)
 @SETTINGS
-@given(shape=shapes, dtype=st.sampled_from(DTYPES),
+@given(shape=nonempty_shapes, dtype=st.sampled_from(DTYPES),
        scales=st.lists(st.sampled_from(FINITE_SCALES), min_size=2, max_size=5),
        cut=st.integers(1, 4), **OPTION_ARGS)
 @example(shape=(4, 3), dtype=torch.float32, scales=[1.0, 1.0], cut=1,
-         **{**DEFAULT_OPTIONS, "rank": "half_rank"})  # Apollo: the rule is pickled, weights_only refuses it
+         **{**DEFAULT_OPTIONS, "rank": "half_rank"})  # 68fc348's Apollo saved the rule: weights_only refused it
 def test_resume_from_a_checkpoint_is_exact(name, shape, dtype, scales, cut, rank, scale_type, nonfinite, cap_nonfinite):
     cut = min(cut, len(scales) - 1)
     opts = options(name, rank, scale_type, nonfinite, cap_nonfinite)
@@ -286,17 +295,14 @@ def test_resume_from_a_checkpoint_is_exact(name, shape, dtype, scales, cut, rank
 # (c) deepcopy and pickle continue identically
 # --------------------------------------------------------------------------------------------------------
 
-XFAIL_COPY = {n: APOLLO_XFAIL for n in APOLLO}
-
-
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
-@pytest.mark.parametrize("name", _marked(NAMES, XFAIL_COPY))
+@pytest.mark.parametrize("name", NAMES)
 @SETTINGS
-@given(shape=shapes, dtype=st.sampled_from(DTYPES),
+@given(shape=nonempty_shapes, dtype=st.sampled_from(DTYPES),
        scales=st.lists(st.sampled_from(FINITE_SCALES), min_size=2, max_size=4),
        cut=st.integers(1, 3),
        **{**OPTION_ARGS, "rank": ranks.filter(lambda r: r != "lambda")})  # a lambda never pickles
-@example(shape=(4, 3), dtype=torch.float32, scales=[1.0, 1.0], cut=1, **DEFAULT_OPTIONS)  # Apollo: caches lost
+@example(shape=(4, 3), dtype=torch.float32, scales=[1.0, 1.0], cut=1, **DEFAULT_OPTIONS)  # 68fc348's Apollo lost caches
 def test_deepcopy_and_pickle_continue_identically(name, how, shape, dtype, scales, cut, rank, scale_type, nonfinite,
                                                   cap_nonfinite):
     cut = min(cut, len(scales) - 1)
@@ -318,14 +324,11 @@ def test_deepcopy_and_pickle_continue_identically(name, how, shape, dtype, scale
 # (d) a zero gradient does not freeze a tensor
 # --------------------------------------------------------------------------------------------------------
 
-XFAIL_ZERO = {n: APOLLO_XFAIL for n in APOLLO}
-
-
-@pytest.mark.parametrize("name", _marked(NAMES, XFAIL_ZERO))
+@pytest.mark.parametrize("name", NAMES)
 @SETTINGS
 @given(shape=nonempty_shapes.filter(lambda s: len(s) >= 1), dtype=st.sampled_from([torch.float32, torch.float64]),
        **OPTION_ARGS)
-@example(shape=(4, 3), dtype=torch.float32, **DEFAULT_OPTIONS)  # Apollo: the limiter stores 0 and caps near 0
+@example(shape=(4, 3), dtype=torch.float32, **DEFAULT_OPTIONS)  # 68fc348's Apollo: its limiter stored 0, capped near 0
 def test_a_zero_gradient_does_not_freeze_a_tensor(name, shape, dtype, rank, scale_type, nonfinite, cap_nonfinite):
     # A LoRA-style zero-initialised partner, a layer frozen then unfrozen, a masked head: one all-zero
     # gradient, then ordinary ones. The weight must move about as much as it does without the zero step
