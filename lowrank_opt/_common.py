@@ -430,14 +430,15 @@ class StateKey:
     required: bool = True
 
 
-StateLayout = Callable[[dict, torch.Tensor], Mapping[str, StateKey]]
+# (group, index of the parameter in its group, parameter) -> what each state key of that parameter must hold
+StateLayout = Callable[[dict, int, torch.Tensor], Mapping[str, StateKey]]
 
 
 def like_param(*keys: str, counts: Sequence[str] = ("step",)) -> StateLayout:
     """A :data:`StateLayout` where each of ``keys`` has the parameter's shape and each of ``counts`` is a
     step count (the layout of Adam-style optimizers)."""
 
-    def layout(group: dict, p: torch.Tensor) -> Mapping[str, StateKey]:
+    def layout(group: dict, index: int, p: torch.Tensor) -> Mapping[str, StateKey]:
         out = {key: StateKey(COUNT) for key in counts}
         out.update({key: StateKey(tuple(p.shape)) for key in keys})
         return out
@@ -482,7 +483,7 @@ def check_loaded_state(optimizer: torch.optim.Optimizer, state_dict: Mapping[str
                              "not a dict")
         if not entry:
             continue
-        for key, rule in layout(group, p).items():
+        for key, rule in layout(group, i, p).items():
             if key not in entry:
                 if rule.required:
                     raise ValueError(f"{name}.load_state_dict: the checkpoint's state of {label} has no "

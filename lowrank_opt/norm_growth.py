@@ -278,7 +278,7 @@ class NormGrowthCap(torch.optim.Optimizer):
         """Load into the wrapped optimizer, then put each ``prev`` back as fp32: torch's loader casts
         floating state to the parameter dtype, which would round the ``prev`` of a bf16 parameter.
 
-        Checked before anything changes: every ``prev`` is a finite one-element tensor >= 0, and for torch's
+        Checked before anything changes: every ``prev`` is a finite 0-d floating tensor >= 0, and for torch's
         Adam/SGD family (whose own loader does not look) every state tensor has its parameter's shape; the
         package's optimizers check their own groups and state."""
         state_dict = state_dict.copy()
@@ -290,8 +290,13 @@ class NormGrowthCap(torch.optim.Optimizer):
         if isinstance(self.optimizer, _PARAM_SHAPED_STATE):
             check_loaded_state(self.optimizer, state_dict, _param_shaped_layout(state_dict))
         saved_prevs = _saved_prevs(state_dict)
-        self.optimizer.load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
+        for index, prev in saved_prevs.items():
+            if float(prev) < 0:  # a negative norm would flip the sign of the gradients it caps
+                raise ValueError(f"{type(self).__name__}.load_state_dict: {PREV_KEY} of "
+                                 f"{_label_at(self, index, params)} is {float(prev)} in the checkpoint; a norm is >= 0")
+        self.optimizer.load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]  # the loader may replace groups
         for index, prev in saved_prevs.items():
             if index < len(params):
                 p = params[index]
@@ -357,11 +362,11 @@ class NormGrowthCap(torch.optim.Optimizer):
             scale, new_prev, capped = norm_growth_rule(norms, prevs, floors, tau=self.tau, eps=self.eps)
             # A fault: an inf/nan, a norm that overflows fp32, or an element whose square overflows the dtype
             # the wrapped optimizer computes in (its second moment would become inf): the shared policy.
-            dtypes = [_inner_math_dtype(self.optimizer, p) for p in params]
-            fault = ~torch.isfinite(norms) | gradient_fault_flags(grads, dtypes)
             if device.type == "meta":  # shapes without values (a dry run for memory): nothing to decide
                 plan.prevs.append((params, new_prev))
                 continue
+            dtypes = [_inner_math_dtype(self.optimizer, p) for p in params]
+            fault = ~torch.isfinite(norms) | gradient_fault_flags(grads, dtypes)
             # The one host synchronisation: which gradients are faulty, which are scaled.
             flags = torch.stack([fault, capped]).cpu().tolist()
             for (group, index, p), dtype, bad in zip(entries, dtypes, flags[0]):
@@ -456,11 +461,11 @@ def _describe(grad: torch.Tensor, dtype: Optional[torch.dtype]) -> str:
     return "gradient too large: its 2-norm overflows float32"
 
 
-def _prev_layout(group: dict, p: torch.Tensor) -> dict[str, StateKey]:
+def _prev_layout(group: dict, index: int, p: torch.Tensor) -> dict[str, StateKey]:
     return {PREV_KEY: StateKey((), required=False)}
 
 
-def _param_shaped_layout(state_dict: dict[str, Any]) -> Callable[[dict, torch.Tensor], dict[str, StateKey]]:
+def _param_shaped_layout(state_dict: dict[str, Any]) -> Callable[[dict, int, torch.Tensor], dict[str, StateKey]]:
     """Every state tensor of torch's Adam/SGD family that is not a 0-d scalar has its parameter's shape."""
     keys = {
         key
@@ -469,10 +474,19 @@ def _param_shaped_layout(state_dict: dict[str, Any]) -> Callable[[dict, torch.Te
         if isinstance(value, torch.Tensor) and value.ndim > 0 and key != PREV_KEY
     }
 
-    def layout(group: dict, p: torch.Tensor) -> dict[str, StateKey]:
+    def layout(group: dict, index: int, p: torch.Tensor) -> dict[str, StateKey]:
         return {key: StateKey(tuple(p.shape), required=False) for key in keys}
 
     return layout
+
+
+def _label_at(optimizer: torch.optim.Optimizer, index: int, params: list[torch.Tensor]) -> str:
+    """The label of the parameter at ``index`` over all groups (in order)."""
+    for group in optimizer.param_groups:
+        if index < len(group["params"]):
+            return param_label(group, index, group["params"][index])
+        index -= len(group["params"])
+    return f"parameter {index}"
 
 
 def _saved_prevs(state_dict: dict[str, Any]) -> dict[int, Any]:

@@ -321,6 +321,10 @@ def test_load_refuses_bad_prev_and_inner_state_of_another_shape_before_changing_
     with pytest.raises(ValueError, match=rf"state '{PREV_KEY}' of '0\.bias' has shape \(3,\) in the checkpoint, "
                                          r"but this optimizer needs \(\)"):
         opt.load_state_dict(wrong_prev)
+    negative_prev = roundtrip(saved)
+    negative_prev["state"][2][PREV_KEY] = torch.tensor(-1.0)
+    with pytest.raises(ValueError, match=rf"{PREV_KEY} of '2\.weight' is -1\.0 in the checkpoint; a norm is >= 0"):
+        opt.load_state_dict(negative_prev)
     # torch's own loader would take this and fail later inside AdamW's math; refused here, naming both shapes
     other = roundtrip(saved)
     other["state"][0]["exp_avg"] = torch.zeros(2, 6)

@@ -302,6 +302,7 @@ class _ProjectedOptimizer(torch.optim.Optimizer):
         param = p if p.dtype == dtype else p.to(dtype)
         return param, p.grad.to(dtype)
 
+
 class AdamP(_ProjectedOptimizer):
     """Adam with decoupled weight decay whose update loses its radial part on scale-invariant weights.
 
