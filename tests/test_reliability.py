@@ -530,3 +530,24 @@ def test_apollo_names_a_gradient_too_large_rather_than_non_finite():
     w.grad = torch.full((4, 3), 1e30)
     with pytest.raises(RuntimeError, match="gradient too large for float32 math"):
         opt.step()
+
+
+@pytest.mark.parametrize("cls, kwargs", OURS)
+def test_objects_pickled_before_the_shared_policy_still_load_and_step(cls, kwargs):
+    # What pickle held for these optimizers before: torch's three entries, no skip count; AdamP/SGDP groups
+    # had no "nonfinite" either. They load with the constructor's choice and a count of 0.
+    named = _named()
+    opt = cls(named, **kwargs, nonfinite="skip")
+    _grads(named, 0)
+    opt.step()
+    state = opt.__getstate__()
+    del state["skipped_tensors"]
+    for group in state["param_groups"]:
+        del group["nonfinite"]
+    old = cls.__new__(cls)
+    old.__setstate__(state)
+    assert old.skipped_tensors == 0 and all(g["nonfinite"] == "skip" for g in old.param_groups)
+    _grads(named, 1)
+    named[1][1].grad[0] = math.nan
+    old.step()
+    assert old.skipped_tensors == 1

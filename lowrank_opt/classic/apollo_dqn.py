@@ -301,6 +301,10 @@ class ApolloDQN(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         state.setdefault("skipped_tensors", 0)
         super().__setstate__(state)
+        for group in self.param_groups:  # pickled before an option existed: the constructor's value
+            for key in APOLLO_DQN_OPTIONS:
+                if key in self.defaults:
+                    group.setdefault(key, self.defaults[key])
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
