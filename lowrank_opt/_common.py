@@ -1,17 +1,203 @@
-"""Helpers shared by every optimizer in the package: validation with exact messages, parameter labels,
-and a ``load_state_dict`` that keeps the saved state dtypes.
+"""What every optimizer in the package shares, so that each rule is written once:
+
+* **Hyperparameters**: one declarative check (:class:`Option` specs, :func:`validate_group`) used by every
+  constructor and again by ``load_state_dict`` on the groups a checkpoint brings. A value of the wrong type
+  (YAML's ``lr: 1e-3`` is the string ``'1e-3'``) is refused with its name, value and type, as torch does.
+* **Non-finite gradients**: one policy (:func:`screen_gradients`, option ``nonfinite="raise" | "skip"``). A
+  gradient with an inf/nan, or one whose squares overflow the dtype the optimizer computes in (a finite
+  ``1e30`` in fp32 turns Adam's second moment into inf and freezes the weight for good), either makes
+  ``step()`` raise before anything changes or is skipped and counted. The promise: a non-finite value never
+  reaches a weight or a moment without a raise or a counted skip.
+* **Checkpoints**: :func:`load_state_dict_checked` refuses a checkpoint whose hyperparameters or state tensors
+  do not fit the optimizer (naming the parameter and both shapes) before anything changes, and keeps the
+  saved state dtypes.
+* **Writing back** a low-precision weight (:func:`write_back`): an fp16 weight that would overflow 65504 raises
+  instead of becoming inf.
+* Parameter labels and the older ``check_*`` helpers (kept with their signatures and messages for bad
+  values; a value of the wrong type is now refused too, where ``float()`` used to take a numeric string).
 
 Nothing here knows about a particular algorithm.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any, Iterable
+import numbers
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
 NONFINITE_CHOICES = ("raise", "skip")
+
+
+class OptionTypeError(TypeError, ValueError):
+    """A hyperparameter of the wrong type (``lr='1e-3'``). A ``TypeError`` as torch raises for these, and a
+    ``ValueError`` so that code written against the earlier checks, which raised ``ValueError``, still
+    catches it."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Hyperparameters: one declarative check
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one hyperparameter is checked. Build it with :func:`real`, :func:`integer`, :func:`boolean`,
+    :func:`choice` or :func:`pair`.
+
+    Attributes:
+        kind: ``"real"``, ``"int"``, ``"bool"``, ``"choice"`` or ``"pair"``.
+        low, high: the range (``None``: unbounded); ``low_open``/``high_open`` make an end exclusive.
+        finite: refuse +-inf and NaN (NaN also fails any bound).
+        tensor: a one-element real tensor is accepted (torch accepts a tensor ``lr``).
+        none: ``None`` is accepted.
+        choices: the accepted values of a ``"choice"``.
+        item: how each item of a ``"pair"`` is checked.
+        what: how a ``"pair"`` is described in messages (``"a pair (beta1, beta2)"``).
+        reason: appended to a range error, to say why the range is what it is.
+    """
+
+    kind: str
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    finite: bool = False
+    tensor: bool = False
+    none: bool = False
+    choices: tuple = ()
+    item: Optional["Option"] = None
+    what: str = ""
+    reason: str = ""
+
+
+def real(low: Optional[float] = None, high: Optional[float] = None, *, low_open: bool = False,
+         high_open: bool = False, finite: bool = False, tensor: bool = False, none: bool = False,
+         reason: str = "") -> Option:
+    """A real number (``int`` or ``float``, not ``bool`` nor a string) in the given range."""
+    return Option("real", low, high, low_open, high_open, finite, tensor, none, reason=reason)
+
+
+def integer(low: Optional[int] = None, high: Optional[int] = None, *, none: bool = False) -> Option:
+    """An ``int`` (not ``bool``, not ``2.0``) in ``[low, high]``."""
+    return Option("int", low, high, none=none)
+
+
+def boolean(*, none: bool = False) -> Option:
+    """``True`` or ``False``."""
+    return Option("bool", none=none)
+
+
+def choice(*choices: Any, none: bool = False) -> Option:
+    """One of ``choices`` (compared with ``==``, so ``"L2"`` and ``"l2"`` differ)."""
+    return Option("choice", none=none, choices=tuple(choices))
+
+
+def pair(item: Option, what: str = "a pair") -> Option:
+    """A tuple or list of two items, each checked by ``item`` under the name ``name[i]``."""
+    return Option("pair", item=item, what=what)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _range_text(spec: Option) -> str:
+    if spec.low is not None and spec.high is not None:
+        return f"in {'(' if spec.low_open else '['}{_num(spec.low)}, {_num(spec.high)}{')' if spec.high_open else ']'}"
+    if spec.low is not None:
+        return f"{'>' if spec.low_open else '>='} {_num(spec.low)}"
+    if spec.high is not None:
+        return f"{'<' if spec.high_open else '<='} {_num(spec.high)}"
+    return ""
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _in_range(value: float, spec: Option) -> bool:
+    if spec.low is not None and not (value > spec.low if spec.low_open else value >= spec.low):
+        return False  # also NaN
+    if spec.high is not None and not (value < spec.high if spec.high_open else value <= spec.high):
+        return False
+    return True  # an unbounded range takes NaN too: ``finite`` refuses it
+
+
+def _type_error(name: str, value: Any, noun: str, where: str) -> OptionTypeError:
+    return OptionTypeError(f"{name} must be {noun}, got {value!r} ({type(value).__name__}){where}")
+
+
+def check_option(name: str, value: Any, spec: Option, where: str = "") -> None:
+    """Raise (``OptionTypeError`` for a wrong type, ``ValueError`` for a bad value) unless ``value`` fits
+    ``spec``; the message names the option, the value (and its type) and ``where`` it was given."""
+    if value is None and spec.none:
+        return
+    none_text = "None or " if spec.none else ""
+    if spec.kind == "real":
+        if isinstance(value, torch.Tensor) and spec.tensor:
+            if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+                raise _type_error(name, value, f"{none_text}a number or a one-element real tensor", where)
+            number = float(value.item())
+        elif _is_real(value):
+            number = float(value)
+        else:
+            raise _type_error(name, value, f"{none_text}a number", where)
+        if not _in_range(number, spec):
+            reason = f" ({spec.reason})" if spec.reason else ""
+            raise ValueError(f"{name} must be {none_text}{_range_text(spec) or 'a number'}{reason}, got {value}{where}")
+        if spec.finite and not math.isfinite(number):
+            raise ValueError(f"{name} must be finite, got {value}{where}")
+    elif spec.kind == "int":
+        noun = f"{none_text}an integer" + (f" {_range_text(spec)}" if _range_text(spec) else "")
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise _type_error(name, value, noun, where)
+        if not _in_range(int(value), spec):
+            raise ValueError(f"{name} must be {noun}, got {value!r}{where}")
+    elif spec.kind == "bool":
+        if not isinstance(value, bool):
+            raise _type_error(name, value, f"{none_text}a bool", where)
+    elif spec.kind == "choice":
+        listed = ", ".join(map(repr, spec.choices))
+        try:
+            ok = any(isinstance(value, type(c)) and value == c for c in spec.choices)
+        except Exception:  # an object whose == raises is not one of the choices either
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must be {none_text}one of {listed}, got {value!r}{where}")
+    elif spec.kind == "pair":
+        if not isinstance(value, (tuple, list)):
+            raise _type_error(name, value, spec.what, where)
+        if len(value) != 2:
+            raise ValueError(f"{name} must be {spec.what}, got {value!r}{where}")
+        for i, item in enumerate(value):
+            check_option(f"{name}[{i}]", item, spec.item, where)
+    else:  # pragma: no cover - a programming error in a spec table
+        raise AssertionError(f"unknown option kind {spec.kind!r}")
+
+
+def validate_group(group: Mapping[str, Any], specs: Mapping[str, Option], where: str = "") -> None:
+    """Check every option of ``specs`` that ``group`` holds, in the order of ``specs``; the first bad one
+    raises (see :func:`check_option`). Keys of ``group`` that ``specs`` does not name are not checked."""
+    for name, spec in specs.items():
+        if name in group:
+            check_option(name, group[name], spec, where)
+
+
+# The options most optimizers share, with the messages the package has always given.
+LR = real(0.0, finite=True, tensor=True)
+EPS = real(0.0, finite=True)
+BETA = real(0.0, 1.0, high_open=True, tensor=True)
+BETAS = pair(BETA, "a pair (beta1, beta2)")
+WEIGHT_DECAY = real(0.0, finite=True)
+NONFINITE = choice(*NONFINITE_CHOICES)
+
+
+# -- the earlier helpers, now on top of check_option (same signatures, same messages for bad values) ------
 
 
 def _as_float(value: Any) -> float:
@@ -19,51 +205,44 @@ def _as_float(value: Any) -> float:
 
 
 def check_lr(lr: Any, where: str = "") -> None:
-    value = _as_float(lr)
-    if not value >= 0.0:  # also rejects NaN
-        raise ValueError(f"lr must be >= 0, got {lr}{where}")
+    check_option("lr", lr, LR, where)
 
 
 def check_eps(eps: Any, where: str = "", name: str = "eps") -> None:
-    value = _as_float(eps)
-    if not value >= 0.0:
-        raise ValueError(f"{name} must be >= 0, got {eps}{where}")
+    check_option(name, eps, EPS, where)
 
 
 def check_beta(beta: Any, name: str, where: str = "") -> None:
-    value = _as_float(beta)
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {beta}{where}")
+    check_option(name, beta, BETA, where)
 
 
 def check_betas(betas: Any, where: str = "") -> None:
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}{where}")
-    check_beta(betas[0], "betas[0]", where)
-    check_beta(betas[1], "betas[1]", where)
+    check_option("betas", betas, BETAS, where)
 
 
 def check_weight_decay(weight_decay: Any, where: str = "") -> None:
-    value = _as_float(weight_decay)
-    if not value >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}{where}")
+    check_option("weight_decay", weight_decay, WEIGHT_DECAY, where)
 
 
 def check_choice(value: Any, name: str, choices: Iterable[str], where: str = "") -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}{where}")
+    check_option(name, value, choice(*choices), where)
 
 
 def check_positive_int(value: Any, name: str, where: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}{where}")
+    check_option(name, value, integer(1), where)
 
 
 def check_finite_positive(value: Any, name: str, where: str = "") -> None:
+    if not _is_real(value) and not (isinstance(value, torch.Tensor) and value.numel() == 1):
+        raise _type_error(name, value, "a finite number > 0", where)
     v = _as_float(value)
     if not (math.isfinite(v) and v > 0.0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}{where}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Labels and parameter checks
+# --------------------------------------------------------------------------------------------------------
 
 
 def group_where(group_index: int) -> str:
@@ -103,13 +282,272 @@ def check_grad_supported(optimizer: torch.optim.Optimizer, group: dict, index: i
         )
 
 
-def nonfinite_message(optimizer: torch.optim.Optimizer, labels: list[str], option: str = "nonfinite='skip'",
-                      effect: str = "skip those tensors' updates") -> str:
+# --------------------------------------------------------------------------------------------------------
+# Non-finite gradients: one policy
+# --------------------------------------------------------------------------------------------------------
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the package's optimizers compute in for parameters of ``dtype``: fp32 for 16-bit and
+    narrower floats, else ``dtype`` itself."""
+    return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
+
+
+def square_limit(dtype: torch.dtype) -> float:
+    """The largest ``|g|`` whose square is finite in ``dtype``: ``sqrt(finfo(dtype).max)`` (1.8e19 for fp32,
+    1.3e154 for fp64, 255.9 for fp16). A larger gradient overflows Adam's second moment to inf (after which
+    the update ``m / sqrt(v)`` is 0 and the weight never moves again), so it is treated as non-finite."""
+    return math.sqrt(torch.finfo(dtype).max)
+
+
+def gradient_fault_flags(grads: Sequence[torch.Tensor], dtypes: Sequence[Optional[torch.dtype]]) -> torch.Tensor:
+    """One bool per gradient, on the gradients' (common) device, True where the gradient holds an inf/nan or
+    an element beyond ``square_limit(dtypes[i])`` (``None``: no size limit, for math that squares nothing).
+    One read of each gradient (its max-abs), no host sync. Empty gradients have no fault."""
+    if not grads:
+        return torch.zeros(0, dtype=torch.bool)
+    live = [i for i, g in enumerate(grads) if g.numel() > 0]
+    if not live:
+        return torch.zeros(len(grads), dtype=torch.bool, device=grads[0].device)
+    # max |g| per tensor (NaN propagates; the inf-norm of a finite tensor cannot overflow, unlike its 2-norm),
+    # as a fraction of its limit: <= 1 is fine, > 1, inf and nan are faults.
+    maxabs = torch._foreach_norm([grads[i] for i in live], math.inf)
+    ratios = torch._foreach_mul(maxabs, [0.0 if dtypes[i] is None else 1.0 / square_limit(dtypes[i]) for i in live])
+    live_flags = ~(torch.stack(ratios) <= 1.0)
+    if len(live) == len(grads):
+        return live_flags
+    flags = torch.zeros(len(grads), dtype=torch.bool, device=live_flags.device)
+    flags[live] = live_flags
+    return flags
+
+
+def describe_fault(grad: torch.Tensor, dtype: Optional[torch.dtype]) -> str:
+    """Why ``grad`` was refused, for the error message (this reads the gradient: only on the error path)."""
+    if dtype is None or not bool(torch.isfinite(grad).all()):
+        return "non-finite gradient (inf or nan)"
+    largest = float(grad.abs().max().double())
+    dtype_name = str(dtype).replace("torch.", "")
+    return (f"gradient too large for {dtype_name} math (max |g| = {largest:.3g} > {square_limit(dtype):.3g}: "
+            "its square overflows)")
+
+
+def gradient_fault_message(optimizer: torch.optim.Optimizer, faults: Sequence[tuple[str, str]],
+                           option: str = "nonfinite='skip'", effect: str = "skip those tensors' updates",
+                           changed: str = "no parameter or optimizer state was changed") -> str:
+    """The error of a step refused for ``faults``: ``(label, reason)`` pairs, reasons from
+    :func:`describe_fault`; labels with the same reason are listed together."""
+    by_reason: dict[str, list[str]] = {}
+    for label, reason in faults:
+        by_reason.setdefault(reason, []).append(label)
+    parts = "; ".join(f"{reason} for {', '.join(labels)}" for reason, labels in by_reason.items())
     return (
-        f"{type(optimizer).__name__}.step(): non-finite gradient (inf or nan) for {', '.join(labels)}; "
-        f"no parameter or optimizer state was changed. Pass {option} to {effect} instead, "
+        f"{type(optimizer).__name__}.step(): {parts}; {changed}. Pass {option} to {effect} instead, "
         "or lower the learning rate / use loss scaling."
     )
+
+
+def nonfinite_message(optimizer: torch.optim.Optimizer, labels: list[str], option: str = "nonfinite='skip'",
+                      effect: str = "skip those tensors' updates") -> str:
+    return gradient_fault_message(optimizer, [(label, "non-finite gradient (inf or nan)") for label in labels],
+                                  option, effect)
+
+
+Entry = tuple  # (group, index in group, parameter)
+
+
+def screen_gradients(
+    optimizer: torch.optim.Optimizer,
+    entries: Sequence[Entry],
+    *,
+    policy: Union[str, Callable[[dict], str]] = lambda group: group["nonfinite"],
+    dtype_of: Callable[[torch.Tensor], torch.dtype] = lambda p: compute_dtype(p.dtype),
+    counter: str = "skipped_tensors",
+) -> set[int]:
+    """The shared non-finite policy, for optimizers that update each tensor on its own.
+
+    ``entries`` are ``(group, index_in_group, param)`` for every parameter about to be updated (each with a
+    gradient). Every gradient is checked before anything changes (one read of each, one host sync per device):
+    an inf/nan or an element whose square overflows ``dtype_of(param)`` is a fault. If any faulty tensor's
+    ``policy`` (a group's ``nonfinite`` option by default) is ``"raise"``, a ``RuntimeError`` names every
+    faulty tensor and why; otherwise the faulty ones are counted in ``optimizer.<counter>`` and their
+    positions in ``entries`` returned, for the caller to skip. Meta tensors (no values) are not checked.
+    """
+    by_device: dict[torch.device, list[int]] = {}
+    for k, (_, _, p) in enumerate(entries):
+        if p.grad.device.type != "meta":
+            by_device.setdefault(p.grad.device, []).append(k)
+    bad: list[int] = []
+    for ks in by_device.values():
+        flags = gradient_fault_flags([entries[k][2].grad for k in ks], [dtype_of(entries[k][2]) for k in ks])
+        bad.extend(k for k, flag in zip(ks, flags.tolist()) if flag)  # the one host sync
+    if not bad:
+        return set()
+    bad.sort()
+    policy_of = (lambda group: policy) if isinstance(policy, str) else policy
+    faults = [(param_label(g, i, p), describe_fault(p.grad, dtype_of(p))) for g, i, p in (entries[k] for k in bad)]
+    if any(policy_of(entries[k][0]) == "raise" for k in bad):
+        raise RuntimeError(gradient_fault_message(optimizer, faults))
+    setattr(optimizer, counter, getattr(optimizer, counter, 0) + len(bad))
+    logging.getLogger(type(optimizer).__module__).warning(
+        "%s.step(): skipped the update of %s", type(optimizer).__name__,
+        "; ".join(f"{label} ({reason})" for label, reason in faults))
+    return set(bad)
+
+
+def write_back(optimizer: torch.optim.Optimizer, group: dict, index: int, p: torch.Tensor,
+               work: torch.Tensor) -> None:
+    """Copy ``work``, the updated weight computed in a wider dtype, into the parameter ``p`` (rounding to
+    nearest). fp16 holds at most 65504, so a weight beyond it would be written as inf: that raises instead,
+    naming the parameter (bf16 has fp32's range, so the fp32 math cannot overflow it). Nothing to do when
+    ``work`` is ``p`` itself."""
+    if work is p:
+        return
+    if p.dtype == torch.float16 and work.numel() and work.device.type != "meta":
+        largest = float(torch.linalg.vector_norm(work, ord=math.inf))
+        limit = torch.finfo(torch.float16).max
+        if not largest <= limit:
+            raise RuntimeError(
+                f"{type(optimizer).__name__}.step(): the updated weight of {param_label(group, index, p)} does "
+                f"not fit float16 (max |w| = {largest:.4g} > {limit:.0f}); the weight was not written (its "
+                "optimizer state was). Lower the learning rate, or keep fp32 master weights."
+            )
+    p.copy_(work)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------------
+
+COUNT = "count"  # a state entry that is a step count: an int >= 0 (or a one-element tensor of one)
+
+
+@dataclass(frozen=True)
+class StateKey:
+    """What one key of a parameter's state must hold: ``shape`` (a tuple) for a floating tensor, or
+    :data:`COUNT`; ``required`` keys must be present whenever the parameter has any state."""
+
+    shape: Union[tuple, str]
+    required: bool = True
+
+
+# (group, index of the parameter in its group, parameter) -> what each state key of that parameter must hold
+StateLayout = Callable[[dict, int, torch.Tensor], Mapping[str, StateKey]]
+
+
+def like_param(*keys: str, counts: Sequence[str] = ("step",)) -> StateLayout:
+    """A :data:`StateLayout` where each of ``keys`` has the parameter's shape and each of ``counts`` is a
+    step count (the layout of Adam-style optimizers)."""
+
+    def layout(group: dict, index: int, p: torch.Tensor) -> Mapping[str, StateKey]:
+        out = {key: StateKey(COUNT) for key in counts}
+        out.update({key: StateKey(tuple(p.shape)) for key in keys})
+        return out
+
+    return layout
+
+
+def _saved_state_entries(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any]):
+    """(group, index in group, param, saved entry or None) for every parameter, after the structural checks
+    torch makes (same number of groups, same number of parameters per group), with clearer messages."""
+    name = type(optimizer).__name__
+    if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError(f"{name}.load_state_dict: expected a dict with 'state' and 'param_groups', got "
+                         f"{type(state_dict).__name__}" + (f" with keys {sorted(map(str, state_dict))}"
+                                                           if isinstance(state_dict, Mapping) else ""))
+    groups, saved_groups = optimizer.param_groups, state_dict["param_groups"]
+    if len(groups) != len(saved_groups):
+        raise ValueError(f"{name}.load_state_dict: the checkpoint has {len(saved_groups)} param group(s), this "
+                         f"optimizer has {len(groups)}")
+    for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
+        if len(group["params"]) != len(saved["params"]):
+            raise ValueError(f"{name}.load_state_dict: param_groups[{gi}] of the checkpoint has "
+                             f"{len(saved['params'])} parameter(s), this optimizer's has {len(group['params'])}")
+    saved_state = state_dict["state"]
+    for group, saved in zip(groups, saved_groups):
+        for i, (p, pid) in enumerate(zip(group["params"], saved["params"])):
+            yield group, i, p, saved_state.get(pid)
+
+
+def check_loaded_state(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any],
+                       layout: Optional[StateLayout]) -> None:
+    """Refuse (``ValueError``) a checkpoint whose state does not fit the parameters: a missing required key,
+    a tensor of another shape (the message names the parameter and both shapes), a non-floating or
+    non-finite moment, a negative or non-integer step count. Reads only; changes nothing."""
+    name = type(optimizer).__name__
+    for group, i, p, entry in _saved_state_entries(optimizer, state_dict):
+        if entry is None or layout is None:
+            continue
+        label = param_label(group, i, p)
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{name}.load_state_dict: the state of {label} is a {type(entry).__name__}, "
+                             "not a dict")
+        if not entry:
+            continue
+        for key, rule in layout(group, i, p).items():
+            if key not in entry:
+                if rule.required:
+                    raise ValueError(f"{name}.load_state_dict: the checkpoint's state of {label} has no "
+                                     f"{key!r} (it has {sorted(map(str, entry))})")
+                continue
+            value = entry[key]
+            if rule.shape == COUNT:
+                number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+                if (not isinstance(number, numbers.Real) or isinstance(number, bool) or not number >= 0
+                        or not float(number).is_integer()):
+                    raise ValueError(f"{name}.load_state_dict: state {key!r} of {label} must be a step count "
+                                     f"(an integer >= 0), got {value!r}")
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{name}.load_state_dict: state {key!r} of {label} must be a tensor, got "
+                                 f"{type(value).__name__}")
+            if tuple(value.shape) != tuple(rule.shape):
+                raise ValueError(f"{name}.load_state_dict: state {key!r} of {label} has shape "
+                                 f"{tuple(value.shape)} in the checkpoint, but this optimizer needs "
+                                 f"{tuple(rule.shape)} (parameter shape {tuple(p.shape)}); the checkpoint is "
+                                 "of another model")
+            if not value.is_floating_point():
+                raise ValueError(f"{name}.load_state_dict: state {key!r} of {label} must be a floating "
+                                 f"tensor, got dtype {value.dtype}")
+            if value.device.type != "meta" and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name}.load_state_dict: state {key!r} of {label} holds inf or nan in the "
+                                 "checkpoint; it would reach the weights")
+
+
+def check_loaded_groups(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any],
+                        check_group: Callable[[dict, str], None]) -> None:
+    """Run ``check_group(group, where)`` on a copy of each group the checkpoint would install (the saved
+    hyperparameters with this optimizer's parameters, missing options taken from its defaults: an option a
+    checkpoint predates gets the constructor's value, as ``__setstate__`` should give it). Changes
+    nothing; raises what ``check_group`` raises."""
+    list(_saved_state_entries(optimizer, state_dict))  # the structural checks, with clear messages
+    for gi, (group, saved) in enumerate(zip(optimizer.param_groups, state_dict["param_groups"])):
+        candidate = {**optimizer.defaults, **saved, "params": group["params"]}
+        if "param_names" in group and "param_names" not in saved:
+            candidate["param_names"] = group["param_names"]
+        check_group(candidate, f" in param_groups[{gi}] of the loaded state dict")
+
+
+def load_state_dict_checked(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any], *,
+                            check_group: Optional[Callable[[dict, str], None]] = None,
+                            layout: Optional[StateLayout] = None) -> None:
+    """``load_state_dict`` that trusts nothing it loads: after the load pre-hooks, every group is checked with
+    ``check_group`` and every state entry against ``layout``, all before anything changes; then the state is
+    loaded keeping its saved dtypes (:func:`load_state_dict_keep_dtypes`)."""
+    state_dict = dict(state_dict)
+    hooks = optimizer._optimizer_load_state_dict_pre_hooks
+    for hook in hooks.values():
+        result = hook(optimizer, state_dict)
+        if result is not None:
+            state_dict = result
+    if check_group is not None:
+        check_loaded_groups(optimizer, state_dict, check_group)
+    check_loaded_state(optimizer, state_dict, layout)
+    # The hooks ran above (the checks must see what they return); torch's loader must not run them twice.
+    optimizer._optimizer_load_state_dict_pre_hooks = OrderedDict()
+    try:
+        load_state_dict_keep_dtypes(optimizer, state_dict)
+    finally:
+        optimizer._optimizer_load_state_dict_pre_hooks = hooks
 
 
 def load_state_dict_keep_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:

@@ -9,12 +9,29 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections import OrderedDict, defaultdict
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
-from ._common import NONFINITE_CHOICES, check_choice, check_eps, check_grad_supported, check_param_dtypes, param_label
+from ._common import (
+    EPS,
+    NONFINITE,
+    StateKey,
+    boolean,
+    check_grad_supported,
+    check_loaded_state,
+    check_option,
+    check_param_dtypes,
+    compute_dtype,
+    describe_fault,
+    gradient_fault_flags,
+    gradient_fault_message,
+    param_label,
+    real,
+    square_limit,
+)
 
 __all__ = ["NormGrowthCap", "norm_growth_rule", "PREV_KEY"]
 
@@ -61,7 +78,24 @@ def norm_growth_rule(
     return scale, new_prev, capped
 
 
+# The wrapper's options (attributes of the wrapper, not group keys): checked at construction.
+NORM_GROWTH_OPTIONS = {
+    "lb": EPS,
+    "eps": EPS,
+    "scale_lb": boolean(),
+    "nonfinite": NONFINITE,
+}
+
+# torch's optimizers whose every non-scalar state tensor has its parameter's shape: a checkpoint of another
+# model is refused by shape before it loads (torch's own loader does not look).
+_PARAM_SHAPED_STATE = tuple(
+    getattr(torch.optim, name) for name in ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam")
+    if hasattr(torch.optim, name)
+)
+
+
 def _check_tau(tau: Any) -> float:
+    check_option("tau", tau, real())
     value = float(tau)
     if not math.isfinite(value):
         raise ValueError(f"tau must be finite, got {tau}")
@@ -71,6 +105,11 @@ def _check_tau(tau: Any) -> float:
 
 
 def _fp32_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``||g||`` of each gradient as fp32 (computed in fp32 for fp32 and narrower gradients, in fp64 for fp64
+    ones, which torch will not narrow inside the norm; a norm beyond fp32 becomes inf, a fault)."""
+    if any(g.dtype == torch.float64 for g in grads):
+        return [torch.linalg.vector_norm(g).float() if g.dtype == torch.float64
+                else torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
     try:
         return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
     except (TypeError, RuntimeError):  # torch without the dtype argument of _foreach_norm
@@ -83,9 +122,11 @@ class NormGrowthCap(torch.optim.Optimizer):
     Per parameter with a gradient, keeping ``prev`` (the last passed or capped norm, 0 at first) in
     ``optimizer.state[p]["norm_growth_prev"]`` as a 0-d fp32 tensor:
 
-    1. ``n = ||g||`` (in fp32). If any ``n`` is inf or nan: with ``on_nonfinite="raise"`` a ``RuntimeError``
-       names the parameters and nothing (gradient, state, parameter) is changed; with ``"skip"`` the whole
-       step is skipped for every parameter, counted in ``skipped_steps`` and logged as a warning.
+    1. ``n = ||g||`` (in fp32). A faulty gradient, one with an inf/nan, a norm beyond fp32, or an element
+       whose square overflows the dtype the wrapped optimizer keeps its moments in (the package's shared
+       non-finite policy): with ``nonfinite="raise"`` a ``RuntimeError`` names the parameters and why, and
+       nothing (gradient, state, parameter) is changed; with ``"skip"`` the whole step is skipped for every
+       parameter, counted in ``skipped_steps`` and logged as a warning.
     2. ``prev == 0``: ``g`` passes, ``prev <- n``.
     3. ``n < lb * sqrt(numel)`` (``n < lb`` when ``scale_lb=False``): ``g`` passes, ``prev <- n``.
     4. ``n / (prev + eps) > tau``: ``g <- g * tau * prev / (n + eps)``, ``prev <-`` that capped norm
@@ -115,7 +156,10 @@ class NormGrowthCap(torch.optim.Optimizer):
         lb: norm floor below which gradients always pass; >= 0. Default 1e-7.
         eps: added to denominators; >= 0. Default 1e-8.
         scale_lb: scale the floor by ``sqrt(numel)`` of the tensor. Default True.
-        on_nonfinite: ``"raise"`` (default) or ``"skip"``, see step 1.
+        nonfinite: ``"raise"`` (default) or ``"skip"``, see step 1; the option's name in every optimizer of
+            the package.
+        on_nonfinite: deprecated name of ``nonfinite`` (a ``DeprecationWarning``); objects pickled with it
+            still load.
 
     Origin: ``NormGrowthCap`` of Optimisers.jl (PR #196, first named ``GradNormGrowthLimiter``), after the
     norm-growth limiter of Fira (Chen et al., "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
@@ -129,18 +173,18 @@ class NormGrowthCap(torch.optim.Optimizer):
         lb: float = 1e-7,
         eps: float = 1e-8,
         scale_lb: bool = True,
-        on_nonfinite: str = "raise",
+        nonfinite: Optional[str] = None,
+        *,
+        on_nonfinite: Optional[str] = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"NormGrowthCap wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, NormGrowthCap):
             raise ValueError("optimizer is already a NormGrowthCap; wrap the inner optimizer only once")
+        nonfinite = _nonfinite_option(nonfinite, on_nonfinite)
         tau = _check_tau(tau)
-        check_eps(lb, name="lb")
-        check_eps(eps)
-        if not isinstance(scale_lb, bool):
-            raise TypeError(f"scale_lb must be a bool, got {scale_lb!r}")
-        check_choice(on_nonfinite, "on_nonfinite", NONFINITE_CHOICES)
+        for name, value in (("lb", lb), ("eps", eps), ("scale_lb", scale_lb), ("nonfinite", nonfinite)):
+            check_option(name, value, NORM_GROWTH_OPTIONS[name])
 
         # torch.optim.Optimizer.__init__ is not called: it would build new param_groups, and these must be the
         # wrapped optimizer's. What it sets up besides them (hook tables, the hooked step) is set up here.
@@ -150,11 +194,17 @@ class NormGrowthCap(torch.optim.Optimizer):
         self.lb = float(lb)
         self.eps = float(eps)
         self.scale_lb = scale_lb
-        self.on_nonfinite = on_nonfinite
+        self.nonfinite = nonfinite
         self.skipped_steps = 0
         self._init_hooks()
         self._warned_capturable_if_run_uncaptured = True
         check_param_dtypes(self)
+
+    @property
+    def on_nonfinite(self) -> str:
+        """Deprecated name of :attr:`nonfinite`."""
+        warnings.warn("NormGrowthCap.on_nonfinite is deprecated; use nonfinite", DeprecationWarning, stacklevel=2)
+        return self.nonfinite
 
     def _init_hooks(self) -> None:
         for name in _HOOK_DICTS:
@@ -194,6 +244,9 @@ class NormGrowthCap(torch.optim.Optimizer):
         return {k: v for k, v in self.__dict__.items() if k not in skip}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        if "on_nonfinite" in state:  # pickled before the option took the package-wide name
+            state.setdefault("nonfinite", state.pop("on_nonfinite"))
         self.__dict__.update(state)
         self._init_hooks()
 
@@ -201,7 +254,7 @@ class NormGrowthCap(torch.optim.Optimizer):
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
         return (
             f"{type(self).__name__}(tau={self.tau}, lb={self.lb}, eps={self.eps}, scale_lb={self.scale_lb}, "
-            f"on_nonfinite={self.on_nonfinite!r},\n  optimizer=\n{inner}\n)"
+            f"nonfinite={self.nonfinite!r},\n  optimizer=\n{inner}\n)"
         )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -223,15 +276,27 @@ class NormGrowthCap(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load into the wrapped optimizer, then put each ``prev`` back as fp32: torch's loader casts
-        floating state to the parameter dtype, which would round the ``prev`` of a bf16 parameter."""
+        floating state to the parameter dtype, which would round the ``prev`` of a bf16 parameter.
+
+        Checked before anything changes: every ``prev`` is a finite 0-d floating tensor >= 0, and for torch's
+        Adam/SGD family (whose own loader does not look) every state tensor has its parameter's shape; the
+        package's optimizers check their own groups and state."""
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        check_loaded_state(self, state_dict, _prev_layout)
+        if isinstance(self.optimizer, _PARAM_SHAPED_STATE):
+            check_loaded_state(self.optimizer, state_dict, _param_shaped_layout(state_dict))
         saved_prevs = _saved_prevs(state_dict)
-        self.optimizer.load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
+        for index, prev in saved_prevs.items():
+            if float(prev) < 0:  # a negative norm would flip the sign of the gradients it caps
+                raise ValueError(f"{type(self).__name__}.load_state_dict: {PREV_KEY} of "
+                                 f"{_label_at(self, index, params)} is {float(prev)} in the checkpoint; a norm is >= 0")
+        self.optimizer.load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]  # the loader may replace groups
         for index, prev in saved_prevs.items():
             if index < len(params):
                 p = params[index]
@@ -282,11 +347,12 @@ class NormGrowthCap(torch.optim.Optimizer):
                 by_device[p.grad.device].append((group, index, p))
 
         plan = _Plan()
-        nonfinite_labels: list[str] = []
+        faults: list[tuple[str, str]] = []
         for device, entries in by_device.items():
             params = [p for _, _, p in entries]
+            grads = [p.grad for p in params]
             # 1. Norms in fp32, all before anything is modified.
-            norms = torch.stack(_fp32_norms([p.grad for p in params]))
+            norms = torch.stack(_fp32_norms(grads))
             prevs = []
             for p in params:
                 prev = self.state.get(p, {}).get(PREV_KEY)  # .get: touching state[p] would create an entry
@@ -294,28 +360,32 @@ class NormGrowthCap(torch.optim.Optimizer):
             prevs = torch.stack(prevs)
             floors = self._floors(device, tuple(p.numel() for p in params))
             scale, new_prev, capped = norm_growth_rule(norms, prevs, floors, tau=self.tau, eps=self.eps)
-            # The one host synchronisation: which norms are non-finite, which gradients are scaled.
-            flags = torch.stack([~torch.isfinite(norms), capped]).cpu().tolist()
-            for (group, index, p), bad in zip(entries, flags[0]):
+            # A fault: an inf/nan, a norm that overflows fp32, or an element whose square overflows the dtype
+            # the wrapped optimizer computes in (its second moment would become inf): the shared policy.
+            if device.type == "meta":  # shapes without values (a dry run for memory): nothing to decide
+                plan.prevs.append((params, new_prev))
+                continue
+            dtypes = [_inner_math_dtype(self.optimizer, p) for p in params]
+            fault = ~torch.isfinite(norms) | gradient_fault_flags(grads, dtypes)
+            # The one host synchronisation: which gradients are faulty, which are scaled.
+            flags = torch.stack([fault, capped]).cpu().tolist()
+            for (group, index, p), dtype, bad in zip(entries, dtypes, flags[0]):
                 if bad:
-                    nonfinite_labels.append(param_label(group, index, p))
+                    faults.append((param_label(group, index, p), _describe(p.grad, dtype)))
             plan.scaled.extend((p, scale[i]) for i, (p, is_capped) in enumerate(zip(params, flags[1])) if is_capped)
             plan.prevs.append((params, new_prev))
 
-        if nonfinite_labels:
-            labels = ", ".join(nonfinite_labels)
-            if self.on_nonfinite == "raise":
-                raise RuntimeError(
-                    f"{type(self).__name__}.step(): non-finite gradient norm (inf or nan) for {labels}; no "
-                    "gradient, parameter or optimizer state was changed. Pass on_nonfinite='skip' to skip such "
-                    "steps instead, or lower the learning rate / use loss scaling."
-                )
+        if faults:
+            if self.nonfinite == "raise":
+                raise RuntimeError(gradient_fault_message(
+                    self, faults, effect="skip such steps",
+                    changed="no gradient, parameter or optimizer state was changed",
+                ))
             self.skipped_steps += 1
             logger.warning(
-                "%s.step(): non-finite gradient norm (inf or nan) for %s; skipped the whole step "
-                "(%d step(s) skipped so far)",
+                "%s.step(): %s; skipped the whole step (%d step(s) skipped so far)",
                 type(self).__name__,
-                labels,
+                "; ".join(f"{reason} for {label}" for label, reason in faults),
                 self.skipped_steps,
             )
             return None
@@ -345,6 +415,78 @@ class _Plan:
     def __init__(self) -> None:
         self.scaled: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, 0-d scale) for capped grads
         self.prevs: list[tuple[list[torch.Tensor], torch.Tensor]] = []  # (params, new prev per param), per device
+
+
+def _nonfinite_option(nonfinite: Optional[str], on_nonfinite: Optional[str]) -> str:
+    """``nonfinite``, or the deprecated ``on_nonfinite`` it replaces (one name for the option package-wide)."""
+    if on_nonfinite is not None:
+        warnings.warn(
+            "NormGrowthCap(on_nonfinite=...) is deprecated; use nonfinite=... (the option's name in every "
+            "optimizer of the package)", DeprecationWarning, stacklevel=3,
+        )
+        if nonfinite is not None and nonfinite != on_nonfinite:
+            raise ValueError(f"nonfinite={nonfinite!r} and its deprecated alias on_nonfinite={on_nonfinite!r} disagree")
+        return on_nonfinite
+    return "raise" if nonfinite is None else nonfinite
+
+
+# torch's optimizers that keep a running square of the gradient in the parameter's dtype (fp16 moments for fp16
+# parameters); torch's others (SGD, Adamax, Rprop, ...) square nothing.
+_TORCH_SQUARING = tuple(
+    getattr(torch.optim, name)
+    for name in ("Adam", "AdamW", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "SparseAdam")
+    if hasattr(torch.optim, name)
+)
+
+
+def _inner_math_dtype(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype whose square limit ``p``'s gradient is held to: what ``optimizer`` says (a ``math_dtype(p)``
+    method, as the package's optimizers have: fp32 for 16-bit parameters); for torch's optimizers, the
+    parameter's own dtype when they keep a square of the gradient, else ``None`` (no size limit); for any
+    other optimizer fp32 for 16-bit parameters (they generally upcast)."""
+    math_dtype = getattr(optimizer, "math_dtype", None)
+    if callable(math_dtype):
+        return math_dtype(p)
+    if type(optimizer).__module__.startswith("torch.optim"):
+        return p.dtype if isinstance(optimizer, _TORCH_SQUARING) else None
+    return compute_dtype(p.dtype)
+
+
+def _describe(grad: torch.Tensor, dtype: Optional[torch.dtype]) -> str:
+    """Why ``grad`` was refused (error path only): inf/nan, an element whose square overflows ``dtype``, or
+    (all elements fine) a 2-norm beyond fp32, which the cap cannot compare."""
+    finite = bool(torch.isfinite(grad).all())
+    if not finite or (dtype is not None and float(grad.abs().max().double()) > square_limit(dtype)):
+        return describe_fault(grad, dtype)
+    return "gradient too large: its 2-norm overflows float32"
+
+
+def _prev_layout(group: dict, index: int, p: torch.Tensor) -> dict[str, StateKey]:
+    return {PREV_KEY: StateKey((), required=False)}
+
+
+def _param_shaped_layout(state_dict: dict[str, Any]) -> Callable[[dict, int, torch.Tensor], dict[str, StateKey]]:
+    """Every state tensor of torch's Adam/SGD family that is not a 0-d scalar has its parameter's shape."""
+    keys = {
+        key
+        for entry in state_dict.get("state", {}).values() if isinstance(entry, dict)
+        for key, value in entry.items()
+        if isinstance(value, torch.Tensor) and value.ndim > 0 and key != PREV_KEY
+    }
+
+    def layout(group: dict, index: int, p: torch.Tensor) -> dict[str, StateKey]:
+        return {key: StateKey(tuple(p.shape), required=False) for key in keys}
+
+    return layout
+
+
+def _label_at(optimizer: torch.optim.Optimizer, index: int, params: list[torch.Tensor]) -> str:
+    """The label of the parameter at ``index`` over all groups (in order)."""
+    for group in optimizer.param_groups:
+        if index < len(group["params"]):
+            return param_label(group, index, group["params"][index])
+        index -= len(group["params"])
+    return f"parameter {index}"
 
 
 def _saved_prevs(state_dict: dict[str, Any]) -> dict[int, Any]:

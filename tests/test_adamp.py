@@ -310,7 +310,11 @@ def _p():
         (AdamP, dict(betas=(1.0, 0.999)), "betas[0] must be in [0, 1), got 1.0"),
         (AdamP, dict(betas=(0.9, -0.1)), "betas[1] must be in [0, 1), got -0.1"),
         (AdamP, dict(betas=(0.9,)), "betas must be a pair (beta1, beta2), got (0.9,)"),
-        (AdamP, dict(eps=-1e-8), "eps must be >= 0, got -1e-08"),
+        (AdamP, dict(eps=-1e-8), "eps must be > 0 (eps = 0 makes m / (sqrt(v) + eps) = 0/0 = nan where every "
+                                 "gradient so far was 0), got -1e-08"),
+        (AdamP, dict(eps=0.0), "eps must be > 0 (eps = 0 makes m / (sqrt(v) + eps) = 0/0 = nan where every "
+                               "gradient so far was 0), got 0.0"),
+        (AdamP, dict(lr=float("inf")), "lr must be finite, got inf"),
         (AdamP, dict(weight_decay=-0.1), "weight_decay must be >= 0, got -0.1"),
         (AdamP, dict(delta=-0.1), "delta must be >= 0, got -0.1"),
         (AdamP, dict(wd_ratio=1.5), "wd_ratio must be in [0, 1], got 1.5"),

@@ -486,10 +486,14 @@ def test_defaults_and_resolution():
         (dict(init_lr=0.02), "init_lr must be in [0, lr] = [0, 0.01], got 0.02"),
         (dict(weight_decay=-0.01), "weight_decay must be >= 0, got -0.01"),
         (dict(rebound="Belief"), "rebound must be one of 'constant', 'belief', got 'Belief'"),
-        (dict(weight_decay_type="l2"), "weight_decay_type must be one of 'L2', 'decoupled', 'stable', got 'l2'"),
+        (dict(weight_decay_type="l2"),
+         "weight_decay_type must be None or one of 'L2', 'decoupled', 'stable', got 'l2'"),
         (dict(warmup=-1), "warmup must be an integer >= 0, got -1"),
-        (dict(warmup=2.5), "warmup must be an integer >= 0, got 2.5"),
-        (dict(warmup=True), "warmup must be an integer >= 0, got True"),
+        (dict(warmup=2.5), "warmup must be an integer >= 0, got 2.5 (float)"),
+        (dict(warmup=True), "warmup must be an integer >= 0, got True (bool)"),
+        (dict(lr="1e-2"), "lr must be a number, got '1e-2' (str)"),
+        (dict(eps=0.0, rebound="belief"), "eps must be > 0 with rebound='belief' (with eps = 0 the denominator is 0 "
+                                          "when a gradient equals its running mean, and m / D is 0/0 = nan), got 0.0"),
         (dict(nonfinite="ignore"), "nonfinite must be one of 'raise', 'skip', got 'ignore'"),
     ],
 )
@@ -568,7 +572,7 @@ def test_sparse_gradient_is_refused_naming_the_parameter():
 def test_empty_param_is_harmless():
     e = torch.nn.Parameter(torch.zeros(0, 3))
     w = torch.nn.Parameter(torch.ones(2))
-    opt = ApolloDQN([e, w], rebound="belief", eps=0.0)
+    opt = ApolloDQN([e, w], rebound="belief")
     e.grad, w.grad = torch.zeros(0, 3), torch.ones(2)
     opt.step()
     assert e.shape == (0, 3) and opt.state[e]["step"] == 1 and torch.isfinite(w).all()

@@ -186,10 +186,10 @@ def test_nonfinite_raise_changes_nothing(bad, after_steps):
     with torch.no_grad():
         model[2].weight.grad[0, 1] = bad
     before = snapshot(opt, params)
-    with pytest.raises(RuntimeError, match=r"non-finite gradient norm .* for '2\.weight'; no gradient") as info:
+    with pytest.raises(RuntimeError, match=r"non-finite gradient \(inf or nan\) for '2\.weight'; no gradient") as info:
         opt.step()
     assert "'0.weight'" not in str(info.value)
-    assert "on_nonfinite='skip'" in str(info.value)
+    assert "nonfinite='skip'" in str(info.value)
     assert_snapshot_equal(before, snapshot(opt, params))
     assert len(opt.state) == (0 if after_steps == 0 else len(params))
 
@@ -205,7 +205,7 @@ def test_nonfinite_raise_names_unnamed_params_by_position():
 def test_nonfinite_skip_skips_whole_step(caplog):
     model = tiny_model()
     params = list(model.parameters())
-    opt = NormGrowthCap(torch.optim.AdamW(model.named_parameters(), lr=1e-2), on_nonfinite="skip")
+    opt = NormGrowthCap(torch.optim.AdamW(model.named_parameters(), lr=1e-2), nonfinite="skip")
     compute_grads(model, 0)
     opt.step()
     compute_grads(model, 1)
@@ -222,6 +222,151 @@ def test_nonfinite_skip_skips_whole_step(caplog):
     opt.step()
     assert opt.skipped_steps == 1
     assert opt.state[params[0]]["step"].item() == 2
+
+
+@pytest.mark.parametrize("inner", ["adamw", "adamp"])
+def test_gradient_whose_square_overflows_is_refused_like_a_nonfinite_one(inner):
+    # 1e20 is finite, but its square (1e40) would make the inner second moment inf for good. The fp32 norm
+    # overflows too, so this was refused before as well, but called "non-finite": the message now says why.
+    from lowrank_opt.classic import AdamP
+
+    model = tiny_model()
+    params = list(model.parameters())
+    make = torch.optim.AdamW if inner == "adamw" else AdamP
+    opt = NormGrowthCap(make(model.named_parameters(), lr=1e-2))
+    compute_grads(model, 0)
+    opt.step()
+    compute_grads(model, 1)
+    with torch.no_grad():
+        model[0].weight.grad[0, 0] = 1e20
+    before = snapshot(opt, params)
+    with pytest.raises(RuntimeError, match=r"gradient too large for float32 math \(max \|g\| = 1e\+20 > 1\.84e\+19: "
+                                           r"its square overflows\) for '0\.weight'; no gradient"):
+        opt.step()
+    assert_snapshot_equal(before, snapshot(opt, params))
+
+
+def test_finite_gradient_whose_norm_overflows_fp32_is_named_as_such():
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = NormGrowthCap(torch.optim.SGD([("w", p)], lr=1.0))  # SGD squares nothing: only the norm matters
+    p.grad = torch.full((4,), 3e38)
+    with pytest.raises(RuntimeError, match=r"gradient too large: its 2-norm overflows float32 for 'w'"):
+        opt.step()
+
+
+def test_fp16_moments_of_torch_adamw_are_protected_but_sgd_is_not_limited():
+    # torch's AdamW keeps fp16 moments for fp16 parameters: a gradient of 1e4 makes exp_avg_sq inf there.
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))
+    opt = NormGrowthCap(torch.optim.AdamW([("w", p)], lr=1e-3, eps=1e-4), nonfinite="skip")
+    p.grad = torch.full((3,), 1e4, dtype=torch.float16)
+    opt.step()
+    assert opt.skipped_steps == 1 and p not in opt.state
+    q = torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))
+    sgd = NormGrowthCap(torch.optim.SGD([q], lr=1e-4))
+    q.grad = torch.full((3,), 1e4, dtype=torch.float16)
+    sgd.step()
+    assert sgd.skipped_steps == 0 and torch.isfinite(q).all() and q[0].item() == pytest.approx(-1.0, rel=1e-3)
+
+
+def test_nonfinite_is_the_option_name_and_on_nonfinite_is_deprecated():
+    inner = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    assert NormGrowthCap(inner, nonfinite="skip").nonfinite == "skip"
+    with pytest.warns(DeprecationWarning, match=r"on_nonfinite=\.\.\.\) is deprecated; use nonfinite="):
+        opt = NormGrowthCap(inner, on_nonfinite="skip")
+    assert opt.nonfinite == "skip"
+    with pytest.warns(DeprecationWarning, match="use nonfinite"):
+        assert opt.on_nonfinite == "skip"
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="disagree"):
+        NormGrowthCap(inner, nonfinite="raise", on_nonfinite="skip")
+    with pytest.warns(DeprecationWarning):
+        from lowrank_opt.registry import build_optimizer
+
+        capped = build_optimizer("sgdp", [torch.nn.Parameter(torch.zeros(2))], norm_growth_cap={"on_nonfinite": "skip"})
+    assert capped.nonfinite == "skip"
+
+
+def test_object_pickled_with_on_nonfinite_still_loads():
+    # What pickle.dumps(NormGrowthCap(..., on_nonfinite="skip")) held before the rename: the old attribute.
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = NormGrowthCap(torch.optim.SGD([p], lr=1.0), nonfinite="skip")
+    state = opt.__getstate__()
+    state["on_nonfinite"] = state.pop("nonfinite")
+    old = NormGrowthCap.__new__(NormGrowthCap)
+    old.__setstate__(state)
+    restored = pickle.loads(pickle.dumps(old))
+    assert restored.nonfinite == "skip" and "on_nonfinite" not in restored.__dict__
+    params = [q for g in restored.param_groups for q in g["params"]]
+    params[0].grad = torch.tensor([float("nan"), 0.0])
+    restored.step()
+    assert restored.skipped_steps == 1
+
+
+def test_load_refuses_bad_prev_and_inner_state_of_another_shape_before_changing_anything():
+    model = tiny_model()
+    params = list(model.parameters())
+    opt = NormGrowthCap(torch.optim.AdamW(model.named_parameters(), lr=1e-2))
+    compute_grads(model, 0)
+    opt.step()
+    saved = roundtrip(opt.state_dict())
+    compute_grads(model, 1)
+    opt.step()
+    before = snapshot(opt, params)
+
+    bad_prev = roundtrip(saved)
+    bad_prev["state"][0][PREV_KEY] = torch.tensor(float("nan"))
+    with pytest.raises(ValueError, match=rf"state '{PREV_KEY}' of '0\.weight' holds inf or nan"):
+        opt.load_state_dict(bad_prev)
+    wrong_prev = roundtrip(saved)
+    wrong_prev["state"][1][PREV_KEY] = torch.zeros(3)
+    with pytest.raises(ValueError, match=rf"state '{PREV_KEY}' of '0\.bias' has shape \(3,\) in the checkpoint, "
+                                         r"but this optimizer needs \(\)"):
+        opt.load_state_dict(wrong_prev)
+    negative_prev = roundtrip(saved)
+    negative_prev["state"][2][PREV_KEY] = torch.tensor(-1.0)
+    with pytest.raises(ValueError, match=rf"{PREV_KEY} of '2\.weight' is -1\.0 in the checkpoint; a norm is >= 0"):
+        opt.load_state_dict(negative_prev)
+    # torch's own loader would take this and fail later inside AdamW's math; refused here, naming both shapes
+    other = roundtrip(saved)
+    other["state"][0]["exp_avg"] = torch.zeros(2, 6)
+    with pytest.raises(ValueError, match=r"AdamW\.load_state_dict: state 'exp_avg' of '0\.weight' has shape \(2, 6\) "
+                                         r"in the checkpoint, but this optimizer needs \(3, 4\)"):
+        opt.load_state_dict(other)
+    assert_snapshot_equal(before, snapshot(opt, params))
+    opt.load_state_dict(saved)  # the good one still loads
+    assert opt.state[params[0]]["step"].item() == 1
+
+
+def test_inner_optimizer_of_ours_checks_its_groups_through_the_wrapper():
+    from lowrank_opt.classic import AdamP
+
+    model = tiny_model()
+    opt = NormGrowthCap(AdamP(model.named_parameters(), lr=1e-2))
+    compute_grads(model, 0)
+    opt.step()
+    saved = roundtrip(opt.state_dict())
+    saved["param_groups"][0]["lr"] = -1.0
+    with pytest.raises(ValueError, match=r"lr must be >= 0, got -1\.0 in param_groups\[0\] of the loaded state dict"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == 1e-2
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_continue_identically_and_drop_hooks(how):
+    model = tiny_model()
+    opt = NormGrowthCap(torch.optim.AdamW(model.parameters(), lr=1e-2), tau=1.05, nonfinite="skip")
+    opt.register_step_pre_hook(lambda o, args, kwargs: None)
+    for t in range(3):
+        compute_grads(model, t, growth=1.5)
+        opt.step()
+    clone_model, clone = copy.deepcopy((model, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, opt)))
+    assert len(clone._optimizer_step_pre_hooks) == 0 and len(opt._optimizer_step_pre_hooks) == 1
+    for m, o in ((model, opt), (clone_model, clone)):
+        for t in range(3, 6):
+            compute_grads(m, t, growth=1.5)
+            o.step()
+    for a, b in zip(model.parameters(), clone_model.parameters()):
+        assert torch.equal(a, b)
+        assert torch.equal(opt.state[a][PREV_KEY], clone.state[b][PREV_KEY])
 
 
 # --- identical to the wrapped optimizer when the cap never binds ----------------------------------------
@@ -370,7 +515,7 @@ def test_shares_inner_objects_and_is_an_optimizer():
     opt.param_groups[0]["lr"] = 0.5
     assert inner.param_groups[0]["lr"] == 0.5
     text = repr(opt)
-    assert text.startswith("NormGrowthCap(tau=1.01, lb=1e-07, eps=1e-08, scale_lb=True, on_nonfinite='raise'")
+    assert text.startswith("NormGrowthCap(tau=1.01, lb=1e-07, eps=1e-08, scale_lb=True, nonfinite='raise'")
     assert "AdamW (" in text
 
 
@@ -456,6 +601,23 @@ def test_closure():
         assert p.grad.norm().item() <= prev.item() * (1 + 1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2,), (2, 0), ()])
+def test_fp64_params(shape):
+    # Before: "linalg.vector_norm: the dtype of the input (Double) should be convertible without narrowing".
+    p = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float64))
+    opt = NormGrowthCap(torch.optim.SGD([p], lr=1.0))
+    grads = [torch.full(shape, 0.5, dtype=torch.float64), torch.full(shape, 5.0, dtype=torch.float64)]
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    prev = opt.state[p][PREV_KEY]
+    assert prev.dtype == torch.float32 and p.dtype == torch.float64
+    n = max(1, p.numel())
+    if p.numel():  # the second gradient (norm 5 sqrt(n)) is capped to tau times the first (0.5 sqrt(n))
+        assert prev.item() == pytest.approx(TAU * 0.5 * math.sqrt(n), rel=1e-6)
+        assert p.grad.norm().item() == pytest.approx(TAU * 0.5 * math.sqrt(n), rel=1e-6)
+
+
 def test_bf16_params():
     p = torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
     opt = NormGrowthCap(torch.optim.SGD([p], lr=1.0))
@@ -471,12 +633,12 @@ def test_bf16_params():
 
 def test_deepcopy_and_pickle():
     model = tiny_model()
-    opt = NormGrowthCap(torch.optim.AdamW(model.parameters(), lr=1e-2), tau=1.1, on_nonfinite="skip")
+    opt = NormGrowthCap(torch.optim.AdamW(model.parameters(), lr=1e-2), tau=1.1, nonfinite="skip")
     torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)  # patches opt.step on the instance
     compute_grads(model, 0)
     opt.step()
     for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
-        assert isinstance(clone, NormGrowthCap) and clone.tau == 1.1 and clone.on_nonfinite == "skip"
+        assert isinstance(clone, NormGrowthCap) and clone.tau == 1.1 and clone.nonfinite == "skip"
         assert clone.param_groups is clone.optimizer.param_groups
         params = [p for g in clone.param_groups for p in g["params"]]
         for p in params:
@@ -501,8 +663,10 @@ def test_sparse_gradients_refused():
         ({"tau": float("nan")}, ValueError, "tau must be finite, got nan"),
         ({"lb": -1.0}, ValueError, "lb must be >= 0, got -1.0"),
         ({"eps": -1e-8}, ValueError, "eps must be >= 0, got -1e-08"),
-        ({"on_nonfinite": "ignore"}, ValueError, "on_nonfinite must be one of 'raise', 'skip', got 'ignore'"),
-        ({"scale_lb": "yes"}, TypeError, "scale_lb must be a bool, got 'yes'"),
+        ({"nonfinite": "ignore"}, ValueError, "nonfinite must be one of 'raise', 'skip', got 'ignore'"),
+        ({"scale_lb": "yes"}, TypeError, "scale_lb must be a bool, got 'yes' (str)"),
+        ({"tau": "1.01"}, TypeError, "tau must be a number, got '1.01' (str)"),
+        ({"lb": "1e-7"}, TypeError, "lb must be a number, got '1e-7' (str)"),
     ],
 )
 def test_validation(kwargs, error, message):

@@ -21,15 +21,21 @@ from typing import Any, Callable, Iterable
 import torch
 
 from lowrank_opt._common import (
-    check_beta,
-    check_betas,
-    check_eps,
+    BETAS,
+    LR,
+    NONFINITE,
+    WEIGHT_DECAY,
+    boolean,
     check_grad_supported,
-    check_lr,
     check_param_dtypes,
-    check_weight_decay,
+    compute_dtype,
     group_where,
-    load_state_dict_keep_dtypes,
+    like_param,
+    load_state_dict_checked,
+    real,
+    screen_gradients,
+    validate_group,
+    write_back,
 )
 
 __all__ = ["AdamP", "SGDP", "radial_projection", "adamp_update", "sgdp_update"]
@@ -72,8 +78,8 @@ def radial_projection(
     Returns:
         ``(projected update, weight-decay ratio)``; the update is a new tensor when the projection fires.
     """
-    if param.ndim <= 1 or param.numel() == 0:
-        return update, 1.0
+    if param.ndim <= 1 or param.numel() == 0 or param.device.type == "meta":
+        return update, 1.0  # meta tensors have shapes but no values to decide on (a dry run for memory)
     for rows in (param.shape[0], 1):  # 1. channel view first, then layer view
         param_rows = param.reshape(rows, -1)
         grad_rows = grad.reshape(rows, -1)
@@ -181,42 +187,52 @@ def sgdp_update(
 # --------------------------------------------------------------------------------------------------------
 
 
-def _check_unit_interval(value: Any, name: str, where: str) -> None:
-    number = float(value.item()) if isinstance(value, torch.Tensor) else float(value)
-    if not 0.0 <= number <= 1.0:  # also rejects NaN
-        raise ValueError(f"{name} must be in [0, 1], got {value}{where}")
+# One table per optimizer: checked at construction, for every added group, and on every loaded checkpoint.
+_PROJECTION_OPTIONS = {
+    "delta": real(0.0, finite=True),
+    "wd_ratio": real(0.0, 1.0),
+    "nonfinite": NONFINITE,
+}
 
+ADAMP_OPTIONS = {
+    "lr": LR,
+    "betas": BETAS,
+    # AdamP divides m by sqrt(v) + eps: with eps = 0 an entry whose gradient has been 0 so far gives 0/0.
+    "eps": real(0.0, low_open=True, finite=True,
+                reason="eps = 0 makes m / (sqrt(v) + eps) = 0/0 = nan where every gradient so far was 0"),
+    "weight_decay": WEIGHT_DECAY,
+    "nesterov": boolean(),
+    **_PROJECTION_OPTIONS,
+}
 
-def _check_projection(hp: dict, where: str) -> None:
-    check_eps(hp["eps"], where)
-    check_eps(hp["delta"], where, name="delta")
-    _check_unit_interval(hp["wd_ratio"], "wd_ratio", where)
+SGDP_OPTIONS = {
+    "lr": LR,
+    "momentum": real(0.0, 1.0, high_open=True),  # < 1: the weight decay divides by (1 - momentum)
+    "dampening": real(0.0, 1.0),
+    "weight_decay": WEIGHT_DECAY,
+    "nesterov": boolean(),
+    # only the norm floor of the projection: with eps = 0 a zero norm gives a nan cosine, which never fires
+    "eps": real(0.0, finite=True),
+    **_PROJECTION_OPTIONS,
+}
 
 
 def _check_adamp_hyperparameters(hp: dict, where: str = "") -> None:
-    check_lr(hp["lr"], where)
-    check_betas(hp["betas"], where)
-    check_weight_decay(hp["weight_decay"], where)
-    _check_projection(hp, where)
+    validate_group(hp, ADAMP_OPTIONS, where)
 
 
 def _check_sgdp_hyperparameters(hp: dict, where: str = "") -> None:
-    check_lr(hp["lr"], where)
-    # momentum < 1 as well: the weight decay divides by (1 - momentum)
-    check_beta(hp["momentum"], "momentum", where)
-    _check_unit_interval(hp["dampening"], "dampening", where)
-    check_weight_decay(hp["weight_decay"], where)
+    validate_group(hp, SGDP_OPTIONS, where)
     if hp["nesterov"] and (hp["momentum"] <= 0 or hp["dampening"] != 0):
         raise ValueError(
             "nesterov=True requires momentum > 0 and dampening == 0, "
             f"got momentum={hp['momentum']}, dampening={hp['dampening']}{where}"
         )
-    _check_projection(hp, where)
 
 
 def _math_dtype(param: torch.Tensor) -> torch.dtype:
     """fp32 for low-precision parameters (bf16, fp16, ...), else the parameter's own dtype."""
-    return torch.float32 if torch.finfo(param.dtype).bits < 32 else param.dtype
+    return compute_dtype(param.dtype)
 
 
 def _zeros_for(param: torch.Tensor) -> torch.Tensor:
@@ -224,7 +240,15 @@ def _zeros_for(param: torch.Tensor) -> torch.Tensor:
 
 
 class _ProjectedOptimizer(torch.optim.Optimizer):
-    """What AdamP and SGDP share: groups validated when added, checkpoints that keep state dtypes."""
+    """What AdamP and SGDP share: groups validated when added and when loaded, the shared non-finite
+    policy, checkpoints checked against the parameters and loaded keeping their state dtypes."""
+
+    _state_layout = staticmethod(like_param())  # each subclass names its state and its options
+    _options: dict = {}
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        self.skipped_tensors = 0  # (tensor, step) pairs skipped for a non-finite or too large gradient
+        super().__init__(params, defaults)
 
     def _check_group(self, group: dict, where: str) -> None:
         raise NotImplementedError
@@ -240,7 +264,37 @@ class _ProjectedOptimizer(torch.optim.Optimizer):
             raise
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        load_state_dict_keep_dtypes(self, state_dict)
+        load_state_dict_checked(self, state_dict, check_group=self._check_group, layout=self._state_layout)
+
+    # torch keeps only defaults, state and param_groups through copy/pickle; the skip count is ours.
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "skipped_tensors": self.skipped_tensors}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("skipped_tensors", 0)
+        super().__setstate__(state)
+        for group in self.param_groups:  # checkpoints from before an option existed: the constructor's value
+            for key in self._options:
+                if key in self.defaults:
+                    group.setdefault(key, self.defaults[key])
+
+    def _screened(self) -> list[tuple[dict, int, torch.Tensor]]:
+        """The parameters to update this step: those with a gradient, less those the non-finite policy skips
+        (it raises first when a group says ``nonfinite="raise"``)."""
+        entries = []
+        for group in self.param_groups:
+            for index, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    check_grad_supported(self, group, index, p)
+                    entries.append((group, index, p))
+        skip = screen_gradients(self, entries, dtype_of=self.math_dtype)
+        return [entry for k, entry in enumerate(entries) if k not in skip]
+
+    @staticmethod
+    def math_dtype(p: torch.Tensor) -> torch.dtype:
+        """The dtype ``p``'s update is computed in (fp32 for 16-bit parameters): what the non-finite policy
+        checks gradients against, here and in a :class:`~lowrank_opt.NormGrowthCap` around this optimizer."""
+        return compute_dtype(p.dtype)
 
     def _working_copies(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The parameter and gradient in the math dtype: the tensors themselves when it is theirs."""
@@ -263,22 +317,32 @@ class AdamP(_ProjectedOptimizer):
     4. ``theta <- theta * (1 - lr * weight_decay * r)``.
     5. ``theta <- theta - step_size * update``.
 
-    bf16/fp16 parameters are updated in fp32 with fp32 moments and written back in their own dtype.
-    State per parameter: ``step`` (int), ``exp_avg``, ``exp_avg_sq``.
+    bf16/fp16 parameters are updated in fp32 with fp32 moments and written back in their own dtype (an fp16
+    weight that would overflow 65504 raises instead). State per parameter: ``step`` (int), ``exp_avg``,
+    ``exp_avg_sq``. ``load_state_dict`` checks the hyperparameters and the state shapes it is given before
+    anything changes.
 
     Args:
         params: parameters, ``(name, parameter)`` pairs (e.g. ``model.named_parameters()``) or param groups.
         lr: learning rate (default ``1e-3``).
         betas: decay rates of the first and second moments (default ``(0.9, 0.999)``).
-        eps: added to the denominator, and the norm floor of the projection (default ``1e-8``).
+        eps: added to the denominator, and the norm floor of the projection; > 0, since 0 gives 0/0 where
+            every gradient so far was 0 (default ``1e-8``).
         weight_decay: decoupled weight decay (default ``0``).
         delta: cosine threshold of the projection, divided by ``sqrt(row length)`` (default ``0.1``).
         wd_ratio: weight-decay multiplier for weights the projection fires on, in [0, 1] (default ``0.1``).
         nesterov: use the Nesterov form of the first moment (default ``False``).
+        nonfinite: a gradient with an inf/nan, or with an element whose square overflows fp32 (fp64 for fp64
+            parameters) and would turn ``exp_avg_sq`` into inf, makes ``step()`` raise before anything
+            changes (``"raise"``, default), or that tensor is skipped for the step and counted in
+            ``skipped_tensors`` (``"skip"``).
 
     Reference: Heo et al., "AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant
     Weights", ICLR 2021, https://arxiv.org/abs/2006.08217.
     """
+
+    _state_layout = staticmethod(like_param("exp_avg", "exp_avg_sq"))
+    _options = ADAMP_OPTIONS
 
     def __init__(
         self,
@@ -290,6 +354,7 @@ class AdamP(_ProjectedOptimizer):
         delta: float = 0.1,
         wd_ratio: float = 0.1,
         nesterov: bool = False,
+        nonfinite: str = "raise",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -299,6 +364,7 @@ class AdamP(_ProjectedOptimizer):
             delta=delta,
             wd_ratio=wd_ratio,
             nesterov=nesterov,
+            nonfinite=nonfinite,
         )
         _check_adamp_hyperparameters(defaults)
         super().__init__(params, defaults)
@@ -314,37 +380,32 @@ class AdamP(_ProjectedOptimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        for group in self.param_groups:
+        for group, index, p in self._screened():
             beta1, beta2 = group["betas"]
-            for index, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                check_grad_supported(self, group, index, p)
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = 0
-                    state["exp_avg"] = _zeros_for(p)
-                    state["exp_avg_sq"] = _zeros_for(p)
-                state["step"] += 1
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = 0
+                state["exp_avg"] = _zeros_for(p)
+                state["exp_avg_sq"] = _zeros_for(p)
+            state["step"] += 1
 
-                param, grad = self._working_copies(p)
-                adamp_update(
-                    param,
-                    grad,
-                    state["exp_avg"],
-                    state["exp_avg_sq"],
-                    step=state["step"],
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    delta=group["delta"],
-                    wd_ratio=group["wd_ratio"],
-                    nesterov=group["nesterov"],
-                )
-                if param is not p:
-                    p.copy_(param)
+            param, grad = self._working_copies(p)
+            adamp_update(
+                param,
+                grad,
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                step=state["step"],
+                lr=float(group["lr"]),
+                beta1=float(beta1),
+                beta2=float(beta2),
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                delta=group["delta"],
+                wd_ratio=group["wd_ratio"],
+                nesterov=group["nesterov"],
+            )
+            write_back(self, group, index, p, param)
         return loss
 
 
@@ -362,8 +423,9 @@ class SGDP(_ProjectedOptimizer):
     3. ``theta <- theta * (1 - lr * weight_decay * r / (1 - momentum))``.
     4. ``theta <- theta - lr * update``.
 
-    bf16/fp16 parameters are updated in fp32 with an fp32 buffer and written back in their own dtype.
-    State per parameter: ``momentum_buffer`` (only when ``momentum > 0``).
+    bf16/fp16 parameters are updated in fp32 with an fp32 buffer and written back in their own dtype (an fp16
+    weight that would overflow 65504 raises instead). State per parameter: ``momentum_buffer`` (only when
+    ``momentum > 0``).
 
     Args:
         params: parameters, ``(name, parameter)`` pairs (e.g. ``model.named_parameters()``) or param groups.
@@ -372,13 +434,17 @@ class SGDP(_ProjectedOptimizer):
         dampening: dampening of the gradient in the momentum, in [0, 1] (default ``0``).
         weight_decay: decoupled weight decay, divided by ``1 - momentum`` (default ``0``).
         nesterov: Nesterov momentum; needs ``momentum > 0`` and ``dampening == 0`` (default ``False``).
-        eps: norm floor of the projection (default ``1e-8``).
+        eps: norm floor of the projection, >= 0 (default ``1e-8``).
         delta: cosine threshold of the projection, divided by ``sqrt(row length)`` (default ``0.1``).
         wd_ratio: weight-decay multiplier for weights the projection fires on, in [0, 1] (default ``0.1``).
+        nonfinite: ``"raise"`` (default) or ``"skip"``, as for :class:`AdamP`.
 
     Reference: Heo et al., "AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant
     Weights", ICLR 2021, https://arxiv.org/abs/2006.08217.
     """
+
+    _state_layout = staticmethod(like_param("momentum_buffer", counts=()))
+    _options = SGDP_OPTIONS
 
     def __init__(
         self,
@@ -391,6 +457,7 @@ class SGDP(_ProjectedOptimizer):
         eps: float = 1e-8,
         delta: float = 0.1,
         wd_ratio: float = 0.1,
+        nonfinite: str = "raise",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -401,6 +468,7 @@ class SGDP(_ProjectedOptimizer):
             eps=eps,
             delta=delta,
             wd_ratio=wd_ratio,
+            nonfinite=nonfinite,
         )
         _check_sgdp_hyperparameters(defaults)
         super().__init__(params, defaults)
@@ -416,33 +484,28 @@ class SGDP(_ProjectedOptimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        for group in self.param_groups:
-            momentum = group["momentum"]
-            for index, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                check_grad_supported(self, group, index, p)
-                buffer = None
-                if momentum != 0:  # nothing is stored without momentum, not even an empty state
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = _zeros_for(p)
-                    buffer = state["momentum_buffer"]
+        for group, index, p in self._screened():
+            momentum = float(group["momentum"])
+            buffer = None
+            if momentum != 0:  # nothing is stored without momentum, not even an empty state
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = _zeros_for(p)
+                buffer = state["momentum_buffer"]
 
-                param, grad = self._working_copies(p)
-                sgdp_update(
-                    param,
-                    grad,
-                    buffer,
-                    lr=group["lr"],
-                    momentum=momentum,
-                    dampening=group["dampening"],
-                    weight_decay=group["weight_decay"],
-                    nesterov=group["nesterov"],
-                    eps=group["eps"],
-                    delta=group["delta"],
-                    wd_ratio=group["wd_ratio"],
-                )
-                if param is not p:
-                    p.copy_(param)
+            param, grad = self._working_copies(p)
+            sgdp_update(
+                param,
+                grad,
+                buffer,
+                lr=float(group["lr"]),
+                momentum=momentum,
+                dampening=group["dampening"],
+                weight_decay=group["weight_decay"],
+                nesterov=group["nesterov"],
+                eps=group["eps"],
+                delta=group["delta"],
+                wd_ratio=group["wd_ratio"],
+            )
+            write_back(self, group, index, p, param)
         return loss

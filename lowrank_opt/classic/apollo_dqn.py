@@ -25,11 +25,13 @@ Deviations from the reference code, none of which changes a result it produces:
 
 * ``eps = 0``: the reference divides the previous direction by ``||d||_4 + eps'`` which is ``0 / 0`` on the
   first step when ``eps' = 0``. Here ``u = 0`` when ``d`` is all zero, which is what every ``eps > 0`` gives.
-  (With belief rebound and ``eps = 0`` the denominator ``D`` can still be 0 when a gradient equals its
-  running mean exactly; use ``eps > 0``.)
+  With belief rebound ``eps = 0`` is refused: the denominator ``D`` is 0 whenever a gradient equals its
+  running mean exactly (a gradient that is 0 from the start), and ``m / D`` is then 0/0.
 * ``lr`` is validated ``>= 0`` like every optimizer in this package (the reference requires ``> 0``).
-* Non-finite gradients are refused (or skipped) before anything changes; the reference would write NaN
-  into the parameter and the state.
+* Non-finite gradients, and gradients whose squares overflow the compute dtype, are refused (or skipped)
+  before anything changes, by the package's shared policy; the reference would write NaN into the parameter
+  and the state.
+* ``load_state_dict`` checks the hyperparameters and the shape of every state tensor before loading.
 * Parameters in bf16/fp16 are updated in fp32 with fp32 state and written back in their own dtype.
 """
 
@@ -40,18 +42,23 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from lowrank_opt._common import (
-    NONFINITE_CHOICES,
-    check_beta,
-    check_choice,
-    check_eps,
+    BETA,
+    EPS,
+    LR,
+    NONFINITE,
+    WEIGHT_DECAY,
     check_grad_supported,
-    check_lr,
     check_param_dtypes,
-    check_weight_decay,
+    choice,
+    compute_dtype,
     group_where,
-    load_state_dict_keep_dtypes,
-    nonfinite_message,
-    param_label,
+    integer,
+    like_param,
+    load_state_dict_checked,
+    real,
+    screen_gradients,
+    validate_group,
+    write_back,
 )
 
 __all__ = ["ApolloDQN", "ApolloW", "apollo_dqn_lr", "apollo_dqn_update_"]
@@ -151,9 +158,19 @@ def apollo_dqn_update_(
     param.add_(update, alpha=-lr)
 
 
-def _check_warmup(warmup: Any, where: str) -> None:
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}{where}")
+# Checked at construction, for every added group, and on every loaded checkpoint (in this order).
+APOLLO_DQN_OPTIONS = {
+    "lr": LR,
+    "base_lr": real(0.0, finite=True, tensor=True),
+    "beta": BETA,
+    "eps": EPS,
+    "rebound": choice(*REBOUND_CHOICES),
+    "warmup": integer(0),
+    "init_lr": real(finite=True, none=True),  # its range, [0, base_lr], is checked after resolution
+    "weight_decay": WEIGHT_DECAY,
+    "weight_decay_type": choice(*WEIGHT_DECAY_TYPE_CHOICES, none=True),
+    "nonfinite": NONFINITE,
+}
 
 
 class ApolloDQN(torch.optim.Optimizer):
@@ -182,7 +199,7 @@ class ApolloDQN(torch.optim.Optimizer):
         params: parameters, named parameters (``model.named_parameters()``) or param group dicts.
         lr (float): learning rate after warmup (default 0.01).
         beta (float): averaging coefficient of the gradient mean, in [0, 1) (default 0.9).
-        eps (float): >= 0 (default 1e-4); divided by 0.01 for constant rebound.
+        eps (float): >= 0, and > 0 for belief rebound (default 1e-4); divided by 0.01 for constant rebound.
         rebound (str): ``"constant"`` (sigma = 0.01) or ``"belief"`` (sigma = inf-norm of the gradient change)
             (default ``"constant"``).
         warmup (int): number of linear warmup steps, >= 0 (default 500).
@@ -190,9 +207,10 @@ class ApolloDQN(torch.optim.Optimizer):
         weight_decay (float): >= 0 (default 0.0).
         weight_decay_type (str | None): ``"L2"``, ``"decoupled"`` or ``"stable"`` (default ``None`` -> ``"L2"``
             for constant rebound, ``"decoupled"`` for belief).
-        nonfinite (str): what a step does with an inf/nan gradient: ``"raise"`` a RuntimeError before
-            changing anything, or ``"skip"`` that tensor for this step, counted in ``skipped_tensors``
-            (default ``"raise"``).
+        nonfinite (str): what a step does with a gradient holding an inf/nan, or an element whose square
+            overflows the compute dtype (fp32 for bf16/fp16/fp32 parameters): ``"raise"`` a RuntimeError
+            before changing anything, or ``"skip"`` that tensor for this step, counted in
+            ``skipped_tensors`` (default ``"raise"``). An fp16 weight that would overflow 65504 raises.
 
     Every hyperparameter lives in the param groups, together with ``base_lr`` (the target of warmup), so
     groups can override them and checkpoints carry them. ``init_lr=None`` and ``weight_decay_type=None``
@@ -246,43 +264,47 @@ class ApolloDQN(torch.optim.Optimizer):
 
     @staticmethod
     def _resolve_and_check(group: dict, where: str) -> None:
-        check_lr(group["lr"], where)
-        check_eps(group["base_lr"], where, name="base_lr")
-        check_beta(group["beta"], "beta", where)
-        check_eps(group["eps"], where)
-        check_choice(group["rebound"], "rebound", REBOUND_CHOICES, where)
-        _check_warmup(group["warmup"], where)
+        validate_group(group, APOLLO_DQN_OPTIONS, where)
+        if group["rebound"] == "belief" and group["eps"] == 0:
+            # D = max(|B|, ||delta||_inf) + eps / alpha is 0 when the gradient equals its running mean (e.g.
+            # a gradient that is 0 from the start), and the new direction m / D is then 0/0.
+            raise ValueError(
+                "eps must be > 0 with rebound='belief' (with eps = 0 the denominator is 0 when a gradient equals "
+                f"its running mean, and m / D is 0/0 = nan), got {group['eps']}{where}"
+            )
         if group["init_lr"] is None:
             group["init_lr"] = group["base_lr"] / 1000.0
         init_lr = float(group["init_lr"])
         if not 0.0 <= init_lr <= float(group["base_lr"]):
             raise ValueError(f"init_lr must be in [0, lr] = [0, {group['base_lr']}], got {group['init_lr']}{where}")
-        check_weight_decay(group["weight_decay"], where)
         if group["weight_decay_type"] is None:
             group["weight_decay_type"] = "L2" if group["rebound"] == "constant" else "decoupled"
-        check_choice(group["weight_decay_type"], "weight_decay_type", WEIGHT_DECAY_TYPE_CHOICES, where)
-        check_choice(group["nonfinite"], "nonfinite", NONFINITE_CHOICES, where)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        load_state_dict_keep_dtypes(self, state_dict)
+        """Load a checkpoint, after checking its hyperparameters and that every state tensor has its
+        parameter's shape (nothing changes when either check fails)."""
+        load_state_dict_checked(
+            self, state_dict, check_group=self._resolve_and_check,
+            layout=like_param("exp_avg_grad", "approx_hessian", "update"),
+        )
 
-    def _nonfinite_param_ids(self) -> set[int]:
-        """``id`` of every parameter whose gradient holds an inf or nan, checked before any update."""
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for group in self.param_groups:
-            for i, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    check_grad_supported(self, group, i, p)
-                    by_device.setdefault(p.grad.device, []).append(p)
-        bad: set[int] = set()
-        for params in by_device.values():
-            norms = torch._foreach_norm([p.grad for p in params])
-            finite = torch.stack([n.float() for n in norms]).isfinite().tolist()
-            for p, ok in zip(params, finite):
-                # A finite fp16/bf16 gradient can have an overflowing norm, so confirm element-wise.
-                if not ok and not bool(torch.isfinite(p.grad).all()):
-                    bad.add(id(p))
-        return bad
+    @staticmethod
+    def math_dtype(p: torch.Tensor) -> torch.dtype:
+        """The dtype ``p``'s update is computed in (fp32 for 16-bit parameters): what the non-finite policy
+        checks gradients against, here and in a :class:`~lowrank_opt.NormGrowthCap` around this optimizer."""
+        return compute_dtype(p.dtype)
+
+    # torch keeps only defaults, state and param_groups through copy/pickle; the skip count is ours.
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "skipped_tensors": self.skipped_tensors}
+
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("skipped_tensors", 0)
+        super().__setstate__(state)
+        for group in self.param_groups:  # pickled before an option existed: the constructor's value
+            for key in APOLLO_DQN_OPTIONS:
+                if key in self.defaults:
+                    group.setdefault(key, self.defaults[key])
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
@@ -291,57 +313,49 @@ class ApolloDQN(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        bad = self._nonfinite_param_ids()
-        if bad:
-            labels = [
-                param_label(group, i, p)
-                for group in self.param_groups
-                if group["nonfinite"] == "raise"
-                for i, p in enumerate(group["params"])
-                if id(p) in bad
-            ]
-            if labels:
-                raise RuntimeError(nonfinite_message(self, labels))
-
+        entries = []
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if id(p) in bad:
-                    self.skipped_tensors += 1
-                    continue
-                state = self.state[p]
-                low_precision = p.dtype in _LOW_PRECISION
-                if len(state) == 0:
-                    state_dtype = torch.float32 if low_precision else p.dtype
-                    state["step"] = 0
-                    for key in ("exp_avg_grad", "approx_hessian", "update"):
-                        state[key] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    check_grad_supported(self, group, i, p)
+                    entries.append((group, i, p))
+        # One check of every gradient before anything changes: inf/nan, or squares that overflow fp32.
+        skip = screen_gradients(self, entries, dtype_of=self.math_dtype)
 
-                # 0. Warmup learning rate from the steps already taken.
-                lr_t = apollo_dqn_lr(
-                    state["step"], lr=group["lr"], base_lr=group["base_lr"], init_lr=group["init_lr"],
-                    warmup=group["warmup"],
-                )
-                state["step"] += 1
-                work_dtype = state["exp_avg_grad"].dtype
-                param = p.to(work_dtype) if low_precision else p
-                apollo_dqn_update_(
-                    param,
-                    p.grad.to(work_dtype),
-                    state["exp_avg_grad"],
-                    state["approx_hessian"],
-                    state["update"],
-                    step=state["step"],
-                    lr=lr_t,
-                    beta=group["beta"],
-                    eps=group["eps"],
-                    rebound=group["rebound"],
-                    weight_decay=group["weight_decay"],
-                    weight_decay_type=group["weight_decay_type"],
-                )
-                if param is not p:
-                    p.copy_(param)
+        for k, (group, index, p) in enumerate(entries):
+            if k in skip:
+                continue
+            state = self.state[p]
+            low_precision = p.dtype in _LOW_PRECISION
+            if len(state) == 0:
+                state_dtype = torch.float32 if low_precision else p.dtype
+                state["step"] = 0
+                for key in ("exp_avg_grad", "approx_hessian", "update"):
+                    state[key] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
+
+            # 0. Warmup learning rate from the steps already taken.
+            lr_t = apollo_dqn_lr(
+                state["step"], lr=float(group["lr"]), base_lr=float(group["base_lr"]),
+                init_lr=float(group["init_lr"]), warmup=group["warmup"],
+            )
+            state["step"] += 1
+            work_dtype = state["exp_avg_grad"].dtype
+            param = p.to(work_dtype) if low_precision else p
+            apollo_dqn_update_(
+                param,
+                p.grad.to(work_dtype),
+                state["exp_avg_grad"],
+                state["approx_hessian"],
+                state["update"],
+                step=state["step"],
+                lr=lr_t,
+                beta=float(group["beta"]),
+                eps=group["eps"],
+                rebound=group["rebound"],
+                weight_decay=group["weight_decay"],
+                weight_decay_type=group["weight_decay_type"],
+            )
+            write_back(self, group, index, p, param)
         return loss
 
 
