@@ -33,38 +33,31 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import shlex
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-GB = 1e9
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (  # noqa: E402
+    GB,
+    ROOT,
+    SIZES,
+    LlamaShape,
+    command_line,
+    package_version,
+    pyplot,
+    save_figure,
+    write_text_atomic,
+)
+
 CARDS_GB = (8, 12, 16, 24, 32, 40, 48, 80, 141)  # common single-GPU memory sizes (marketing GB), smallest first
 PLOT_LINES_GB = (16, 24, 48, 80)  # horizontal guides on the plots
 
 
-@dataclass(frozen=True)
-class ModelSize:
-    key: str
-    config: str  # name in configs/
-    label: str
-    apollo_rank: int
-    galore_rank: int
-
-
-SIZES = {
-    s.key: s
-    for s in [
-        ModelSize("60m", "llama_60m", "LLaMA-60M", apollo_rank=128, galore_rank=128),
-        ModelSize("130m", "llama_130m", "LLaMA-130M", apollo_rank=192, galore_rank=256),
-        ModelSize("350m", "llama_350m", "LLaMA-350M", apollo_rank=256, galore_rank=256),
-        ModelSize("1b", "llama_1b", "LLaMA-1B", apollo_rank=256, galore_rank=512),
-        ModelSize("7b", "llama_7b", "LLaMA-7B", apollo_rank=256, galore_rank=1024),
-    ]
-}
+ModelSize = LlamaShape  # a size of _common.SIZES: .key, .config (name in configs/), .label, .apollo_rank, .galore_rank
 
 
 @dataclass(frozen=True)
@@ -264,11 +257,7 @@ SEGMENT_COLORS = {
 
 
 def plot_size(rows: list[Row], size: ModelSize, setting: Setting, path: Path, command: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     mine = [r for r in rows if r.size.key == size.key]
     fig, ax = plt.subplots(figsize=(13, 6))
     xs, labels = [], []
@@ -307,8 +296,7 @@ def plot_size(rows: list[Row], size: ModelSize, setting: Setting, path: Path, co
     ax.set_ylim(0, top * 1.12)
     fig.text(0.01, 0.005, command, fontsize=6.5, color="grey")
     fig.tight_layout(rect=(0, 0.02, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -662,12 +650,7 @@ def _torch_version() -> str:
 
 
 def _transformers_version() -> str:
-    try:
-        import transformers
-
-        return transformers.__version__
-    except ImportError:  # pragma: no cover - the estimator needs it anyway
-        return "?"
+    return package_version("transformers") or "?"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -718,11 +701,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _command_line(argv: Optional[list[str]]) -> str:
-    args = sys.argv[1:] if argv is None else argv
-    return "python benchmarks/memory_table.py" + ("" if not args else " " + shlex.join(args))
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -736,7 +714,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             parser.error("the plots need matplotlib: pip install matplotlib (or .[bench]), or pass --no-plots")
     setting = Setting(batch_size=args.batch_size, seq_len=args.seq_len,
                       gradient_checkpointing=args.gradient_checkpointing)
-    command = _command_line(argv)
+    command = command_line("memory_table.py", argv)
     print(f"estimating {len(args.sizes)} sizes x {len(args.optims)} optimizers x 2 modes ...")
     rows = collect(args.sizes, args.optims, setting)
     extra: list[Row] = []
@@ -764,7 +742,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             plots[size.key] = path
             print(f"wrote {path}")
     text = render(rows, args.sizes, args.optims, setting, command, plots, output, extra, small_vocab)
-    output.write_text(text)
+    write_text_atomic(output, text)
     print(f"wrote {output}")
     print()
     print(summary_table(rows, args.sizes, args.optims))
