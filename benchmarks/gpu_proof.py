@@ -39,6 +39,7 @@ command for the device machine, with the wheels it carries.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -49,6 +50,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -318,6 +320,24 @@ def budget_skip(stage_min_s: float, deadline: float, now: float) -> Optional[str
 # The CUDA checks: functions of a device (CPU in --smoke)
 
 
+@contextlib.contextmanager
+def scratch_bytes(device: str, measure: bool = True):
+    """Yields a dict that gets ``"bytes"``: on CUDA the peak allocated inside the block above what was
+    allocated when it began (the block's temporaries); None elsewhere or when ``measure`` is False."""
+    import torch
+
+    out: dict = {"bytes": None}
+    if not (measure and device == "cuda"):
+        yield out
+        return
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    yield out
+    torch.cuda.synchronize()
+    out["bytes"] = torch.cuda.max_memory_allocated() - before
+
+
 def _bf16_neighbours(x):
     """The two bf16 values around each fp32 value of ``x``: (toward zero, away from zero); equal when x is a
     bf16 value."""
@@ -354,17 +374,11 @@ def check_bf16_row_block_rounding(device: str, shape: list[int], lr: float = 2.0
         p = torch.nn.Parameter(w0.to(dtype, copy=True))
         p.grad = grad.to(dtype, copy=True)
         opt = Apollo([{"params": [p], "rank": None}], lr=lr, weight_decay=0.0, foreach=foreach)
-        peak = None
-        for step in range(steps):
-            if scratch and step == steps - 1 and device == "cuda":
-                torch.cuda.synchronize()
-                before = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
+        for _ in range(steps - 1):
             opt.step()
-        if scratch and device == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - before
-        return p.detach(), peak
+        with scratch_bytes(device, scratch) as last:  # the state exists by then: what the step itself adds
+            opt.step()
+        return p.detach(), last["bytes"]
 
     x, _ = stepped(torch.float32, foreach=False)
     w, _ = stepped(torch.bfloat16, foreach=True)
@@ -408,19 +422,14 @@ def check_dense_chunks(device: str, shape: list[int], steps: int = 3, seed: int 
     def run(foreach: bool):
         p = torch.nn.Parameter(w0.clone())
         opt = Apollo([{"params": [p], "rank": None}], lr=1e-3, weight_decay=0.1, foreach=foreach)
-        peak = None
-        for i, g in enumerate(grads):
+        for g in grads[:-1]:
             p.grad = g
-            if i == steps - 1 and device == "cuda":
-                torch.cuda.synchronize()
-                before = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
             opt.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - before
+        p.grad = grads[-1]
+        with scratch_bytes(device) as last:
+            opt.step()
         state = opt.state[p]
-        return p.detach(), state["exp_avg"], state["exp_avg_sq"], peak
+        return p.detach(), state["exp_avg"], state["exp_avg_sq"], last["bytes"]
 
     fast, slow = run(True), run(False)
     equal = all(torch.equal(a, b) for a, b in zip(fast[:3], slow[:3]))
@@ -964,7 +973,6 @@ def run_plan(run: Run, plan_units: list[dict], stage_info: dict[str, dict], devi
     """Start a worker for the units left (those of one environment at a time), follow its events, kill it when
     its unit runs past its deadline, start another for what is left, until nothing is."""
     pending = list(plan_units)
-    work_dir = Path(run.args.results).parent
     while pending:
         # What can no longer start is dropped here: no worker is started only to skip it.
         now = time.time()
@@ -993,17 +1001,16 @@ def run_plan(run: Run, plan_units: list[dict], stage_info: dict[str, dict], devi
                 continue
         cut = next((i for i, u in enumerate(pending) if u["env"] != head["env"]), len(pending))
         run.estimates.start()
-        finished = run_worker(run, pending[:cut], stage_info, device, smoke, work_dir)
+        finished = run_worker(run, pending[:cut], stage_info, device, smoke)
         pending = [u for u in pending if u["key"] not in finished]
     run.write()
 
 
-def run_worker(run: Run, units: list[dict], stage_info: dict[str, dict], device: str, smoke: bool,
-               work_dir: Path) -> set[str]:
+def run_worker(run: Run, units: list[dict], stage_info: dict[str, dict], device: str, smoke: bool) -> set[str]:
     """One worker over ``units``; returns the keys it settled (done, skipped or killed)."""
-    tag = f"{os.getpid()}-{time.time_ns()}"
-    plan_path = work_dir / f".gpu_proof_plan_{tag}.json"
-    progress_path = work_dir / f".gpu_proof_progress_{tag}.jsonl"
+    work_dir = Path(tempfile.mkdtemp(prefix="gpu_proof_"))  # not beside the results: $OUT brings back 8 files
+    plan_path = work_dir / "plan.json"
+    progress_path = work_dir / "progress.jsonl"
     stages = []
     for name in dict.fromkeys(u["stage"] for u in units):
         info = stage_info[name]
@@ -1100,6 +1107,7 @@ def run_worker(run: Run, units: list[dict], stage_info: dict[str, dict], device:
         kill(proc)
         for path in (plan_path, progress_path):
             path.unlink(missing_ok=True)
+        work_dir.rmdir()
     if current is not None and current not in settled:  # the worker died inside a unit
         partial = {k: v for k, v in run.records.get(current, {}).items() if k != "status"}
         run.records[current] = {**partial, "status": f"error: the worker exited with code {proc.returncode} "

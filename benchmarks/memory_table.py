@@ -618,12 +618,44 @@ def render(rows: list[Row], sizes: list[ModelSize], methods: list[Method], setti
         "trains under 48, 24 and 16 GB caps — is **pending a session with a CUDA GPU**; none was available "
         "when this page was written, so no measured number is reported here and none should be inferred.")
     add("")
-    add("The script for it is ready: `benchmarks/fit_7b.py` builds LLaMA-7B from `configs/llama_7b.json` "
-        "(random init, bf16) on the GPU with gradient checkpointing, caps the memory PyTorch may use with "
-        "`torch.cuda.set_per_process_memory_fraction`, runs real training steps on random tokens for each "
-        "optimizer (APOLLO, APOLLO-Mini, both layer-wise, fused AdamW, bitsandbytes 8-bit AdamW), falls back to "
-        "shorter sequences on out-of-memory, and prints the measured peaks (allocated and reserved), tokens/s "
-        "and first/last loss next to the estimate for the same run, as a markdown table and a JSON file:")
+    add("The run is prepared and tested on CPU (`tests/test_gpu_proof.py`): `benchmarks/gpu_proof.py` does it "
+        "in one command of about 8 minutes, in four budgeted stages, keeping whatever it measured if it is cut "
+        "short: **fit_7b** (LLaMA-7B from `configs/llama_7b.json`, built on the GPU in bf16, sequence 2048, "
+        "gradient checkpointing, 10 real optimizer steps under `torch.cuda.set_per_process_memory_fraction` "
+        "caps: `apollo` at 48 GB, `apollo_mini_layerwise` at 24 and 16 GB, `apollo_layerwise` at 24 GB, fused "
+        "AdamW at 48 GB, expected to run out of memory), **step_time** (the optimizer step alone at the 1B and "
+        "7B shapes, paired against fused AdamW and apollo-torch), **estimator** (measured peaks against these "
+        "estimates for LLaMA-60M to 1B) and **cuda_checks** (bf16 stochastic rounding in row blocks, the dense "
+        "update in GPU-sized chunks, the projection draw equal across processes). What the files hold: "
+        "[gpu/README.md](gpu/README.md).")
+    add("")
+    add("On the device machine (no network there; the reference packages travel as wheels, and bitsandbytes "
+        "too, which both import): once, in the repository root of the checkout the device tool sends,")
+    add("")
+    add("```bash")
+    add("python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\")
+    add("    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \\")
+    add("    -d .whl apollo-torch==1.0.3 galore-torch==1.0 bitsandbytes==0.50.2    # 43 MB; .whl/ is git-ignored")
+    add("```")
+    add("")
+    add("then one device call with `carry: [\".whl\"]` and `timeout_s: 600`:")
+    add("")
+    add("```bash")
+    add("python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \\")
+    add("  && export PYTHONPATH=$PWD:/tmp/site || exit 1; cp docs/gpu/results.json \"$OUT/\" 2>/dev/null; \\")
+    add("  PYTHONUNBUFFERED=1 python3 benchmarks/gpu_proof.py --budget-s 480 \\")
+    add("    --results \"$OUT/results.json\" --log \"$OUT/gpu_proof.log\"")
+    add("```")
+    add("")
+    add("Results, log and `results.md` are written under `$OUT` after every unit, so they come back even when "
+        "the call is cut; copy them from the tool's `files_at` into `docs/gpu/`. The run merges into the "
+        "`results.json` it was given, unit by unit: if a stage was cut, run again at once, while the machine is "
+        "still warm, with `--stages` naming what is missing and a smaller `--budget-s`. Without the wheels, "
+        "the apollo-torch and GaLore rows say `skipped: apollo-torch not installed` and the rest runs. "
+        "`python benchmarks/gpu_proof.py --smoke` runs every stage on the CPU on tiny configs (not GPU numbers).")
+    add("")
+    add("`benchmarks/fit_7b.py` remains the tool for other caps, optimizers and models, one process, with "
+        "fallback to shorter sequences on out-of-memory:")
     add("")
     add("```bash")
     add("python benchmarks/fit_7b.py --caps 48,24,16 --output fit_7b.json          # LLaMA-7B, the defaults")
@@ -631,10 +663,8 @@ def render(rows: list[Row], sizes: list[ModelSize], methods: list[Method], setti
     add("    --optims apollo,apollo_layerwise,adamw_fused --output fit_1b.json        # no cap: estimate check")
     add("```")
     add("")
-    add("Without a CUDA GPU it stops at once with an error (nothing is allocated); `--device cpu` runs the "
-        "same steps on the CPU and compares the traced peak of live CPU tensor bytes with the estimate for "
-        "`device=\"cpu\"` (CPU timings, no GPU memory). When the GPU numbers exist, they belong in a table here next to the estimates, with the "
-        "command, the GPU and the torch/CUDA versions.")
+    add("When the GPU numbers exist, they belong in a table here next to the estimates, with the command, the "
+        "GPU and the torch/CUDA versions.")
     add("")
     add("---")
     add(f"*Generated by `benchmarks/memory_table.py` on {datetime.date.today().isoformat()} "
