@@ -79,7 +79,7 @@ SIZES = {
         LlamaShape(512, 1376, 8, 128, galore_rank=128, key="60m"),
         LlamaShape(768, 2048, 12, 192, galore_rank=256, key="130m"),
         LlamaShape(1024, 2736, 24, 256, galore_rank=256, key="350m"),
-        LlamaShape(2048, 5461, 32, 256, galore_rank=512, key="1b"),
+        LlamaShape(2048, 5461, 24, 256, galore_rank=512, key="1b"),
         LlamaShape(4096, 11008, 32, 256, galore_rank=1024, key="7b"),
     ]
 }
