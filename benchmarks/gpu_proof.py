@@ -1044,7 +1044,7 @@ def run_worker(run: Run, units: list[dict], stage_info: dict[str, dict], device:
                 kind = event["event"]
                 if kind == "hello":
                     run.env.setdefault("worker_device", event["device"])
-                elif kind == "stage":
+                elif kind == "stage" and stage_info[event["stage"]]["first"]:  # not again from a new worker
                     info = stage_info[event["stage"]]
                     info["first"] = False
                     info["started"] = event["t"]
