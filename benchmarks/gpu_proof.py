@@ -821,7 +821,7 @@ def _estimator_dtype(dtype: str) -> str:
 # Results: assembled from the units, merged into the file
 
 
-STATUS_RANK = {"skipped": 0, "killed": 1}  # anything else (ok, oom, error) is a finished unit: 2
+STATUS_RANK = {"skipped": 0, "not": 0, "killed": 1, "running": 1}  # else (ok, oom, error, ...) finished: 2
 
 
 def status_rank(record: dict) -> int:
@@ -1337,15 +1337,14 @@ def main(argv=None) -> int:
     env = {"device": device_name, "torch": torch_version, "cuda": cuda_version, "date": utc_now(),
            "command": command_line("gpu_proof.py", argv), "smoke": args.smoke,
            "python": sys.version.split()[0], "cpu_count": os.cpu_count()}
-    deadlines = stage_deadlines(args.stage_list, start, args.budget_s)
+    stages = [s for s in args.stage_list if any(u["stage"] == s for u in units)]  # --only may leave some out
+    deadlines = stage_deadlines(stages, start, args.budget_s)
     mode = "smoke" if args.smoke else "gpu"
-    stage_info = {s: {"deadline": deadlines[s], "min_s": STAGE_MIN_S[mode][s], "first": True}
-                  for s in args.stage_list}
+    stage_info = {s: {"deadline": deadlines[s], "min_s": STAGE_MIN_S[mode][s], "first": True} for s in stages}
     estimates = Estimates(units, device)
-    stages = [s for s in args.stage_list if any(u["stage"] == s for u in units)]
     run = Run(args, units, stages, env, estimates, start, deadlines, base)
     run.log(f"{env['command']} | {device_name}, torch {env['torch']}, CUDA {env['cuda']} | budget "
-            f"{args.budget_s:.0f} s: " + ", ".join(f"{s} until +{deadlines[s] - start:.0f} s" for s in args.stage_list))
+            f"{args.budget_s:.0f} s: " + ", ".join(f"{s} until +{deadlines[s] - start:.0f} s" for s in stages))
 
     def stop(signum, frame):  # a cut-short run still writes what it has
         raise KeyboardInterrupt(f"signal {signum}")
@@ -1356,6 +1355,9 @@ def main(argv=None) -> int:
         if any(status_rank(run.records[key]) == 2 for key, *_ in estimates.jobs):  # measured: wait for its estimate
             estimates.wait(start + args.budget_s - time.time() + 5)
     except KeyboardInterrupt as exc:
+        for key, record in run.records.items():
+            if record.get("status") == "running":
+                run.records[key] = {**record, "status": f"killed: the run was interrupted ({exc})"}
         run.log(f"interrupted ({exc}): writing what was measured")
     finally:
         run.write()

@@ -65,7 +65,7 @@ def test_merging_keeps_what_this_run_did_not_redo(proof):
     new = {"device": "X", "torch": "2", "cuda": "2", "date": "d1", "environment": {"a": 2},
            "commands": [{"command": "second"}],
            "fit_7b": [{"key": "a", "status": "skipped: budget"}, {"key": "b", "status": "ok", "v": 20},
-                      {"key": "d", "status": "killed: late", "v": 4}],
+                      {"key": "c", "status": "not run"}, {"key": "d", "status": "killed: late", "v": 4}],
            "step_time": {}, "estimator": {"runs": [{"key": "e", "status": "ok"}]}, "cuda_checks": {},
            "stages": {"fit_7b": {"status": "skipped: budget"}, "estimator": {"status": "done"}}}
     merged = proof.merge_results(old, new)
@@ -74,7 +74,8 @@ def test_merging_keeps_what_this_run_did_not_redo(proof):
     by = {r["key"]: r for r in merged["fit_7b"]}
     assert by["a"]["v"] == 1  # skipped now, measured before: the measurement stays
     assert by["b"]["v"] == 20  # finished now, killed before: replaced
-    assert by["c"]["v"] == 3 and by["d"]["v"] == 4  # only in one of them: kept
+    assert by["c"]["v"] == 3  # not reached now (an interrupted run): the old result stays
+    assert by["d"]["v"] == 4  # only in this run
     assert merged["step_time"]["runs"] == [{"key": "s", "status": "ok"}]
     assert merged["estimator"]["runs"] == [{"key": "e", "status": "ok"}]
     assert merged["stages"]["fit_7b"] == {"status": "done", "last_run": "skipped: budget"}
