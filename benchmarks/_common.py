@@ -360,9 +360,13 @@ def environment(device: str = "cpu") -> dict:
         "cores": os.cpu_count(),
         "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
     }
-    transformers = package_version("transformers")
-    if transformers:
-        env["transformers"] = transformers
+    try:  # the module's own version: importlib.metadata would load every distribution's metadata, and a
+        # process full of objects makes torch.profiler's start (fit_7b.py --device cpu) markedly slower
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover - the model needs it anyway
+        pass
     if device == "cuda":
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         env.update(gpu=props.name, gpu_total_gb=props.total_memory / GB, cuda=torch.version.cuda)
