@@ -42,11 +42,11 @@ import ast
 import csv
 import datetime
 import hashlib
+import io
 import json
 import math
 import os
 import platform
-import shlex
 import subprocess
 import sys
 import sysconfig
@@ -58,7 +58,17 @@ from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import cpu_model, load_average, markers, write_section, write_text_atomic  # noqa: E402
+from _common import (  # noqa: E402
+    command_line,
+    cpu_model,
+    load_average,
+    markers,
+    mib,
+    pyplot,
+    save_figure,
+    write_section,
+    write_text_atomic,
+)
 
 SECTION_BEGIN, SECTION_END = markers("convergence", "benchmarks/convergence.py")
 ALL_OPTIMIZERS = ("adamw_torch", "apollo", "apollo_mini", "apollo_layerwise", "apollo_mini_layerwise",
@@ -312,7 +322,7 @@ def summarize(results: dict[str, dict], optimizers: list[str], args) -> list[Sum
 
 
 def _mib(n: float) -> str:
-    return f"{n / 2**20:,.2f}"
+    return mib(n, 2)
 
 
 def results_table(summaries: list[Summary], lrs: list[float]) -> str:
@@ -389,21 +399,16 @@ def write_csv(path: Path, results: dict[str, dict]) -> None:
         for step, loss in r["eval_loss"]:
             rows.append([r["spec"]["optimizer"], f"{r['spec']['lr']:g}", r["spec"]["seed"], step, f"{loss:.6f}",
                          f"{train[step]:.6f}" if step in train else ""])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["optimizer", "lr", "seed", "step", "eval_loss", "train_loss"])
-        writer.writerows(rows)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["optimizer", "lr", "seed", "step", "eval_loss", "train_loss"])
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
 
 
 def write_plot(path: Path, summaries: list[Summary], lrs: list[float], title: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e '.[bench]'): no plot written", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
     fig, (curves, sweep) = plt.subplots(1, 2, figsize=(13, 5))
     for s in summaries:
@@ -429,9 +434,7 @@ def write_plot(path: Path, summaries: list[Summary], lrs: list[float], title: st
     sweep.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -576,7 +579,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(*args.worker)
-    command = " ".join(["python benchmarks/convergence.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    command = command_line("convergence.py", argv)
     load_start = load_average()
     work = Path(args.work_dir)
     if args.data_files:

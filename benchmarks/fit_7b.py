@@ -52,13 +52,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
 import json
 import math
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -67,8 +64,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-GB = 1e9
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import GB, build_llama, command_line, environment, utc_now, write_json_atomic  # noqa: E402
+
 EXIT_NO_CUDA = 3
 DEFAULT_CONFIG = "configs/llama_7b.json"
 DEFAULT_OPTIMS = "apollo,apollo_mini,apollo_layerwise,apollo_mini_layerwise,adamw_fused,adamw_8bit"
@@ -284,22 +282,13 @@ def set_cap(cap_gb: float) -> dict:
             "note": "cap above the card's memory: uncapped" if cap_gb and cap_gb * GB > total else ""}
 
 
-def build_model(config_path: str, device: str, seed: int):
+def build_model(config_path: str, device: str, seed: int, dtype: str = "bfloat16"):
+    """The model of ``config_path`` built directly on ``device`` in ``dtype`` (random init, no other copy),
+    SDPA attention, per-decoder-layer gradient checkpointing (non-reentrant)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(config_path)
-    config.use_cache = False
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:  # transformers >= 5.x
-        enable({"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    return model
+    return build_llama(config_path, seed, getattr(torch, dtype), device=device, attn_implementation="sdpa",
+                       gradient_checkpointing=True)
 
 
 def bitsandbytes_available() -> Optional[str]:
@@ -350,29 +339,43 @@ def cpu_peak_bytes():
 
 
 def train_run(config_path: str, choice: OptimChoice, *, device: str, seq_len: int, batch_size: int, steps: int,
-              lr: float, seed: int) -> dict:
+              lr: float, seed: int, dtype: str = "bfloat16",
+              on_progress: Optional[Callable[[dict], None]] = None, trace_cpu_peak: bool = True) -> dict:
     """Build model and optimizer, train ``steps`` steps on one random batch; measurements as a dict.
     Everything it allocates is local: gone (after ``gc.collect()``) once it returns or raises. On CPU the
-    whole run is traced by torch.profiler for its peak of live tensor bytes (which slows it down)."""
-    if device == "cuda":
-        return _train_run(config_path, choice, device=device, seq_len=seq_len, batch_size=batch_size, steps=steps,
-                          lr=lr, seed=seed)
+    whole run is traced by torch.profiler for its peak of live tensor bytes (which slows it down; with
+    ``trace_cpu_peak=False`` it is not, and the CPU peak is None).
+    ``on_progress`` (if given) gets what is known so far after the model is built and after every step (the
+    losses, step times and, on CUDA, the peaks), so a caller can keep it when the run is cut short."""
+    run = dict(config_path=config_path, choice=choice, device=device, seq_len=seq_len, batch_size=batch_size,
+               steps=steps, lr=lr, seed=seed, dtype=dtype, on_progress=on_progress)
+    if device == "cuda" or not trace_cpu_peak:
+        return _train_run(**run)
     with cpu_peak_bytes() as peak:
-        result = _train_run(config_path, choice, device=device, seq_len=seq_len, batch_size=batch_size,
-                            steps=steps, lr=lr, seed=seed)
+        result = _train_run(**run)
     result["peak_allocated_gb"] = peak["peak_bytes"] / GB
     return result
 
 
+def cuda_peaks() -> dict:
+    """The CUDA allocator's peaks since the last reset (GB)."""
+    import torch
+
+    return {"peak_allocated_gb": torch.cuda.max_memory_allocated() / GB,
+            "peak_reserved_gb": torch.cuda.max_memory_reserved() / GB}
+
+
 def _train_run(config_path: str, choice: OptimChoice, *, device: str, seq_len: int, batch_size: int, steps: int,
-               lr: float, seed: int) -> dict:
+               lr: float, seed: int, dtype: str, on_progress: Optional[Callable[[dict], None]]) -> dict:
     import torch
 
     from lowrank_opt.memory import optimizer_state_bytes
 
     cuda = device == "cuda"
-    model = build_model(config_path, device, seed)
+    report = on_progress or (lambda partial: None)
+    model = build_model(config_path, device, seed, dtype)
     after_model = torch.cuda.memory_allocated() if cuda else None
+    report({"model_built": True, **(cuda_peaks() if cuda else {})})
     optimizer = build_optim(choice, model, lr)
     generator = torch.Generator(device=device).manual_seed(seed)
     vocab = int(model.config.vocab_size)
@@ -392,6 +395,8 @@ def _train_run(config_path: str, choice: OptimChoice, *, device: str, seq_len: i
         seconds.append(time.perf_counter() - started)
         losses.append(value)
         del loss
+        report({"model_built": True, "losses": list(losses), "step_seconds": list(seconds),
+                **(cuda_peaks() if cuda else {})})
     timed = seconds[1:] or seconds  # the first step allocates the state (and draws P / runs nothing else)
     tokens = batch_size * seq_len
     result = {
@@ -411,8 +416,7 @@ def _train_run(config_path: str, choice: OptimChoice, *, device: str, seq_len: i
         "allocated_after_model_gb": None,
     }
     if cuda:
-        result["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / GB
-        result["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / GB
+        result.update(cuda_peaks())
         result["allocated_after_model_gb"] = after_model / GB
     if hasattr(optimizer, "remove_hooks"):  # layer-wise APOLLO: drop the hooks' references to the optimizer
         optimizer.remove_hooks()
@@ -427,15 +431,16 @@ _ESTIMATES: dict = {}
 
 
 def predict(config_path: str, choice: OptimChoice, seq_len: int, batch_size: int,
-            device: str = "cuda") -> Optional[dict]:
+            device: str = "cuda", dtype: str = "bf16") -> Optional[dict]:
     """lowrank_opt.memory.estimate for this run (GB), or None when the estimator does not know the optimizer.
     On CPU the estimate is for ``device="cpu"``: torch's CPU code paths, no CUDA context, no fragmentation."""
-    key = (config_path, choice.estimator, seq_len, batch_size, device)
+    key = (config_path, choice.estimator, json.dumps(choice.estimator_args, sort_keys=True), seq_len, batch_size,
+           device, dtype)
     if key not in _ESTIMATES:
         from lowrank_opt.memory import estimate
 
         try:
-            e = estimate(config_path, choice.estimator, optim_args=choice.estimator_args, dtype="bf16",
+            e = estimate(config_path, choice.estimator, optim_args=choice.estimator_args, dtype=dtype,
                          batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=True, device=device)
         except ValueError as exc:
             print(f"  (no estimate for {choice.name}: {exc})", file=sys.stderr)
@@ -490,28 +495,6 @@ def markdown_table(records: list[dict], device: str) -> str:
     return "\n".join(lines)
 
 
-def environment(device: str) -> dict:
-    import torch
-
-    env = {
-        "device": device,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
-    }
-    try:
-        import transformers
-
-        env["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover - needed to build the model anyway
-        pass
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        env.update(gpu=props.name, gpu_total_gb=props.total_memory / GB, cuda=torch.version.cuda)
-    return env
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Main
 
@@ -531,8 +514,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         choices = [resolve_choice(n) for n in args.optims]
     except ValueError as exc:
         parser.error(f"--optims: {exc}; also {', '.join(CHOICES)}")
-    command = "python benchmarks/fit_7b.py" + ("" if not (sys.argv[1:] if argv is None else argv) else
-                                               " " + shlex.join(sys.argv[1:] if argv is None else argv))
+    command = command_line("fit_7b.py", argv)
     device = args.device
     env = environment(device)
     print(f"{command}\n{json.dumps(env)}")
@@ -602,7 +584,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(table)
     payload = {
         "command": command,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "environment": env,
         "settings": {"config": args.config, "caps_gb": args.caps, "optims": args.optims, "seq_len": args.seq_len,
                      "fallback_seq_lens": args.fallback_seq_lens, "steps": args.steps,
@@ -611,8 +593,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "results": records,
         "markdown": table,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(payload, indent=2))
+    write_json_atomic(args.output, payload)
     print(f"\nwrote {args.output}")
     return 0
 

@@ -33,38 +33,31 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import shlex
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-GB = 1e9
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (  # noqa: E402
+    GB,
+    ROOT,
+    SIZES,
+    LlamaShape,
+    command_line,
+    package_version,
+    pyplot,
+    save_figure,
+    write_text_atomic,
+)
+
 CARDS_GB = (8, 12, 16, 24, 32, 40, 48, 80, 141)  # common single-GPU memory sizes (marketing GB), smallest first
 PLOT_LINES_GB = (16, 24, 48, 80)  # horizontal guides on the plots
 
 
-@dataclass(frozen=True)
-class ModelSize:
-    key: str
-    config: str  # name in configs/
-    label: str
-    apollo_rank: int
-    galore_rank: int
-
-
-SIZES = {
-    s.key: s
-    for s in [
-        ModelSize("60m", "llama_60m", "LLaMA-60M", apollo_rank=128, galore_rank=128),
-        ModelSize("130m", "llama_130m", "LLaMA-130M", apollo_rank=192, galore_rank=256),
-        ModelSize("350m", "llama_350m", "LLaMA-350M", apollo_rank=256, galore_rank=256),
-        ModelSize("1b", "llama_1b", "LLaMA-1B", apollo_rank=256, galore_rank=512),
-        ModelSize("7b", "llama_7b", "LLaMA-7B", apollo_rank=256, galore_rank=1024),
-    ]
-}
+ModelSize = LlamaShape  # a size of _common.SIZES: .key, .config (name in configs/), .label, .apollo_rank, .galore_rank
 
 
 @dataclass(frozen=True)
@@ -264,11 +257,7 @@ SEGMENT_COLORS = {
 
 
 def plot_size(rows: list[Row], size: ModelSize, setting: Setting, path: Path, command: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     mine = [r for r in rows if r.size.key == size.key]
     fig, ax = plt.subplots(figsize=(13, 6))
     xs, labels = [], []
@@ -307,8 +296,7 @@ def plot_size(rows: list[Row], size: ModelSize, setting: Setting, path: Path, co
     ax.set_ylim(0, top * 1.12)
     fig.text(0.01, 0.005, command, fontsize=6.5, color="grey")
     fig.tight_layout(rect=(0, 0.02, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -630,12 +618,44 @@ def render(rows: list[Row], sizes: list[ModelSize], methods: list[Method], setti
         "trains under 48, 24 and 16 GB caps — is **pending a session with a CUDA GPU**; none was available "
         "when this page was written, so no measured number is reported here and none should be inferred.")
     add("")
-    add("The script for it is ready: `benchmarks/fit_7b.py` builds LLaMA-7B from `configs/llama_7b.json` "
-        "(random init, bf16) on the GPU with gradient checkpointing, caps the memory PyTorch may use with "
-        "`torch.cuda.set_per_process_memory_fraction`, runs real training steps on random tokens for each "
-        "optimizer (APOLLO, APOLLO-Mini, both layer-wise, fused AdamW, bitsandbytes 8-bit AdamW), falls back to "
-        "shorter sequences on out-of-memory, and prints the measured peaks (allocated and reserved), tokens/s "
-        "and first/last loss next to the estimate for the same run, as a markdown table and a JSON file:")
+    add("The run is prepared and tested on CPU (`tests/test_gpu_proof.py`): `benchmarks/gpu_proof.py` does it "
+        "in one command of about 8 minutes, in four budgeted stages, keeping whatever it measured if it is cut "
+        "short: **fit_7b** (LLaMA-7B from `configs/llama_7b.json`, built on the GPU in bf16, sequence 2048, "
+        "gradient checkpointing, 10 real optimizer steps under `torch.cuda.set_per_process_memory_fraction` "
+        "caps: `apollo` at 48 GB, `apollo_mini_layerwise` at 24 and 16 GB, `apollo_layerwise` at 24 GB, fused "
+        "AdamW at 48 GB, expected to run out of memory), **step_time** (the optimizer step alone at the 1B and "
+        "7B shapes, paired against fused AdamW and apollo-torch), **estimator** (measured peaks against these "
+        "estimates for LLaMA-60M to 1B) and **cuda_checks** (bf16 stochastic rounding in row blocks, the dense "
+        "update in GPU-sized chunks, the projection draw equal across processes). What the files hold: "
+        "[gpu/README.md](gpu/README.md).")
+    add("")
+    add("On the device machine (no network there; the reference packages travel as wheels, and bitsandbytes "
+        "too, which both import): once, in the repository root of the checkout the device tool sends,")
+    add("")
+    add("```bash")
+    add("python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\")
+    add("    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \\")
+    add("    -d .whl apollo-torch==1.0.3 galore-torch==1.0 bitsandbytes==0.50.2    # 43 MB; .whl/ is git-ignored")
+    add("```")
+    add("")
+    add("then one device call with `carry: [\".whl\"]` and `timeout_s: 600`:")
+    add("")
+    add("```bash")
+    add("python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \\")
+    add("  && export PYTHONPATH=$PWD:/tmp/site || exit 1; cp docs/gpu/results.json \"$OUT/\" 2>/dev/null; \\")
+    add("  PYTHONUNBUFFERED=1 python3 benchmarks/gpu_proof.py --budget-s 480 \\")
+    add("    --results \"$OUT/results.json\" --log \"$OUT/gpu_proof.log\"")
+    add("```")
+    add("")
+    add("Results, log and `results.md` are written under `$OUT` after every unit, so they come back even when "
+        "the call is cut; copy them from the tool's `files_at` into `docs/gpu/`. The run merges into the "
+        "`results.json` it was given, unit by unit: if a stage was cut, run again at once, while the machine is "
+        "still warm, with `--stages` naming what is missing and a smaller `--budget-s`. Without the wheels, "
+        "the apollo-torch and GaLore rows say `skipped: apollo-torch not installed` and the rest runs. "
+        "`python benchmarks/gpu_proof.py --smoke` runs every stage on the CPU on tiny configs (not GPU numbers).")
+    add("")
+    add("`benchmarks/fit_7b.py` remains the tool for other caps, optimizers and models, one process, with "
+        "fallback to shorter sequences on out-of-memory:")
     add("")
     add("```bash")
     add("python benchmarks/fit_7b.py --caps 48,24,16 --output fit_7b.json          # LLaMA-7B, the defaults")
@@ -643,10 +663,8 @@ def render(rows: list[Row], sizes: list[ModelSize], methods: list[Method], setti
     add("    --optims apollo,apollo_layerwise,adamw_fused --output fit_1b.json        # no cap: estimate check")
     add("```")
     add("")
-    add("Without a CUDA GPU it stops at once with an error (nothing is allocated); `--device cpu` runs the "
-        "same steps on the CPU and compares the traced peak of live CPU tensor bytes with the estimate for "
-        "`device=\"cpu\"` (CPU timings, no GPU memory). When the GPU numbers exist, they belong in a table here next to the estimates, with the "
-        "command, the GPU and the torch/CUDA versions.")
+    add("When the GPU numbers exist, they belong in a table here next to the estimates, with the command, the "
+        "GPU and the torch/CUDA versions.")
     add("")
     add("---")
     add(f"*Generated by `benchmarks/memory_table.py` on {datetime.date.today().isoformat()} "
@@ -662,12 +680,7 @@ def _torch_version() -> str:
 
 
 def _transformers_version() -> str:
-    try:
-        import transformers
-
-        return transformers.__version__
-    except ImportError:  # pragma: no cover - the estimator needs it anyway
-        return "?"
+    return package_version("transformers") or "?"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -718,11 +731,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _command_line(argv: Optional[list[str]]) -> str:
-    args = sys.argv[1:] if argv is None else argv
-    return "python benchmarks/memory_table.py" + ("" if not args else " " + shlex.join(args))
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -736,7 +744,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             parser.error("the plots need matplotlib: pip install matplotlib (or .[bench]), or pass --no-plots")
     setting = Setting(batch_size=args.batch_size, seq_len=args.seq_len,
                       gradient_checkpointing=args.gradient_checkpointing)
-    command = _command_line(argv)
+    command = command_line("memory_table.py", argv)
     print(f"estimating {len(args.sizes)} sizes x {len(args.optims)} optimizers x 2 modes ...")
     rows = collect(args.sizes, args.optims, setting)
     extra: list[Row] = []
@@ -764,7 +772,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             plots[size.key] = path
             print(f"wrote {path}")
     text = render(rows, args.sizes, args.optims, setting, command, plots, output, extra, small_vocab)
-    output.write_text(text)
+    write_text_atomic(output, text)
     print(f"wrote {output}")
     print()
     print(summary_table(rows, args.sizes, args.optims))

@@ -34,7 +34,7 @@ optimizers of a class are alive at once:
                 (round-robin, median): GaLore recomputes its SVDs, APOLLO draws new P. Refresh cost = refresh
                 step - steady median (floored at a small positive value).
 State bytes: every tensor in optimizer.state plus the projection matrices held between steps
-(step_time.state_bytes).
+(_common.state_bytes: counted by lowrank_opt.memory.measure).
 
 Outputs: tables on stdout; unless --output is '-', the "scaling" section of --output (docs/benchmarks.md),
 and beside it scaling.csv (one row per size/class/optimizer, per-matrix figures) and scaling.png (log-log:
@@ -46,11 +46,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import gc
 import io
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -62,17 +60,35 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step_time  # noqa: E402
-from _report import load_average, markers, write_section, write_text_atomic  # noqa: E402
-from step_time import (  # noqa: E402
+from _common import (  # noqa: E402
     SIZES,
-    UPDATE_PROJ_GAP,
+    VOCAB,
     LlamaShape,
+    ShapeClass,
     begin,
-    build_optimizer,
-    move_to_refresh_boundary,
+    gc_paused,
+    initial_weight,
+    load_average,
+    markers,
+    mib,
+    now_text,
+    parameter_count,
+    peak_rss_text,
+    pyplot,
+    random_tensor,
+    release_memory,
+    rotations,
+    round_ratios,
+    save_figure,
+    shape_classes,
+    split_list,
     state_bytes,
     timed,
+    timed_rounds,
+    write_section,
+    write_text_atomic,
 )
+from step_time import UPDATE_PROJ_GAP, build_optimizer, move_to_refresh_boundary  # noqa: E402
 
 SECTION_BEGIN, SECTION_END = markers("scaling", "benchmarks/scaling.py")
 DEFAULT_SIZES = ("60m", "130m", "350m", "1b", "7b")
@@ -85,40 +101,6 @@ DEFAULT_MAX_ELEMENTS = 2**24
 REFRESH_FLOOR_MS = 1e-3  # per matrix: a refresh cost at or below this is reported as this (noise)
 NOISE_FRACTION = 0.02  # a step-time difference below this share of the steady step is not told from noise
 TARGET_REFRESH_RATIO = 100.0
-
-
-@dataclass(frozen=True)
-class ShapeClass:
-    name: str
-    dims: tuple[int, ...]
-    count: int
-    matrix: bool  # in the low-rank group (else plain AdamW everywhere)
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.dims:
-            n *= d
-        return n
-
-    def built(self, max_elements: int) -> int:
-        """K: how many tensors of this class are built."""
-        return min(self.count, max(1, max_elements // self.numel))
-
-
-def shape_classes(shape: LlamaShape, vocab: int) -> list[ShapeClass]:
-    h, i, layers = shape.hidden, shape.intermediate, shape.layers
-    return [
-        ShapeClass("attn", (h, h), 4 * layers, True),
-        ShapeClass("gate_up", (i, h), 2 * layers, True),
-        ShapeClass("down", (h, i), layers, True),
-        ShapeClass("embed_head", (vocab, h), 2, False),
-        ShapeClass("norm", (h,), 2 * layers + 1, False),
-    ]
-
-
-def parameter_count(shape: LlamaShape, vocab: int) -> int:
-    return sum(c.numel * c.count for c in shape_classes(shape, vocab))
 
 
 @dataclass
@@ -192,11 +174,8 @@ def run_class(size: str, cls: ShapeClass, kinds: list[str], rank: int, rounds: i
     gen = torch.Generator(device=device).manual_seed(seed)
     weights, grads = [], []
     for _ in range(k):
-        if cls.name == "norm":
-            weights.append(torch.ones(cls.dims, device=device))  # RMSNorm weights start at 1
-        else:
-            weights.append(torch.randn(cls.dims, generator=gen, device=device).mul_(0.02))
-        grads.append(torch.randn(cls.dims, generator=gen, device=device).mul_(1e-3))
+        weights.append(initial_weight(cls.dims, gen, device))
+        grads.append(random_tensor(cls.dims, gen, device, 1e-3))
 
     optimizers: dict[str, torch.optim.Optimizer] = {}
     for kind in kinds:
@@ -214,39 +193,27 @@ def run_class(size: str, cls: ShapeClass, kinds: list[str], rank: int, rounds: i
     names = list(optimizers)
 
     first: dict[str, float] = {}
-    steady: dict[str, list[float]] = {kind: [] for kind in names}
     refresh: dict[str, Optional[float]] = {kind: None for kind in names}
-    sizes: dict[str, tuple[int, int]] = {}
-    gc.collect()
-    gc.disable()
-    try:
+    with gc_paused():
         for kind in names:
             first[kind] = timed(optimizers[kind].step, device)
             print(f"#     {kind:18s} first step {_ms(first[kind]):>9s} ms", flush=True)
         for kind in names:  # warm-up round
             optimizers[kind].step()
-        for round_index in range(rounds):
-            shift = round_index % len(names)
-            for kind in names[shift:] + names[:shift]:
-                steady[kind].append(timed(optimizers[kind].step, device))
-        for kind in names:
-            sizes[kind] = state_bytes(optimizers[kind])
+        steady = timed_rounds({kind: optimizers[kind].step for kind in names}, rounds, device)
+        sizes = {kind: state_bytes(optimizers[kind]) for kind in names}
         if cls.matrix:
             refreshing = [kind for kind in names if kind != "adamw"]
             samples: dict[str, list[float]] = {kind: [] for kind in refreshing}
-            for round_index in range(refresh_rounds):
-                shift = round_index % max(1, len(refreshing))
-                for kind in refreshing[shift:] + refreshing[:shift]:
+            for order in rotations(refreshing, refresh_rounds):
+                for kind in order:
                     move_to_refresh_boundary(optimizers[kind], UPDATE_PROJ_GAP)
                     samples[kind].append(timed(optimizers[kind].step, device))
             for kind in refreshing:
                 refresh[kind] = statistics.median(samples[kind])
-    finally:
-        gc.enable()
     results = {kind: Measurement(size, cls, k, kind, first[kind], steady[kind], refresh[kind], *sizes[kind])
                for kind in names}
-    ratios = {(a, b): [x / y for x, y in zip(steady[a], steady[b])]
-              for a, b in PAIRS if a in steady and b in steady}
+    ratios = {(a, b): round_ratios(steady, a, b) for a, b in PAIRS if a in steady and b in steady}
     run = ClassRun(size, cls, k, results, ratios)
     for kind in names:
         m = results[kind]
@@ -256,9 +223,7 @@ def run_class(size: str, cls: ShapeClass, kinds: list[str], rank: int, rounds: i
     for a, b in ratios:
         print(f"#     {a} / {b}: per-round ratio median {run.ratio(a, b):.2f}", flush=True)
     del optimizers
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_memory(device)
     return run
 
 
@@ -367,7 +332,7 @@ def _ms(value: Optional[float]) -> str:
 
 
 def _mib(nbytes: float) -> str:
-    return f"{nbytes / 2**20:,.1f}" if nbytes >= 2**20 else f"{nbytes / 2**20:.4f}"
+    return mib(nbytes) if nbytes >= 2**20 else mib(nbytes, 4)
 
 
 def _count(n: int) -> str:
@@ -459,7 +424,7 @@ def render_section(command: str, machine: str, args, sizes: list[str], shapes: d
         command,
         "```",
         "",
-        f"Run {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')} on {args.device}: {machine}. "
+        f"Run {now_text()} on {args.device}: {machine}. "
         f"Load average (1/5/15 min) {loads[0]} at the start, {loads[1]} at the end.",
         "",
         "| size | hidden | intermediate | layers | rank | vocab | parameters |",
@@ -543,13 +508,8 @@ def csv_text(runs: list[ClassRun]) -> str:
 
 
 def write_plot(path: Path, wholes: list[Whole]) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("NOTE: matplotlib is not installed (pip install -e '.[bench]'): no plot written", flush=True)
+    plt = pyplot()
+    if plt is None:
         return False
     fig, (time_ax, state_ax) = plt.subplots(1, 2, figsize=(13, 5))
     kinds = list(dict.fromkeys(w.optimizer for w in wholes))
@@ -575,19 +535,11 @@ def write_plot(path: Path, wholes: list[Whole]) -> bool:
     time_ax.set_title("whole-model optimizer step time")
     state_ax.set_title("whole-model optimizer state (incl. held P)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
     return True
 
 
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _split(text: str) -> list[str]:
-    return [s.strip() for s in text.split(",") if s.strip()]
 
 
 def parse_args(argv=None):
@@ -604,7 +556,7 @@ def parse_args(argv=None):
     parser.add_argument("--custom", default=None, metavar="H,I,L,RANK",
                         help="also run a synthetic size 'custom' with this hidden, intermediate, layers and rank "
                              "(for smoke tests, e.g. 64,172,2,16 with --vocab 256)")
-    parser.add_argument("--vocab", type=int, default=step_time.VOCAB,
+    parser.add_argument("--vocab", type=int, default=VOCAB,
                         help="rows of embed_tokens/lm_head (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=5,
                         help="timed rounds after one untimed warm-up round (default: %(default)s)")
@@ -627,7 +579,7 @@ def parse_args(argv=None):
     if args.sizes is None:
         args.size_list = [] if args.custom else list(DEFAULT_SIZES)
     else:
-        args.size_list = [s.lower() for s in _split(args.sizes)]
+        args.size_list = [s.lower() for s in split_list(args.sizes)]
     for size in args.size_list:
         if size not in SIZES:
             parser.error(f"--sizes: unknown size {size!r}; choose from {', '.join(SIZES)}")
@@ -645,7 +597,7 @@ def parse_args(argv=None):
         args.size_list.append("custom")
     if not args.size_list:
         parser.error("--sizes: no size to run (give --sizes or --custom)")
-    args.optimizer_list = _split(args.optimizers)
+    args.optimizer_list = split_list(args.optimizers)
     for kind in args.optimizer_list:
         if kind not in OPTIMIZERS:
             parser.error(f"--optimizers: unknown optimizer {kind!r}; choose from {', '.join(OPTIMIZERS)}")
@@ -724,9 +676,7 @@ def main(argv=None) -> int:
     if plotted:
         print(f"wrote {png_path}")
     if args.output not in ("", "-"):
-        peak_rss = ""
-        if sys.platform.startswith("linux"):
-            peak_rss = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"
+        peak_rss = peak_rss_text()
         section = render_section(command, machine, args, args.size_list, args.shapes, runs, wholes, refreshes,
                                  (load_start, load_end), peak_rss, csv_path.name,
                                  png_path.name if plotted else None)

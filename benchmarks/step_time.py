@@ -21,6 +21,7 @@ Optimizers (all lr 1e-3, betas (0.9, 0.999), weight decay 0):
   ours-mini         lowrank_opt.apollo_mini (rank 1, tensor, scale 128)
   ours-simple       ours with foreach=False: the simple one-tensor-at-a-time reference path the fast path
                     (foreach and chunked updates of the plain-AdamW tensors) is tested against
+  adamw-fused       torch.optim.AdamW(fused=True); not run unless named in --optimizers
 
 Timing (time.perf_counter, torch.cuda.synchronize around each step on CUDA, Python GC off while timing):
   first step    the first step() call: allocates the state, draws P (APOLLO) or runs the SVDs (GaLore);
@@ -32,57 +33,57 @@ Timing (time.perf_counter, torch.cuda.synchronize around each step on CUDA, Pyth
                 time ratio holds up on a shared machine where other processes come and go.
 State bytes: every tensor in optimizer.state, plus the projection matrices P an optimizer holds between
 steps: apollo-torch and GaLore keep them in state["projector"].ortho_matrix (a pickled object in the state
-dict); ours keeps them only with cache_projection=True (Apollo._projection_cache, never saved).
+dict); ours keeps them only with cache_projection=True (Apollo._projection_cache, never saved). Counted by
+lowrank_opt.memory.measure (each storage once, at the size allocated: a view counts its whole storage).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import os
-import platform
-import resource
-import shlex
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
-from importlib import metadata
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _report import cpu_model, load_average, markers, write_section  # noqa: E402
+from _common import (  # noqa: E402
+    SIZES,
+    VOCAB,
+    LlamaShape,
+    begin,
+    gc_paused,
+    initial_weight,
+    llama_parameter_shapes,
+    load_average,
+    markers,
+    peak_rss_text,
+    random_tensor,
+    release_memory,
+    round_ratios,
+    split_list,
+    state_bytes,
+    timed,
+    timed_calls,
+    timed_rounds,
+    write_section,
+)
+from _common import mib as _mib  # noqa: E402
+from _common import ms as _ms  # noqa: E402
+from _common import now_text  # noqa: E402
 
 SECTION_BEGIN, SECTION_END = markers("step_time", "benchmarks/step_time.py")
-VOCAB = 32000
 UPDATE_PROJ_GAP = 200
 LR = 1e-3
 BETAS = (0.9, 0.999)
 
-
-@dataclass(frozen=True)
-class LlamaShape:
-    """Paper Table 11 (shared with GaLore): hidden / intermediate / layers; ranks are the paper's scripts'."""
-
-    hidden: int
-    intermediate: int
-    layers: int
-    rank: int
-
-
-SIZES = {
-    "60m": LlamaShape(512, 1376, 8, 128),
-    "130m": LlamaShape(768, 2048, 12, 192),
-    "350m": LlamaShape(1024, 2736, 24, 256),
-    "1b": LlamaShape(2048, 5461, 32, 256),
-    "7b": LlamaShape(4096, 11008, 32, 256),
-}
-
 OPTIMIZERS = ("adamw", "apollo-torch", "galore", "ours", "ours-cached", "apollo-torch-mini", "ours-mini",
               "ours-simple")
+# Accepted by --optimizers but not run by default: torch's fused AdamW (the baseline of the GPU proof).
+EXTRA_OPTIMIZERS = ("adamw-fused",)
 # (ours, reference) pairs compared in the comparison table and, with --paired-rounds, stepped alternately.
 PAIRS = (("ours", "apollo-torch"), ("ours-cached", "apollo-torch"), ("ours-mini", "apollo-torch-mini"),
          ("ours", "ours-simple"))
@@ -90,24 +91,6 @@ PAIRS = (("ours", "apollo-torch"), ("ours-cached", "apollo-torch"), ("ours-mini"
 
 # ----------------------------------------------------------------------------------------------------------
 # The parameter set
-
-
-def llama_parameter_shapes(shape: LlamaShape) -> list[tuple[str, tuple[int, ...], bool]]:
-    """(name, shape, low-rank?) for every weight of a LLaMA model, named as in Hugging Face's LlamaForCausalLM."""
-    h, i = shape.hidden, shape.intermediate
-    out = [("model.embed_tokens.weight", (VOCAB, h), False)]
-    for layer in range(shape.layers):
-        prefix = f"model.layers.{layer}"
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out.append((f"{prefix}.self_attn.{proj}.weight", (h, h), True))
-        out.append((f"{prefix}.mlp.gate_proj.weight", (i, h), True))
-        out.append((f"{prefix}.mlp.up_proj.weight", (i, h), True))
-        out.append((f"{prefix}.mlp.down_proj.weight", (h, i), True))
-        out.append((f"{prefix}.input_layernorm.weight", (h,), False))
-        out.append((f"{prefix}.post_attention_layernorm.weight", (h,), False))
-    out.append(("model.norm.weight", (h,), False))
-    out.append(("lm_head.weight", (VOCAB, h), False))
-    return out
 
 
 @dataclass
@@ -136,17 +119,16 @@ class ParameterSet:
         return low, rest
 
 
-def build_parameter_set(shape: LlamaShape, device: torch.device, seed: int = 0) -> ParameterSet:
+def build_parameter_set(shape: LlamaShape, device: torch.device, seed: int = 0,
+                        dtype: torch.dtype = torch.float32, vocab: int = VOCAB) -> ParameterSet:
+    """Every weight of the LLaMA ``shape`` with a random gradient, in ``dtype`` (drawn in fp32)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     names, lowrank, weights, grads = [], [], [], []
-    for name, dims, is_low in llama_parameter_shapes(shape):
+    for name, dims, is_low in llama_parameter_shapes(shape, vocab):
         names.append(name)
         lowrank.append(is_low)
-        if len(dims) == 1:
-            weights.append(torch.ones(dims, device=device))  # RMSNorm weights start at 1
-        else:
-            weights.append(torch.randn(dims, generator=gen, device=device).mul_(0.02))
-        grads.append(torch.randn(dims, generator=gen, device=device).mul_(1e-3))
+        weights.append(initial_weight(dims, gen, device, dtype))
+        grads.append(random_tensor(dims, gen, device, 1e-3, dtype))
     return ParameterSet(names, lowrank, weights, grads)
 
 
@@ -159,8 +141,9 @@ def _plain(named):
 
 
 def build_optimizer(kind: str, low, rest, rank: int) -> torch.optim.Optimizer:
-    if kind == "adamw":
-        return torch.optim.AdamW(_plain(low) + _plain(rest), lr=LR, betas=BETAS, weight_decay=0.0, foreach=True)
+    if kind in ("adamw", "adamw-fused"):
+        fast = dict(foreach=True) if kind == "adamw" else dict(fused=True)
+        return torch.optim.AdamW(_plain(low) + _plain(rest), lr=LR, betas=BETAS, weight_decay=0.0, **fast)
     if kind in ("apollo-torch", "apollo-torch-mini"):
         from apollo_torch import APOLLOAdamW
 
@@ -190,28 +173,11 @@ def build_optimizer(kind: str, low, rest, rank: int) -> torch.optim.Optimizer:
 
 
 def has_projection_refresh(kind: str) -> bool:
-    return kind != "adamw"
+    return not kind.startswith("adamw")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Measurements
-
-
-def state_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
-    """(bytes of tensors in optimizer.state, bytes of projection matrices held between steps)."""
-    tensors = projections = 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                tensors += value.nbytes
-            elif hasattr(value, "ortho_matrix"):  # apollo-torch / GaLore projector objects kept in state
-                matrix = value.ortho_matrix
-                for m in matrix if isinstance(matrix, (list, tuple)) else [matrix]:
-                    if isinstance(m, torch.Tensor):
-                        projections += m.nbytes
-    for _, matrix in getattr(optimizer, "_projection_cache", {}).values():  # ours, cache_projection=True
-        projections += matrix.nbytes
-    return tensors, projections
 
 
 def move_to_refresh_boundary(optimizer: torch.optim.Optimizer, gap: int) -> None:
@@ -246,40 +212,25 @@ class Result:
         return self.state_bytes + self.projection_bytes
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) * 1e3
-
-
 def run_one(kind: str, size: str, params: ParameterSet, rank: int, steps: int, warmup: int,
-            device: torch.device) -> Result:
-    low, rest = params.fresh()
+            device: torch.device, share_grads: bool = False) -> Result:
+    """One optimizer on fresh clones of the weights (and of the gradients, unless ``share_grads``): the first
+    step, the median of ``steps`` steady steps after ``warmup`` untimed ones, the state bytes, and one step
+    at a projection-refresh boundary."""
+    low, rest = params.fresh(share_grads=share_grads)
     optimizer = build_optimizer(kind, low, rest, rank)
-    gc.collect()
-    gc.disable()
-    try:
+    with gc_paused():
         first = timed(optimizer.step, device)
-        for _ in range(warmup):
-            optimizer.step()
-        steady = [timed(optimizer.step, device) for _ in range(steps)]
+        steady = timed_calls(optimizer.step, steps, warmup, device)
         tensors, projections = state_bytes(optimizer)
         refresh = None
         if has_projection_refresh(kind):
             move_to_refresh_boundary(optimizer, UPDATE_PROJ_GAP)
             refresh = timed(optimizer.step, device)
-    finally:
-        gc.enable()
     result = Result(kind, size, 1 if kind.endswith("mini") else rank, first, statistics.median(steady),
                     min(steady), refresh, tensors, projections, steady)
     del optimizer, low, rest
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_memory(device)
     return result
 
 
@@ -298,56 +249,21 @@ def run_paired(ours: str, theirs: str, size: str, params: ParameterSet, rank: in
     """Both optimizers alive at once, stepped alternately (order swapped every round): background load on a
     shared machine then hits both alike, and the per-round time ratio stays meaningful when medians do not.
     Gradients are shared (read only) to halve the memory."""
-    kinds = (ours, theirs)
     optimizers = {}
-    for kind in kinds:
+    for kind in (ours, theirs):
         low, rest = params.fresh(share_grads=True)
         optimizers[kind] = build_optimizer(kind, low, rest, rank)
         for _ in range(1 + warmup):
             optimizers[kind].step()
-    times: dict[str, list[float]] = {kind: [] for kind in kinds}
-    gc.collect()
-    gc.disable()
-    try:
-        for round_index in range(rounds):
-            for kind in kinds if round_index % 2 == 0 else kinds[::-1]:
-                times[kind].append(timed(optimizers[kind].step, device))
-    finally:
-        gc.enable()
+    with gc_paused():
+        times = timed_rounds({kind: opt.step for kind, opt in optimizers.items()}, rounds, device)
     del optimizers
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    ratios = [a / b for a, b in zip(times[ours], times[theirs])]
-    return Paired(size, ours, theirs, ratios, times[ours], times[theirs])
+    release_memory(device)
+    return Paired(size, ours, theirs, round_ratios(times, ours, theirs), times[ours], times[theirs])
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Reporting
-
-
-def machine_line(device: torch.device) -> str:
-    parts = [f"CPU {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
-             f"({torch.get_num_threads()} intra-op threads)"]
-    if device.type == "cuda":
-        parts.append(f"GPU {torch.cuda.get_device_name(device)}")
-    for package in ("apollo-torch", "galore-torch"):
-        try:
-            parts.append(f"{package} {metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            parts.append(f"{package} not installed")
-    parts.append(f"Python {platform.python_version()}")
-    return ", ".join(parts)
-
-
-def _ms(value: Optional[float]) -> str:
-    if value is None:
-        return "—"
-    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
-
-
-def _mib(nbytes: int) -> str:
-    return f"{nbytes / 2**20:,.1f}"
 
 
 def results_table(results: list[Result]) -> str:
@@ -468,7 +384,7 @@ def render_section(command: str, machine: str, args, results: list[Result], size
         command,
         "```",
         "",
-        f"Run {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')} on {args.device}: {machine}. "
+        f"Run {now_text()} on {args.device}: {machine}. "
         f"Load average (1/5/15 min) {loads[0]} at the start, {loads[1]} at the end.",
         "",
         "Parameter sets (LLaMA, paper Table 11, vocab 32000, fp32):",
@@ -501,7 +417,8 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0] + " Writes a markdown table to stdout and to --output.",
         epilog="Sizes: " + ", ".join(f"{k} (hidden {v.hidden}, intermediate {v.intermediate}, {v.layers} layers, "
                                       f"rank {v.rank})" for k, v in SIZES.items())
-        + ". Optimizers: " + ", ".join(OPTIMIZERS) + ". See the module docstring for what is timed and counted.",
+        + ". Optimizers: " + ", ".join(OPTIMIZERS) + " (also " + ", ".join(EXTRA_OPTIMIZERS)
+        + "). See the module docstring for what is timed and counted.",
     )
     parser.add_argument("--sizes", default="130m,350m",
                         help="comma-separated model sizes from: " + ", ".join(SIZES) + " (default: %(default)s)")
@@ -525,38 +442,19 @@ def parse_args(argv=None):
                         help="markdown file whose step_time section is created or replaced; '' or '-' to only "
                              "print (default: %(default)s)")
     args = parser.parse_args(argv)
-    args.size_list = [s.strip().lower() for s in args.sizes.split(",") if s.strip()]
+    args.size_list = [s.lower() for s in split_list(args.sizes)]
     for size in args.size_list:
         if size not in SIZES:
             parser.error(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
-    args.optimizer_list = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    args.optimizer_list = split_list(args.optimizers)
     for kind in args.optimizer_list:
-        if kind not in OPTIMIZERS:
-            parser.error(f"unknown optimizer {kind!r}; choose from {', '.join(OPTIMIZERS)}")
+        if kind not in OPTIMIZERS + EXTRA_OPTIMIZERS:
+            parser.error(f"unknown optimizer {kind!r}; choose from {', '.join(OPTIMIZERS + EXTRA_OPTIMIZERS)}")
     if args.steps < 1 or args.warmup < 0 or args.paired_rounds < 0:
         parser.error("--steps must be >= 1, --warmup and --paired-rounds >= 0")
     if args.rank is not None and args.rank < 1:
         parser.error("--rank must be >= 1")
     return args
-
-
-def begin(script: str, args, argv) -> Optional[tuple[torch.device, str, str, str]]:
-    """The start of a benchmark run (step_time.py, scaling.py): check --device, apply --threads, print the
-    command line, machine and load. Returns (device, command, machine, load average), or None (after saying
-    why) when --device cuda finds no CUDA device."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print(f"{script}: --device cuda was asked for, but torch finds no CUDA device "
-              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}). Rerun with --device cpu.",
-              file=sys.stderr)
-        return None
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    command = shlex.join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
-    machine = machine_line(device)
-    load_start = load_average()
-    print(f"# {command}\n# {machine}\n# load average {load_start}", flush=True)
-    return device, command, machine, load_start
 
 
 def main(argv=None) -> int:
@@ -600,9 +498,7 @@ def main(argv=None) -> int:
         del params
         gc.collect()
 
-    peak_rss = ""
-    if sys.platform.startswith("linux"):
-        peak_rss = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"
+    peak_rss = peak_rss_text()
     print(f"\n# load average {load_average()}\n")
     print(results_table(results))
     comparison = comparison_table(results)
