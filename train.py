@@ -8,7 +8,10 @@
 
 Reads top to bottom: parse -> check -> build (tokenizer, model, data, optimizer) -> Trainer.train().
 Every option of ``transformers.TrainingArguments`` is accepted, plus ours below. ``--config FILE`` (YAML or
-JSON) sets defaults that command-line flags override; without ``--config``, configs/tiny.yaml is used.
+JSON; a path from the working directory, or a name among the shipped configs) sets defaults that
+command-line flags override; without ``--config``, the shipped tiny.yaml is used. A config's ``optim_args``
+and ``optim_target_modules`` belong to the config's ``optim``: ``--optim`` naming another optimizer gets that
+optimizer's own defaults. Outputs go to ./outputs/<config name> unless ``--output_dir`` says otherwise.
 """
 
 from __future__ import annotations
@@ -22,8 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-REPO = Path(__file__).resolve().parent
-DEFAULT_CONFIG = REPO / "configs" / "tiny.yaml"
+DEFAULT_CONFIG = "tiny.yaml"  # among the shipped configs (lowrank_opt.resources)
 logger = logging.getLogger("train")
 
 
@@ -32,7 +34,8 @@ class ModelArguments:
     model_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "A local model directory or a hub id (needs network): fine-tune it."})
     model_config: Optional[str] = field(
-        default=None, metadata={"help": "A transformers config JSON (e.g. configs/llama_60m.json): random init."})
+        default=None, metadata={"help": "A transformers config JSON or a shipped config name (e.g. llama_60m or "
+                                        "configs/llama_60m.json): random init."})
     tokenizer_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "Tokenizer; default: the model directory's, else the offline one in configs/tokenizer."})
     model_dtype: str = field(default="float32", metadata={
@@ -60,13 +63,13 @@ def parse_args(argv: list[str]):
     """Dataclasses from --config (YAML/JSON) overridden by the command line."""
     from transformers import HfArgumentParser
 
-    from lowrank_opt.integrations.hf import LowRankTrainingArguments
+    from lowrank_opt.integrations.hf import TrainingArguments
+    from lowrank_opt.resources import find_config
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, LowRankTrainingArguments))
-    parser.add_argument("--config", default=None, help="YAML or JSON file of defaults (default: configs/tiny.yaml).")
-    config_path = Path(_pop_flag(argv, "--config") or DEFAULT_CONFIG)
-    if not config_path.is_file():
-        raise FileNotFoundError(f"--config {config_path} does not exist")
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser.add_argument("--config", default=None, help="YAML or JSON file of defaults: a path, or a shipped "
+                                                       "config name (default: tiny.yaml).")
+    config_path = find_config(_pop_flag(argv, "--config") or DEFAULT_CONFIG)
     text = config_path.read_text()
     if config_path.suffix == ".json":
         defaults = json.loads(text)
@@ -74,29 +77,47 @@ def parse_args(argv: list[str]):
         import yaml
 
         defaults = yaml.safe_load(text) or {}
-    for key in ("model_config", "data_files", "model_name_or_path", "tokenizer_name_or_path"):
-        defaults[key] = _resolve_repo_paths(defaults.get(key))
+    if not isinstance(defaults, dict):
+        raise ValueError(f"--config {config_path} must hold a mapping of option: value, got {type(defaults).__name__}")
+    for key in ("model_config", "data_files"):
+        defaults[key] = _resolve_config_paths(defaults.get(key), config_path)
     defaults = {k: v for k, v in defaults.items() if v is not None}
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(defaults) - known)
     if unknown:
         raise ValueError(f"unknown key(s) {', '.join(unknown)} in {config_path}")
-    if any(a == "--model_name_or_path" or a.startswith("--model_name_or_path=") for a in argv):
+    if _given(argv, "--model_name_or_path"):
         defaults.pop("model_config", None)  # fine-tuning a given model overrides the config's random-init model
+    cli_optim = _flag_value(argv, "--optim")
+    if cli_optim is not None and defaults.get("optim") is not None and cli_optim != defaults["optim"]:
+        # The file's optimizer options were written for its optimizer, not for the one asked for here.
+        dropped = {k: defaults.pop(k) for k in ("optim_args", "optim_target_modules") if k in defaults}
+        if dropped:
+            logger.info("--optim %s: %s's %s (for %s) not used; %s gets its own defaults", cli_optim, config_path.name,
+                        ", ".join(f"{k}={v!r}" for k, v in dropped.items()), defaults["optim"], cli_optim)
     parser.set_defaults(**defaults)
-    if "output_dir" not in defaults and "--output_dir" not in argv:
-        argv = argv + ["--output_dir", str(REPO / "outputs" / config_path.stem)]
+    if "output_dir" not in defaults and not _given(argv, "--output_dir"):
+        argv = argv + ["--output_dir", str(Path.cwd() / "outputs" / config_path.stem)]
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)[:3]  # 4th: the --config namespace
     return model_args, data_args, training_args
 
 
-def _resolve_repo_paths(value):
-    """Relative paths in a config file name files in this repo when they are not found from the cwd."""
+def _resolve_config_paths(value, config_path: Path):
+    """Paths in a config file: from the working directory if they exist there, else next to the config file,
+    else a shipped config name (``llama_tiny``) or relative path (``configs/llama_tiny.json``)."""
+    from lowrank_opt.resources import find_config
+
     if isinstance(value, list):
-        return [_resolve_repo_paths(v) for v in value]
-    if isinstance(value, str) and not Path(value).is_absolute() and not Path(value).exists() and (REPO / value).exists():
-        return str(REPO / value)
-    return value
+        return [_resolve_config_paths(v, config_path) for v in value]
+    if not isinstance(value, str) or Path(value).is_absolute() or Path(value).exists():
+        return value
+    beside = config_path.parent / value
+    if beside.exists():
+        return str(beside)
+    try:
+        return str(find_config(value))
+    except FileNotFoundError:
+        return value  # check_arguments names it
 
 
 def _pop_flag(argv: list[str], flag: str) -> Optional[str]:
@@ -111,16 +132,31 @@ def _pop_flag(argv: list[str], flag: str) -> Optional[str]:
     return None
 
 
+def _given(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def _flag_value(argv: list[str], flag: str) -> Optional[str]:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
     """Everything that can be checked without building anything, before any file is written."""
-    from lowrank_opt.integrations.hf import is_layerwise
+    from lowrank_opt.integrations.hf import check_layerwise_arguments, is_layerwise
 
     if model_args.model_name_or_path and model_args.model_config:
         raise ValueError("give --model_name_or_path (fine-tune) or --model_config (random init), not both")
     if not model_args.model_name_or_path and not model_args.model_config:
         raise ValueError("give --model_name_or_path or --model_config")
-    if model_args.model_config and not Path(model_args.model_config).is_file():
-        raise FileNotFoundError(f"--model_config {model_args.model_config} does not exist")
+    if model_args.model_config:
+        from lowrank_opt.resources import find_config
+
+        model_args.model_config = str(find_config(model_args.model_config))  # FileNotFoundError names it
     for path in data_args.data_files or []:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--data_files {path} does not exist")
@@ -128,7 +164,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         raise ValueError(f"--model_dtype must be 'float32' or 'bfloat16', got {model_args.model_dtype!r}")
     if data_args.task not in ("pretrain", "sft"):
         raise ValueError(f"--task must be 'pretrain' or 'sft', got {data_args.task!r}")
-    name = training_args.lowrank_optim or training_args.optim.value
+    name = optimizer_name(training_args)
     if training_args.fsdp and _runs_on_cpu(training_args):
         raise ValueError(
             "--fsdp on CPU: accelerate runs FSDP only on GPUs and would silently train with plain data parallelism "
@@ -138,21 +174,17 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         from lowrank_opt.integrations.deepspeed import check_deepspeed_config
 
         check_deepspeed_config(training_args.deepspeed)  # e.g. offload that would swap our optimizer out
+    if training_args.lowrank_optim is None and training_args.optim_target_modules is None and \
+            any(k in name for k in ("galore", "apollo_adamw")):
+        training_args.optim_target_modules = "all-linear"  # HF's low-rank optimizers need targets; as ours default
+        logger.info("--optim %s: --optim_target_modules all-linear (the default of lowrank-opt's names)", name)
     if is_layerwise(name, training_args):
-        if training_args.gradient_accumulation_steps != 1:
-            raise ValueError(
-                f"--optim {name} updates each parameter inside backward and frees its gradient, so it cannot "
-                f"accumulate gradients over {training_args.gradient_accumulation_steps} steps: set "
-                "--gradient_accumulation_steps 1 and raise --per_device_train_batch_size, or use the non-layer-wise "
-                "optimizer")
-        if training_args.world_size > 1:
-            raise ValueError(
-                f"--optim {name} cannot run data parallel ({training_args.world_size} processes): its updates run "
-                "before gradients are all-reduced. Use the non-layer-wise optimizer (or DeepSpeed) for multi-GPU")
-        if training_args.max_grad_norm and training_args.max_grad_norm > 0:
-            logger.warning("layer-wise updates leave no gradients to clip: --max_grad_norm %s is turned off; the "
-                           "optimizer's norm_growth_limit (per tensor) replaces it", training_args.max_grad_norm)
-            training_args.max_grad_norm = 0.0
+        check_layerwise_arguments(name, training_args)
+
+
+def optimizer_name(training_args) -> str:
+    """The --optim name as given: a lowrank-opt name or one of Hugging Face's."""
+    return training_args.lowrank_optim or getattr(training_args.optim, "value", training_args.optim)
 
 
 def _runs_on_cpu(training_args) -> bool:
@@ -183,21 +215,20 @@ def build_model(model_args: ModelArguments, tokenizer):
     return AutoModelForCausalLM.from_config(config).to(dtype)
 
 
-def build_optimizer_option(training_args, model):
-    """(optimizer class, kwargs) for our names (validated now, built by the Trainer); None for HF's names.
-    Under DeepSpeed, APOLLO becomes ZeroApollo with one param group per matrix (shape-aware shards)."""
-    from lowrank_opt.integrations.hf import optimizer_cls_and_kwargs, validate
+def check_optimizer(training_args, model) -> None:
+    """Build the optimizer the name asks for once, on the real model, without side effects (no layer-wise
+    hooks), so that a bad option or target fails before the Trainer writes anything. Under DeepSpeed what ZeRO
+    cannot run is refused; for Hugging Face names an optim_args key their optimizer does not read is refused."""
+    from lowrank_opt.integrations.hf import check_hf_optim_args, validate
 
     if training_args.lowrank_optim is None:
-        return None
+        check_hf_optim_args(training_args, model)
+        return
     if training_args.deepspeed:
         from lowrank_opt.integrations.deepspeed import hf_optimizer_cls_and_kwargs
 
-        cls, kwargs = hf_optimizer_cls_and_kwargs(training_args.lowrank_optim, model, training_args)
-        cls(**{**kwargs, "params": [dict(g) for g in kwargs["params"]]})  # validate: construction has no side effects
-        return cls, kwargs
+        hf_optimizer_cls_and_kwargs(training_args.lowrank_optim, model, training_args)
     validate(training_args.lowrank_optim, model, training_args)
-    return optimizer_cls_and_kwargs(training_args.lowrank_optim, model, training_args)
 
 
 def memory_callbacks(data_args: DataArguments, training_args, model) -> list:
@@ -209,7 +240,7 @@ def memory_callbacks(data_args: DataArguments, training_args, model) -> list:
 
     from lowrank_opt.memory import MemoryCallback, estimate
 
-    name = training_args.lowrank_optim or training_args.optim.value
+    name = optimizer_name(training_args)
     weight_dtype = next(model.parameters()).dtype
     try:
         predicted = estimate(
@@ -225,43 +256,52 @@ def memory_callbacks(data_args: DataArguments, training_args, model) -> list:
     return [MemoryCallback(estimate=predicted)]
 
 
-def main(argv: Optional[list[str]] = None):
-    from transformers import Trainer, set_seed
+def build(argv: list[str]):
+    """Steps 1-2 of :func:`main`: parse, check, build tokenizer, data, model and the Trainer (which builds the
+    optimizer the ``--optim`` name stands for when training starts). Returns (trainer, data_args, training_args)."""
+    from transformers import set_seed
 
     from lowrank_opt.data import build_datasets, collator_for
+    from lowrank_opt.integrations.hf import Trainer
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     # 1. Parse and check: bad input fails here, before anything is built or written.
-    model_args, data_args, training_args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    model_args, data_args, training_args = parse_args(list(argv))
     check_arguments(model_args, data_args, training_args)
     if training_args.deepspeed:  # ZeRO-3 partitions the model while it is built: its process group must exist
         import deepspeed
 
         deepspeed.init_distributed()
     set_seed(training_args.seed)
-    # 2. Build tokenizer, model, data and optimizer (still nothing written).
+    # 2. Build tokenizer, data, model, and check the optimizer on it (still nothing written).
     tokenizer = build_tokenizer(model_args)
-    model = build_model(model_args, tokenizer)
     train_ds, eval_ds = build_datasets(
         tokenizer, data_files=data_args.data_files, dataset_name=data_args.dataset_name,
         dataset_config=data_args.dataset_config, task=data_args.task, block_size=data_args.block_size,
         eval_fraction=data_args.eval_fraction, seed=training_args.seed,
         max_train_samples=data_args.max_train_samples, text_field=data_args.text_field,
     )
-    optimizer_option = build_optimizer_option(training_args, model)
-    name = training_args.lowrank_optim or training_args.optim.value
+    model = build_model(model_args, tokenizer)
+    check_optimizer(training_args, model)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model %.2fM parameters, optimizer %s, %d train / %d eval sequences of %d tokens", n_params / 1e6,
-                name, len(train_ds), len(eval_ds) if eval_ds is not None else 0, data_args.block_size)
-    # 3. Train.
+                optimizer_name(training_args), len(train_ds), len(eval_ds) if eval_ds is not None else 0,
+                data_args.block_size)
+    # lowrank-opt's Trainer builds the optimizer the --optim name stands for, ours or Hugging Face's.
     trainer = Trainer(
         model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=collator_for(data_args.task, tokenizer), processing_class=tokenizer,
-        optimizer_cls_and_kwargs=optimizer_option, callbacks=memory_callbacks(data_args, training_args, model),
+        callbacks=memory_callbacks(data_args, training_args, model),
     )
+    return trainer, data_args, training_args
+
+
+def main(argv: Optional[list[str]] = None):
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    trainer, data_args, training_args = build(list(sys.argv[1:] if argv is None else argv))
+    # 3. Train.
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = dict(result.metrics)
-    if eval_ds is not None:
+    if trainer.eval_dataset is not None:
         eval_metrics = trainer.evaluate()
         eval_metrics["eval_perplexity"] = math.exp(min(eval_metrics["eval_loss"], 50.0))
         metrics.update(eval_metrics)

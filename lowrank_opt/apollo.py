@@ -52,6 +52,29 @@ _DENSE_CHUNK_ACCELERATOR = 1 << 24
 _BATCH_BYTES = 64 << 20
 SHARD_STATE_KEY = "shard_state"  # state of a DeepSpeed flat shard: {index in group: that parameter's state}
 
+# Every option, checked at construction and on load (rank and state_dtype have their own checks).
+OPTION_SPECS = {
+    "lr": _common.LR,
+    "betas": _common.BETAS,
+    "eps": _common.real(0.0, low_open=True, finite=True,
+                        reason="with eps = 0 a zero row of R gives 0/0 and NaN weights"),
+    "weight_decay": _common.WEIGHT_DECAY,
+    "scale_type": _common.choice("channel", "tensor"),
+    "scale": _common.real(0.0, low_open=True, finite=True),
+    "update_proj_gap": _common.integer(1),
+    "sort_dims": _common.boolean(),
+    "transposed": _common.boolean(),
+    "norm_growth_limit": _common.real(1.0, finite=True, none=True),
+    "seed": _common.integer(),
+    "cache_projection": _common.boolean(),
+    "correct_bias": _common.boolean(),
+    "nonfinite": _common.NONFINITE,
+    "stochastic_rounding": _common.boolean(),
+    "foreach": _common.boolean(none=True),
+}
+# Keys other libraries put in param groups that are no options (DeepSpeed's MoE groups, LR schedulers).
+_GROUP_METADATA = {"params", "param_names", "name", "moe", "initial_lr"}
+
 
 # The device type that meta tensors stand for: the memory estimator dry-runs ``step()`` on meta tensors and
 # sets this to the device it estimates for, so the dry run takes that device's chunk size.
@@ -326,6 +349,10 @@ class Apollo(Optimizer):
         scale (float): the update is multiplied by sqrt(scale). APOLLO-Mini uses 128. Default 1.
         update_proj_gap (int): steps between projection redraws (T). Default 200.
         sort_dims (bool): compress the smaller dimension; else always the rows. Default True.
+        transposed (bool): the group's weights are stored transposed (in x out, as ``transformers``' Conv1D
+            keeps them): orientation and channels are those of the (out x in) matrix they stand for, so the
+            update equals the equivalent ``nn.Linear``'s. 2-D weights only. Default False
+            (:func:`~lowrank_opt.lowrank_param_groups` sets it for Conv1D weights).
         norm_growth_limit (float | None): gamma of the limiter, ``None`` turns it off. Default 1.01.
         seed (int): seed of every projection. Default 0.
         cache_projection (bool): keep each P in memory between redraws (faster on slow RNGs, costs
@@ -387,6 +414,7 @@ class Apollo(Optimizer):
         scale: float = 1.0,
         update_proj_gap: int = 200,
         sort_dims: bool = True,
+        transposed: bool = False,
         norm_growth_limit: Optional[float] = 1.01,
         seed: int = 0,
         cache_projection: bool = False,
@@ -409,6 +437,7 @@ class Apollo(Optimizer):
             scale=scale,
             update_proj_gap=update_proj_gap,
             sort_dims=sort_dims,
+            transposed=transposed,
             norm_growth_limit=norm_growth_limit,
             seed=seed,
             cache_projection=cache_projection,
@@ -445,6 +474,8 @@ class Apollo(Optimizer):
         self._projection_cache_shards: dict[tuple, tuple[int, torch.Tensor]] = {}
         self._hooks: list = []
         self._flat_cache: dict[tuple, list] = {}
+        self._warned_full_rank = False
+        self._seen_sq: Optional[torch.Tensor] = None
 
     # -- construction-time validation ------------------------------------------------------------------
 
@@ -453,6 +484,7 @@ class Apollo(Optimizer):
         group_index = len(self.param_groups) - 1
         group = self.param_groups[group_index]
         try:
+            self._check_group_keys(group, group_index)
             self._validate_group(group, group_index)
         except Exception:
             self.param_groups.pop()
@@ -476,40 +508,50 @@ class Apollo(Optimizer):
         self._group_of = {id(g): gi for gi, g in enumerate(self.param_groups)}
         self._where = {p: (gi, i) for gi, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])}
 
-    def _validate_group(self, group: dict, group_index: int) -> None:
-        where = _common.group_where(group_index)
-        _common.check_lr(group["lr"], where)
-        _common.check_betas(group["betas"], where)
+    def _validate_group(self, group: dict, group_index: int, where: Optional[str] = None) -> None:
+        """Every option of a param group, by the one declarative check (:data:`OPTION_SPECS`), then the rank rule
+        against every matrix. Used at construction and on every group a checkpoint would load."""
+        where = _common.group_where(group_index) if where is None else where
+        _common.validate_group(group, OPTION_SPECS, where)
         group["betas"] = tuple(group["betas"])
-        _common.check_eps(group["eps"], where)
-        _common.check_weight_decay(group["weight_decay"], where)
-        _common.check_choice(group["scale_type"], "scale_type", SCALE_TYPES, where)
-        _common.check_finite_positive(group["scale"], "scale", where)
-        _common.check_positive_int(group["update_proj_gap"], "update_proj_gap", where)
-        _common.check_choice(group["nonfinite"], "nonfinite", _common.NONFINITE_CHOICES, where)
-        if group["norm_growth_limit"] is not None:
-            gamma = float(group["norm_growth_limit"])
-            if not (math.isfinite(gamma) and gamma >= 1.0):
-                raise ValueError(f"norm_growth_limit must be None or a finite number >= 1, got "
-                                 f"{group['norm_growth_limit']!r}{where}")
-        if isinstance(group["seed"], bool) or not isinstance(group["seed"], int):
-            raise ValueError(f"seed must be an int, got {group['seed']!r}{where}")
-        if group["foreach"] is not None and not isinstance(group["foreach"], bool):
-            raise TypeError(f"foreach must be None or a bool, got {group['foreach']!r}{where}")
-        if not isinstance(group["stochastic_rounding"], bool):
-            raise TypeError(f"stochastic_rounding must be a bool, got {group['stochastic_rounding']!r}{where}")
         group["state_dtype"] = _state_dtype_name(group["state_dtype"], where)
         if group["rank"] is not None:
+            if isinstance(group["rank"], bool) or not (isinstance(group["rank"], (int, float)) or callable(group["rank"])):
+                raise _common.OptionTypeError(
+                    f"rank must be None, an int, a float in (0, 1] or a callable, got {group['rank']!r} "
+                    f"({type(group['rank']).__name__}){where}")
             for i, p in enumerate(group["params"]):
                 shape = full_shape(p)
-                if len(shape) >= 2:
+                if group["transposed"] and len(shape) != 2 and len(shape) >= 2:
+                    raise ValueError(f"transposed=True is for 2-D weights stored as in x out, got shape {shape} for "
+                                     f"{_common.param_label(group, i, p)}{where}")
+                if len(shape) >= 2 and math.prod(shape):
                     self._resolve_rank(group, shape, _common.param_label(group, i, p) + where)
 
+    def _check_group_keys(self, group: dict, group_index: int) -> None:
+        """A key that is no option (a typo such as ``rnak=4``) would be kept and silently ignored: refuse it."""
+        unknown = sorted(set(group) - set(self.defaults) - _GROUP_METADATA)
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {', '.join(map(repr, unknown))}{_common.group_where(group_index)}; Apollo's "
+                f"options are {', '.join(sorted(self.defaults))}")
+
     @staticmethod
-    def _resolve_rank(group: dict, shape: tuple[int, ...], label: str) -> int:
+    def _side(group: dict, shape: tuple[int, ...]) -> str:
+        """Which side of the stored 2-D view is projected. A ``transposed`` group holds weights stored as the
+        transpose of the matrix they stand for (``transformers``' Conv1D: in x out): the orientation is chosen
+        on that matrix, so a Conv1D weight gets the same channels and P as the equivalent Linear (R = G P^T of
+        the Linear's gradient is (P G_stored)^T)."""
         shape2d = matrix_shape(shape)
-        side = orientation(shape2d, group["sort_dims"])
-        dim = shape2d[1] if side == RIGHT else shape2d[0]
+        if not group.get("transposed", False):
+            return orientation(shape2d, group["sort_dims"])
+        side = orientation((shape2d[1], shape2d[0]), group["sort_dims"])
+        return LEFT if side == RIGHT else RIGHT
+
+    @classmethod
+    def _resolve_rank(cls, group: dict, shape: tuple[int, ...], label: str) -> int:
+        shape2d = matrix_shape(shape)
+        dim = shape2d[1] if cls._side(group, shape) == RIGHT else shape2d[0]
         return resolve_rank(group["rank"], dim, label)
 
     # -- parameters and their records ------------------------------------------------------------------
@@ -538,14 +580,23 @@ class Apollo(Optimizer):
     def _plan_for(self, group: dict, record: _Record, label: str) -> Optional[ProjectionPlan]:
         """How a parameter is projected (computed once, recomputed only if the group's rank rule or
         orientation changes), or None when it is updated with plain AdamW."""
-        if group["rank"] is None or len(record.shape) < 2:
-            return None
-        key = (id(group["rank"]) if callable(group["rank"]) else group["rank"], group["sort_dims"])
+        if group["rank"] is None or len(record.shape) < 2 or not math.prod(record.shape):
+            return None  # plain AdamW (an empty matrix has nothing to project)
+        key = (id(group["rank"]) if callable(group["rank"]) else group["rank"], group["sort_dims"],
+               group.get("transposed", False))
         if record.plan is None or record.plan_key != key:
             shape2d = matrix_shape(record.shape)
-            side = orientation(shape2d, group["sort_dims"])
+            side = self._side(group, record.shape)
             rank = self._resolve_rank(group, record.shape, label)
             record.plan, record.plan_key = ProjectionPlan(shape2d, side, rank, record.identity), key
+            compressed = shape2d[1] if side == RIGHT else shape2d[0]
+            if rank >= compressed and not self._warned_full_rank:
+                self._warned_full_rank = True
+                logger.warning(
+                    "Apollo: rank %d >= the compressed dimension %d of %s (shape %s): its projection is a square "
+                    "Gaussian and its moments are as large as AdamW's (%d x %d); give it a smaller rank, or "
+                    "rank=None for plain AdamW (said once per optimizer)", rank, compressed, label,
+                    tuple(record.shape), *ProjectionPlan(shape2d, side, rank, record.identity).moment_shape)
         return record.plan
 
     def _locate(self, param: torch.Tensor) -> tuple[dict, int]:
@@ -648,6 +699,7 @@ class Apollo(Optimizer):
         for group in self.param_groups:  # checkpoints from before the option: the constructor's choice
             group.setdefault("stochastic_rounding", self.defaults.get("stochastic_rounding", True))
             group.setdefault("foreach", self.defaults.get("foreach"))
+            group.setdefault("transposed", self.defaults.get("transposed", False))
 
     def state_dict(self) -> dict:
         """torch's state dict, with a callable ``rank`` replaced by the integer it resolves to for each
@@ -662,29 +714,56 @@ class Apollo(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's load, keeping the saved dtypes of the state tensors (fp32 moments of bf16 weights stay fp32).
-        A rank saved as per-parameter integers (from a callable rule) keeps the constructor's rule, which must
-        resolve to the same integers."""
-        rules = [g["rank"] for g in self.param_groups]
-        for index, (saved, rule, records) in enumerate(zip(state_dict["param_groups"], rules, self._records)):
-            if isinstance(saved.get("rank"), (list, tuple)):
-                group = dict(saved, rank=rule, sort_dims=saved.get("sort_dims", True))
-                for i, (want, r) in enumerate(zip(saved["rank"], records)):
-                    if want is None or len(r.shape) < 2:
-                        continue
-                    got = resolve_rank(rule, matrix_shape(r.shape)[1 if orientation(
-                        matrix_shape(r.shape), group["sort_dims"]) == RIGHT else 0]) if rule is not None else None
-                    if got != want:
-                        raise ValueError(
-                            f"the checkpoint was saved with rank {want} for {self._label(group, i, record=r)} in "
-                            f"param_groups[{index}], but this optimizer's rank rule {rule!r} gives {got}: build the "
-                            "optimizer with the rank it was trained with")
+        """Load a checkpoint, trusting nothing in it: every loaded option is checked as the constructor checks
+        it, and every state tensor must have the shape this parameter needs under the loaded options (a
+        checkpoint of another model is refused naming the parameter and both shapes), all before anything
+        changes. Saved state dtypes are kept (fp32 moments of bf16 weights stay fp32). A rank saved as
+        per-parameter integers (from a callable rule) keeps the constructor's rule, which must resolve to the
+        same integers."""
+        state_dict = dict(state_dict)
+        saved_groups = [dict(g) for g in state_dict.get("param_groups", [])]
+        state_dict["param_groups"] = saved_groups
+        for index, (saved, group, records) in enumerate(zip(saved_groups, self.param_groups, self._records)):
+            if not isinstance(saved.get("rank"), (list, tuple)):
+                continue
+            rule = group["rank"]
+            for i, (want, r) in enumerate(zip(saved["rank"], records)):
+                if want is None or len(r.shape) < 2 or not math.prod(r.shape):
+                    continue
+                probe = dict(saved, rank=rule)
+                got = self._resolve_rank(probe, r.shape, self._label(group, i, record=r)) if rule is not None else None
+                if got != want:
+                    raise ValueError(
+                        f"the checkpoint was saved with rank {want} for {self._label(group, i, record=r)} in "
+                        f"param_groups[{index}], but this optimizer's rank rule {rule!r} gives {got}: build the "
+                        "optimizer with the rank it was trained with")
+            saved["rank"] = rule
+
+        def check_group(candidate: dict, where: str) -> None:
+            self._validate_group(dict(candidate), 0, where)
+
+        def layout(group: dict, i: int, p: torch.Tensor) -> dict:
+            gi = self._group_index(group)
+            records = self._records[gi]
+            if len(group["params"]) != len(records) or tuple(p.shape) != records[i].shape:
+                return {}  # a flat shard (DeepSpeed) or a copy: its pieces' shapes depend on the layout
+            saved = {**self.defaults, **saved_groups[gi]}
+            record = records[i]
+            keys = {"step": _common.StateKey(_common.COUNT),
+                    "limiter_norm": _common.StateKey((), required=False)}
+            if saved["rank"] is not None and len(record.shape) >= 2 and math.prod(record.shape):
+                shape2d = matrix_shape(record.shape)
+                side = self._side(saved, record.shape)
+                rank = self._resolve_rank(saved, record.shape, self._label(group, i, p, record))
+                moments = ProjectionPlan(shape2d, side, rank, record.identity).moment_shape
+            else:
+                moments = record.shape
+            keys.update(exp_avg=_common.StateKey(tuple(moments)), exp_avg_sq=_common.StateKey(tuple(moments)))
+            return keys
+
         self._projection_cache.clear()
         self._projection_cache_shards.clear()
-        _common.load_state_dict_keep_dtypes(self, state_dict)
-        for group, rule in zip(self.param_groups, rules):
-            if isinstance(group.get("rank"), (list, tuple)):
-                group["rank"] = rule
+        _common.load_state_dict_checked(self, state_dict, check_group=check_group, layout=layout)
         self._reindex()
 
     def _state_for(self, key: torch.Tensor, shard_index: Optional[int]) -> dict:
@@ -741,7 +820,14 @@ class Apollo(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._update([(group, i, p) for group in self.param_groups for i, p in enumerate(group["params"])])
+        self._seen_sq = None  # a layer-wise backward pass ends with this step()
         return loss
+
+    def gradient_norm_seen(self) -> Optional[float]:
+        """Layer-wise mode: the 2-norm of all gradients updated since the last ``step()`` (the backward pass
+        just run), which global clipping would have measured; None when none was seen. The HF Trainer glue logs
+        it as ``grad_norm`` (there is no gradient left to measure after backward)."""
+        return None if self._seen_sq is None else float(self._seen_sq.sqrt())
 
     @torch.no_grad()
     def step_parameter(self, param: torch.Tensor) -> None:
@@ -894,7 +980,8 @@ class Apollo(Optimizer):
         #    decided on every process alike, before any parameter or state changes.
         skip = self._check(pieces)
         work = [piece for piece in pieces if piece not in skip]
-        dense = [piece for piece in work if piece.plan is None and (piece.weight.numel() or piece.dtensor is not None)]
+        # (a process holding no element of a flat shard's tensor keeps no state for it)
+        dense = [piece for piece in work if piece.plan is None and (piece.weight.numel() or piece.shard_index is None)]
         lowrank = [piece for piece in work if piece.plan is not None]
         # 2. Low-rank matrices: whole ones one after the other (one R alive at a time); sharded ones in
         #    batches that share each all-reduce.
@@ -970,6 +1057,9 @@ class Apollo(Optimizer):
                 totals[k] = norm.square()
         if all(t.device.type == "meta" for t in totals):
             return set()  # meta tensors (the memory estimator's dry run) have no values to check
+        if self.layerwise:  # what gradient clipping would have seen: the norm of every gradient of this backward
+            for t in totals:
+                self._seen_sq = t.double() if self._seen_sq is None else self._seen_sq + t.double().to(self._seen_sq.device)
         flags = [not f for f in self._host_bools([torch.isfinite(t) for t in totals])]
         raise_here = any(flag and piece.group["nonfinite"] == "raise" for flag, piece in zip(flags, pieces))
         elsewhere = False
@@ -1010,15 +1100,15 @@ class Apollo(Optimizer):
             return set()
         labels = [pieces[k].label for k in bad]
         if raise_here or elsewhere or any(pieces[k].group["nonfinite"] == "raise" for k in bad):
-            message = _common.nonfinite_message(self, labels or ["a parameter held by another process"])
-            too_large = [pieces[k].label for k in bad if bool(torch.isfinite(pieces[k].grad).all())]
-            if too_large:
-                message += (f" Every element of the gradient of {', '.join(too_large)} is finite, but their squares "
-                            "overflow the compute dtype: the gradient is too large.")
+            faults = [(pieces[k].label, _common.describe_fault(pieces[k].grad, _compute_dtype(pieces[k].weight.dtype)))
+                      for k in bad] or [("a parameter held by another process", "non-finite gradient (inf or nan)")]
+            changed = "no parameter or optimizer state was changed"
             if any(piece.shared for piece in pieces):
-                message = message.replace("no parameter or optimizer state was changed",
-                                          "no parameter or optimizer state was changed on any process")
-            raise RuntimeError(message)
+                changed += " on any process"
+            elif self.layerwise:
+                changed = ("nothing of these tensors was changed (parameters updated earlier in this backward pass "
+                           "keep their update)")
+            raise RuntimeError(_common.gradient_fault_message(self, faults, changed=changed))
         self.skipped_tensors += len(bad)
         logger.warning("Apollo: skipped the update of %s (non-finite gradient)", ", ".join(labels))
         return {pieces[k] for k in bad}

@@ -64,7 +64,7 @@ def _build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--json", action="store_true", help="machine-readable output")
 
     sub.add_parser("optimizers", help="list the optimizer names the tools and train.py take")
-    sub.add_parser("configs", help="list the model configs in configs/")
+    sub.add_parser("configs", help="list the model configs (./configs and the shipped ones)")
     return parser
 
 
@@ -114,11 +114,12 @@ def _optimizers() -> int:
 
 
 def _configs() -> int:
-    from .memory.configs import CONFIG_DIRS, known_configs
+    from .memory.configs import known_configs
+    from .resources import search_dirs
 
     names = known_configs()
     if not names:
-        print(f"no configs found in {', '.join(map(str, CONFIG_DIRS))}", file=sys.stderr)
+        print(f"no configs found in {', '.join(map(str, search_dirs()))}", file=sys.stderr)
         return 1
     print("\n".join(names))
     return 0

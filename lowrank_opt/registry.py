@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .apollo import Apollo
-from .classic import SGDP, AdamP, ApolloDQN, ApolloW
+from .classic import SGDP, AdamP, AdamW, ApolloDQN, ApolloW
 from .norm_growth import NormGrowthCap
 from .targets import ALL_LINEAR, TargetModules, full_ndim, lowrank_param_groups
 
@@ -70,9 +70,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec("adamp", AdamP, dict(lr=1e-3), elementwise=False, description="AdamP (Heo et al., ICLR 2021)"),
         OptimizerSpec("sgdp", SGDP, dict(lr=0.1, momentum=0.9, nesterov=True), elementwise=False,
                       description="SGDP (Heo et al., ICLR 2021), Nesterov momentum 0.9 as in the paper's ImageNet runs"),
-        OptimizerSpec("adamw", torch.optim.AdamW, dict(lr=1e-3), description="torch.optim.AdamW"),
-        OptimizerSpec("amsgrad", torch.optim.AdamW, dict(lr=1e-3, amsgrad=True),
-                      description="torch.optim.AdamW with amsgrad=True"),
+        OptimizerSpec("adamw", AdamW, dict(lr=1e-3),
+                      description="torch.optim.AdamW's math under the package's checks and non-finite policy"),
+        OptimizerSpec("amsgrad", AdamW, dict(lr=1e-3, amsgrad=True), description="AdamW with amsgrad=True"),
     ]
 }
 
@@ -248,8 +248,8 @@ class ResolvedOptimizer:
             out = []
             for group in rest:
                 out.extend(_decay_split(group["params"], weight_decay, {"rank": None}))
-            for group in targets:
-                out.append({"params": group["params"], **({} if weight_decay is None else {"weight_decay": weight_decay})})
+            for group in targets:  # keeps what lowrank_param_groups marks (transposed=True for Conv1D weights)
+                out.append({**group, **({} if weight_decay is None else {"weight_decay": weight_decay})})
             return out
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         return _decay_split(named, weight_decay, {})
@@ -360,7 +360,7 @@ def resolve(
             f"unknown option(s) {', '.join(map(repr, unknown))} for optimizer {name!r}; valid: "
             f"{', '.join(sorted(valid) + cap_keys)}")
     if cap and not capped:
-        raise ValueError(f"option(s) {', '.join(CAP_PREFIX + k for k in cap)} need a *{CAPPED_SUFFIX} optimizer name")
+        raise ValueError(f"optim_args {', '.join(CAP_PREFIX + k for k in cap)} need a *{CAPPED_SUFFIX} optimizer name")
     bad_cap = sorted(set(cap) - _CAP_KEYS)
     if bad_cap:
         raise ValueError(f"unknown NormGrowthCap option(s) {', '.join(map(repr, bad_cap))}; valid: "

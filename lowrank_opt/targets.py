@@ -43,6 +43,25 @@ def _output_embedding(model: nn.Module) -> Any:
         return None
 
 
+def _conv1d_class() -> Any:
+    """transformers' Conv1D (GPT-2 style: a Linear whose weight is stored in x out), when transformers is loaded."""
+    import sys
+
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None) if module is not None else None
+
+
+def is_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` or ``transformers``' Conv1D (the same layer with its weight stored transposed)."""
+    conv1d = _conv1d_class()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    conv1d = _conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
 def full_ndim(p: torch.Tensor) -> int:
     """ndim of the parameter's real shape, also for a DeepSpeed ZeRO-3 placeholder (``ds_shape``)."""
     return len(getattr(p, "ds_shape", p.shape))
@@ -52,8 +71,9 @@ def lowrank_targets(
     model: nn.Module, target_modules: TargetModules = ALL_LINEAR, *, include_embeddings: bool = False
 ) -> list[tuple[str, torch.nn.Parameter]]:
     """The ``(name, parameter)`` pairs selected for low rank: the weights (ndim >= 2, requiring grad) that
-    belong directly to a matched module. ``"all-linear"`` takes every ``nn.Linear`` except the model's output
-    embedding (``lm_head``); embeddings are taken only when named explicitly or ``include_embeddings``."""
+    belong directly to a matched module. ``"all-linear"`` takes every ``nn.Linear`` and ``transformers``' Conv1D
+    (GPT-2's linear layers) except the model's output embedding (``lm_head``); embeddings are taken only when
+    named explicitly or ``include_embeddings``."""
     if target_modules is None or (not isinstance(target_modules, str) and len(list(target_modules)) == 0):
         raise ValueError("target_modules must name at least one module (names, regexes or 'all-linear')")
     if not isinstance(target_modules, str):
@@ -64,7 +84,7 @@ def lowrank_targets(
     selected = []
     for module_name, module in model.named_modules():
         if all_linear:
-            chosen = isinstance(module, nn.Linear) and module is not output_embedding
+            chosen = is_linear(module) and module is not output_embedding
         else:
             chosen = module_matches(target_modules, module_name)
         if include_embeddings and isinstance(module, nn.Embedding):
@@ -91,10 +111,11 @@ def lowrank_param_groups(
     include_embeddings: bool = False,
     **lowrank_options: Any,
 ) -> list[dict]:
-    """Param groups for :class:`~lowrank_opt.Apollo` (or any torch optimizer): the selected matrices in one
-    group carrying ``lowrank_options`` (``rank``, ``scale``, ...), every other trainable parameter in a group
-    with ``rank=None`` (plain AdamW). Parameters are given with their names, so errors name them and each
-    matrix gets its own projection.
+    """Param groups for :class:`~lowrank_opt.Apollo`: the selected matrices in one group carrying
+    ``lowrank_options`` (``rank``, ``scale``, ...), every other trainable parameter in a group with
+    ``rank=None`` (plain AdamW). ``transformers``' Conv1D weights (stored in x out) get a group of their own
+    with ``transposed=True``, so they are projected as the Linear they stand for. Parameters are given with
+    their names, so errors name them and each matrix gets its own projection.
 
     Example:
         >>> groups = lowrank_param_groups(model, ["attn", "mlp"], rank=128, scale_type="channel")
@@ -102,6 +123,8 @@ def lowrank_param_groups(
     """
     targets = lowrank_targets(model, target_modules, include_embeddings=include_embeddings)
     chosen = {id(p) for _, p in targets}
+    transposed = {id(m.weight) for m in model.modules() if is_transposed_linear(m) and isinstance(
+        getattr(m, "weight", None), torch.Tensor)}
     rest = []
     seen: set[int] = set()
     for name, p in model.named_parameters():
@@ -111,6 +134,10 @@ def lowrank_param_groups(
     groups = []
     if rest:
         groups.append({"params": rest, "rank": None})
-    groups.append({"params": targets, **lowrank_options})
+    plain = [(n, p) for n, p in targets if id(p) not in transposed]
+    stored_transposed = [(n, p) for n, p in targets if id(p) in transposed]
+    if plain:
+        groups.append({"params": plain, **lowrank_options})
+    if stored_transposed:  # Conv1D weights (in x out): projected as the Linear they stand for
+        groups.append({"params": stored_transposed, **lowrank_options, "transposed": True})
     return groups
-

@@ -54,12 +54,6 @@ SETTINGS = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
-APOLLO_XFAIL = pytest.mark.xfail(strict=True, reason="issue 15: Apollo part, lead")
-TORCH_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="torch.optim.AdamW as registered (lead: registry.py): writes nan/inf into weights and moments from an "
-           "inf/nan or 1e30 gradient; with fp16 parameters eps=1e-8 rounds to 0 and a zero gradient gives 0/0",
-)
 
 
 def _marked(names, marks: dict) -> list:
@@ -144,8 +138,10 @@ def _set_grads(named, scale: float, step: int) -> None:
 def _build(name, named, opts):
     try:
         return build_optimizer(name, named, **opts)
-    except ValueError as error:  # a drawn fraction of a small dimension resolves to rank 0: not a valid case
-        assume("rank must be >= 1" not in str(error))
+    except ValueError as error:
+        # A drawn fraction of a small dimension resolves to rank 0, or AdamW's eps rounds to 0 in fp16: refused
+        # at construction (loudly), so there is nothing to step.
+        assume("rank must be >= 1" not in str(error) and "rounds to 0" not in str(error))
         raise
 
 
@@ -197,7 +193,7 @@ def _roundtrip(state_dict):
 # (a) no non-finite value is written silently
 # --------------------------------------------------------------------------------------------------------
 
-XFAIL_A = {n: TORCH_XFAIL for n in TORCH}
+XFAIL_A: dict = {}
 
 
 @pytest.mark.parametrize("name", _marked(NAMES, XFAIL_A))
@@ -207,7 +203,7 @@ XFAIL_A = {n: TORCH_XFAIL for n in TORCH}
        **OPTION_ARGS)
 @example(shape=(4, 3), dtype=torch.float32, scales=[1e30], **DEFAULT_OPTIONS)  # 68fc348's Apollo: exp_avg_sq = inf
 @example(shape=(4, 3), dtype=torch.float32, scales=[1.0, 1e19], **DEFAULT_OPTIONS)  # 68fc348's Apollo: limiter inf
-@example(shape=(3,), dtype=torch.float16, scales=[0.0], **DEFAULT_OPTIONS)  # torch AdamW: fp16 eps = 0, 0/0
+@example(shape=(3,), dtype=torch.float16, scales=[0.0], **DEFAULT_OPTIONS)  # AdamW: fp16 eps = 0 is refused
 def test_no_nonfinite_value_is_written_silently(name, shape, dtype, scales, rank, scale_type, nonfinite, cap_nonfinite):
     named = _params(shape, dtype)
     opt = _build(name, named, options(name, rank, scale_type, nonfinite, cap_nonfinite))
@@ -230,7 +226,7 @@ def test_no_nonfinite_value_is_written_silently(name, shape, dtype, scales, rank
 # (a') empty parameters (a dimension of size 0, 1-D to 4-D) step, save, load and copy like any other
 # --------------------------------------------------------------------------------------------------------
 
-XFAIL_EMPTY = {n: APOLLO_XFAIL for n in APOLLO}
+XFAIL_EMPTY: dict = {}
 
 
 @pytest.mark.parametrize("name", _marked(NAMES, XFAIL_EMPTY))

@@ -34,13 +34,13 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from .tokenizer import REPO_ROOT
+from ..resources import configs_dir
 
 if TYPE_CHECKING:  # the heavy import happens inside the function that needs it
     import datasets
 
 
-DEFAULT_SFT_FILE = REPO_ROOT / "configs" / "data" / "sft_example.jsonl"
+DEFAULT_SFT_FILE = configs_dir() / "data" / "sft_example.jsonl"
 IGNORE_INDEX = -100  # the label torch's cross-entropy (and every HF model) skips
 
 # The plain SFT format, for tokenizers without a chat template.

@@ -26,8 +26,9 @@ if TYPE_CHECKING:  # the heavy import happens inside the functions that need it
     import transformers
 
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_TOKENIZER_DIR = REPO_ROOT / "configs" / "tokenizer"
+from ..resources import tokenizer_dir
+
+DEFAULT_TOKENIZER_DIR = tokenizer_dir()  # configs/tokenizer of a checkout, or the installed package's copy
 
 # The shipped tokenizer.
 TOKENIZER_VOCAB_SIZE = 4096  # all tokens, special ones included: len(load_tokenizer(None)) == 4096

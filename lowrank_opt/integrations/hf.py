@@ -1,23 +1,24 @@
-"""Hugging Face Trainer glue: our registry names next to HF's own ``--optim`` names.
+"""Hugging Face Trainer glue: ``--optim apollo`` (every lowrank-opt name) next to HF's own ``--optim`` names.
 
-Programmatic use with your own Trainer script::
+Your existing Trainer script, one changed line::
 
-    from transformers import Trainer, TrainingArguments
-    from lowrank_opt.integrations.hf import optimizer_cls_and_kwargs
+    from lowrank_opt.integrations.hf import Trainer, TrainingArguments   # was: from transformers import ...
 
-    args = TrainingArguments(output_dir="out", learning_rate=1e-2, optim_target_modules=["attn", "mlp"])
-    trainer = Trainer(
-        model=model, args=args, train_dataset=train_ds,
-        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs("apollo", model, args, "rank=256,scale_type=channel"),
-    )
+    args = TrainingArguments(output_dir="out", optim="apollo", optim_args="rank=256,update_proj_gap=200",
+                             learning_rate=1e-2)        # HfArgumentParser: --optim apollo --optim_args ...
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds)
     trainer.train()
 
-The learning rate, betas (``adam_beta1/2``), ``adam_epsilon`` and ``weight_decay`` come from the
-``TrainingArguments``; everything else from ``optim_args`` (HF's "key=value,key=value" string or a dict).
-Weight decay is not applied to 1-D parameters (biases, norm weights), as the Trainer does.
-"""
+TRL: ``from lowrank_opt.integrations.trl import SFTConfig, SFTTrainer``. Any other Trainer or arguments
+subclass: :func:`lowrank_trainer_class` and :func:`lowrank_arguments_class`. HF's own names (``adamw_torch``,
+``galore_adamw``, ...) work through the same classes, unchanged.
 
-from __future__ import annotations
+The learning rate, betas (``adam_beta1/2``), ``adam_epsilon`` and ``weight_decay`` come from the arguments;
+everything else from ``optim_args`` (HF's "key=value,key=value"); low-rank targets from
+``optim_target_modules``. Weight decay is not applied to 1-D parameters (biases, norm weights), as the Trainer
+does. Without our Trainer class, :func:`optimizer_cls_and_kwargs` gives ``Trainer(optimizer_cls_and_kwargs=...)``
+what it needs.
+"""
 
 import logging
 from typing import Any, Optional, Union
@@ -77,34 +78,349 @@ def param_groups_for(resolved: ResolvedOptimizer, model: nn.Module, weight_decay
     return resolved.param_groups(model, weight_decay)
 
 
-def _training_arguments_base():
-    from transformers import TrainingArguments
+OPTIM_HELP = ("The optimizer: a lowrank-opt name (apollo, apollo_mini, apollo_layerwise, apollo_mini_layerwise, "
+              "apollo_dqn, apollo_dqn_w, adamp, sgdp, adamw, amsgrad, each also as NAME_capped) or any Hugging Face "
+              "optim name (adamw_torch, apollo_adamw, galore_adamw, adamw_bnb_8bit, ...).")
+OPTIM_ARGS_HELP = ("The optimizer's own options as 'key=value,key=value' (e.g. 'rank=256,scale_type=channel,"
+                   "update_proj_gap=200,scale=1' for apollo; cap_tau=1.05 for a *_capped name; see `lowrank-opt "
+                   "optimizers`). Learning rate, betas, epsilon and weight decay come from their own flags. An "
+                   "option the optimizer does not take is an error, for lowrank-opt and Hugging Face names alike.")
+TARGETS_HELP = ("The matrices that go low-rank (lowrank-opt's low-rank optimizers, HF's galore/apollo): "
+                "'all-linear' (every Linear/Conv1D but the output head), module names or regexes, separated by "
+                "spaces or commas. Default for lowrank-opt names: all-linear.")
 
-    return TrainingArguments
+
+_REPORTERS = {  # --report_to name -> the package it needs (as transformers' integrations import them)
+    "tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+    "comet_ml": ("comet_ml",), "clearml": ("clearml",), "neptune": ("neptune",), "dvclive": ("dvclive",),
+    "codecarbon": ("codecarbon",), "flyte": ("flytekit",), "swanlab": ("swanlab",), "trackio": ("trackio",),
+    "azure_ml": ("azureml",),
+}
 
 
-try:  # transformers is optional for the package; the class exists when it is installed
+def check_report_to(report_to: Any) -> None:
+    """Fail at once (before a model is built) when ``--report_to`` names an integration whose package is not
+    installed; transformers finds out only when the Trainer is built."""
+    import importlib.util
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in names:
+        packages = _REPORTERS.get(str(name).lower())
+        if packages and not any(importlib.util.find_spec(p) is not None for p in packages):
+            raise ImportError(f"--report_to {name} needs the package {packages[0]!r}, which is not installed: "
+                              f"pip install {packages[0]} (or drop {name} from --report_to)")
+
+
+def _our_name(optim: Any) -> Optional[str]:
+    """The registry name ``optim`` stands for, or None for one of Hugging Face's."""
+    name = getattr(optim, "value", optim)
+    return name.strip().lower() if is_registry_name(name) else None
+
+
+def lowrank_arguments_class(base: type, name: Optional[str] = None, module: Optional[str] = None) -> type:
+    """A dataclass subclass of ``base`` (``transformers.TrainingArguments`` or a subclass of it, e.g. TRL's
+    ``SFTConfig``) whose ``optim`` also takes every lowrank-opt registry name, with ``optim_args`` and
+    ``optim_target_modules`` (a list: ``--optim_target_modules attn mlp`` or ``attn,mlp``) for it.
+
+    A lowrank-opt name is checked here (unknown name or option: an error now, not at the first step) and kept
+    in ``optim`` as a plain string, so a *stock* ``transformers.Trainer`` handed these arguments stops with
+    "Trainer cannot instantiate unsupported optimizer" instead of training something else; use the matching
+    :func:`lowrank_trainer_class` Trainer. Hugging Face's own names behave exactly as in ``base``."""
     from dataclasses import dataclass, field
 
     @dataclass
-    class LowRankTrainingArguments(_training_arguments_base()):
-        """``TrainingArguments`` whose ``optim`` also takes every lowrank-opt registry name. A registry name is
-        kept in ``lowrank_optim`` (and ``optim`` set to HF's default so the Trainer's own checks pass)."""
-
-        optim: str = field(default="apollo", metadata={
-            "help": "A lowrank-opt name (apollo, apollo_mini, apollo_layerwise, apollo_mini_layerwise, apollo_dqn, "
-                    "adamp, sgdp, adamw, amsgrad, NAME_capped) or any Hugging Face optim name (adamw_torch, "
-                    "apollo_adamw, galore_adamw, adamw_bnb_8bit, ...)."})
-        lowrank_optim: Optional[str] = field(default=None, metadata={"help": "Set from --optim; not a flag to use."})
+    class Arguments(base):  # type: ignore[misc,valid-type]
+        optim: str = field(default=base.__dataclass_fields__["optim"].default, metadata={"help": OPTIM_HELP})
+        optim_args: Optional[str] = field(default=None, metadata={"help": OPTIM_ARGS_HELP})
+        optim_target_modules: Optional[list[str]] = field(default=None, metadata={"help": TARGETS_HELP})
 
         def __post_init__(self):
-            name = getattr(self.optim, "value", self.optim)
-            if check_optim_name(name) == "ours":
-                self.lowrank_optim, self.optim = name, "adamw_torch"  # HF's field only takes its own names
-            super().__post_init__()
+            from ..registry import normalize_target_modules
 
+            check_report_to(self.report_to)
+            self.optim_target_modules = normalize_target_modules(self.optim_target_modules)
+            ours = _our_name(self.optim)
+            if ours is None:
+                check_optim_name(getattr(self.optim, "value", self.optim))  # HF's names, with our list on error
+                super().__post_init__()
+                return
+            resolve_for_args(ours, self)  # unknown options and misplaced targets fail here
+            self.optim = "adamw_torch"  # HF's own checks accept only its names ...
+            try:
+                super().__post_init__()
+            finally:
+                self.optim = ours  # ... and a stock Trainer must not mistake ours for one of them
+
+        @property
+        def lowrank_optim(self) -> Optional[str]:
+            """The lowrank-opt name in ``optim``, or None for a Hugging Face name."""
+            return _our_name(self.optim)
+
+    Arguments.__name__ = Arguments.__qualname__ = name or base.__name__
+    Arguments.__module__ = module or __name__
+    Arguments.__doc__ = (f"``{base.__module__}.{base.__qualname__}`` whose ``--optim`` also takes lowrank-opt's names "
+                         "(see :func:`lowrank_opt.integrations.hf.lowrank_arguments_class`).")
+    return Arguments
+
+
+class LowRankTrainerMixin:
+    """What a Trainer needs to build lowrank-opt's optimizers by name (use :func:`lowrank_trainer_class`):
+
+    * ``create_optimizer``: a lowrank-opt name in ``args.optim`` is resolved (:func:`resolve_for_args`: the
+      registry's defaults, then the learning rate, betas and epsilon of the arguments, then ``optim_args``)
+      and built on the model (low-rank targets from ``optim_target_modules``, decay on matrices only); one
+      line with every resolved option is logged. Under DeepSpeed, what ZeRO cannot run is refused first.
+      Layer-wise names refuse gradient accumulation and data parallelism, and turn global gradient clipping
+      off (no gradient survives backward; the optimizer's per-tensor limiter stays). For a Hugging Face name,
+      an ``optim_args`` key its optimizer does not read is an error (HF would ignore it).
+    * the gradient norm logged for a layer-wise optimizer is the norm of the gradients it consumed (not 0);
+    * ``log``: ``perplexity``/``eval_perplexity`` next to every loss;
+    * checkpoints are written to a staging folder and renamed into place when complete, so a run killed while
+      saving leaves every earlier checkpoint loadable and no half-written ``checkpoint-N``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lowrank_optimizer = None  # the ResolvedOptimizer of a lowrank-opt name, once built
+        self.add_callback(_OptimizerSettingsCallback(self))
+
+    def create_optimizer(self, model=None):
+        name = _our_name(self.args.optim)
+        if self.optimizer is not None or getattr(self, "optimizer_cls_and_kwargs", None) is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        if name is None:
+            check_hf_optim_args(self.args, opt_model)
+            return super().create_optimizer(model)
+        if getattr(self.args, "deepspeed", None):
+            from .deepspeed import hf_optimizer_cls_and_kwargs
+
+            hf_optimizer_cls_and_kwargs(name, opt_model, self.args)  # refusals only
+        resolved = resolve_for_args(name, self.args)
+        if resolved.layerwise:
+            check_layerwise_arguments(name, self.args)
+        self.optimizer = resolved.build(opt_model, weight_decay=self.args.weight_decay)
+        self.lowrank_optimizer = resolved
+        logger.info("optimizer: %s", resolved.summary(self.optimizer))
+        return self.optimizer
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        seen = _layerwise_norm(self.optimizer)
+        if seen is not None:
+            return seen
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        import math
+
+        for key in ("loss", "eval_loss"):
+            value = logs.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                logs[key.replace("loss", "perplexity")] = math.exp(min(value, 50.0))
+        for callback in self.callback_handler.callbacks:  # e.g. MemoryCallback's mem_* figures
+            values = getattr(callback, "log_values", None)
+            if callable(values):
+                for key, value in values().items():
+                    logs.setdefault(key, value)
+        return super().log(logs, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        """HF's checkpoint, written into ``<output_dir>/.lowrank_opt_staging/checkpoint-N`` and renamed to
+        ``<output_dir>/checkpoint-N`` once complete (``os.replace``: atomic), before older checkpoints are
+        rotated out. A run killed while saving leaves the earlier checkpoints, and nothing that
+        ``get_last_checkpoint`` would pick up half-written."""
+        import os
+        import shutil
+
+        import torch.distributed as dist
+
+        run_dir = self._get_output_dir(trial=trial)
+        staging = os.path.join(run_dir, ".lowrank_opt_staging")
+        if self.args.should_save and os.path.isdir(staging):
+            shutil.rmtree(staging)  # what a run killed while saving left behind
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        legacy_rotate = hasattr(type(self), "_rotate_checkpoints")  # transformers < 5: a method; now a function
+        self._get_output_dir = lambda trial=None: staging  # HF's rotation then sees only the staging folder
+        if legacy_rotate:
+            self._rotate_checkpoints = lambda *args, **kwargs: None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir  # back to the class's methods
+            if legacy_rotate:
+                del self._rotate_checkpoints
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank has written its part into the staging folder
+        if self.args.should_save and os.path.isdir(staging):
+            if self.state.best_global_step:  # HF looked for the best checkpoint in the staging folder
+                self.state.best_model_checkpoint = os.path.join(run_dir, f"checkpoint-{self.state.best_global_step}")
+            for entry in sorted(os.listdir(staging)):
+                state_file = os.path.join(staging, entry, "trainer_state.json")
+                if os.path.isfile(state_file):
+                    self.state.save_to_json(state_file)
+                target = os.path.join(run_dir, entry)
+                if os.path.exists(target):
+                    shutil.rmtree(target)
+                os.replace(os.path.join(staging, entry), target)  # complete or absent
+            shutil.rmtree(staging, ignore_errors=True)
+            if legacy_rotate:
+                self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
+            else:
+                from transformers.trainer_utils import rotate_checkpoints
+
+                rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+
+def _callback_base() -> type:
+    try:
+        from transformers import TrainerCallback
+    except ImportError:  # pragma: no cover
+        return object
+    return TrainerCallback
+
+
+class _OptimizerSettingsCallback(_callback_base()):
+    """At the start of training: the resolved optimizer settings into ``log_history`` (numbers as
+    ``optimizer/<option>`` entries) and, when TensorBoard reports, the whole line as text."""
+
+    def __init__(self, trainer: Any):
+        import weakref
+
+        self._trainer = weakref.ref(trainer)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        resolved = getattr(trainer, "lowrank_optimizer", None) if trainer is not None else None
+        if resolved is None or not state.is_world_process_zero:
+            return
+        text = resolved.summary(trainer.optimizer)
+        values = {f"optimizer/{key}": float(value) for key, value in sorted(resolved.options.items())
+                  if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        values["optimizer/lowrank_matrices"] = float(sum(
+            1 for group in getattr(trainer.optimizer, "param_groups", []) if group.get("rank") is not None
+            for p in group["params"] if len(getattr(p, "ds_shape", p.shape)) >= 2)) if resolved.spec.lowrank else 0.0
+        state.log_history.append({"optimizer": text, **values, "step": state.global_step})
+        for callback in trainer.callback_handler.callbacks:
+            writer = getattr(callback, "tb_writer", None)
+            if writer is not None and hasattr(writer, "add_text"):
+                writer.add_text("lowrank_opt/optimizer", text, state.global_step)
+                for key, value in values.items():
+                    writer.add_scalar(key, value, state.global_step)
+
+
+def _layerwise_norm(optimizer: Any) -> Optional[float]:
+    """The gradient norm a layer-wise lowrank-opt optimizer saw in the last backward pass, else None."""
+    inner = optimizer
+    while inner is not None:
+        norm = getattr(inner, "gradient_norm_seen", None)
+        if getattr(inner, "layerwise", False) and callable(norm):
+            return norm()
+        inner = getattr(inner, "optimizer", None)
+    return None
+
+
+def check_layerwise_arguments(name: str, args: Any) -> None:
+    """Layer-wise updates happen inside backward: no gradient accumulation, no data-parallel all-reduce, no
+    global clipping (turned off with a warning)."""
+    if args.gradient_accumulation_steps != 1:
+        raise ValueError(
+            f"--optim {name} updates each parameter inside backward and frees its gradient, so it cannot "
+            f"accumulate gradients over {args.gradient_accumulation_steps} steps: set --gradient_accumulation_steps "
+            "1 and raise --per_device_train_batch_size, or use the non-layer-wise optimizer")
+    if args.world_size > 1:
+        raise ValueError(
+            f"--optim {name} cannot run data parallel ({args.world_size} processes): its updates run before "
+            "gradients are all-reduced. Use the non-layer-wise optimizer (or DeepSpeed/FSDP) for several GPUs")
+    if args.max_grad_norm and args.max_grad_norm > 0:
+        logger.warning("layer-wise updates leave no gradients to clip: --max_grad_norm %s is turned off; the "
+                       "optimizer's norm_growth_limit (per tensor) replaces it", args.max_grad_norm)
+        args.max_grad_norm = 0.0
+
+
+def check_hf_optim_args(args: Any, model: nn.Module) -> None:
+    """For a Hugging Face ``--optim`` name: every ``optim_args`` key must be one its optimizer reads (HF ignores
+    the others silently). Found by running HF's own optimizer lookup with a dict that records what is read."""
+    if not args.optim_args:
+        return
+    try:
+        import transformers.trainer as hf_trainer
+        from transformers import Trainer as HFTrainer
+    except ImportError:  # pragma: no cover
+        return
+    parse = getattr(hf_trainer, "_parse_optim_args", None)
+    if parse is None:  # another transformers layout: nothing to hook, nothing checked
+        logger.warning("cannot check --optim_args against %s in this transformers version", args.optim)
+        return
+    used: set[str] = set()
+
+    class Recording(dict):
+        def __getitem__(self, key):
+            used.add(key)
+            return super().__getitem__(key)
+
+        def get(self, key, default=None):
+            used.add(key)
+            return super().get(key, default)
+
+        def __contains__(self, key):
+            used.add(key)
+            return super().__contains__(key)
+
+        def items(self):
+            used.update(self.keys())
+            return super().items()
+
+        def copy(self):
+            used.update(self.keys())
+            return super().copy()
+
+        def __iter__(self):
+            used.update(self.keys())
+            return super().__iter__()
+
+        def pop(self, key, *default):
+            used.add(key)
+            return super().pop(key, *default)
+
+    given = parse(args.optim_args)
+    hf_trainer._parse_optim_args = lambda text: Recording(parse(text))
+    try:
+        HFTrainer.get_optimizer_cls_and_kwargs(args, model)
+    finally:
+        hf_trainer._parse_optim_args = parse
+    unused = sorted(set(given) - used)
+    if unused:
+        raise ValueError(
+            f"--optim_args {', '.join(unused)}: Hugging Face's {getattr(args.optim, 'value', args.optim)} does not "
+            f"read {'it' if len(unused) == 1 else 'them'} (it would ignore {'it' if len(unused) == 1 else 'them'} "
+            f"silently); it reads {', '.join(sorted(used)) or 'no optim_args at all'}")
+
+
+def lowrank_trainer_class(base: type, name: Optional[str] = None, module: Optional[str] = None) -> type:
+    """``base`` (``transformers.Trainer`` or a subclass such as TRL's ``SFTTrainer``) with
+    :class:`LowRankTrainerMixin`: builds lowrank-opt optimizers from ``args.optim`` (use it with arguments from
+    :func:`lowrank_arguments_class`)."""
+    cls = type(name or base.__name__, (LowRankTrainerMixin, base), {
+        "__doc__": f"``{base.__module__}.{base.__qualname__}`` that builds lowrank-opt optimizers from ``args.optim`` "
+                   "(see :class:`lowrank_opt.integrations.hf.LowRankTrainerMixin`).",
+        "__module__": module or __name__,
+    })
+    cls.__qualname__ = cls.__name__
+    return cls
+
+
+try:  # transformers is optional for the package; the classes exist when it is installed
+    import transformers as _transformers
+
+    TrainingArguments = lowrank_arguments_class(_transformers.TrainingArguments)
+    Trainer = lowrank_trainer_class(_transformers.Trainer)
+    LowRankTrainingArguments = TrainingArguments  # the earlier name
 except ImportError:  # pragma: no cover - exercised only without transformers
-    LowRankTrainingArguments = None  # type: ignore[assignment,misc]
+    TrainingArguments = Trainer = LowRankTrainingArguments = None  # type: ignore[assignment,misc]
 
 
 def optimizer_cls_and_kwargs(
@@ -140,7 +456,14 @@ def is_layerwise(name: str, args: Any) -> bool:
 
 
 __all__ = [
+    "LowRankTrainerMixin",
     "LowRankTrainingArguments",
+    "Trainer",
+    "TrainingArguments",
+    "check_hf_optim_args",
+    "check_layerwise_arguments",
+    "lowrank_arguments_class",
+    "lowrank_trainer_class",
     "OPTIMIZERS",
     "check_optim_name",
     "hf_optimizer_names",

@@ -10,13 +10,17 @@ from typing import Any
 import torch
 from torch import nn
 
-CONFIG_DIRS = [Path(__file__).resolve().parents[2] / "configs", Path.cwd() / "configs"]
+from ..resources import search_dirs
+
+# Where config names are looked up (./configs of the working directory, then the shipped configs): a property of
+# the moment, see lowrank_opt.resources.search_dirs.
+CONFIG_DIRS = search_dirs()
 
 
 def known_configs() -> list[str]:
-    """The config names in ``CONFIG_DIRS`` (the package's configs/ and ./configs)."""
+    """The config names in ./configs and the shipped configs (``lowrank_opt.resources.search_dirs``)."""
     names = set()
-    for d in CONFIG_DIRS:
+    for d in search_dirs():
         if d.is_dir():
             names.update(p.stem for p in d.glob("*.json"))
     return sorted(names)
@@ -43,7 +47,7 @@ def resolve_config(config: Any):
         raise TypeError(f"config must be a PretrainedConfig, a path or a name, got {type(config).__name__}")
     text = str(config)
     candidates = [Path(text)]
-    for d in CONFIG_DIRS:
+    for d in search_dirs():
         candidates += [d / text, d / f"{text}.json"]
     for path in candidates:
         if path.is_file() or (path.is_dir() and (path / "config.json").is_file()):
@@ -52,7 +56,7 @@ def resolve_config(config: Any):
                 return AutoConfig.from_pretrained(str(path))
             except Exception as error:  # transformers' reasons come as many types; the first line says it
                 raise ValueError(f"cannot read config {str(path)!r}: {_reason(error)}") from error
-    names = ", ".join(known_configs()) or "(no configs/ directory found)"
+    names = ", ".join(known_configs()) or "(no configs found)"
     if Path(text).is_dir():
         raise ValueError(f"config directory {text!r} has no config.json; give a transformers config JSON file or "
                          f"directory, or one of: {names}")

@@ -184,7 +184,7 @@ def _optimizer_states(chosen: ResolvedOptimizer, model: nn.Module, config, names
     shown_args = dict(chosen.options)
     if chosen.lowrank and "rank" not in shown_args:
         shown_args = {"rank": chosen.defaults.get("rank"), **shown_args}
-    if chosen.cls is torch.optim.AdamW and dtype != torch.float32:
+    if chosen.cls is not None and issubclass(chosen.cls, torch.optim.AdamW) and dtype != torch.float32:
         notes.append("torch.optim.AdamW keeps its moments in the parameter dtype; with fp32 master weights "
                      "(master_weights=True) they are fp32 (8 bytes/param)")
     return state_by_param, run.unattributed, run.sources, treatment, run.temporaries, shown_args, notes

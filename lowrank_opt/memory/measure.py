@@ -227,13 +227,24 @@ class MemoryCallback(_callback_base()):
         if record["step"] % self.log_every == 0:
             logger.info("memory at step %d: %s", record["step"], self._format(record))
 
+    def log_values(self) -> dict:
+        """The latest measurement as ``mem_*_gb`` log entries (and the estimate's total, when given).
+        lowrank-opt's Trainer (:mod:`lowrank_opt.integrations.hf`) adds them to every log, so they reach
+        ``log_history`` and every reporting integration (TensorBoard, ...)."""
+        if not self.history:
+            return {}
+        values = {f"mem_{key.replace('_bytes', '')}_gb": round(value / GB, 4)
+                  for key, value in self.history[-1].items() if key != "step" and value is not None}
+        if self.estimate is not None:
+            values["mem_estimate_total_gb"] = round(self.estimate.total / GB, 4)
+        return values
+
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or not self.history:
-            return
-        last = self.history[-1]
-        for key, value in last.items():
-            if key != "step" and value is not None:
-                logs[f"mem_{key.replace('_bytes', '')}_gb"] = round(value / GB, 4)
+        # For a stock Trainer (whose log_history is written before callbacks run): the integrations that come
+        # after this callback see the values. lowrank-opt's Trainer adds them before logging (log_values).
+        if logs is not None:
+            for key, value in self.log_values().items():
+                logs.setdefault(key, value)
 
     def on_train_end(self, args, state, control, **kwargs):
         if not self.history:
