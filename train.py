@@ -41,6 +41,12 @@ class ModelArguments:
     model_dtype: str = field(default="float32", metadata={
         "help": "Dtype of the weights themselves: float32, or bfloat16 for pure-bf16 training (APOLLO writes its "
                 "fp32 update back with stochastic rounding). --bf16 is the separate mixed-precision switch."})
+    weights: str = field(default="float", metadata={
+        "help": "float, or int8 (Q-APOLLO): every Linear weight but the output head stored in int8 with an fp32 "
+                "scale per row and --int8_group_size columns, dequantized one layer at a time, updated by the "
+                "optimizer in fp32 row blocks and re-quantized with seeded stochastic rounding (lowrank-opt "
+                "optimizers only; one process)."})
+    int8_group_size: int = field(default=128, metadata={"help": "Columns per int8 scale (--weights int8)."})
 
 
 @dataclass
@@ -162,6 +168,16 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
             raise FileNotFoundError(f"--data_files {path} does not exist")
     if model_args.model_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--model_dtype must be 'float32' or 'bfloat16', got {model_args.model_dtype!r}")
+    if model_args.weights not in ("float", "int8"):
+        raise ValueError(f"--weights must be 'float' or 'int8', got {model_args.weights!r}")
+    if model_args.weights == "int8":
+        if training_args.lowrank_optim is None:
+            raise ValueError(f"--weights int8 needs a lowrank-opt optimizer (it updates the int8 weights itself); "
+                             f"--optim {optimizer_name(training_args)} cannot")
+        if training_args.deepspeed or training_args.fsdp or training_args.world_size > 1:
+            raise ValueError("--weights int8 runs in one process (no DeepSpeed, FSDP or data parallelism)")
+        if model_args.int8_group_size < 1:
+            raise ValueError(f"--int8_group_size must be >= 1, got {model_args.int8_group_size}")
     if data_args.task not in ("pretrain", "sft"):
         raise ValueError(f"--task must be 'pretrain' or 'sft', got {data_args.task!r}")
     name = optimizer_name(training_args)
@@ -242,6 +258,9 @@ def memory_callbacks(data_args: DataArguments, training_args, model) -> list:
 
     name = optimizer_name(training_args)
     weight_dtype = next(model.parameters()).dtype
+    from lowrank_opt.quant import Int8Linear
+
+    int8 = any(isinstance(m, Int8Linear) for m in model.modules())
     try:
         predicted = estimate(
             model.config, name, optim_args=training_args.optim_args,
@@ -249,6 +268,7 @@ def memory_callbacks(data_args: DataArguments, training_args, model) -> list:
             dtype="bf16" if weight_dtype == torch.bfloat16 else "fp32",
             batch_size=training_args.per_device_train_batch_size, seq_len=data_args.block_size,
             gradient_checkpointing=training_args.gradient_checkpointing,
+            weights="int8" if int8 else "float", lean_loss=bool(getattr(training_args, "lean_loss", False)),
         )
     except (ValueError, KeyError, NotImplementedError) as error:
         logger.warning("--memory_report: no estimate for --optim %s (%s); measuring only", name, error)
@@ -281,6 +301,11 @@ def build(argv: list[str]):
         max_train_samples=data_args.max_train_samples, text_field=data_args.text_field,
     )
     model = build_model(model_args, tokenizer)
+    if model_args.weights == "int8":
+        from lowrank_opt.quant import quantize_model_
+
+        quantized = quantize_model_(model, group_size=model_args.int8_group_size)
+        logger.info("--weights int8: %d Linear weights in int8 (group %d)", len(quantized), model_args.int8_group_size)
     check_optimizer(training_args, model)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model %.2fM parameters, optimizer %s, %d train / %d eval sequences of %d tokens", n_params / 1e6,

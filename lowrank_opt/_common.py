@@ -423,11 +423,13 @@ COUNT = "count"  # a state entry that is a step count: an int >= 0 (or a one-ele
 
 @dataclass(frozen=True)
 class StateKey:
-    """What one key of a parameter's state must hold: ``shape`` (a tuple) for a floating tensor, or
-    :data:`COUNT`; ``required`` keys must be present whenever the parameter has any state."""
+    """What one key of a parameter's state must hold: ``shape`` (a tuple) for a tensor, or :data:`COUNT`;
+    ``required`` keys must be present whenever the parameter has any state. A tensor is floating (and finite)
+    unless ``dtype`` names another dtype it must have (``torch.uint8`` for 8-bit codes)."""
 
     shape: Union[tuple, str]
     required: bool = True
+    dtype: Optional[torch.dtype] = None
 
 
 # (group, index of the parameter in its group, parameter) -> what each state key of that parameter must hold
@@ -505,6 +507,11 @@ def check_loaded_state(optimizer: torch.optim.Optimizer, state_dict: Mapping[str
                                  f"{tuple(value.shape)} in the checkpoint, but this optimizer needs "
                                  f"{tuple(rule.shape)} (parameter shape {tuple(p.shape)}); the checkpoint is "
                                  "of another model")
+            if rule.dtype is not None:
+                if value.dtype != rule.dtype:
+                    raise ValueError(f"{name}.load_state_dict: state {key!r} of {label} must be {rule.dtype}, got "
+                                     f"{value.dtype}")
+                continue
             if not value.is_floating_point():
                 raise ValueError(f"{name}.load_state_dict: state {key!r} of {label} must be a floating "
                                  f"tensor, got dtype {value.dtype}")

@@ -30,6 +30,8 @@ from .projection import (
     LEFT, RIGHT, ProjectionPlan, Rank, identity_key, matrix_shape, orientation, project, resolve_rank,
     seeded_generator,
 )
+from .quant.int8 import apply_int8_update_, int8_module_of
+from .quant.state8bit import MIN_8BIT_SIZE, STATE_KEYS as STATE_KEYS_8BIT, adamw_step_8bit_, init_adam_state_8bit
 from .rounding import rounding_seed, stochastic_round_to_bf16_
 from .sharding import (
     ShardLayout, TorchDistComm, dtensor_rows, full_shape, is_dtensor, zero_flat_pieces,
@@ -68,6 +70,7 @@ OPTION_SPECS = {
     "seed": _common.integer(),
     "cache_projection": _common.boolean(),
     "correct_bias": _common.boolean(),
+    "dense_state_bits": _common.choice(32, 8),
     "nonfinite": _common.NONFINITE,
     "stochastic_rounding": _common.boolean(),
     "foreach": _common.boolean(none=True),
@@ -359,6 +362,12 @@ class Apollo(Optimizer):
             r x min(m, n) per matrix, never saved); else P is regenerated each step. Default False.
         state_dtype (None | str | torch.dtype): dtype of the moments; ``None`` is fp32 (fp64 for fp64
             parameters); ``torch.bfloat16`` halves optimizer memory. Math is always fp32 or wider.
+        dense_state_bits (int): ``8`` keeps the AdamW moments of the group's plain-AdamW tensors (embeddings,
+            lm_head, ``rank=None`` groups) in bitsandbytes' blockwise 8-bit form (dynamic map, 256-element
+            blocks, as its 8-bit optimizers store them; tensors under 4,096 elements stay 32-bit, as there):
+            2 bytes per element instead of 8 (LLaMA-7B's embed_tokens and lm_head: 2.10 -> 0.53 GB). Decoded,
+            updated in fp32 and re-encoded a piece at a time; saved as plain uint8/fp32 tensors. Needs
+            bitsandbytes; not with FSDP2/ZeRO shards. Default 32.
         correct_bias (bool): fold Adam's bias correction into the step size. Default True.
         nonfinite (str): a gradient with inf/nan makes ``step()`` raise, naming the parameter, before any
             parameter or state changes (``"raise"``, default), or that tensor's update is skipped and counted
@@ -419,6 +428,7 @@ class Apollo(Optimizer):
         seed: int = 0,
         cache_projection: bool = False,
         state_dtype: Union[None, str, torch.dtype] = None,
+        dense_state_bits: int = 32,
         correct_bias: bool = True,
         nonfinite: str = "raise",
         layerwise: bool = False,
@@ -442,6 +452,7 @@ class Apollo(Optimizer):
             seed=seed,
             cache_projection=cache_projection,
             state_dtype=state_dtype,
+            dense_state_bits=dense_state_bits,
             correct_bias=correct_bias,
             nonfinite=nonfinite,
             stochastic_rounding=stochastic_rounding,
@@ -700,6 +711,7 @@ class Apollo(Optimizer):
             group.setdefault("stochastic_rounding", self.defaults.get("stochastic_rounding", True))
             group.setdefault("foreach", self.defaults.get("foreach"))
             group.setdefault("transposed", self.defaults.get("transposed", False))
+            group.setdefault("dense_state_bits", self.defaults.get("dense_state_bits", 32))
 
     def state_dict(self) -> dict:
         """torch's state dict, with a callable ``rank`` replaced by the integer it resolves to for each
@@ -758,6 +770,12 @@ class Apollo(Optimizer):
                 moments = ProjectionPlan(shape2d, side, rank, record.identity).moment_shape
             else:
                 moments = record.shape
+                if saved.get("dense_state_bits", 32) == 8 and math.prod(record.shape) >= MIN_8BIT_SIZE:
+                    blocks = (-(-math.prod(record.shape) // 256),)
+                    keys.update(exp_avg_codes=_common.StateKey(tuple(record.shape), dtype=torch.uint8),
+                                exp_avg_sq_codes=_common.StateKey(tuple(record.shape), dtype=torch.uint8),
+                                exp_avg_absmax=_common.StateKey(blocks), exp_avg_sq_absmax=_common.StateKey(blocks))
+                    return keys
             keys.update(exp_avg=_common.StateKey(tuple(moments)), exp_avg_sq=_common.StateKey(tuple(moments)))
             return keys
 
@@ -1138,6 +1156,19 @@ class Apollo(Optimizer):
         if piece.comm is not None and piece.comm.world_size > 1:
             self.comm_bytes_by_param[piece.label] = self.comm_bytes_by_param.get(piece.label, 0) + nbytes
 
+    @staticmethod
+    def _row_blocks(grad2d: torch.Tensor, compute: torch.dtype):
+        """(Block, rows of the gradient in the compute dtype) for whole blocks of rows of about one dense chunk:
+        a half-precision gradient is upcast a block at a time (for LLaMA-7B's bf16 embedding a 64 MB fp32 block
+        instead of a 524 MB copy)."""
+        from .sharding import Block
+
+        m, n = grad2d.shape
+        rows = max(1, _dense_chunk(grad2d.device) // max(1, n))
+        for start in range(0, m, rows):
+            block = grad2d[start:start + rows]
+            yield Block(start, block.shape[0], 0, n, start * n), block.to(compute)
+
     def _blocks(self, piece: _Piece, compute: torch.dtype) -> list:
         """(Block, gradient rectangle in the compute dtype) for each block of a sharded matrix piece."""
         flat = piece.grad.reshape(-1)
@@ -1168,7 +1199,11 @@ class Apollo(Optimizer):
             proj = self._projection(group, plan, cache_key, step, piece.weight.device, compute)
             if piece.layout is None:
                 grad2d = piece.grad.reshape(plan.shape2d)
-                piece.low_rank = project(grad2d if grad2d.dtype == compute else grad2d.to(compute), proj, plan.side)
+                if grad2d.dtype == compute:
+                    piece.low_rank = project(grad2d, proj, plan.side)
+                else:  # a half-precision gradient: projected from fp32 copies of row blocks, never a full one
+                    piece.low_rank, _ = project_rows(self._row_blocks(grad2d, compute), proj,
+                                                     ShardLayout.full(plan.shape2d), plan.side, compute)
             else:
                 piece.low_rank, piece.cut_part = project_rows(self._blocks(piece, compute), proj, piece.layout,
                                                               plan.side, compute)
@@ -1297,10 +1332,14 @@ class Apollo(Optimizer):
         batches: dict[tuple, list] = {}
         for piece in pieces:
             group, weight = piece.group, piece.weight
+            if self._uses_8bit(piece):
+                self._adamw_update_8bit(piece)
+                continue
             state = self._init_state(piece, tuple(weight.shape), tuple(piece.dtensor.shape)
                                      if piece.dtensor is not None else None)
             exp_avg, exp_avg_sq = self._local(state["exp_avg"]), self._local(state["exp_avg_sq"])
-            fast = group["foreach"] is not False and weight.dtype in (torch.float32, torch.float64)
+            fast = group["foreach"] is not False and weight.dtype in (torch.float32, torch.float64) and \
+                int8_module_of(weight) is None
             chunk = _dense_chunk(weight.device)
             if not fast or not (weight.is_contiguous() and exp_avg.is_contiguous() and exp_avg_sq.is_contiguous()):
                 self._adamw_update(piece)
@@ -1334,6 +1373,38 @@ class Apollo(Optimizer):
             decay = float(group["lr"]) * group["weight_decay"]
             if decay:
                 torch._foreach_mul_(params, 1.0 - decay)
+
+    @staticmethod
+    def _uses_8bit(piece: _Piece) -> bool:
+        """Whether a plain-AdamW piece keeps 8-bit moments (its group asks, and it is large enough)."""
+        if piece.group.get("dense_state_bits", 32) != 8 or piece.weight.numel() < MIN_8BIT_SIZE:
+            return False
+        if piece.layout is not None or piece.dtensor is not None or piece.shard_index is not None:
+            raise NotImplementedError(
+                f"dense_state_bits=8 for {piece.label}: 8-bit states of FSDP2/ZeRO shards are not supported (their "
+                "256-element blocks would cross shard boundaries); use dense_state_bits=32 when sharding")
+        if int8_module_of(piece.weight) is not None:
+            raise NotImplementedError(
+                f"dense_state_bits=8 for the int8 weight {piece.label}: give int8 weights a low-rank group (they are "
+                "Linear weights: all-linear targets them) or dense_state_bits=32")
+        return True
+
+    def _adamw_update_8bit(self, piece: _Piece) -> None:
+        """Plain AdamW with the moments in 8-bit blockwise form (:mod:`lowrank_opt.quant.state8bit`): the same
+        element-wise math in fp32, a piece of 2^20 elements at a time."""
+        group, state = piece.group, piece.state
+        if "step" not in state:
+            state["step"] = 0
+            state.update(init_adam_state_8bit(piece.weight))
+            if piece.shard_index is None:
+                self.state[piece.key] = state
+        state["step"] += 1
+        if piece.weight.device.type == "meta":
+            return  # the memory estimator's dry run: the state exists, there are no values to update
+        beta1, beta2 = group["betas"]
+        adamw_step_8bit_(piece.weight, piece.grad, state, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                         eps=group["eps"], step=state["step"], weight_decay=group["weight_decay"],
+                         correct_bias=group["correct_bias"], generator=self._rounding_generator(piece))
 
     def _adamw_update_chunked(self, piece: _Piece) -> None:
         """:meth:`_adamw_update` for an fp32/fp64 weight, a chunk of elements at a time."""
@@ -1384,6 +1455,15 @@ class Apollo(Optimizer):
         the one generator seeded for this tensor and step: on CPU the same stream as one whole-tensor draw,
         so both paths give the same bits there."""
         decay = float(group["lr"]) * group["weight_decay"]
+        module = int8_module_of(target)
+        if module is not None:  # an int8 weight (Q-APOLLO): fp32 row blocks, stochastically re-quantized
+            def update_and_decay(w: torch.Tensor, rows) -> None:
+                update(w, rows)
+                if decay:
+                    w.mul_(1.0 - decay)
+
+            apply_int8_update_(module, update_and_decay, generator=generator)
+            return
         compute = _compute_dtype(target.dtype)
         if target.dtype == compute:
             update(target, ...)
@@ -1409,7 +1489,8 @@ class Apollo(Optimizer):
     def _rounding_generator(self, piece: _Piece) -> Optional[torch.Generator]:
         """The generator of a bf16 weight's stochastic-rounding bits for this step, or None to round to nearest
         (not bf16, or the group turned rounding off)."""
-        if piece.weight.dtype != torch.bfloat16 or not piece.group["stochastic_rounding"]:
+        int8 = int8_module_of(piece.weight) is not None  # int8 weights are always re-quantized stochastically
+        if not int8 and (piece.weight.dtype != torch.bfloat16 or not piece.group["stochastic_rounding"]):
             return None
         # Bits seeded by (seed, identity, step[, first local element]): the step count is in the state dict, so
         # resume is exact; a shard's offset gives each process its own bits.

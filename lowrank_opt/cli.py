@@ -18,11 +18,9 @@ PROG = "lowrank-opt"
 
 
 def _target_modules(text: Optional[str]):
-    if text is None:
-        return "all-linear"
-    if "," in text:
-        return [t for t in (s.strip() for s in text.split(",")) if t]
-    return text
+    from .registry import normalize_target_modules
+
+    return "all-linear" if text is None else normalize_target_modules(text)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -60,6 +58,11 @@ def _build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                      help="what the run is estimated for (default cuda; cpu: torch's CPU code paths, no CUDA "
                           "context or fragmentation, i.e. the peak of live tensor bytes)")
+    mem.add_argument("--weights", default="float", choices=["float", "int8"],
+                     help="int8: Linear weights (not the head) in int8 with per-group scales, Q-APOLLO "
+                          "(train.py --weights int8)")
+    mem.add_argument("--lean-loss", action="store_true",
+                     help="the chunked cross-entropy: no tokens x vocabulary tensors (train.py --lean_loss)")
     mem.add_argument("--detail", action="store_true", help="also a table per parameter kind")
     mem.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -81,7 +84,8 @@ def _memory(args: argparse.Namespace) -> int:
             dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
             gradient_checkpointing=args.gradient_checkpointing, layerwise=True if args.layerwise else None,
             zero_stage=args.zero_stage, num_gpus=args.num_gpus, master_weights=args.master_weights,
-            attn_implementation=args.attn_implementation, device=args.device,
+            attn_implementation=args.attn_implementation, device=args.device, weights=args.weights,
+            lean_loss=args.lean_loss,
         ))
     if args.json:
         payload = results[0].to_dict() if len(results) == 1 else [r.to_dict() for r in results]

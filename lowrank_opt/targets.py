@@ -71,22 +71,26 @@ def lowrank_targets(
     model: nn.Module, target_modules: TargetModules = ALL_LINEAR, *, include_embeddings: bool = False
 ) -> list[tuple[str, torch.nn.Parameter]]:
     """The ``(name, parameter)`` pairs selected for low rank: the weights (ndim >= 2, requiring grad) that
-    belong directly to a matched module. ``"all-linear"`` takes every ``nn.Linear`` and ``transformers``' Conv1D
+    belong directly to a matched module. A list may hold ``"all-linear"`` next to names or regexes: the union
+    (``["all-linear", "embed_tokens", "lm_head"]`` puts the embeddings low-rank too). ``"all-linear"`` takes every ``nn.Linear`` and ``transformers``' Conv1D
     (GPT-2's linear layers) except the model's output embedding (``lm_head``); embeddings are taken only when
     named explicitly or ``include_embeddings``."""
     if target_modules is None or (not isinstance(target_modules, str) and len(list(target_modules)) == 0):
         raise ValueError("target_modules must name at least one module (names, regexes or 'all-linear')")
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
-    all_linear = _is_all_linear(target_modules)
+    # "all-linear" alone, or in a list with more names (["all-linear", "embed_tokens", "lm_head"]: the union).
+    entries = [target_modules] if isinstance(target_modules, str) else target_modules
+    all_linear = any(_is_all_linear(t) for t in entries)
+    named = [t for t in entries if not _is_all_linear(t)] if not isinstance(target_modules, str) else (
+        [] if all_linear else target_modules)
     output_embedding = _output_embedding(model)
     seen: set[int] = set()
     selected = []
     for module_name, module in model.named_modules():
-        if all_linear:
-            chosen = is_linear(module) and module is not output_embedding
-        else:
-            chosen = module_matches(target_modules, module_name)
+        chosen = all_linear and is_linear(module) and module is not output_embedding
+        if not chosen and named:
+            chosen = module_matches(named, module_name)
         if include_embeddings and isinstance(module, nn.Embedding):
             chosen = True
         if not chosen:

@@ -326,7 +326,8 @@ def test_option_must_be_a_bool(value):
     w = nn.Parameter(torch.randn(8, 6))
     with pytest.raises(TypeError) as info:
         Apollo([("w", w)], stochastic_rounding=value)
-    assert str(info.value) == f"stochastic_rounding must be a bool, got {value!r} in param_groups[0]"
+    assert str(info.value) == (f"stochastic_rounding must be a bool, got {value!r} ({type(value).__name__}) "
+                               "in param_groups[0]")
     b = nn.Parameter(torch.randn(6))
-    with pytest.raises(TypeError, match=r"^stochastic_rounding must be a bool, got 0 in param_groups\[1\]$"):
+    with pytest.raises(TypeError, match=r"^stochastic_rounding must be a bool, got 0 \(int\) in param_groups\[1\]$"):
         Apollo([{"params": [w]}, {"params": [b], "stochastic_rounding": 0}])

@@ -22,6 +22,13 @@ loss (``4TV``); the loss also makes short-lived copies of the logits: forward ``
 saved log-probabilities; the 16-bit gradient of the logits appears once those are freed). With
 ``gradient_checkpointing`` (HF's per-decoder-layer checkpointing) each layer keeps only its input
 ``rTh`` and one layer is recomputed at a time during backward (its full activations).
+
+With the lean loss (:mod:`lowrank_opt.loss`, ``lean_loss=True``) no tensor of T x V exists: the head saves the
+lm_head input ``eTh`` and ``16T`` (labels, weights, log-sum-exp); the loss forward works on one fp32 tile
+``4·Ct·Cv`` (Ct = min(token chunk, T), Cv the vocabulary chunk) plus, for 16-bit inputs, fp32 copies of a token
+chunk ``4·Ct·h`` and of a weight block ``4·Cv·h``; its backward on the tile, the fp32 ``grad_h`` accumulator
+``4Th``, the 16-bit ``grad_h`` it returns ``eTh`` and, for 16-bit inputs, the token chunk and two fp32 weight
+blocks ``4·Ct·h + 8·Cv·h`` (the docstring of :mod:`lowrank_opt.loss` derives them).
 """
 
 from __future__ import annotations
@@ -51,11 +58,13 @@ class ActivationBreakdown:
 
 
 def activation_bytes(config, *, batch_size: int, seq_len: int, dtype: str = "bf16", autocast: bool = False,
-                     gradient_checkpointing: bool = False, attn_implementation: str = "sdpa") -> ActivationBreakdown:
+                     gradient_checkpointing: bool = False, attn_implementation: str = "sdpa",
+                     lean_loss: bool = False, loss_chunks: tuple[int, int] = (2048, 2048)) -> ActivationBreakdown:
     """Activation memory of a LLaMA-style decoder (the module docstring derives every term).
 
     ``dtype`` is the matmul activation dtype; ``autocast`` means fp32 weights and residual stream with
-    16-bit matmuls (torch autocast, the HF Trainer's ``--bf16`` on an fp32 model)."""
+    16-bit matmuls (torch autocast, the HF Trainer's ``--bf16`` on an fp32 model). ``lean_loss``: the chunked
+    cross-entropy with (token, vocabulary) chunks ``loss_chunks``."""
     dtype = _canonical_dtype(dtype)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     h = int(text.hidden_size)
@@ -88,6 +97,12 @@ def activation_bytes(config, *, batch_size: int, seq_len: int, dtype: str = "bf1
     # The loss backward's peak: the fp32 gradients of the nll and of the log-softmax, next to the saved
     # log-probabilities (in ``head``); the 16-bit gradient of the logits comes after those two are freed.
     logits_backward = 8 * tokens * vocab
+    if lean_loss:
+        ct, cv = min(int(loss_chunks[0]), tokens), min(int(loss_chunks[1]), vocab)
+        half = e != 4
+        head = norm + e * tokens * h + 16 * tokens
+        logits_forward = 4 * ct * cv + (4 * ct * h + 4 * cv * h if half else 0)
+        logits_backward = 4 * ct * cv + 4 * tokens * h + e * tokens * h + (4 * ct * h + 8 * cv * h if half else 0)
     kept = r * tokens * h if gradient_checkpointing else per_layer
     return ActivationBreakdown(per_layer=per_layer, per_layer_kept=kept, layers=n_layers, head=head, base=base,
                                logits_forward=logits_forward, logits_backward=logits_backward,

@@ -34,9 +34,15 @@ gradients alive (or, layer-wise, inside backward, each update next to its own gr
 still alive at that point); the line shows how much it raises the peak.
 
 **overhead** -- CUDA context plus library workspaces, ``CUDA_CONTEXT_BYTES`` = 0.75 GB (0.5-1 GB is typical
-for CUDA 12 with cuBLAS/cuDNN on H100-class GPUs), plus ``fragmentation`` = 8 % of everything else for the
-caching allocator's fragmentation (5-10 % is usual), plus, for ZeRO-3, DeepSpeed's gathered largest layer
-``4 x largest-layer params``.
+for CUDA 12 with cuBLAS/cuDNN on H100-class GPUs); the caching allocator's rounding of persistent tensors
+(weights and optimizer states are allocated once and never freed: a tensor of 1 MB or more gets a segment
+rounded up to 2 MiB, so each wastes what its size falls short of the next 2 MiB; counted exactly for the
+weights, as half of 2 MiB on average per state tensor of 10 MB or more); plus ``fragmentation`` = 8 % of the
+*transient* peak (activations, gradients, the loss, step scratch: the memory that is freed and re-allocated
+every step, where fragmentation happens; 5-10 % is usual); plus, for ZeRO-3, DeepSpeed's gathered largest
+layer ``4 x largest-layer params``. Earlier versions took 8 % of everything, weights included (about 1.1 GB
+more at 7B); neither model has been measured on a GPU yet: benchmarks/gpu_proof.py measures peak reserved
+memory next to these figures.
 
 **ZeRO** (``zero_stage``, ``num_gpus`` = N; same structure as DeepSpeed's
 ``estimate_zero2/3_model_states_mem_needs``): stage 1 divides the optimizer states, fp32 master weights
@@ -45,7 +51,7 @@ adds the gathered largest layer). For AdamW in bf16 with master weights this rep
 ZeRO-2 figure ``2n + 18n/N`` exactly (18 = 2 + 4 + 4 + 8); DeepSpeed's ZeRO-3 formula prints ``18n/N``
 where we count ``20n/N`` (the 16-bit weights and gradients are both partitioned). Master weights default
 to on under ZeRO with a 16-bit dtype (DeepSpeed always keeps them), off otherwise. APOLLO under ZeRO runs
-through ``lowrank_opt.integrations.deepspeed.ZeroApollo`` (one param group per low-rank matrix): moments of
+through :class:`~lowrank_opt.Apollo` on DeepSpeed's flat shards: moments of
 right-projected (tall/square) matrices live with their rows and are divided by N (a row cut by a shard
 boundary is replicated: at most r numbers per boundary, not counted); left-projected (wide) matrices keep
 their full r x n moments on every rank, so they are not divided.
@@ -208,6 +214,9 @@ def estimate(
     device: str = "cuda",
     cuda_context_bytes: Optional[int] = None,
     fragmentation: Optional[float] = None,
+    weights: str = "float",
+    int8_group_size: int = 128,
+    lean_loss: bool = False,
 ) -> MemoryEstimate:
     """Estimate per-GPU training memory for ``config`` and ``optimizer`` without allocating the model.
 
@@ -237,6 +246,12 @@ def estimate(
             not the process's RSS, which adds Python, torch and the allocator's own caching).
         cuda_context_bytes, fragmentation: the overhead model (``None``: ``CUDA_CONTEXT_BYTES`` and
             ``FRAGMENTATION`` on ``"cuda"``, 0 on ``"cpu"``).
+        weights: ``"float"`` (``dtype``) or ``"int8"`` (Q-APOLLO, :func:`lowrank_opt.quant.quantize_model_`):
+            every ``nn.Linear`` weight but the output head in int8 with an fp32 scale per row and
+            ``int8_group_size`` columns; each layer's weight is dequantized (in ``dtype``) only while the layer
+            runs, so the largest such weight is added to the peaks as a transient.
+        lean_loss: the chunked cross-entropy of :mod:`lowrank_opt.loss` (``train.py --lean_loss``): no
+            tokens x vocabulary tensor (see :mod:`lowrank_opt.memory.activations`).
 
     Returns:
         a :class:`MemoryEstimate` (bytes; ``.table()``, ``.to_dict()``).
@@ -273,6 +288,12 @@ def estimate(
     master_weights = bool(master_weights) and sixteen
     autocast = master_weights and zero_stage == 0
 
+    weight_format = weights  # (``weights`` is reused below for the bytes)
+    if weight_format not in ("float", "int8"):
+        raise ValueError(f"weights must be 'float' or 'int8', got {weight_format!r}")
+    if weight_format == "int8" and (master_weights or zero_stage or num_gpus > 1):
+        raise ValueError("weights='int8' is for one GPU without fp32 master weights (Q-APOLLO updates the int8 "
+                         "weights themselves)")
     resolved = resolve_config(config)
     model = _meta_model(resolved)
     # The dtype of the parameters the optimizer sees: the fp32 masters in mixed precision.
@@ -305,6 +326,21 @@ def estimate(
     largest_grad = max(per_param_grad.values(), default=0)
 
     weights_model = n_params * wb / n3
+    int8_saved = dequant_transient = int8_linear_bytes = 0
+    int8_ids: set[int] = set()
+    if weight_format == "int8":  # Linear weights (not the head) as int8 codes + fp32 group scales
+        from ..quant.int8 import int8_weight_bytes
+        from ..targets import is_linear
+
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        for module in model.modules():
+            if is_linear(module) and module is not head and type(module) is nn.Linear:
+                out_f, in_f = module.weight.shape
+                int8_saved += out_f * in_f * wb - int8_weight_bytes(out_f, in_f, int8_group_size)
+                int8_linear_bytes += out_f * in_f * wb
+                dequant_transient = max(dequant_transient, out_f * in_f * wb)
+                int8_ids.add(id(module.weight))
+        weights_model -= int8_saved
     weights_master = n_params * 4 / n1 if master_weights else 0
     weights = weights_model + weights_master
     gradients_all = sum(per_param_grad.values())
@@ -324,7 +360,12 @@ def estimate(
 
     # -- activations and the backward walk ------------------------------------------------------------
     act = activation_bytes(resolved, batch_size=batch_size, seq_len=seq_len, dtype=dtype, autocast=autocast,
-                           gradient_checkpointing=gradient_checkpointing, attn_implementation=attn_implementation)
+                           gradient_checkpointing=gradient_checkpointing, attn_implementation=attn_implementation,
+                           lean_loss=lean_loss)
+    if dequant_transient:  # one layer's weight, dequantized while the layer runs (forward and recompute/backward)
+        act.per_layer += dequant_transient
+        if act.recompute:
+            act.recompute += dequant_transient
     activations = act.peak
     seg_grad: dict[tuple[str, int], float] = {}  # gradient bytes per segment of the backward pass
     seg_largest: dict[tuple[str, int], float] = {}  # its largest single gradient (layer-wise updates)
@@ -365,13 +406,29 @@ def estimate(
     # -- overhead -------------------------------------------------------------------------------------
     gather = 4 * _largest_layer_params(model) if zero_stage == 3 else 0
     base_total = weights + optimizer_states + peak_ag + gather
-    fragmentation_bytes = fragmentation * base_total
+    rounding = 0.0
+    if fragmentation:  # the allocator's 2 MiB rounding of the persistent tensors (weights, states)
+        mib2 = 2 * 1024 * 1024
+        for p in params:
+            nbytes = 0 if id(p) in int8_ids else p.numel() * wb / n3  # int8 weights: codes + scales below
+            if id(p) in int8_ids and p.numel() >= 1 << 20:
+                rounding += -p.numel() % mib2
+            if nbytes >= 1 << 20:
+                rounding += -nbytes % mib2
+            if state_share.get(id(p), 0) >= 10e6:
+                rounding += 2 * (mib2 / 2)  # two state tensors, half a rounding step each on average
+    fragmentation_bytes = rounding + fragmentation * (peak_ag + gather)
     overhead = cuda_context_bytes + gather + fragmentation_bytes
     total = base_total + cuda_context_bytes + fragmentation_bytes
 
     # -- components, kinds, notes ---------------------------------------------------------------------
     components: dict[str, int] = {}
-    components[f"weights.{dtype}"] = int(weights_model)
+    if weight_format == "int8":
+        int8_bytes = int8_linear_bytes - int8_saved  # the quantized Linear weights: codes + scales
+        components[f"weights.{dtype} (embeddings, head, norms)"] = int(weights_model - int8_bytes)
+        components["weights.int8 + scales"] = int(int8_bytes)
+    else:
+        components[f"weights.{dtype}"] = int(weights_model)
     if master_weights:
         components["weights.fp32 master"] = int(weights_master)
     if layerwise:
@@ -402,7 +459,8 @@ def estimate(
         components["activations.head+loss"] = int(head_and_loss)
     components["step.scratch tensors"] = int(step_temp)
     components["overhead.cuda context"] = int(cuda_context_bytes)
-    components["overhead.fragmentation"] = int(fragmentation_bytes)
+    components["overhead.allocator rounding"] = int(rounding)
+    components["overhead.fragmentation"] = int(fragmentation_bytes - rounding)
     if gather:
         components["overhead.zero-3 gathered layer"] = int(gather)
 
@@ -437,6 +495,12 @@ def estimate(
     if layerwise:
         notes.append("layer-wise: each gradient is freed right after its update, so at most the largest one "
                      "(here %.2f GB) is alive" % (largest_grad / GB))
+    if weight_format == "int8":
+        notes.append("int8 weights (Q-APOLLO): Linear weights but the head in int8 + fp32 scales per %d columns "
+                     "(%.2f GB saved); one layer's weight is dequantized while it runs (%.2f GB, in the "
+                     "activations)" % (int8_group_size, int8_saved / GB, dequant_transient / GB))
+    if lean_loss:
+        notes.append("lean loss: cross-entropy in fp32 tiles, no tokens x vocabulary tensor")
     cfg_type = getattr(resolved, "model_type", "")
     if cfg_type not in ("llama", "mistral", "qwen2", "qwen3"):
         notes.append(f"activations use the LLaMA decoder-layer formula; model_type {cfg_type!r} is approximated")
@@ -448,5 +512,5 @@ def estimate(
         zero_stage=int(zero_stage), num_gpus=num_gpus, weights=int(weights), gradients=int(gradients),
         optimizer_states=int(optimizer_states), activations=int(activations), freed_during_backward=int(freed),
         step_temporaries=int(step_extra), overhead=int(overhead), total=int(total), components=components, kinds=kind_list, notes=notes,
-        seconds=round(time.perf_counter() - started, 3), device=device,
+        seconds=round(time.perf_counter() - started, 3), device=device, weight_format=weight_format, lean_loss=bool(lean_loss),
     )

@@ -57,6 +57,8 @@ class MemoryEstimate:
     notes: list = field(default_factory=list)
     seconds: float = 0.0
     device: str = "cuda"
+    weight_format: str = "float"  # "int8": Linear weights in int8 with per-group scales (Q-APOLLO)
+    lean_loss: bool = False  # the chunked cross-entropy (lowrank_opt.loss): no tokens x vocab tensors
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -78,6 +80,10 @@ class MemoryEstimate:
             extra.append("layer-wise updates")
         if self.zero_stage:
             extra.append(f"ZeRO-{self.zero_stage} x {self.num_gpus} GPUs")
+        if self.weight_format == "int8":
+            extra.append("int8 weights")
+        if self.lean_loss:
+            extra.append("lean loss")
         if self.device != "cuda":
             extra.append(f"on {self.device}")
         return (f"{self.model} ({self.n_params / 1e9:.2f} B params), {self.optimizer}"
