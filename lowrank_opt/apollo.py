@@ -92,6 +92,9 @@ def _dense_chunk(device: torch.device) -> int:
 def _state_dtype_name(value: Any, where: str = "") -> Optional[str]:
     if value is None:
         return None
+    if value in (torch.float16, "float16"):
+        raise ValueError(f"state_dtype float16 cannot hold Adam's second moment (squares beyond 65504 overflow to "
+                         f"inf and the weight stops moving): use bfloat16 (fp32's range) to halve the moments{where}")
     if isinstance(value, torch.dtype):
         for name, dt in _STATE_DTYPES.items():
             if dt == value:
@@ -721,7 +724,8 @@ class Apollo(Optimizer):
         for saved, group, records in zip(sd["param_groups"], self.param_groups, self._records):
             if callable(group["rank"]):
                 saved["rank"] = [
-                    self._resolve_rank(group, r.shape, self._label(group, i, record=r)) if len(r.shape) >= 2 else None
+                    self._resolve_rank(group, r.shape, self._label(group, i, record=r))
+                    if len(r.shape) >= 2 and math.prod(r.shape) else None
                     for i, r in enumerate(records)]
         return sd
 
@@ -1118,8 +1122,8 @@ class Apollo(Optimizer):
             return set()
         labels = [pieces[k].label for k in bad]
         if raise_here or elsewhere or any(pieces[k].group["nonfinite"] == "raise" for k in bad):
-            faults = [(pieces[k].label, _common.describe_fault(pieces[k].grad, _compute_dtype(pieces[k].weight.dtype)))
-                      for k in bad] or [("a parameter held by another process", "non-finite gradient (inf or nan)")]
+            faults = [(pieces[k].label, self._fault_reason(pieces[k])) for k in bad] or [
+                ("a parameter held by another process", "non-finite gradient (inf or nan)")]
             changed = "no parameter or optimizer state was changed"
             if any(piece.shared for piece in pieces):
                 changed += " on any process"
@@ -1130,6 +1134,19 @@ class Apollo(Optimizer):
         self.skipped_tensors += len(bad)
         logger.warning("Apollo: skipped the update of %s (non-finite gradient)", ", ".join(labels))
         return {pieces[k] for k in bad}
+
+    @staticmethod
+    def _fault_reason(piece: _Piece) -> str:
+        """Why a gradient was refused (reads it: only on the error path)."""
+        compute = _compute_dtype(piece.weight.dtype)
+        grad = piece.grad
+        if grad.numel() == 0 or not bool(torch.isfinite(grad).all()):
+            return "non-finite gradient (inf or nan)"
+        largest = float(grad.abs().max().double())
+        if largest > _common.square_limit(compute):
+            return _common.describe_fault(grad, compute)
+        return (f"gradient too large for {str(compute).replace('torch.', '')} math (max |g| = {largest:.3g}: the sum "
+                "of its squares, per channel or in all, overflows)")
 
     @staticmethod
     def _host_bools(values: list[torch.Tensor]) -> list[bool]:
@@ -1303,7 +1320,8 @@ class Apollo(Optimizer):
             scale = _channel_view(factor, piece.weight.shape, plan.side)
             per_row = scale.ndim > 0 and scale.shape[0] > 1  # one factor per row: sliced with the rows
             self._apply(piece.weight, group, generator,
-                        lambda w, rows: w.addcmul_(grad[rows], scale[rows] if per_row else scale, value=-step_size))
+                        lambda w, rows: w.addcmul_(grad[rows], scale[rows] if per_row else scale, value=-step_size),
+                        piece.label)
         else:
             flat_w, flat_g = piece.weight.reshape(-1), piece.grad.reshape(-1)
             layout = piece.layout
@@ -1319,7 +1337,7 @@ class Apollo(Optimizer):
                 per_row = f.ndim > 0 and f.shape[0] > 1
                 self._apply(w, group, generator,
                             lambda w_, rows, g=g, f=f, per_row=per_row: w_.addcmul_(g[rows], f[rows] if per_row else f,
-                                                                                    value=-step_size))
+                                                                                    value=-step_size), piece.label)
         piece.sq = piece.factor = piece.partial = None
 
     # -- plain AdamW --------------------------------------------------------------------------------------
@@ -1439,10 +1457,10 @@ class Apollo(Optimizer):
             m, v = adam_moments_(exp_avg[rows], exp_avg_sq[rows], grad, beta1, beta2)
             w.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-step_size)
 
-        self._apply(piece.weight, group, self._rounding_generator(piece), update)
+        self._apply(piece.weight, group, self._rounding_generator(piece), update, piece.label)
 
     def _apply(self, target: torch.Tensor, group: dict, generator: Optional[torch.Generator],
-               update: Callable[[torch.Tensor, Any], Any]) -> None:
+               update: Callable[[torch.Tensor, Any], Any], label: str = "a parameter") -> None:
         """Run ``update(w, rows)`` on ``target`` (a weight or a block of its rows, in the compute dtype) and
         then decoupled weight decay; ``rows`` indexes ``target``'s first dimension (``...``: all of it), for
         the update to slice the gradient, state and per-row factors alike. A bf16 weight is written back with
@@ -1484,6 +1502,13 @@ class Apollo(Optimizer):
                 weight.mul_(1.0 - decay)
             if generator is not None:
                 stochastic_round_to_bf16_(weight, generator)  # now exact in bf16
+            elif target.dtype == torch.float16 and weight.numel() and weight.device.type != "meta":
+                largest = float(torch.linalg.vector_norm(weight, ord=math.inf))
+                if not largest <= torch.finfo(torch.float16).max:
+                    written = "" if rows is ... or rows.start == 0 else " (its rows before this block were written)"
+                    raise RuntimeError(
+                        f"Apollo.step(): the updated fp16 weight of {label} does not fit float16 (max |w| = {largest:.4g} > "
+                        f"65504){written}: it was not written. Lower the learning rate, or keep fp32 master weights")
             part.copy_(weight)
 
     def _rounding_generator(self, piece: _Piece) -> Optional[torch.Generator]:

@@ -3,8 +3,7 @@
 Every test here fails on 68fc348 (the commit before the fixes) unless its docstring says otherwise; how each
 one failed there is written next to it ("Before: ..."). The optimizers' shared behaviour (option checks,
 non-finite policy, checkpoint checks) is tested across the package in test_reliability.py and
-test_properties.py; this file holds the cases issue 15 reproduced on Apollo itself. The ``xfail(strict=True)``
-tests are defects of the same classes still open in apollo.py (each reason says which).
+test_properties.py; this file holds the cases issue 15 reproduced on Apollo itself.
 """
 
 from __future__ import annotations
@@ -435,9 +434,6 @@ def test_a_1e19_gradient_on_a_right_projected_matrix_leaves_no_inf_limiter_norm(
     assert torch.isfinite(opt.state[_params(opt)[0]]["limiter_norm"])
 
 
-@pytest.mark.xfail(strict=True, reason="Apollo refuses a gradient whose sum of squares overflows fp32 but "
-                                       "describes it with _common.describe_fault's per-element reason, which "
-                                       "then claims 'max |g| = 1e+19 > 1.84e+19'")
 def test_the_reason_given_for_a_refused_1e19_gradient_is_true():
     opt = Apollo(_named(((16, 8),)), lr=1e-2, rank=2)
     _params(opt)[0].grad = torch.full((16, 8), 1e19)
@@ -454,8 +450,6 @@ def _finite(opt) -> bool:
     return all(bool(torch.isfinite(t.float()).all()) for t in tensors)
 
 
-@pytest.mark.xfail(strict=True, reason="Apollo writes half-precision weights back with copy_ (Apollo._apply), "
-                                       "not _common.write_back: an fp16 weight beyond 65504 becomes inf silently")
 def test_an_fp16_weight_that_would_overflow_raises_instead_of_becoming_inf():
     w = nn.Parameter(torch.full((4, 3), 65500.0, dtype=torch.float16))
     opt = Apollo([("w", w)], lr=100.0, rank=2)
@@ -468,20 +462,13 @@ def test_an_fp16_weight_that_would_overflow_raises_instead_of_becoming_inf():
     assert _finite(opt), w
 
 
-@pytest.mark.xfail(strict=True, reason="the size limit of the non-finite check is the compute dtype's (fp32), "
-                                       "not the moments' own: with state_dtype='float16' a gradient of 1e4 "
-                                       "stores inf in exp_avg_sq (max 65504) and the weight stops moving")
-@pytest.mark.parametrize("shape", [(16, 8), (8,)], ids=["low-rank", "adamw"])
-def test_float16_moments_never_hold_inf_silently(shape):
-    named = _named((shape,))
-    opt = Apollo(named, lr=1e-3, rank=2, state_dtype="float16")
-    named[0][1].grad = torch.full(shape, 1e4)
-    try:
-        opt.step()
-    except RuntimeError as error:
-        assert "'p0'" in str(error)
-        return
-    assert _finite(opt) or opt.skipped_tensors == 1
+def test_float16_moments_are_refused_they_would_overflow():
+    """state_dtype='float16': a gradient of 1e4 used to store inf in exp_avg_sq (max 65504) and the weight then
+    stopped moving; fp16 cannot hold Adam's second moment, so it is refused (bfloat16 halves the moments)."""
+    with pytest.raises(ValueError, match="state_dtype float16 cannot hold Adam's second moment.*bfloat16"):
+        Apollo(_named(((16, 8),)), lr=1e-3, rank=2, state_dtype="float16")
+    with pytest.raises(ValueError, match="state_dtype float16"):
+        Apollo(_named(((8,),)), lr=1e-3, rank=2, state_dtype=torch.float16)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -521,9 +508,6 @@ def test_meta_parameters_step_like_torch_adamw_with_state_of_the_right_shapes():
         assert state["exp_avg"].device.type == "meta" and state["step"] == 2
 
 
-@pytest.mark.xfail(strict=True, reason="state_dict() resolves a callable rank for every matrix, empty ones "
-                                       "included (which are plain AdamW): rank=lambda d: d // 4 gives 0 for the "
-                                       "0-wide weight and state_dict() raises 'rank must be >= 1'")
 def test_a_callable_rank_with_an_empty_matrix_still_checkpoints():
     shapes = ((4, 0), (16, 8))
     opt = Apollo(_named(shapes), lr=1e-2, rank=lambda d: d // 4)
