@@ -569,13 +569,15 @@ def load_state_dict_keep_dtypes(optimizer: torch.optim.Optimizer, state_dict: di
         saved = saved_state.get(pid)
         if not saved or p not in optimizer.state:
             continue
-        state = optimizer.state[p]
-        for key, value in saved.items():
-            current = state.get(key)
-            if (
-                isinstance(value, torch.Tensor)
-                and isinstance(current, torch.Tensor)
-                and value.is_floating_point()
-                and current.dtype != value.dtype
-            ):
-                state[key] = value.to(device=p.device, copy=True)
+        _restore_dtypes(optimizer.state[p], saved, p.device)
+
+
+def _restore_dtypes(state: dict, saved: Mapping[str, Any], device: torch.device) -> None:
+    """Put back every saved tensor whose dtype the loader changed (fp32 moments of a bf16 parameter, uint8 codes
+    of 8-bit moments), also in nested dicts (the per-piece state of a flat shard)."""
+    for key, value in saved.items():
+        current = state.get(key)
+        if isinstance(value, Mapping) and isinstance(current, dict):
+            _restore_dtypes(current, value, device)
+        elif isinstance(value, torch.Tensor) and isinstance(current, torch.Tensor) and current.dtype != value.dtype:
+            state[key] = value.to(device=current.device, copy=True)

@@ -578,7 +578,10 @@ def test_resolve_optimizer_gives_the_dry_run_what_it_needs():
     from lowrank_opt.memory.resolve import resolve_optimizer
 
     fused = resolve_optimizer("adamw_torch_fused")
-    assert (fused.name, fused.options, fused.cls, fused.external) == ("adamw", {"fused": True}, torch.optim.AdamW, None)
+    from lowrank_opt.classic import AdamW
+
+    assert (fused.name, fused.options, fused.cls, fused.external) == ("adamw", {"fused": True}, AdamW, None)
+    assert issubclass(fused.cls, torch.optim.AdamW)  # torch's math under the package's policy
     assert {"foreach", "fused"} <= fused.option_names and not fused.lowrank and not fused.capped
     capped = resolve_optimizer(" APOLLO_capped ", "rank=4,cap_tau=1.1", ["q_proj"])
     assert capped.name == "apollo_capped" and capped.capped and capped.lowrank
