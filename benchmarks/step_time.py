@@ -33,7 +33,7 @@ Timing (time.perf_counter, torch.cuda.synchronize around each step on CUDA, Pyth
                 time ratio holds up on a shared machine where other processes come and go.
 State bytes: every tensor in optimizer.state, plus the projection matrices P an optimizer holds between
 steps: apollo-torch and GaLore keep them in state["projector"].ortho_matrix (a pickled object in the state
-dict); ours keeps them only with cache_projection=True (Apollo._projection_cache, never saved). Counted by
+dict); ours keeps them only with cache_projection=True (a cache inside Apollo, never saved). Counted by
 lowrank_opt.memory.measure (each storage once, at the size allocated: a view counts its whole storage).
 """
 
@@ -369,7 +369,7 @@ def render_section(command: str, machine: str, args, results: list[Result], size
         "- *state MiB*: all tensors in `optimizer.state` (moments, step and limiter-norm tensors). *P held MiB*: "
         "projection matrices kept in memory between steps: apollo-torch and GaLore store them in the state "
         "(`state[p][\"projector\"].ortho_matrix`, a pickled object in the state dict); ours only with "
-        "`cache_projection=True` (`Apollo._projection_cache`, never saved). *total* is the sum; the "
+        "`cache_projection=True` (a cache inside Apollo, never saved). *total* is the sum; the "
         "percentage is of AdamW's total for the same size.",
         "- GaLore is `galore_torch.GaLoreAdamW` (scale 0.25, proj_type std); apollo-torch Mini is "
         "`APOLLOAdamW` with rank 1, scale_type tensor, scale 128. Learning rate 1e-3, weight decay 0 for all.",
