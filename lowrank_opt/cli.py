@@ -5,6 +5,7 @@
     lowrank-opt memory llama_7b --optim adamw --zero-stage 2 --num-gpus 8 --json
     lowrank-opt optimizers
     lowrank-opt configs
+    lowrank-opt run -- trl sft --model_name_or_path ./my-model --dataset_name ./data --optim apollo_mini
 """
 
 from __future__ import annotations
@@ -68,6 +69,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("optimizers", help="list the optimizer names the tools and train.py take")
     sub.add_parser("configs", help="list the model configs (./configs and the shipped ones)")
+    run = sub.add_parser(
+        "run", help="run a stock Hugging Face/TRL script or command with --optim taking lowrank-opt's names",
+        description="Run a training script you cannot edit (SCRIPT.py, -m MODULE, or a command such as trl, "
+                    "torchrun, accelerate) with transformers' Trainer and TrainingArguments replaced by "
+                    "lowrank-opt's, so --optim apollo (and every lowrank-opt name) works. Everything after "
+                    "`run` (and an optional --) is the target's own command line.")
+    run.add_argument("target", nargs=argparse.REMAINDER, help="SCRIPT.py | -m MODULE | COMMAND, then its arguments")
     return parser
 
 
@@ -138,6 +146,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Run the command in ``argv`` (default ``sys.argv[1:]``); returns the exit status. Bad input (an unknown
     config or optimizer, bad options, an invalid regex) prints one line, ``lowrank-opt COMMAND: error: ...``,
     to stderr and returns 2, as argparse does for bad arguments."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "run":  # everything after it is the target's command line, not ours to parse
+        from .integrations.launch import UnsupportedVersion, run
+
+        try:
+            return run(argv[1:])
+        except ValueError as exc:
+            print(f"{PROG} run: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        except UnsupportedVersion as exc:
+            print(str(exc.code), file=sys.stderr)
+            return 2
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
