@@ -19,7 +19,7 @@ import contextvars
 import logging
 import math
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -31,7 +31,7 @@ from .projection import (
     seeded_generator,
 )
 from .quant.int8 import apply_int8_update_, int8_module_of
-from .quant.state8bit import MIN_8BIT_SIZE, STATE_KEYS as STATE_KEYS_8BIT, adamw_step_8bit_, init_adam_state_8bit
+from .quant.state8bit import MIN_8BIT_SIZE, adamw_step_8bit_, init_adam_state_8bit
 from .rounding import rounding_seed, stochastic_round_to_bf16_
 from .sharding import (
     ShardLayout, TorchDistComm, dtensor_rows, full_shape, is_dtensor, zero_flat_pieces,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
@@ -25,10 +24,10 @@ import torch
 from torch import nn
 
 import transformers
-import trl
+import trl  # noqa: F401  (a test dependency: fail, do not skip)
 from lowrank_opt import NormGrowthCap
 from lowrank_opt.integrations import hf
-from lowrank_opt.registry import available, parse_name, resolve
+from lowrank_opt.registry import available, parse_name
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

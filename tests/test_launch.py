@@ -160,8 +160,8 @@ def test_stock_trainer_script_trains_apollo_mini(tmp_path, capfd, launched_env):
     assert code == 0, text[-3000:]
     assert result["optimizer"] == result["inner"] == "lowrank_opt.apollo.Apollo"
     assert result["optim"] == "apollo_mini"
-    assert result["trainer_mro"][:2] == ["lowrank_opt.integrations.launch.Trainer",
-                                         "lowrank_opt.integrations.hf.Trainer"]
+    assert result["trainer_mro"][:2] == ["lowrank_opt.integrations.hf.Trainer",
+                                         "lowrank_opt.integrations.hf.LowRankTrainerMixin"]
     resolved = _expected("apollo_mini", tmp_path)
     assert (resolved.options["rank"], resolved.options["scale_type"], resolved.options["scale"]) == (1, "tensor", 128.0)
     _check_options(result, resolved)
@@ -184,7 +184,7 @@ def test_stock_trl_script_trains_a_capped_name_with_hf_style_targets(tmp_path, c
     assert result["optimizer"] == "lowrank_opt.registry.CappedOptimizer", result
     assert result["inner"] == "lowrank_opt.apollo.Apollo" and result["tau"] == 1.05
     assert result["trainer_mro"][0] == "trl.trainer.sft_trainer.SFTTrainer"
-    assert "lowrank_opt.integrations.launch.Trainer" in result["trainer_mro"]
+    assert "lowrank_opt.integrations.hf.LowRankTrainerMixin" in result["trainer_mro"]
     resolved = _expected("apollo_capped", tmp_path, optim_args="rank=4,cap_tau=1.05",
                          optim_target_modules=["attn", "mlp"])
     assert resolved.options["rank"] == 4
@@ -197,7 +197,7 @@ def test_hugging_face_names_are_unchanged(tmp_path, capfd, launched_env):
                                          "--save_strategy", "no", *COMMON])
     assert code == 0, text[-3000:]
     assert result["optimizer"] == "torch.optim.adamw.AdamW"
-    assert result["trainer_mro"][0] == "lowrank_opt.integrations.launch.Trainer"  # the patch was in place
+    assert result["trainer_mro"][0] == "lowrank_opt.integrations.hf.Trainer"  # the patch was in place
     assert all(g["lr"] == 3e-3 for g in result["groups"])
 
 
@@ -218,7 +218,7 @@ def test_a_scripts_own_optimizer_is_refused_for_our_names(tmp_path, capfd, launc
     code, result, text = _launch(capfd, [script, "--output_dir", str(tmp_path / "out"), "--optim", "apollo",
                                          "--own_optimizer", "true", "--save_strategy", "no", *COMMON])
     assert code != 0 and result is None
-    assert "--optim apollo: this script hands the Trainer its own optimizer (SGD, through optimizers=)" in text
+    assert "--optim apollo: the Trainer was also handed an optimizer (SGD, through optimizers=)" in text
 
 
 @pytest.mark.slow

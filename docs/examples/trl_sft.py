@@ -1,9 +1,9 @@
 """A stock TRL SFT script, with lowrank-opt's optimizers by name: the only change from the TRL original is
 the import line marked below.
 
-    python docs/examples/trl_sft.py --output_dir out --optim apollo --optim_args rank=16 --max_steps 30
-    python docs/examples/trl_sft.py --output_dir out --optim apollo_mini --max_steps 30 --save_steps 10
-    python docs/examples/trl_sft.py --output_dir out --optim adamw_torch --max_steps 30          # HF's names too
+    python docs/examples/trl_sft.py --output_dir out --optim apollo --optim_args rank=16 --max_steps 30 --use_cpu true
+    python docs/examples/trl_sft.py --output_dir out --optim apollo_mini --max_steps 30 --save_steps 10 --use_cpu true
+    python docs/examples/trl_sft.py --output_dir out --optim adamw_torch --max_steps 30 --use_cpu true  # HF's names too
 
 Supervised fine-tuning of a tiny LLaMA (lowrank-opt's shipped config, random init) on the shipped
 prompt/response JSONL (configs/data/sft_example.jsonl), loss on the responses only: on a CPU, in seconds.

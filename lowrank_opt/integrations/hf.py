@@ -23,7 +23,6 @@ what it needs.
 import logging
 from typing import Any, Optional, Union
 
-import torch
 from torch import nn
 
 from ..registry import (
@@ -126,7 +125,11 @@ def lowrank_arguments_class(base: type, name: Optional[str] = None, module: Opti
     in ``optim`` as a plain string, so a *stock* ``transformers.Trainer`` handed these arguments stops with
     "Trainer cannot instantiate unsupported optimizer" instead of training something else; use the matching
     :func:`lowrank_trainer_class` Trainer. Hugging Face's own names behave exactly as in ``base``."""
+    import inspect
     from dataclasses import dataclass, field
+
+    if isinstance(inspect.getattr_static(base, "lowrank_optim", None), property):
+        return base  # already lowrank-opt's (e.g. TRL's classes defined under `lowrank-opt run`)
 
     @dataclass
     class Arguments(base):  # type: ignore[misc,valid-type]
@@ -187,6 +190,11 @@ class LowRankTrainerMixin:
         super().__init__(*args, **kwargs)
         self.lowrank_optimizer = None  # the ResolvedOptimizer of a lowrank-opt name, once built
         self.add_callback(_OptimizerSettingsCallback(self))
+        name = _our_name(self.args.optim)
+        if name and getattr(self.args, "deepspeed", None):
+            from .deepspeed import check_deepspeed_config
+
+            check_deepspeed_config(self.args.deepspeed)  # an "optimizer" section: DeepSpeed would build that one
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """With ``args.lean_loss``, training steps take the chunked cross-entropy of :mod:`lowrank_opt.loss`
@@ -207,7 +215,15 @@ class LowRankTrainerMixin:
 
     def create_optimizer(self, model=None):
         name = _our_name(self.args.optim)
-        if self.optimizer is not None or getattr(self, "optimizer_cls_and_kwargs", None) is not None:
+        given = self.optimizer is not None or getattr(self, "optimizer_cls_and_kwargs", None) is not None
+        if given and name and self.lowrank_optimizer is None:
+            what = (type(self.optimizer).__name__ if self.optimizer is not None
+                    else getattr(self.optimizer_cls_and_kwargs[0], "__name__", "an optimizer"))
+            raise ValueError(
+                f"--optim {name}: the Trainer was also handed an optimizer ({what}, through "
+                f"{'optimizers=' if self.optimizer is not None else 'optimizer_cls_and_kwargs='}), which it would "
+                f"train instead of {name}: drop one of the two")
+        if given:
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
         if name is None:
@@ -431,6 +447,8 @@ def lowrank_trainer_class(base: type, name: Optional[str] = None, module: Option
     """``base`` (``transformers.Trainer`` or a subclass such as TRL's ``SFTTrainer``) with
     :class:`LowRankTrainerMixin`: builds lowrank-opt optimizers from ``args.optim`` (use it with arguments from
     :func:`lowrank_arguments_class`)."""
+    if issubclass(base, LowRankTrainerMixin):
+        return base  # already lowrank-opt's
     cls = type(name or base.__name__, (LowRankTrainerMixin, base), {
         "__doc__": f"``{base.__module__}.{base.__qualname__}`` that builds lowrank-opt optimizers from ``args.optim`` "
                    "(see :class:`lowrank_opt.integrations.hf.LowRankTrainerMixin`).",

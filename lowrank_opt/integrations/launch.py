@@ -105,57 +105,6 @@ def check_version(package: str, version: Optional[str] = None) -> str:
 _state = {"installed": False, "installing": False}
 
 
-def _launched_trainer_class(base: type) -> type:
-    """``base`` (lowrank-opt's Trainer) plus the refusals that only matter when the script is not yours: for
-    one of our names, an optimizer the script hands the Trainer, or a DeepSpeed config that builds its own,
-    would be trained instead of the name."""
-
-    class Trainer(base):  # type: ignore[misc,valid-type]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            name = getattr(self.args, "lowrank_optim", None)
-            if name and getattr(self.args, "deepspeed", None):
-                from .deepspeed import check_deepspeed_config
-
-                check_deepspeed_config(self.args.deepspeed)  # an "optimizer" section: DeepSpeed would build it
-
-        def create_optimizer(self, model=None):
-            name = getattr(self.args, "lowrank_optim", None)
-            given = self.optimizer is not None or getattr(self, "optimizer_cls_and_kwargs", None) is not None
-            if name and given and getattr(self, "lowrank_optimizer", None) is None:
-                what = (type(self.optimizer).__name__ if self.optimizer is not None
-                        else self.optimizer_cls_and_kwargs[0].__name__)
-                raise ValueError(
-                    f"--optim {name}: this script hands the Trainer its own optimizer ({what}, through "
-                    f"{'optimizers=' if self.optimizer is not None else 'optimizer_cls_and_kwargs='}), which "
-                    f"the Trainer would train instead of {name}; {PROG} cannot change that. Drop --optim "
-                    f"{name}, or build the optimizer in the script with "
-                    "lowrank_opt.integrations.hf.optimizer_cls_and_kwargs")
-            return super().create_optimizer(model)
-
-    Trainer.__module__, Trainer.__qualname__ = __name__, "Trainer"
-    Trainer.__doc__ = (f"``{base.__module__}.{base.__qualname__}`` as ``lowrank-opt run`` puts it in place of "
-                       "``transformers.Trainer``, refusing a script's own optimizer for one of our names.")
-    return Trainer
-
-
-def _already(marker: Any):
-    """A wrapper for lowrank-opt's class factories: a base that is already lowrank-opt's (every Trainer and
-    TrainingArguments class is, after :func:`install`) is returned as it is, so that a script converted by
-    the import line (``lowrank_opt.integrations.trl``) also runs under the launcher."""
-    import functools
-
-    def wrap(factory):
-        @functools.wraps(factory)
-        def make(base: type, name: Optional[str] = None, module: Optional[str] = None) -> type:
-            return base if marker(base) else factory(base, name, module)
-
-        make.__wrapped_by_launch__ = True
-        return make
-
-    return wrap
-
-
 def install() -> None:
     """Put lowrank-opt's ``Trainer``/``TrainingArguments`` in place of transformers' (see the module doc).
     Idempotent. Raises :class:`UnsupportedVersion` for an untested transformers and SystemExit when the
@@ -165,8 +114,6 @@ def install() -> None:
     _state["installing"] = True
     try:
         check_version("transformers")
-        import inspect
-
         import transformers
         import transformers.trainer
         import transformers.training_args
@@ -179,17 +126,11 @@ def install() -> None:
                 and issubclass(hf.TrainingArguments, original_arguments)):
             raise SystemExit(f"{PROG}: lowrank_opt.integrations.hf was built on other transformers classes than "
                              "the ones loaded; nothing was patched")
-        trainer_cls = _launched_trainer_class(hf.Trainer)
+        trainer_cls = hf.Trainer  # its mixin refuses a script's own optimizer for one of our names
         for module in (transformers, transformers.trainer):
             setattr(module, "Trainer", trainer_cls)
         for module in (transformers, transformers.training_args):
             setattr(module, "TrainingArguments", hf.TrainingArguments)
-        if not getattr(hf.lowrank_trainer_class, "__wrapped_by_launch__", False):
-            hf.lowrank_trainer_class = _already(lambda b: issubclass(b, hf.LowRankTrainerMixin))(
-                hf.lowrank_trainer_class)
-            hf.lowrank_arguments_class = _already(
-                lambda b: isinstance(inspect.getattr_static(b, "lowrank_optim", None), property))(
-                hf.lowrank_arguments_class)
         # What `from transformers import Trainer` and `from transformers.trainer import Trainer` now give.
         from transformers import Trainer, TrainingArguments  # noqa: F401 - the check is the point
         from transformers.trainer import Trainer as trainer_in_module
