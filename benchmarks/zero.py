@@ -145,10 +145,12 @@ _PAYLOAD = {
     "all_reduce_coalesced": (0, "tensors"),
     "all_gather": (0, "tensor_list"),
     "all_gather_into_tensor": (0, "output_tensor"),
+    "all_gather_single": (0, "output_tensor"),  # torch >= 2.13's names (FSDP2 calls these)
     "_all_gather_base": (0, "output_tensor"),
     "reduce_scatter": (1, "input_list"),
     "reduce_scatter_tensor": (1, "input"),
     "_reduce_scatter_base": (1, "input"),
+    "reduce_scatter_single": (1, "input"),
     "all_to_all_single": (1, "input"),
 }
 
