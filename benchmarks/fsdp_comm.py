@@ -580,9 +580,12 @@ def _notes(args, results, references, meta, kinds, grad_bytes) -> list[str]:
             parts.append(f"{VARIANTS[v][0]}: {r0['step_ms']:,.0f} ms sharded ({comm} "
                          f"ms of it inside all-reduces, waits for the other rank included) against "
                          f"{ref['step_ms']:,.0f} ms unsharded on one process")
-        text += "; ".join(parts) + (". Each rank updates half of every row-sharded matrix and of the AdamW tensors, "
-                                    "but every rank still draws the whole P of every matrix and updates the whole "
-                                    "r × n moments of the wide ones.")
+        text += "; ".join(parts) + (". Each rank does about half of the row-sharded matrices' and the AdamW "
+                                    "tensors' work, but every rank still draws the whole P of every matrix and "
+                                    "updates the whole r × n moments of the wide ones. The unsharded step ran with "
+                                    "the other rank idle; the sharded one shares the machine's cores between the "
+                                    "ranks (and whatever else runs: see the load average), so the ratio of the two "
+                                    "says little about a GPU.")
         notes.append(text)
     notes.append(
         f"- **These are CPU timings over gloo** ({world} processes on a {meta['cores']}-core machine, {args.threads} "
