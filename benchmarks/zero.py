@@ -615,10 +615,11 @@ def _notes(args, results, reference, meta, grad_bytes) -> list[str]:
             text += (f" At stage 0 every rank runs the whole update: {whole} ms"
                      + (f", against {reference['step_ms']:,.0f} ms for the unsharded `Apollo` on one process"
                         if reference else "") + ".")
-        text += (" With one matrix per group, every rank still draws the whole P of every matrix and keeps the "
-                 "whole r×n moments of the wide ones, and DeepSpeed runs one `step()` and one all-gather per group; "
-                 "with concatenated groups, a rank updates the matrices in its half whole, as the unsharded "
-                 "optimizer would. The small all-reduces counted outside the optimizer (one per param group) are "
+        text += (" With one matrix per group (and at stage 3 with either layout), every rank draws the whole P "
+                 "of every matrix and keeps the whole r×n moments of the wide ones, and DeepSpeed runs one "
+                 "`step()` (and at stages 1/2 one all-gather) per group; with concatenated groups at stages 1/2, a "
+                 f"rank updates the matrices in its 1/{world} of each group whole, as the unsharded optimizer "
+                 "would. The small all-reduces counted outside the optimizer (one per param group) are "
                  "DeepSpeed's per-group gradient norms, computed even with clipping off.")
         notes.append(text)
         lines = []
@@ -650,10 +651,20 @@ def _notes(args, results, reference, meta, grad_bytes) -> list[str]:
                 "`lowrank_opt.memory.measure.optimizer_state_bytes`: " + "; ".join(mem) + ".")
         if stage0:
             full = stage0[0][0]["state_bytes"]
-            text += (f" At stage 0 every rank holds the whole state ({mib(full)} MiB, the same as the unsharded "
-                     f"`Apollo`). The sharded runs keep more than 1/{world} of it: the r×n moments of a wide matrix "
-                     "are kept whole by every rank holding part of it, and a tensor cut by a shard boundary has its "
-                     "cut rows' moments on both ranks.")
+            text += f" At stage 0 every rank holds the whole state ({mib(full)} MiB, the same as the unsharded `Apollo`)."
+            # more than 1% above an even split: a wide matrix split between ranks (cut rows add only r numbers)
+            more = [p for p in sharded if max(r["state_bytes"] for r in p) - full / world >= 0.01 * full / world]
+            even = [p for p in sharded if p not in more]
+            if even:
+                text += (" " + ", ".join(f"ZeRO-{p[0]['stage']} with {GROUPING_TEXT[p[0]['grouping']]}" for p in even)
+                         + f" keep{'s' if len(even) == 1 else ''} 1/{world} of it on each rank: no wide matrix is "
+                         "split there.")
+            if more:
+                extra = max(max(r["state_bytes"] for r in p) - full / world for p in more)
+                text += (" " + ", ".join(f"ZeRO-{p[0]['stage']} with {GROUPING_TEXT[p[0]['grouping']]}" for p in more)
+                         + f" keep{'s' if len(more) == 1 else ''} up to {mib(extra)} MiB more than 1/{world} of it: "
+                         "the r×n moments of a split wide matrix are kept whole by every rank holding part of it "
+                         "(and a row cut by a shard boundary has its moments on both ranks).")
         text += (f" DeepSpeed also keeps its own fp32 master partition for the optimizer "
                  f"({mib(r0['master_bytes'])} MiB per rank at stages 1–3). In fp32, stage 0 has no separate "
                  "master copy; with bf16 weights it has, and sharding it saves memory. Gradients (stage 2) and "

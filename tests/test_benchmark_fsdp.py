@@ -30,6 +30,7 @@ CONFIG = {
     "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
 }
 F32 = 4  # bytes per fp32 number
+SLOW = pytest.mark.slow  # the tests sharing the one torchrun launch (2 ranks): 15-30 s on 2 busy cores
 
 
 def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -67,6 +68,7 @@ def _sent_by_hand(variant: str) -> dict[str, int]:
     return out
 
 
+@SLOW
 @pytest.mark.parametrize("variant", ["apollo", "apollo_mini"])
 def test_per_kind_bytes_add_up_to_comm_bytes_last_step(tiny_run, variant):
     data, _, _ = tiny_run
@@ -81,6 +83,7 @@ def test_per_kind_bytes_add_up_to_comm_bytes_last_step(tiny_run, variant):
         assert r["optimizer_bytes_match"]  # comm_bytes_last_step == the all-reduces counted inside step()
 
 
+@SLOW
 def test_fsdp_column_is_numel_times_four_and_matches_the_counted_reduce_scatter(tiny_run):
     data, _, _ = tiny_run
     r0 = data["results"]["apollo"][0]
@@ -94,6 +97,7 @@ def test_fsdp_column_is_numel_times_four_and_matches_the_counted_reduce_scatter(
     assert scattered == sum(numel.values()) * F32 == r0["numel"] * F32
 
 
+@SLOW
 def test_each_rank_holds_half_the_row_sharded_state_and_all_of_the_left_projection_state(tiny_run):
     data, _, _ = tiny_run
     for r in data["results"]["apollo"]:
@@ -104,6 +108,7 @@ def test_each_rank_holds_half_the_row_sharded_state_and_all_of_the_left_projecti
         assert r["param_bytes"] == r["grad_bytes"] == r["numel"] * F32 // 2
 
 
+@SLOW
 def test_section_is_written_between_markers_and_the_rest_kept(tiny_run):
     _, text, stdout = tiny_run
     assert text.startswith("# FSDP\n\nHand-written prose that must survive.\n")
