@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -545,3 +546,132 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distributed benchmarks (zero.py, fsdp_comm.py): matrix kinds, collectives counted
+
+
+KINDS = [
+    ("q", r"\.q_proj\."),
+    ("k", r"\.k_proj\."),
+    ("v", r"\.v_proj\."),
+    ("o", r"\.o_proj\."),
+    ("gate", r"\.gate_proj\."),
+    ("up", r"\.up_proj\."),
+    ("down", r"\.down_proj\."),
+    ("embeddings", r"embed_tokens\."),
+    ("lm_head", r"(^|\.)lm_head\."),
+    ("norms", r"norm\.weight$"),
+]
+KIND_ORDER = [k for k, _ in KINDS] + ["other"]
+UNATTRIBUTED = "(no parameter: the \"some rank raises\" flag)"
+
+
+def kind_of(name: str) -> str:
+    """The matrix kind of a parameter name (``model.layers.3.mlp.down_proj.weight`` -> ``down``), ``other`` if
+    none matches."""
+    for kind, pattern in KINDS:
+        if re.search(pattern, name):
+            return kind
+    return "other"
+
+
+def group_by_kind(by_name: dict[str, int]) -> dict[str, int]:
+    """Sum a ``{parameter name: bytes}`` map per kind, in :data:`KIND_ORDER`, kinds without entries left out."""
+    out: dict[str, int] = {}
+    for name, nbytes in by_name.items():
+        kind = kind_of(name)
+        out[kind] = out.get(kind, 0) + int(nbytes)
+    return {k: out[k] for k in KIND_ORDER if k in out}
+
+
+def _pct(part: float, whole: float) -> str:
+    """A percentage with two decimals; more where that would round a part to 0% or 100%."""
+    if not whole:
+        return "—"
+    value = 100 * part / whole
+    if part == whole or part == 0:
+        return f"{value:.0f}%"
+    if value < 0.01:
+        return f"{value:.1e}%"
+    digits = 2
+    while digits < 6 and round(value, digits) == 100:
+        digits += 1
+    return f"{value:.{digits}f}%"
+
+
+# op -> which argument carries the payload (positional index, keyword name)
+_PAYLOAD = {
+    "all_reduce": (0, "tensor"),
+    "reduce": (0, "tensor"),
+    "broadcast": (0, "tensor"),
+    "all_reduce_coalesced": (0, "tensors"),
+    "all_gather": (0, "tensor_list"),
+    "all_gather_into_tensor": (0, "output_tensor"),
+    "all_gather_single": (0, "output_tensor"),  # torch >= 2.13's names (FSDP2 calls these)
+    "_all_gather_base": (0, "output_tensor"),
+    "reduce_scatter": (1, "input_list"),
+    "reduce_scatter_tensor": (1, "input"),
+    "_reduce_scatter_base": (1, "input"),
+    "reduce_scatter_single": (1, "input"),
+    "all_to_all_single": (1, "input"),
+}
+
+
+class CommCounter:
+    """Calls, bytes and seconds in the call per (phase, op) of the torch.distributed collectives issued while a
+    phase is set."""
+
+    def __init__(self):
+        self.phase: Optional[str] = None
+        self.inner: Optional[str] = None  # set while the optimizer's step() runs inside engine.step()
+        self.counts: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0, 0.0])
+        self._depth = 0
+
+    def reset(self) -> None:
+        self.counts.clear()
+
+    def install(self) -> None:
+        import torch.distributed as dist
+        import torch.distributed.distributed_c10d as c10d
+
+        for op, (pos, key) in _PAYLOAD.items():
+            original = getattr(c10d, op, None)
+            if original is None:
+                continue
+            wrapped = self._wrap(op, original, pos, key)
+            setattr(c10d, op, wrapped)
+            if hasattr(dist, op):
+                setattr(dist, op, wrapped)
+
+    def _wrap(self, op, original, pos, key):
+        counter = self
+
+        def wrapped(*a, **kw):
+            phase = counter.inner or counter.phase
+            entry = None
+            if phase is not None and counter._depth == 0:  # count the outermost call only
+                payload = a[pos] if len(a) > pos else kw.get(key)
+                entry = counter.counts[(phase, op)]
+                entry[0] += 1
+                entry[1] += tensor_bytes(payload)
+            counter._depth += 1
+            start = time.perf_counter()
+            try:
+                return original(*a, **kw)
+            finally:
+                counter._depth -= 1
+                if entry is not None:  # for async_op=True this is the launch only
+                    entry[2] += time.perf_counter() - start
+
+        wrapped.__name__ = getattr(original, "__name__", op)
+        wrapped.__wrapped__ = original
+        return wrapped
+
+    def summary(self, phase: str) -> dict[str, list[int]]:
+        """op -> [calls, bytes] (deterministic, compared across steps)."""
+        return {op: v[:2] for (ph, op), v in sorted(self.counts.items()) if ph == phase}
+
+    def seconds(self, phase: str) -> float:
+        return sum(v[2] for (ph, op), v in self.counts.items() if ph == phase)

@@ -48,7 +48,6 @@ import gc
 import json
 import os
 import platform
-import re
 import shlex
 import statistics
 import subprocess
@@ -56,12 +55,18 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's lowrank_opt
 from _common import (  # noqa: E402
+    KIND_ORDER,
+    UNATTRIBUTED,
+    CommCounter,
+    _pct,
     build_llama,
+    group_by_kind,
+    kind_of,
     cpu_model,
     load_average,
     markers,
@@ -82,40 +87,6 @@ VARIANTS = {
     "apollo_mini": ("APOLLO-Mini", lambda rank: dict(rank=1, scale_type="tensor", scale=128.0)),
 }
 # Matrix kinds of a LLaMA, by parameter name (the first pattern that matches).
-KINDS = [
-    ("q", r"\.q_proj\."),
-    ("k", r"\.k_proj\."),
-    ("v", r"\.v_proj\."),
-    ("o", r"\.o_proj\."),
-    ("gate", r"\.gate_proj\."),
-    ("up", r"\.up_proj\."),
-    ("down", r"\.down_proj\."),
-    ("embeddings", r"embed_tokens\."),
-    ("lm_head", r"(^|\.)lm_head\."),
-    ("norms", r"norm\.weight$"),
-]
-KIND_ORDER = [k for k, _ in KINDS] + ["other"]
-UNATTRIBUTED = "(no parameter: the \"some rank raises\" flag)"
-
-
-def kind_of(name: str) -> str:
-    """The matrix kind of a parameter name (``model.layers.3.mlp.down_proj.weight`` -> ``down``), ``other`` if
-    none matches."""
-    for kind, pattern in KINDS:
-        if re.search(pattern, name):
-            return kind
-    return "other"
-
-
-def group_by_kind(by_name: dict[str, int]) -> dict[str, int]:
-    """Sum a ``{parameter name: bytes}`` map per kind, in :data:`KIND_ORDER`, kinds without entries left out."""
-    out: dict[str, int] = {}
-    for name, nbytes in by_name.items():
-        kind = kind_of(name)
-        out[kind] = out.get(kind, 0) + int(nbytes)
-    return {k: out[k] for k in KIND_ORDER if k in out}
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Arguments and the torchrun re-launch
 
@@ -348,21 +319,6 @@ def run_variant(args, variant: str, counter) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------
 # Report
-
-
-def _pct(part: float, whole: float) -> str:
-    """A percentage with two decimals; more where that would round a part to 0% or 100%."""
-    if not whole:
-        return "—"
-    value = 100 * part / whole
-    if part == whole or part == 0:
-        return f"{value:.0f}%"
-    if value < 0.01:
-        return f"{value:.1e}%"
-    digits = 2
-    while digits < 6 and round(value, digits) == 100:
-        digits += 1
-    return f"{value:.{digits}f}%"
 
 
 def _per_rank(values: list[int]) -> str:
@@ -613,8 +569,6 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from zero import CommCounter  # benchmarks/zero.py's counter of torch.distributed collectives
-
     counter = CommCounter()
     counter.install()
     import torch.distributed as dist

@@ -59,7 +59,6 @@ import subprocess
 import sys
 import time
 import warnings
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -67,7 +66,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
+    KIND_ORDER,
+    UNATTRIBUTED,
+    CommCounter,
+    _pct,
     build_llama,
+    group_by_kind,
+    kind_of,
     cpu_model,
     gc_paused,
     load_average,
@@ -152,82 +157,6 @@ def relaunch_under_torchrun(args: argparse.Namespace) -> int:
 # Counting collectives (installed before DeepSpeed is imported: DeepSpeed keeps references to some of them)
 
 
-# op -> which argument carries the payload (positional index, keyword name)
-_PAYLOAD = {
-    "all_reduce": (0, "tensor"),
-    "reduce": (0, "tensor"),
-    "broadcast": (0, "tensor"),
-    "all_reduce_coalesced": (0, "tensors"),
-    "all_gather": (0, "tensor_list"),
-    "all_gather_into_tensor": (0, "output_tensor"),
-    "all_gather_single": (0, "output_tensor"),  # torch >= 2.13's names (FSDP2 calls these)
-    "_all_gather_base": (0, "output_tensor"),
-    "reduce_scatter": (1, "input_list"),
-    "reduce_scatter_tensor": (1, "input"),
-    "_reduce_scatter_base": (1, "input"),
-    "reduce_scatter_single": (1, "input"),
-    "all_to_all_single": (1, "input"),
-}
-
-
-class CommCounter:
-    """Calls, bytes and seconds in the call per (phase, op) of the torch.distributed collectives issued while a
-    phase is set."""
-
-    def __init__(self):
-        self.phase: Optional[str] = None
-        self.inner: Optional[str] = None  # set while the optimizer's step() runs inside engine.step()
-        self.counts: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0, 0.0])
-        self._depth = 0
-
-    def reset(self) -> None:
-        self.counts.clear()
-
-    def install(self) -> None:
-        import torch.distributed as dist
-        import torch.distributed.distributed_c10d as c10d
-
-        for op, (pos, key) in _PAYLOAD.items():
-            original = getattr(c10d, op, None)
-            if original is None:
-                continue
-            wrapped = self._wrap(op, original, pos, key)
-            setattr(c10d, op, wrapped)
-            if hasattr(dist, op):
-                setattr(dist, op, wrapped)
-
-    def _wrap(self, op, original, pos, key):
-        counter = self
-
-        def wrapped(*a, **kw):
-            phase = counter.inner or counter.phase
-            entry = None
-            if phase is not None and counter._depth == 0:  # count the outermost call only
-                payload = a[pos] if len(a) > pos else kw.get(key)
-                entry = counter.counts[(phase, op)]
-                entry[0] += 1
-                entry[1] += tensor_bytes(payload)
-            counter._depth += 1
-            start = time.perf_counter()
-            try:
-                return original(*a, **kw)
-            finally:
-                counter._depth -= 1
-                if entry is not None:  # for async_op=True this is the launch only
-                    entry[2] += time.perf_counter() - start
-
-        wrapped.__name__ = getattr(original, "__name__", op)
-        wrapped.__wrapped__ = original
-        return wrapped
-
-    def summary(self, phase: str) -> dict[str, list[int]]:
-        """op -> [calls, bytes] (deterministic, compared across steps)."""
-        return {op: v[:2] for (ph, op), v in sorted(self.counts.items()) if ph == phase}
-
-    def seconds(self, phase: str) -> float:
-        return sum(v[2] for (ph, op), v in self.counts.items() if ph == phase)
-
-
 COUNTER = CommCounter()
 
 
@@ -245,23 +174,12 @@ def master_bytes(engine: Any, stage: int) -> int:
     return 0
 
 
-class _KeyedState:
-    """An optimizer's ``state`` with every key in ``param_groups``, as the library's counter takes it (it
-    counts only state keyed by the optimizer's parameters). At ZeRO stage 3 DeepSpeed hands the optimizer its
-    flat partitions for ``step()`` only and puts its own parameters back into ``param_groups`` afterwards,
-    while the state stays keyed by the partitions: counted on the optimizer itself, it would read 0."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.state = optimizer.state
-        self.param_groups = [{"params": [k for k in optimizer.state if isinstance(k, torch.Tensor)]}]
-
-
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """The optimizer's state bytes, as the library counts them (lowrank_opt.memory.optimizer_state_bytes),
-    whatever DeepSpeed left in ``param_groups``."""
+    """The optimizer's state bytes, as the library counts them (lowrank_opt.memory.optimizer_state_bytes; at
+    ZeRO stage 3 the state stays keyed by DeepSpeed's flat partitions and counts as held for no parameter)."""
     from lowrank_opt.memory import optimizer_state_bytes
 
-    return optimizer_state_bytes(_KeyedState(optimizer))
+    return optimizer_state_bytes(optimizer)
 
 
 def build_model(config_path: str, seed: int):
@@ -326,7 +244,6 @@ def run_reference(args) -> dict:
 def run_stage(args, grouping: str, stage: int) -> dict:
     import torch.distributed as dist
 
-    from fsdp_comm import kind_of  # the matrix kinds, shared with benchmarks/fsdp_comm.py
     from lowrank_opt import Apollo
     from lowrank_opt.integrations.deepspeed import initialize
 
@@ -393,7 +310,6 @@ def run_stage(args, grouping: str, stage: int) -> dict:
     counted = [sum(b for op, (c, b) in p["inside_optimizer"].items() if op == "all_reduce") for p in per_step]
     matches = all(c == p["optimizer_bytes"] for c, p in zip(counted, per_step))
     constant = all(json.dumps(p, sort_keys=True) == json.dumps(last, sort_keys=True) for p in per_step)
-    from fsdp_comm import group_by_kind
 
     by_kind = group_by_kind(last["by_param"])
     out = dict(
@@ -456,7 +372,6 @@ def _run_name(r0: dict, world: int) -> str:
 
 def render(args, results: list[list[dict]], reference: Optional[dict], meta: dict) -> tuple[str, str]:
     """(tables for stdout, the whole markdown section)."""
-    from fsdp_comm import KIND_ORDER, UNATTRIBUTED, _pct
 
     numel = results[0][0]["numel"] if results else (reference or {}).get("numel", 0)
     grad_bytes = numel * 4
@@ -572,7 +487,6 @@ def render(args, results: list[list[dict]], reference: Optional[dict], meta: dic
 
 
 def _notes(args, results, reference, meta, grad_bytes) -> list[str]:
-    from fsdp_comm import _pct
 
     world = meta["world"]
     notes = [

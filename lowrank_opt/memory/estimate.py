@@ -345,8 +345,8 @@ def estimate(
     weights = weights_model + weights_master
     gradients_all = sum(per_param_grad.values())
     gradients = largest_grad if layerwise else gradients_all
-    # ZeRO partitions optimizer state by N, except (lowrank_opt.integrations.deepspeed.ZeroApollo) the r x n
-    # moments of a left-projected (wide) matrix, which every rank holds in full.
+    # ZeRO partitions optimizer state by N, except the r x n moments of a left-projected (wide) matrix, which
+    # every rank holding a part of it keeps in full (counted as on every rank: an upper bound).
     replicated: set[int] = set()
     if n1 > 1 and chosen.external is None and chosen.lowrank:
         from ..projection import LEFT, matrix_shape, orientation
@@ -485,7 +485,7 @@ def estimate(
         kind_list.append(asdict(KindDetail(**row)))
 
     if zero_stage and chosen.external is None and chosen.lowrank:
-        notes.append("ZeRO (lowrank_opt.integrations.deepspeed.ZeroApollo, one param group per low-rank matrix): "
+        notes.append("ZeRO (Apollo on DeepSpeed's flat shards, counted as if every matrix were split over all ranks): "
                      "moments of right-projected (tall/square) matrices are partitioned by row; left-projected "
                      "(wide) matrices keep their full r x n moments on every rank"
                      + (f" ({len(replicated)} here)" if replicated else ""))

@@ -94,8 +94,12 @@ def _tensors_in(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
 
 
 def _storage_key_and_bytes(t: torch.Tensor) -> tuple[tuple, int]:
-    """Real tensors: their storage (shared storages counted once, at the size actually allocated).
-    Meta tensors have no storage address: each tensor counts as numel x element size."""
+    """Real tensors: their storage (shared storages counted once, at the size actually allocated). A DTensor
+    (FSDP2 state): the shard this process holds. Meta tensors have no storage address: each tensor counts as
+    numel x element size."""
+    to_local = getattr(t, "to_local", None)
+    if callable(to_local) and type(t).__name__ == "DTensor":
+        t = to_local()
     if t.device.type == "meta":
         return ("meta", id(t)), t.numel() * t.element_size()
     storage = t.untyped_storage()
@@ -126,8 +130,12 @@ def optimizer_state_breakdown(optimizer: Any) -> StateBytes:
         for attr, value in vars(opt).items():
             if attr in ("param_groups", "defaults", "optimizer", "optimizer_dict") or not isinstance(value, dict):
                 continue
-            if not value or not any(isinstance(k, torch.Tensor) and id(k) in params for k in value):
-                continue  # only dicts keyed by this optimizer's parameters
+            if not value or (attr != "state" and not any(isinstance(k, torch.Tensor) and id(k) in params
+                                                          for k in value)):
+                # only dicts keyed by this optimizer's parameters; ``state`` always (under ZeRO-3 DeepSpeed puts its
+                # own parameters back into param_groups after step(), while the state stays keyed by its flat
+                # partitions: it is counted, as held for no parameter of param_groups)
+                continue
             for key, entry in value.items():
                 for t in _tensors_in(entry):
                     if id(t) in params:
