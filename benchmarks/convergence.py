@@ -22,6 +22,17 @@ lm_head and norms: AdamW):
   apollo_adamw            the published APOLLO (apollo-torch) through HF: same rank/scale/gap, proj random
   galore_adamw            GaLore (galore-torch) through HF: rank --rank, scale 0.25, update_proj_gap 200
 
+Variants of apollo_mini, the memory levers of docs/memory.md, each measured against plain apollo_mini (no sweep:
+at apollo_mini's best learning rate, with --seed and every --repeat-seeds, apollo_mini repeated there too):
+  apollo_mini+8bit_states         dense_state_bits=8: the AdamW moments of embed_tokens and lm_head in
+                                  bitsandbytes' 8-bit blockwise form (norms, under 4,096 elements, stay fp32)
+  apollo_mini+lowrank_embeddings  embed_tokens and lm_head low-rank too, with Mini's settings
+  q_apollo_mini                   train.py --weights int8: every Linear but lm_head stored in int8 (group 128),
+                                  re-quantized with stochastic rounding (Q-APOLLO-Mini); plain Mini's weights
+                                  are fp32 here (bf16 with --bf16), so that is what it is compared against
+Their comparison is a section of its own (``--sections variants``), with the seed spread and the targets of
+issue 17: 8-bit states within the seed noise, int8 weights within 3% of the same-precision run.
+
 The learning-rate sweep (``--lrs``) is the same grid for every optimizer; where an optimizer's best point is at
 an end of the grid, the grid is extended beyond it for that optimizer (``--extend`` times at most), so that no
 reported optimum sits on the edge. Every point of the sweep is reported, the best in bold. Layer-wise forms are the same update as their plain
@@ -71,8 +82,36 @@ from _common import (  # noqa: E402
 )
 
 SECTION_BEGIN, SECTION_END = markers("convergence", "benchmarks/convergence.py")
+VARIANTS_BEGIN, VARIANTS_END = markers("convergence-variants", "benchmarks/convergence.py")
+SECTIONS = ("sweep", "variants")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A memory lever on top of a plain optimizer: the same run with more train.py flags."""
+
+    base: str  # the optimizer it is compared against (its --optim)
+    what: str  # for the report
+    optim_args: str = ""  # appended to the base's --optim_args
+    extra_targets: tuple[str, ...] = ()  # low-rank next to TARGET_MODULES
+    flags: tuple[str, ...] = ()  # more train.py flags
+    max_gap_pct: Optional[float] = None  # target: mean eval loss at most this % above the base's
+    within_noise: bool = False  # target: |mean difference| at most the base's seed spread
+
+
+VARIANTS = {
+    "apollo_mini+8bit_states": Variant(
+        "apollo_mini", "AdamW moments of embed_tokens and lm_head in 8-bit blockwise form (`dense_state_bits=8`)",
+        optim_args="dense_state_bits=8", within_noise=True),
+    "apollo_mini+lowrank_embeddings": Variant(
+        "apollo_mini", "embed_tokens and lm_head low-rank too, Mini's settings (`--optim_target_modules ... "
+        "embed_tokens lm_head`)", extra_targets=("embed_tokens", "lm_head")),
+    "q_apollo_mini": Variant(
+        "apollo_mini", "Q-APOLLO-Mini: every Linear but lm_head in int8, group 128, stochastic re-quantization "
+        "(`--weights int8`)", flags=("--weights", "int8"), max_gap_pct=3.0),
+}
 ALL_OPTIMIZERS = ("adamw_torch", "apollo", "apollo_mini", "apollo_layerwise", "apollo_mini_layerwise",
-                  "apollo_adamw", "galore_adamw")
+                  "apollo_adamw", "galore_adamw", *VARIANTS)
 LAYERWISE_OF = {"apollo_layerwise": "apollo", "apollo_mini_layerwise": "apollo_mini"}
 BASELINE = "adamw_torch"
 # The attention and MLP matrices, for every optimizer alike. (HF's "all-linear" for apollo_adamw/galore_adamw
@@ -82,6 +121,10 @@ TARGET_MODULES = r".*\.(self_attn|mlp)\.[a-z]+_proj"
 
 def optim_args(name: str, rank: int, gap: int) -> Optional[str]:
     """The --optim_args train.py gets for ``name`` (None: the optimizer's defaults)."""
+    if name in VARIANTS:
+        variant = VARIANTS[name]
+        base = optim_args(variant.base, rank, gap)
+        return ",".join(x for x in (base, variant.optim_args) if x) or None
     if name in ("apollo", "apollo_layerwise"):
         return f"rank={rank},scale=1,update_proj_gap={gap},scale_type=channel"
     if name in ("apollo_mini", "apollo_mini_layerwise"):
@@ -191,6 +234,7 @@ def worker(spec_path: str, result_path: str) -> int:
         "state_bytes": breakdown.total,
         "lowrank_state_bytes": sum(b for k, b in breakdown.items() if k in lowrank_ids),
         "peak_rss_bytes": peak_rss_bytes(),
+        "weight_bytes": weight_bytes(model),
         "tokens": int(trainer.state.global_step) * trainer.args.per_device_train_batch_size * spec["block_size"],
         "optimizer_class": f"{inner.__module__}.{inner.__name__}",
         "torch": torch.__version__,
@@ -199,13 +243,25 @@ def worker(spec_path: str, result_path: str) -> int:
     return 0
 
 
+def weight_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers as stored (each storage once): int8 weights count their
+    int8 codes and scales, not the one-element float carrier their gradient flows through."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
 def train_argv(args, name: str, lr: float, seed: int, corpus: Path, output_dir: Path) -> list[str]:
     argv = [
         "--config", str(ROOT / "configs" / "tiny.yaml"),
         "--model_config", str(args.model_config),
         "--data_files", str(corpus),
-        "--optim", name,
-        "--optim_target_modules", TARGET_MODULES,
+        "--optim", VARIANTS[name].base if name in VARIANTS else name,
+        "--optim_target_modules", TARGET_MODULES, *(VARIANTS[name].extra_targets if name in VARIANTS else ()),
         "--learning_rate", f"{lr:g}",
         "--lr_scheduler_type", "cosine_with_min_lr",
         "--lr_scheduler_kwargs", json.dumps({"min_lr_rate": 0.1}),
@@ -231,6 +287,8 @@ def train_argv(args, name: str, lr: float, seed: int, corpus: Path, output_dir: 
     extra = optim_args(name, args.rank, args.update_proj_gap)
     if extra is not None:
         argv += ["--optim_args", extra]
+    if name in VARIANTS:
+        argv += list(VARIANTS[name].flags)
     if args.bf16:
         argv += ["--bf16", "true"]
     return argv
@@ -391,6 +449,162 @@ def target_lines(summaries: list[Summary]) -> list[str]:
     return lines
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The variants against their base
+
+
+@dataclass
+class VariantComparison:
+    name: str  # a VARIANTS name, or the base itself (its own row)
+    base: str
+    lr: float
+    losses: dict[int, float]  # seed -> final eval loss
+    base_losses: dict[int, float]  # seed -> the base's final eval loss at the same lr
+    runs: list[dict]  # the variant's runs, by seed
+
+    @property
+    def seeds(self) -> list[int]:
+        """The seeds both have: the comparison is paired (same init and data order)."""
+        return sorted(set(self.losses) & set(self.base_losses))
+
+    @property
+    def mean(self) -> float:
+        return sum(self.losses[s] for s in self.seeds) / len(self.seeds)
+
+    @property
+    def base_mean(self) -> float:
+        return sum(self.base_losses[s] for s in self.seeds) / len(self.seeds)
+
+    @property
+    def spread(self) -> float:
+        return max(self.losses[s] for s in self.seeds) - min(self.losses[s] for s in self.seeds)
+
+    @property
+    def base_spread(self) -> float:
+        return max(self.base_losses[s] for s in self.seeds) - min(self.base_losses[s] for s in self.seeds)
+
+
+def compare_variants(results: dict[str, dict], names: list[str], best_lr: dict[str, float]) -> list[VariantComparison]:
+    """For each variant in ``names`` whose base has a best lr: its final eval loss per seed at that lr and the
+    base's at the same lr and seeds. Each base comes first, compared with itself (its row of the table)."""
+    def losses(name: str, lr: float) -> tuple[dict[int, float], list[dict]]:
+        runs = sorted((r for r in results.values() if r["spec"]["optimizer"] == name and r["spec"]["lr"] == lr),
+                      key=lambda r: r["spec"]["seed"])
+        return {r["spec"]["seed"]: r["final_eval_loss"] for r in runs}, runs
+
+    out: list[VariantComparison] = []
+    for name in names:
+        if name not in VARIANTS or VARIANTS[name].base not in best_lr:
+            continue
+        base = VARIANTS[name].base
+        lr = best_lr[base]
+        base_losses, base_runs = losses(base, lr)
+        mine, runs = losses(name, lr)
+        paired = set(mine) & set(base_losses)
+        if not paired:
+            continue
+        runs = [r for r in runs if r["spec"]["seed"] in paired]
+        if not any(c.name == base for c in out):
+            out.append(VariantComparison(base, base, lr, base_losses, base_losses, base_runs))
+        out.append(VariantComparison(name, base, lr, mine, base_losses, runs))
+    return out
+
+
+def variants_table(comparisons: list[VariantComparison]) -> str:
+    seeds = sorted({s for c in comparisons for s in c.seeds})
+    rows = ["| run | what changes | lr | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | vs plain (mean) "
+            "| vs plain, per seed | seed spread (max - min) | state MiB | weights MiB | train time s (mean) |",
+            "|---|---|---:|" + "---:|" * len(seeds) + "---:|---:|---|---:|---:|---:|---:|"]
+    for c in comparisons:
+        own = c.name == c.base
+        what = "— (the baseline)" if own else VARIANTS[c.name].what
+        cells = [f"{c.losses[s]:.4f}" if s in c.seeds else "—" for s in seeds]
+        versus = "—" if own else f"{c.mean - c.base_mean:+.4f} ({100 * (c.mean / c.base_mean - 1):+.2f}%)"
+        paired = "—" if own else ", ".join(f"{c.losses[s] - c.base_losses[s]:+.4f}" for s in c.seeds)
+        first = c.runs[0]
+        weights = first.get("weight_bytes")
+        rows.append(f"| {c.name} | {what} | {c.lr:g} | " + " | ".join(cells) + f" | {c.mean:.4f} | {versus} | {paired} "
+                    f"| {c.spread:.4f} | {_mib(first['state_bytes'])} | {'—' if weights is None else _mib(weights)} "
+                    f"| {sum(r['train_runtime_s'] for r in c.runs) / len(c.runs):.0f} |")
+    return "\n".join(rows)
+
+
+def variant_target_lines(comparisons: list[VariantComparison], precision: str) -> list[str]:
+    """The targets of issue 17, judged on the means over the seeds both runs have (lower loss is better)."""
+    lines = []
+    for c in comparisons:
+        if c.name == c.base:
+            continue
+        variant = VARIANTS[c.name]
+        diff, pct = c.mean - c.base_mean, 100 * (c.mean / c.base_mean - 1)
+        head = (f"- {c.name} vs {c.base} ({precision}), mean over seeds {', '.join(map(str, c.seeds))} at lr "
+                f"{c.lr:g}: {c.mean:.4f} vs {c.base_mean:.4f}, difference {diff:+.4f} ({pct:+.2f}%); seed spread of "
+                f"{c.base} {c.base_spread:.4f}, of {c.name} {c.spread:.4f}")
+        if len(c.seeds) < 2:
+            lines.append(head + ": one seed only, no noise estimate (give --repeat-seeds).")
+        elif variant.within_noise:
+            met = abs(diff) <= c.base_spread
+            lines.append(head + f" (target: |difference| within {c.base}'s seed spread): **{'met' if met else 'missed'}**.")
+        elif variant.max_gap_pct is not None:
+            met = pct <= variant.max_gap_pct
+            lines.append(head + f" (target: within {variant.max_gap_pct:g}% of the same-precision {c.base} run; "
+                         f"lower is better): **{'met' if met else 'missed'}**.")
+        else:
+            where = "within" if abs(diff) <= c.base_spread else "beyond"
+            lines.append(head + f" (no target: a measured cost; the difference is {where} {c.base}'s seed spread).")
+    return lines
+
+
+def render_variants(args, command: str, comparisons: list[VariantComparison], corpus_info: dict, machine: str,
+                    loads: tuple[str, str], csv_path: Path) -> str:
+    finished = [r["finished"] for c in comparisons for r in c.runs]
+    base_run = comparisons[0].runs[0]
+    precision = "bf16 mixed precision" if args.bf16 else "fp32 weights"
+    rel = lambda p: os.path.relpath(p, Path(args.output).parent) if args.output not in ("", "-") else str(p)  # noqa: E731
+    parts = [
+        VARIANTS_BEGIN,
+        f"### Memory levers against plain APOLLO-Mini: what they cost in loss (`benchmarks/convergence.py`"
+        f"{', ' + args.tag if args.tag else ''})",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Runs finished between {min(finished)} and {max(finished)} on {machine}; {args.parallel} run(s) at a time, "
+        f"{args.threads or 'default'} thread(s) each; load average {loads[0]} at the start of this invocation and "
+        f"{loads[1]} at its end. Train times are indicative only (shared cores).",
+        "",
+        setting_text(args, base_run, corpus_info) + " Each variant is its base's run with one lever changed, at "
+        "the base's best learning rate of this invocation's sweep, with the same seeds (init and data order), so "
+        f"the per-seed differences are paired. The plain runs keep {precision}.",
+        "",
+        "Final eval loss per seed (state: optimizer state measured in the trained optimizer; weights: parameters "
+        "and buffers as stored):",
+        "",
+        variants_table(comparisons),
+        "",
+        "Targets (issue 17):",
+        "",
+        *variant_target_lines(comparisons, precision),
+        "",
+        f"Curves: [{rel(csv_path)}]({rel(csv_path)}) (eval and train loss of these runs, every {args.eval_steps} "
+        "steps).",
+        "",
+        VARIANTS_END,
+    ]
+    return "\n".join(parts)
+
+
+def write_variants_section(path: str, section: str) -> None:
+    """Into ``path`` in place of its previous variants section, else right after the convergence section,
+    else at the end."""
+    text = Path(path).read_text() if Path(path).exists() else ""
+    if VARIANTS_BEGIN not in text and SECTION_END in text:
+        write_text_atomic(path, text.replace(SECTION_END, SECTION_END + "\n\n" + section, 1))
+    else:
+        write_section(path, section, VARIANTS_BEGIN, VARIANTS_END)
+
+
 def write_csv(path: Path, results: dict[str, dict]) -> None:
     rows = []
     for key in sorted(results):
@@ -438,11 +652,25 @@ def write_plot(path: Path, summaries: list[Summary], lrs: list[float], title: st
     return True
 
 
+def setting_text(args, base: dict, corpus_info: dict) -> str:
+    """The paragraph that says what every run of the section trained, on what data, for how long."""
+    tokens_per_step = args.batch_size * args.block_size
+    return (
+        f"Setting: `{os.path.relpath(args.model_config, ROOT)}` ({base.get('parameters', 0) / 1e6:.2f}M parameters, "
+        f"{base.get('lowrank_parameters', 0) / 1e6:.2f}M of them in the attention/MLP matrices), random init "
+        f"(seed {args.seed}); corpus: the pydoc topics and standard-library docstrings of Python "
+        f"{corpus_info.get('python')} ({corpus_info.get('documents', 0):,} documents, "
+        f"{corpus_info.get('characters', 0) / 1e6:.2f}M characters), the offline 4096-token BPE, blocks of "
+        f"{args.block_size} tokens, {args.eval_fraction:.0%} held out; {args.steps} steps of {args.batch_size} "
+        f"blocks ({tokens_per_step:,} tokens per step, {args.steps * tokens_per_step / 1e6:.2f}M tokens); "
+        f"warmup 10% then cosine to 10% of the peak lr; gradient clipping 1.0 (off for layer-wise); weight decay "
+        f"0; rank {args.rank} (APOLLO, apollo-torch, GaLore), update_proj_gap {args.update_proj_gap}.")
+
+
 def render(args, command: str, summaries: list[Summary], corpus_info: dict, machine: str, loads: tuple[str, str],
            csv_path: Path, png_path: Optional[Path], seeds: list[int], finished: list[str], lrs: list[float]) -> str:
     base = summaries[0].best if summaries else {}
     rel = lambda p: os.path.relpath(p, Path(args.output).parent) if args.output not in ("", "-") else str(p)  # noqa: E731
-    tokens_per_step = args.batch_size * args.block_size
     parts = [
         SECTION_BEGIN,
         f"## Convergence: pre-training a {base.get('parameters', 0) / 1e6:.1f}M-parameter LLaMA "
@@ -458,15 +686,7 @@ def render(args, command: str, summaries: list[Summary], corpus_info: dict, mach
         "theirs). Train time and tokens/s are indicative only: the runs shared the cores with each other and, "
         "during part of the sweep, with other work.",
         "",
-        f"Setting: `{os.path.relpath(args.model_config, ROOT)}` ({base.get('parameters', 0) / 1e6:.2f}M parameters, "
-        f"{base.get('lowrank_parameters', 0) / 1e6:.2f}M of them in the attention/MLP matrices), random init "
-        f"(seed {args.seed}); corpus: the pydoc topics and standard-library docstrings of Python "
-        f"{corpus_info.get('python')} ({corpus_info.get('documents', 0):,} documents, "
-        f"{corpus_info.get('characters', 0) / 1e6:.2f}M characters), the offline 4096-token BPE, blocks of "
-        f"{args.block_size} tokens, {args.eval_fraction:.0%} held out; {args.steps} steps of {args.batch_size} "
-        f"blocks ({tokens_per_step:,} tokens per step, {args.steps * tokens_per_step / 1e6:.2f}M tokens); "
-        f"warmup 10% then cosine to 10% of the peak lr; gradient clipping 1.0 (off for layer-wise); weight decay "
-        f"0; rank {args.rank} (APOLLO, apollo-torch, GaLore), update_proj_gap {args.update_proj_gap}.",
+        setting_text(args, base, corpus_info),
         "",
         "Final eval loss for each peak learning rate of the sweep (bold: the optimizer's best), and the run at "
         "the best learning rate (perplexity = exp(eval loss); state bytes measured in the trained optimizer; "
@@ -543,6 +763,9 @@ def parse_args(argv=None):
     parser.add_argument("--force", action="store_true", help="Rerun finished runs.")
     parser.add_argument("--tag", default="cpu", help="Names the CSV/PNG (convergence_TAG.* beside --output).")
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"), help="'-' to write no Markdown.")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="Which sections of --output (and their "
+                        "CSV/PNG) to write: sweep (the optimizer table, convergence_TAG.*), variants (the variants "
+                        "against their base, convergence_TAG_variants.csv), or both.")
     parser.add_argument("--worker", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -553,6 +776,13 @@ def parse_args(argv=None):
             optim_args(name, 1, 1)  # unknown names fail here, before any run
         except ValueError as error:
             raise SystemExit(f"--optimizers: {error}") from None
+    for name in args.optimizer_list:
+        if name in VARIANTS and VARIANTS[name].base not in args.optimizer_list:
+            raise SystemExit(f"--optimizers: {name} is measured against {VARIANTS[name].base}; "
+                             f"list {VARIANTS[name].base} too")
+    args.section_list = [x.strip() for x in args.sections.split(",") if x.strip()]
+    if not args.section_list or any(x not in SECTIONS for x in args.section_list):
+        raise SystemExit(f"--sections must be a comma-separated list from {', '.join(SECTIONS)}, got {args.sections!r}")
     args.lr_list = sorted(_float_list(args.lrs, "--lrs"))
     args.seed_list = [int(x) for x in args.repeat_seeds.split(",") if x.strip()]
     args.repeat_list = [n.strip() for n in args.repeat_optimizers.split(",") if n.strip()]
@@ -595,8 +825,9 @@ def main(argv=None) -> int:
         output_dir = work / "train" / run_key(name, lr, seed)
         return RunSpec(name, lr, seed, train_argv(args, name, lr, seed, corpus, output_dir), args.threads)
 
-    # 1. The sweep (plain forms; layer-wise forms too with --sweep-layerwise).
-    swept = [n for n in args.optimizer_list if args.sweep_layerwise or n not in LAYERWISE_OF]
+    # 1. The sweep (plain forms; layer-wise forms too with --sweep-layerwise; variants never).
+    swept = [n for n in args.optimizer_list
+             if (args.sweep_layerwise or n not in LAYERWISE_OF) and n not in VARIANTS]
     results = run_all([spec(n, lr, args.seed) for n in swept for lr in args.lr_list], args)
     # An optimum at an end of the grid is not an optimum: extend the grid there (every optimizer alike).
     for _ in range(args.extend):
@@ -621,36 +852,57 @@ def main(argv=None) -> int:
         if name in LAYERWISE_OF and not args.sweep_layerwise:
             lr = best.get(LAYERWISE_OF[name], args.lr_list[len(args.lr_list) // 2])
             follow.append(spec(name, lr, args.seed))
-    for name in args.repeat_list:
+    # Variants at their base's best lr, with every seed; their base repeated there with the same seeds.
+    variants = [n for n in args.optimizer_list if n in VARIANTS and VARIANTS[n].base in best]
+    repeated = list(args.repeat_list) + [VARIANTS[n].base for n in variants]
+    for name in dict.fromkeys(repeated):
         if name in best:
             follow += [spec(name, best[name], seed) for seed in args.seed_list]
+    for name in variants:
+        follow += [spec(name, best[VARIANTS[name].base], seed) for seed in [args.seed, *args.seed_list]]
     if follow:
         results.update(run_all(follow, args))
-    summaries = summarize(results, args.optimizer_list, args)
+    summaries = summarize(results, [n for n in args.optimizer_list if n not in VARIANTS], args)
     all_lrs = sorted({lr for s in summaries for lr in s.sweep} | set(args.lr_list))
+    comparisons = compare_variants(results, variants, best)
 
     import torch
 
     machine = (f"{'GPU ' + torch.cuda.get_device_name(0) + ', ' if args.device == 'cuda' else ''}CPU {cpu_model()}, "
                f"{os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}")
     folder = work if args.output in ("", "-") else Path(args.output).resolve().parent
-    csv_path, png_path = folder / f"convergence_{args.tag}.csv", folder / f"convergence_{args.tag}.png"
-    write_csv(csv_path, results)
-    title = (f"{Path(args.model_config).name}, {args.steps} steps x {args.batch_size * args.block_size} tokens, "
-             f"{machine}")
-    if not write_plot(png_path, summaries, all_lrs, title):
-        png_path = None
-    print()
-    print(results_table(summaries, all_lrs))
-    for line in target_lines(summaries):
-        print(line)
-    print(f"\nCSV {csv_path}" + (f", plot {png_path}" if png_path else ""))
-    if args.output not in ("", "-"):
-        section = render(args, command, summaries, corpus_info, machine, (load_start, load_average()), csv_path,
-                         png_path, [args.seed, *args.seed_list], [r["finished"] for r in results.values()],
-                         all_lrs)
-        write_section(args.output, section, SECTION_BEGIN, SECTION_END)
-        print(f"wrote the convergence section of {args.output}")
+    loads = (load_start, load_average())
+    if "sweep" in args.section_list:
+        csv_path, png_path = folder / f"convergence_{args.tag}.csv", folder / f"convergence_{args.tag}.png"
+        write_csv(csv_path, results)
+        title = (f"{Path(args.model_config).name}, {args.steps} steps x {args.batch_size * args.block_size} tokens, "
+                 f"{machine}")
+        if not write_plot(png_path, summaries, all_lrs, title):
+            png_path = None
+        print()
+        print(results_table(summaries, all_lrs))
+        for line in target_lines(summaries):
+            print(line)
+        print(f"\nCSV {csv_path}" + (f", plot {png_path}" if png_path else ""))
+        if args.output not in ("", "-"):
+            section = render(args, command, summaries, corpus_info, machine, loads, csv_path, png_path,
+                             [args.seed, *args.seed_list], [r["finished"] for r in results.values()], all_lrs)
+            write_section(args.output, section, SECTION_BEGIN, SECTION_END)
+            print(f"wrote the convergence section of {args.output}")
+    if "variants" in args.section_list and comparisons:
+        csv_path = folder / f"convergence_{args.tag}_variants.csv"
+        write_csv(csv_path, {run_key(r["spec"]["optimizer"], r["spec"]["lr"], r["spec"]["seed"]): r
+                             for c in comparisons for r in c.runs})
+        precision = "bf16 mixed precision" if args.bf16 else "fp32 weights"
+        print()
+        print(variants_table(comparisons))
+        for line in variant_target_lines(comparisons, precision):
+            print(line)
+        print(f"\nCSV {csv_path}")
+        if args.output not in ("", "-"):
+            write_variants_section(args.output, render_variants(args, command, comparisons, corpus_info, machine,
+                                                                loads, csv_path))
+            print(f"wrote the convergence-variants section of {args.output}")
     return 0
 
 

@@ -103,8 +103,136 @@ def test_targets_are_judged_from_the_numbers():
     (["--lrs", "-1"], "--lrs must be positive numbers"),
     (["--steps", "0"], "--steps must be >= 1, got 0"),
     (["--model-config", "nope.json"], "--model-config nope.json does not exist"),
+    (["--optimizers", "q_apollo_mini"], "q_apollo_mini is measured against apollo_mini; list apollo_mini too"),
+    (["--optimizers", "apollo_mini,apollo_mini+4bit_states"], "unknown optimizer 'apollo_mini+4bit_states'"),
+    (["--sections", "sweep,curves"], "--sections must be a comma-separated list from sweep, variants"),
 ])
 def test_bad_input_fails_before_any_run(tmp_path, args, message):
     proc = _run(*args, "--work-dir", str(tmp_path / "w"), "--output", str(tmp_path / "b.md"), timeout=120)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "w").exists() and not (tmp_path / "b.md").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The variants of apollo_mini (issue 17's memory levers)
+
+
+def _args(module, *extra):
+    return module.parse_args(["--optimizers", "apollo_mini," + ",".join(module.VARIANTS), *extra])
+
+
+def _flag(argv, flag):
+    """The values after ``flag`` up to the next ``--`` flag."""
+    i = argv.index(flag)
+    values = []
+    for value in argv[i + 1:]:
+        if value.startswith("--"):
+            break
+        values.append(value)
+    return values
+
+
+def test_variant_names_build_their_train_flags(tmp_path):
+    module = _load()
+    args = _args(module)
+    assert set(module.VARIANTS) == {"apollo_mini+8bit_states", "apollo_mini+lowrank_embeddings", "q_apollo_mini"}
+    assert all(name in module.ALL_OPTIMIZERS for name in module.VARIANTS)
+    plain = module.train_argv(args, "apollo_mini", 3e-3, 42, tmp_path / "c.jsonl", tmp_path / "o")
+    argvs = {name: module.train_argv(args, name, 3e-3, 42, tmp_path / "c.jsonl", tmp_path / "o")
+             for name in module.VARIANTS}
+    mini_args = "rank=1,scale=128,update_proj_gap=200,scale_type=tensor"
+    for name, argv in argvs.items():
+        assert _flag(argv, "--optim") == ["apollo_mini"], name  # every variant is apollo_mini underneath
+        assert _flag(argv, "--learning_rate") == ["0.003"] and _flag(argv, "--seed") == ["42"]
+    assert _flag(argvs["apollo_mini+8bit_states"], "--optim_args") == [mini_args + ",dense_state_bits=8"]
+    assert _flag(argvs["apollo_mini+lowrank_embeddings"], "--optim_target_modules") == [
+        module.TARGET_MODULES, "embed_tokens", "lm_head"]
+    assert _flag(argvs["q_apollo_mini"], "--weights") == ["int8"]
+    # Apart from its own lever, each variant's argv is plain apollo_mini's, flag for flag.
+    for name, argv in argvs.items():
+        assert "--weights" not in plain and len(argv) >= len(plain)
+        lever = {"apollo_mini+8bit_states": "--optim_args", "apollo_mini+lowrank_embeddings": "--optim_target_modules",
+                 "q_apollo_mini": "--weights"}[name]
+        flags = [a for a in argv if a.startswith("--")]
+        assert flags[: len([a for a in plain if a.startswith("--")])] == [a for a in plain if a.startswith("--")]
+        for flag in (a for a in plain if a.startswith("--") and a != lever):
+            assert _flag(argv, flag) == _flag(plain, flag), (name, flag)
+
+
+def test_variant_argv_is_what_train_py_parses(tmp_path):
+    """train.py's own parser reads each variant's argv into the lever it stands for, and the low-rank embeddings'
+    target list selects embed_tokens and lm_head next to every attention/MLP matrix."""
+    pytest.importorskip("transformers")
+    module = _load()
+    args = _args(module)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"text": "hello"}) + "\n")
+    sys.path.insert(0, str(ROOT))
+    import train
+    from lowrank_opt.targets import lowrank_targets
+
+    parsed = {name: train.parse_args(module.train_argv(args, name, 3e-3, 42, corpus, tmp_path / "o"))
+              for name in ("apollo_mini", *module.VARIANTS)}
+    for name, (model_args, _, training_args) in parsed.items():
+        assert training_args.lowrank_optim == "apollo_mini", name
+        assert model_args.weights == ("int8" if name == "q_apollo_mini" else "float"), name
+    assert "dense_state_bits=8" in parsed["apollo_mini+8bit_states"][2].optim_args
+    assert "dense_state_bits" not in parsed["apollo_mini"][2].optim_args
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model_config))
+    plain = {n for n, _ in lowrank_targets(model, parsed["apollo_mini"][2].optim_target_modules)}
+    wide = {n for n, _ in lowrank_targets(model, parsed["apollo_mini+lowrank_embeddings"][2].optim_target_modules)}
+    layers = model.config.num_hidden_layers
+    assert len(plain) == 7 * layers and not any("embed" in n or "lm_head" in n for n in plain)
+    assert wide - plain == {"model.embed_tokens.weight", "lm_head.weight"}
+
+
+def _result(name, lr, seed, loss, state=1000, runtime=10.0):
+    return {"spec": {"optimizer": name, "lr": lr, "seed": seed}, "final_eval_loss": loss, "state_bytes": state,
+            "weight_bytes": 4000, "train_runtime_s": runtime, "finished": "2026-01-01 00:00 UTC",
+            "eval_loss": [[2, loss]], "train_loss": [[2, loss + 0.1]]}
+
+
+def test_variants_are_compared_paired_and_judged_from_the_numbers():
+    module = _load()
+    rows = [
+        ("apollo_mini", 3e-3, 42, 4.60), ("apollo_mini", 3e-3, 43, 4.64),  # spread 0.04, mean 4.62
+        ("apollo_mini", 1e-2, 42, 5.00),  # another lr: not compared
+        ("apollo_mini+8bit_states", 3e-3, 42, 4.64), ("apollo_mini+8bit_states", 3e-3, 43, 4.66),  # +0.03: met
+        ("apollo_mini+lowrank_embeddings", 3e-3, 42, 4.80), ("apollo_mini+lowrank_embeddings", 3e-3, 43, 4.90),
+        ("q_apollo_mini", 3e-3, 42, 4.78), ("q_apollo_mini", 3e-3, 43, 4.78),  # 4.78 / 4.62 = +3.46%: missed
+        ("q_apollo_mini", 3e-3, 44, 1.00),  # a seed the base lacks: left out of the paired comparison
+    ]
+    results = {module.run_key(n, lr, s): _result(n, lr, s, loss) for n, lr, s, loss in rows}
+    names = ["apollo_mini+8bit_states", "apollo_mini+lowrank_embeddings", "q_apollo_mini"]
+    comparisons = module.compare_variants(results, names, {"apollo_mini": 3e-3})
+    assert [c.name for c in comparisons] == ["apollo_mini", *names]
+    by_name = {c.name: c for c in comparisons}
+    assert by_name["q_apollo_mini"].seeds == [42, 43] and by_name["q_apollo_mini"].mean == pytest.approx(4.78)
+    assert [r["spec"]["seed"] for r in by_name["q_apollo_mini"].runs] == [42, 43]
+    assert by_name["apollo_mini"].spread == pytest.approx(0.04)
+    text = "\n".join(module.variant_target_lines(comparisons, "fp32 weights"))
+    assert "4.6500 vs 4.6200, difference +0.0300 (+0.65%)" in text
+    assert "(target: |difference| within apollo_mini's seed spread): **met**" in text
+    assert "+3.46%" in text and "(target: within 3% of the same-precision apollo_mini run; lower is better): **missed**" in text
+    assert "no target: a measured cost; the difference is beyond apollo_mini's seed spread" in text
+    table = module.variants_table(comparisons)
+    assert "| apollo_mini+lowrank_embeddings |" in table and "+0.2000, +0.2600" in table  # per-seed differences
+    # 8-bit states 0.045 above the base is beyond its 0.04 spread: missed
+    results[module.run_key("apollo_mini+8bit_states", 3e-3, 43)]["final_eval_loss"] = 4.69
+    worse = module.compare_variants(results, names[:1], {"apollo_mini": 3e-3})
+    assert "**missed**" in "\n".join(module.variant_target_lines(worse, "fp32 weights"))
+
+
+def test_variants_section_goes_after_the_sweep_section_and_is_replaced_in_place(tmp_path):
+    module = _load()
+    doc = tmp_path / "b.md"
+    doc.write_text(f"# B\n\n{module.SECTION_BEGIN}\nsweep\n{module.SECTION_END}\n\n## Later\n")
+    first = f"{module.VARIANTS_BEGIN}\none\n{module.VARIANTS_END}"
+    module.write_variants_section(str(doc), first)
+    assert doc.read_text() == f"# B\n\n{module.SECTION_BEGIN}\nsweep\n{module.SECTION_END}\n\n{first}\n\n## Later\n"
+    module.write_variants_section(str(doc), f"{module.VARIANTS_BEGIN}\ntwo\n{module.VARIANTS_END}")
+    text = doc.read_text()
+    assert text.count(module.VARIANTS_BEGIN) == 1 and "\ntwo\n" in text and "\none\n" not in text
+    assert text.endswith("## Later\n")
