@@ -41,17 +41,35 @@ peak *allocated* (``total - overhead``: weights, gradients, states, activations,
 ``max_memory_reserved``. The table prints both and the ratio measured / estimated (allocated).
 
 Without a CUDA GPU the script stops before allocating anything, with exit status 3. ``--device cpu`` runs
-the same code on the CPU (any config; no caps; CPU timings): the whole run is traced with torch.profiler's
-memory timeline, its peak of live tensor bytes is the "peak alloc" column, and the estimate next to it is
-``estimate(..., device="cpu")`` (torch's CPU code paths, no CUDA context, no fragmentation). It checks the
-estimator's weights/gradients/states/activations/scratch model, not the CUDA overhead; its numbers are never
-GPU numbers, and the table and JSON say ``device: cpu``.
+the same code on the CPU (any config; no caps; CPU timings): the whole run is traced with torch.profiler
+(``--cpu-peak``: the CPU allocator's running total, or torch's memory timeline; the same peak), its peak of
+live tensor bytes is the "peak alloc" column, and the estimate next to it is ``estimate(..., device="cpu")``
+(torch's CPU code paths, no CUDA context, no fragmentation). It checks the estimator's weights/gradients/
+states/activations/scratch model, not the CUDA overhead; its numbers are never GPU numbers, and the table and
+JSON say ``device: cpu``.
+
+Memory levers (issue 17), for every optimizer of the run and its estimate alike: ``--optim-args`` (e.g.
+``dense_state_bits=8``: the plain-AdamW moments of the embeddings and head in bitsandbytes' 8-bit blockwise
+form), ``--target-modules`` (``all-linear,embed_tokens,lm_head``: low-rank embeddings), ``--lean-loss`` (each
+step's loss is ``lowrank_opt.loss.causal_lm_loss_from_model``: chunked, no tokens x vocabulary tensor) and
+``--weights int8`` (every Linear but the head in int8, ``lowrank_opt.quant.Int8Linear``; the model is
+materialised from the meta device one module at a time, each Linear quantized as soon as it exists, so no
+float copy of the whole model is ever made). The 16 GB and 12 GB settings of docs/memory.md on LLaMA-7B, on
+the CPU (two steps at 256 tokens; the figures in docs/memory.md come from these commands)::
+
+    python benchmarks/fit_7b.py --device cpu --caps 0 --seq-len 256 --steps 2 \
+        --optims apollo_mini_layerwise --optim-args dense_state_bits=8 --lean-loss \
+        --target-modules all-linear,lm_head --output fit_7b_cpu_16gb.json
+    python benchmarks/fit_7b.py --device cpu --caps 0 --seq-len 256 --steps 2 \
+        --optims apollo_mini_layerwise --optim-args dense_state_bits=8 --lean-loss --weights int8 \
+        --output fit_7b_cpu_12gb.json
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -80,7 +98,11 @@ NO_CUDA_MESSAGE = (
 
 @dataclass(frozen=True)
 class OptimChoice:
-    """How ``--optims NAME`` is built and which estimator name predicts it."""
+    """How ``--optims NAME`` is built and which estimator name predicts it, with the run's memory levers (the
+    same for the run and its estimate): ``target_modules`` (the low-rank matrices of a lowrank-opt optimizer;
+    None: its default, ``"all-linear"``), ``lean_loss`` (the loss of :func:`lowrank_opt.loss.
+    causal_lm_loss_from_model` instead of the model's own) and ``weights`` (``"int8"``: every Linear but the
+    head in int8, :class:`lowrank_opt.quant.Int8Linear`, updated by APOLLO)."""
 
     name: str
     kind: str  # "registry" | "torch_adamw" | "bnb8bit"
@@ -89,6 +111,9 @@ class OptimChoice:
     options: dict = field(default_factory=dict)
     layerwise: bool = False
     estimator_args: dict = field(default_factory=dict)  # optim_args for the estimate, where the run sets them
+    target_modules: Optional[object] = None  # None | "all-linear" | regex | list of names (as HF takes them)
+    lean_loss: bool = False
+    weights: str = "float"  # "float" | "int8"
 
 
 CHOICES = {
@@ -103,6 +128,48 @@ CHOICES = {
         OptimChoice("adamw_8bit", "bnb8bit", "adamw_8bit", 1e-3),
     ]
 }
+
+
+WEIGHT_FORMATS = ("float", "int8")
+
+
+def with_levers(choice: OptimChoice, *, optim_args: Optional[dict] = None, target_modules=None,
+                lean_loss: bool = False, weights: str = "float") -> OptimChoice:
+    """``choice`` with the memory levers of issue 17, each for the run and its estimate alike: ``optim_args``
+    (a dict, e.g. ``{"dense_state_bits": 8}``) go to the optimizer's constructor and the estimate's
+    ``optim_args``; ``target_modules`` (e.g. ``["all-linear", "embed_tokens", "lm_head"]``), ``lean_loss``,
+    ``weights`` (``"float"`` or ``"int8"``). A clear ValueError, before any work, where a lever does not apply:
+    options, targets and int8 weights need a lowrank-opt optimizer (int8 weights are updated by it)."""
+    from lowrank_opt.registry import normalize_target_modules
+
+    optim_args = dict(optim_args or {})
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+    if not isinstance(lean_loss, bool):
+        raise ValueError(f"lean_loss must be True or False, got {lean_loss!r}")
+    ours = choice.kind == "registry"
+    for label, used in (("optimizer options " + ", ".join(f"{k}={v}" for k, v in optim_args.items()),
+                         bool(optim_args)),
+                        (f"target modules {target_modules!r}", target_modules is not None),
+                        ("int8 weights (APOLLO updates them)", weights == "int8")):
+        if used and not ours:
+            raise ValueError(f"{label}: only for a lowrank-opt optimizer, not {choice.name!r} ({choice.kind})")
+    return dataclasses.replace(
+        choice, options={**choice.options, **optim_args}, estimator_args={**choice.estimator_args, **optim_args},
+        target_modules=normalize_target_modules(target_modules), lean_loss=lean_loss, weights=weights)
+
+
+def describe_levers(choice: OptimChoice) -> str:
+    """``"dense_state_bits=8, targets all-linear,embed_tokens,lm_head, lean loss, int8 weights"`` ("" if none)."""
+    parts = [f"{k}={v}" for k, v in choice.estimator_args.items() if k != "foreach"]
+    if choice.target_modules is not None:
+        targets = choice.target_modules
+        parts.append("targets " + (targets if isinstance(targets, str) else ",".join(targets)))
+    if choice.lean_loss:
+        parts.append("lean loss")
+    if choice.weights != "float":
+        parts.append(f"{choice.weights} weights")
+    return ", ".join(parts)
 
 
 def resolve_choice(name: str) -> OptimChoice:
@@ -186,6 +253,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the init and the random batch (default 0)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cuda (default; the point of the benchmark) or cpu (smoke test, no GPU numbers)")
+    levers = parser.add_argument_group("memory levers (issue 17), for every run and its estimate")
+    levers.add_argument("--optim-args", default="",
+                        help="options of the lowrank-opt optimizers, HF's k=v,k=v form (e.g. dense_state_bits=8: "
+                             "the plain-AdamW moments in 8-bit blockwise form)")
+    levers.add_argument("--target-modules", default=None,
+                        help="the low-rank matrices, comma-separated names/regexes (e.g. "
+                             "all-linear,embed_tokens,lm_head: low-rank embeddings; default: the optimizer's, "
+                             "all-linear)")
+    levers.add_argument("--lean-loss", action="store_true",
+                        help="the loss of lowrank_opt.loss.causal_lm_loss_from_model (chunked, no tokens x "
+                             "vocabulary tensor) instead of the model's own")
+    levers.add_argument("--weights", default="float", choices=list(WEIGHT_FORMATS),
+                        help="int8: every Linear but the head in int8 (lowrank_opt.quant.Int8Linear, group 128), "
+                             "materialised one layer at a time from the meta device (no full float copy ever "
+                             "exists); APOLLO updates them (Q-APOLLO). Default float")
+    parser.add_argument("--cpu-peak", default="allocator", choices=list(CPU_PEAK_METHODS),
+                        help="--device cpu: how the peak of live tensor bytes is traced (torch.profiler): allocator "
+                             "(default; the CPU allocator's running total, cheap) or timeline (torch's memory "
+                             "timeline by category; the same figure, ~30x slower, GBs of host memory)")
     parser.add_argument("--no-estimate", dest="estimate", action="store_false",
                         help="skip lowrank_opt.memory.estimate next to each measurement")
     parser.add_argument("--output", type=Path, default=Path("fit_7b_results.json"),
@@ -282,13 +368,81 @@ def set_cap(cap_gb: float) -> dict:
             "note": "cap above the card's memory: uncapped" if cap_gb and cap_gb * GB > total else ""}
 
 
-def build_model(config_path: str, device: str, seed: int, dtype: str = "bfloat16"):
+def build_model(config_path: str, device: str, seed: int, dtype: str = "bfloat16", weights: str = "float"):
     """The model of ``config_path`` built directly on ``device`` in ``dtype`` (random init, no other copy),
-    SDPA attention, per-decoder-layer gradient checkpointing (non-reentrant)."""
+    SDPA attention, per-decoder-layer gradient checkpointing (non-reentrant). ``weights="int8"``: see
+    :func:`build_int8_model`."""
     import torch
 
+    if weights == "int8":
+        return build_int8_model(config_path, device, seed, dtype)
+    if weights != "float":
+        raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
     return build_llama(config_path, seed, getattr(torch, dtype), device=device, attn_implementation="sdpa",
                        gradient_checkpointing=True)
+
+
+def _post_order(module, prefix: str = ""):
+    """``(name, module)`` children first, as Hugging Face's ``initialize_weights`` visits them."""
+    for name, child in module.named_children():
+        yield from _post_order(child, f"{prefix}{name}.")
+    yield prefix[:-1], module
+
+
+def build_int8_model(config_path: str, device: str, seed: int, dtype: str = "bfloat16",
+                     group_size: Optional[int] = None):
+    """The model of :func:`build_model` with every ``nn.Linear`` but the output head in int8
+    (:class:`lowrank_opt.quant.Int8Linear`, round to nearest; what :func:`lowrank_opt.quant.quantize_model_` makes
+    of the float model), without the float model ever existing: built on the meta device, then each module
+    with tensors of its own is materialised on ``device`` (``to_empty``), initialised by the model's own
+    ``_init_weights`` (so the same distributions as the float build; other draws) and, a Linear, replaced at
+    once by its int8 form. So at most one Linear's float weight is alive beside the int8 model: LLaMA-7B is
+    never 13.5 GB here, which a 12 GB cap needs. ``group_size``: None for the library's default (128)."""
+    import torch
+    from torch import nn
+
+    from lowrank_opt.quant import DEFAULT_GROUP_SIZE, Int8Linear
+
+    group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
+    model = build_llama(config_path, seed, getattr(torch, dtype), device="meta", attn_implementation="sdpa",
+                        gradient_checkpointing=True)
+    head = model.get_output_embeddings()
+    shared = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            shared[id(p)] = shared.get(id(p), 0) + 1
+    # Names, not modules: a list of the modules would keep every replaced float Linear (and its weight) alive.
+    for name in [name for name, _ in _post_order(model)]:
+        module = model.get_submodule(name)
+        if not any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
+            continue
+        module.to_empty(device=device, recurse=False)
+        with torch.no_grad():
+            model._init_weights(module)
+        if type(module) is nn.Linear and module is not head:
+            if shared.get(id(module.weight), 0) > 1:
+                raise ValueError(f"{name}.weight is tied to another module's; int8 weights need untied ones")
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, Int8Linear.from_linear(module, group_size))
+        del module
+    model.train()
+    return model
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's weights as stored: each parameter's storage once (an int8 layer's gradient carrier
+    holds one element), and an int8 layer's codes and scales (its buffers)."""
+    from lowrank_opt.quant import Int8Linear
+
+    seen, total = set(), 0
+    tensors = list(model.parameters())
+    tensors += [b for m in model.modules() if isinstance(m, Int8Linear) for b in (m.weight_int8, m.weight_scale)]
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
 
 
 def bitsandbytes_available() -> Optional[str]:
@@ -307,7 +461,7 @@ def build_optim(choice: OptimChoice, model, lr: float):
     if choice.kind == "registry":
         from lowrank_opt.registry import build_optimizer
 
-        return build_optimizer(choice.name, model, lr=lr, **choice.options)
+        return build_optimizer(choice.name, model, lr=lr, target_modules=choice.target_modules, **choice.options)
     if choice.kind == "torch_adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, **choice.options)
     if choice.kind == "bnb8bit":
@@ -322,38 +476,72 @@ def build_optim(choice: OptimChoice, model, lr: float):
     raise ValueError(f"unknown optimizer kind {choice.kind!r}")
 
 
-@contextlib.contextmanager
-def cpu_peak_bytes():
-    """The peak of live CPU tensor bytes inside the block (model build included), from torch.profiler's
-    memory timeline: every allocation and free of torch's CPU allocator, in order. Yields a dict that gets
-    ``"peak_bytes"`` on exit. (``MemoryProfileTimeline`` is torch's own, private, reconstruction of that
-    timeline, the one behind ``profile.export_memory_timeline``; the test suite runs it on the pinned torch.)"""
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import MemoryProfileTimeline
+CPU_PEAK_METHODS = ("allocator", "timeline")
 
-    result: dict = {}
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+
+@contextlib.contextmanager
+def cpu_peak_bytes(method: str = "allocator"):
+    """The peak of live CPU tensor bytes inside the block (model build included), from torch.profiler with
+    ``profile_memory=True``, which sees every allocation and free of torch's CPU allocator. Yields a dict that
+    gets ``"peak_bytes"`` (and ``"method"``, ``"allocation_events"``) on exit.
+
+    - ``"allocator"`` (the default): the most bytes the allocator had handed out at once while profiling, its
+      own running total as each allocation event carries it (``total_allocated``). Counts every allocation
+      made inside the block, nothing from before; records no shapes or stacks, so it stays cheap for LLaMA-7B.
+    - ``"timeline"``: torch's memory timeline (``MemoryProfileTimeline``, private, the reconstruction behind
+      ``profile.export_memory_timeline``; needs shapes and stacks): the sum over its categories at each
+      instant. The same figure on every run compared (tests check it on the tiny model), but some 30 times
+      slower and some GB of host memory even for LLaMA-60M: too much next to LLaMA-7B's weights in 24 GB."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if method not in CPU_PEAK_METHODS:
+        raise ValueError(f"method must be one of {CPU_PEAK_METHODS}, got {method!r}")
+    timeline = method == "timeline"
+    result: dict = {"method": method}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=timeline,
+                 with_stack=timeline) as prof:
         yield result
-    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
-    result["peak_bytes"] = max((sum(row) for row in sizes), default=0)
+    if timeline:
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+        _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+        result["peak_bytes"] = max((sum(row) for row in sizes), default=0)
+        return
+    from torch._C._profiler import _EventType
+
+    peak, count = 0, 0
+    pending = list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        pending.extend(event.children)
+        if event.typed[0] == _EventType.Allocation:
+            fields = event.typed[1]
+            if fields.device.type == "cpu":
+                count += 1
+                peak = max(peak, fields.total_allocated)
+    result["peak_bytes"] = peak
+    result["allocation_events"] = count
 
 
 def train_run(config_path: str, choice: OptimChoice, *, device: str, seq_len: int, batch_size: int, steps: int,
               lr: float, seed: int, dtype: str = "bfloat16",
-              on_progress: Optional[Callable[[dict], None]] = None, trace_cpu_peak: bool = True) -> dict:
+              on_progress: Optional[Callable[[dict], None]] = None, trace_cpu_peak: bool = True,
+              cpu_peak_method: str = "allocator") -> dict:
     """Build model and optimizer, train ``steps`` steps on one random batch; measurements as a dict.
     Everything it allocates is local: gone (after ``gc.collect()``) once it returns or raises. On CPU the
     whole run is traced by torch.profiler for its peak of live tensor bytes (which slows it down; with
-    ``trace_cpu_peak=False`` it is not, and the CPU peak is None).
+    ``trace_cpu_peak=False`` it is not, and the CPU peak is None; ``cpu_peak_method``: see
+    :func:`cpu_peak_bytes`).
     ``on_progress`` (if given) gets what is known so far after the model is built and after every step (the
     losses, step times and, on CUDA, the peaks), so a caller can keep it when the run is cut short."""
     run = dict(config_path=config_path, choice=choice, device=device, seq_len=seq_len, batch_size=batch_size,
                steps=steps, lr=lr, seed=seed, dtype=dtype, on_progress=on_progress)
     if device == "cuda" or not trace_cpu_peak:
         return _train_run(**run)
-    with cpu_peak_bytes() as peak:
+    with cpu_peak_bytes(cpu_peak_method) as peak:
         result = _train_run(**run)
     result["peak_allocated_gb"] = peak["peak_bytes"] / GB
+    result["cpu_peak_method"] = peak["method"]
     return result
 
 
@@ -369,11 +557,12 @@ def _train_run(config_path: str, choice: OptimChoice, *, device: str, seq_len: i
                lr: float, seed: int, dtype: str, on_progress: Optional[Callable[[dict], None]]) -> dict:
     import torch
 
+    from lowrank_opt.loss import causal_lm_loss_from_model
     from lowrank_opt.memory import optimizer_state_bytes
 
     cuda = device == "cuda"
     report = on_progress or (lambda partial: None)
-    model = build_model(config_path, device, seed, dtype)
+    model = build_model(config_path, device, seed, dtype, weights=choice.weights)
     after_model = torch.cuda.memory_allocated() if cuda else None
     report({"model_built": True, **(cuda_peaks() if cuda else {})})
     optimizer = build_optim(choice, model, lr)
@@ -385,7 +574,10 @@ def _train_run(config_path: str, choice: OptimChoice, *, device: str, seq_len: i
         if cuda:
             torch.cuda.synchronize()
         started = time.perf_counter()
-        loss = model(input_ids=batch, labels=batch).loss
+        if choice.lean_loss:
+            loss = causal_lm_loss_from_model(model, {"input_ids": batch, "labels": batch})
+        else:
+            loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()  # layer-wise optimizers have already updated everything inside backward
         optimizer.zero_grad(set_to_none=True)
@@ -409,7 +601,9 @@ def _train_run(config_path: str, choice: OptimChoice, *, device: str, seq_len: i
         "tokens_per_s": tokens / statistics.median(timed),
         "first_step_s": seconds[0],
         "optimizer_state_gb": optimizer_state_bytes(optimizer) / GB,
-        "weights_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / GB,
+        "weights_gb": weight_bytes(model) / GB,
+        "weights": choice.weights,
+        "lean_loss": choice.lean_loss,
         "param_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "peak_allocated_gb": None,
         "peak_reserved_gb": None,
@@ -435,13 +629,15 @@ def predict(config_path: str, choice: OptimChoice, seq_len: int, batch_size: int
     """lowrank_opt.memory.estimate for this run (GB), or None when the estimator does not know the optimizer.
     On CPU the estimate is for ``device="cpu"``: torch's CPU code paths, no CUDA context, no fragmentation."""
     key = (config_path, choice.estimator, json.dumps(choice.estimator_args, sort_keys=True), seq_len, batch_size,
-           device, dtype)
+           device, dtype, json.dumps(choice.target_modules), choice.lean_loss, choice.weights)
     if key not in _ESTIMATES:
         from lowrank_opt.memory import estimate
 
         try:
+            levers = {} if choice.target_modules is None else {"target_modules": choice.target_modules}
             e = estimate(config_path, choice.estimator, optim_args=choice.estimator_args, dtype=dtype,
-                         batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=True, device=device)
+                         batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=True, device=device,
+                         weights=choice.weights, lean_loss=choice.lean_loss, **levers)
         except ValueError as exc:
             print(f"  (no estimate for {choice.name}: {exc})", file=sys.stderr)
             _ESTIMATES[key] = None
@@ -471,8 +667,8 @@ def _f(value: Optional[float], digits: int = 2) -> str:
 def markdown_table(records: list[dict], device: str) -> str:
     lines = []
     if device != "cuda":
-        lines.append("CPU run: the peak is of live tensor bytes in torch's CPU allocator (torch.profiler's memory "
-                     "timeline), next to the estimate for device cpu; no GPU memory was measured and the timings "
+        lines.append("CPU run: the peak is of live tensor bytes in torch's CPU allocator (traced by torch.profiler), "
+                     "next to the estimate for device cpu; no GPU memory was measured and the timings "
                      "are CPU timings. These are not GPU numbers.")
         lines.append("")
     lines.append("| cap GB | optimizer | seq | status | peak alloc GB | est. alloc GB | meas/est | peak reserved GB "
@@ -488,7 +684,8 @@ def markdown_table(records: list[dict], device: str) -> str:
                   if m or e else "—")
         loss = f"{m['first_loss']:.3f} → {m['last_loss']:.3f}" if m else "—"
         lines.append(
-            f"| {cap} | {r['optimizer']} | {r.get('seq_len') or '—'} | {r['status']} | "
+            f"| {cap} | {r['optimizer']}{f' ({levers})' if (levers := r.get('levers')) else ''} | "
+            f"{r.get('seq_len') or '—'} | {r['status']} | "
             f"{_f(m.get('peak_allocated_gb'))} | {_f(e.get('allocated_gb'))} | {_f(ratio)} | "
             f"{_f(m.get('peak_reserved_gb'))} | {_f(e.get('reserved_gb'))} | {_f(e.get('total_gb'))} | {states} | "
             f"{_f(m.get('tokens_per_s'), 0)} | {loss} |")
@@ -514,6 +711,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         choices = [resolve_choice(n) for n in args.optims]
     except ValueError as exc:
         parser.error(f"--optims: {exc}; also {', '.join(CHOICES)}")
+    from lowrank_opt.registry import parse_optim_args
+
+    try:
+        optim_args = parse_optim_args(args.optim_args)
+        choices = [with_levers(c, optim_args=optim_args, target_modules=args.target_modules,
+                               lean_loss=args.lean_loss, weights=args.weights) for c in choices]
+    except (TypeError, ValueError) as exc:
+        parser.error(f"--optim-args/--target-modules/--weights: {exc}")
     command = command_line("fit_7b.py", argv)
     device = args.device
     env = environment(device)
@@ -530,6 +735,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for choice in choices:
             record = {"cap_gb": cap, "optimizer": choice.name, "seq_len": None, "status": "", "measured": None,
                       "estimate": None, "attempts": [], "cap": cap_info}
+            if describe_levers(choice):
+                record["levers"] = describe_levers(choice)
             lr = args.lr if args.lr is not None else choice.lr
             record["lr"] = lr
             previous = longest_so_far.get(choice.name)
@@ -540,14 +747,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                 record["note"] = "ran out of memory at every length under a larger cap"
             else:
                 ladder = seq_ladder(args.seq_len, args.fallback_seq_lens, previous)
-                print(f"cap {cap:g} GB, {choice.name}: trying seq {ladder} ...", flush=True)
+                levers = f" ({describe_levers(choice)})" if describe_levers(choice) else ""
+                print(f"cap {cap:g} GB, {choice.name}{levers}: trying seq {ladder} ...", flush=True)
                 free_memory(device)
                 if device == "cuda":
                     set_cap(cap)
 
                 def run(seq_len: int, choice=choice, lr=lr) -> dict:
                     return train_run(args.config, choice, device=device, seq_len=seq_len,
-                                     batch_size=args.batch_size, steps=args.steps, lr=lr, seed=args.seed)
+                                     batch_size=args.batch_size, steps=args.steps, lr=lr, seed=args.seed,
+                                     cpu_peak_method=args.cpu_peak)
 
                 measured, attempts = None, []
                 try:
@@ -589,6 +798,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         "settings": {"config": args.config, "caps_gb": args.caps, "optims": args.optims, "seq_len": args.seq_len,
                      "fallback_seq_lens": args.fallback_seq_lens, "steps": args.steps,
                      "batch_size": args.batch_size, "seed": args.seed, "dtype": "bfloat16 (pure, no master)",
+                     "optim_args": args.optim_args, "target_modules": args.target_modules,
+                     "lean_loss": args.lean_loss, "weights": args.weights,
+                     "cpu_peak": args.cpu_peak if device == "cpu" else None,
                      "gradient_checkpointing": True, "attention": "sdpa", "gb": 1e9},
         "results": records,
         "markdown": table,

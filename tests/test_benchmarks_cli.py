@@ -149,6 +149,110 @@ def test_fit_7b_table_marks_cpu_runs(fit_7b):
     assert not fit_7b.markdown_table([record], "cuda").startswith("CPU")
 
 
+TINY = str(ROOT / "configs" / "llama_tiny.json")
+EMBEDDING_TARGETS = ["all-linear", "embed_tokens", "lm_head"]
+
+
+def test_fit_7b_levers_reach_the_run_and_the_estimate(fit_7b, monkeypatch):
+    """Issue 17's 16 GB setting on the tiny model: 8-bit dense states, low-rank embeddings, the lean loss."""
+    import lowrank_opt.loss
+
+    calls = []
+    lean = lowrank_opt.loss.causal_lm_loss_from_model
+    monkeypatch.setattr(lowrank_opt.loss, "causal_lm_loss_from_model",
+                        lambda model, inputs: calls.append(sorted(inputs)) or lean(model, inputs))
+    plain = fit_7b.resolve_choice("apollo_mini_layerwise")
+    choice = fit_7b.with_levers(plain, optim_args={"dense_state_bits": 8}, target_modules="all-linear,embed_tokens,lm_head",
+                                lean_loss=True)
+    assert choice.options == {"dense_state_bits": 8} == choice.estimator_args
+    assert choice.target_modules == EMBEDDING_TARGETS and choice.lean_loss and choice.weights == "float"
+    assert fit_7b.describe_levers(choice) == "dense_state_bits=8, targets all-linear,embed_tokens,lm_head, lean loss"
+    assert fit_7b.describe_levers(plain) == "" and fit_7b.with_levers(plain) == plain  # no lever: the old run
+
+    run = dict(device="cpu", seq_len=32, batch_size=1, steps=2, lr=1e-2, seed=0, trace_cpu_peak=False)
+    measured = fit_7b.train_run(TINY, choice, **run)
+    assert calls == [["input_ids", "labels"]] * 2  # every step's loss was the lean one
+    assert measured["lean_loss"] and measured["weights"] == "float" and measured["loss_finite"]
+    assert measured["last_loss"] < measured["first_loss"]
+    # The estimate is told the same levers: its optimizer state is counted by the same function on meta
+    # tensors (exact), and differs from the plain run's (the embeddings' AdamW moments are gone).
+    predicted = fit_7b.predict(TINY, choice, 32, 1, device="cpu")
+    assert measured["optimizer_state_gb"] == pytest.approx(predicted["optimizer_states_gb"], rel=1e-9)
+    plain_states = fit_7b.predict(TINY, plain, 32, 1, device="cpu")["optimizer_states_gb"]
+    assert predicted["optimizer_states_gb"] < plain_states / 10
+    # Without the lean loss the first loss is the model's own, equal up to bf16 logits.
+    calls.clear()
+    own = fit_7b.train_run(TINY, fit_7b.with_levers(plain, optim_args={"dense_state_bits": 8}),
+                           **{**run, "steps": 1})
+    assert calls == [] and own["first_loss"] == pytest.approx(measured["first_loss"], abs=2e-2)
+
+
+def test_fit_7b_int8_weights_run_and_match_the_estimate(fit_7b):
+    """Issue 17's 12 GB setting on the tiny model: int8 weights (Q-APOLLO), 8-bit dense states, the lean loss."""
+    from lowrank_opt.quant import Int8Linear
+
+    choice = fit_7b.with_levers(fit_7b.resolve_choice("apollo_mini_layerwise"), optim_args={"dense_state_bits": 8},
+                                lean_loss=True, weights="int8")
+    measured = fit_7b.train_run(TINY, choice, device="cpu", seq_len=32, batch_size=1, steps=2, lr=1e-2, seed=0,
+                                trace_cpu_peak=False)
+    assert measured["weights"] == "int8" and measured["loss_finite"]
+    assert measured["last_loss"] < measured["first_loss"]  # APOLLO updated the int8 weights
+    predicted = fit_7b.predict(TINY, choice, 32, 1, device="cpu")
+    assert measured["optimizer_state_gb"] == pytest.approx(predicted["optimizer_states_gb"], rel=1e-9)
+    # Weights as stored: int8 codes + fp32 scales + the float embeddings, head and norms; the estimate counts the
+    # same but for the int8 layers' one-element gradient carriers (2 bytes each).
+    model = fit_7b.build_model(TINY, "cpu", 0, weights="int8")
+    carriers = sum(isinstance(m, Int8Linear) for m in model.modules())
+    assert carriers == 4 * 7
+    assert measured["weights_gb"] * 1e9 == predicted["weights_gb"] * 1e9 + 2 * carriers
+    float_bytes = fit_7b.weight_bytes(fit_7b.build_model(TINY, "cpu", 0))
+    assert measured["weights_gb"] * 1e9 < 0.8 * float_bytes
+
+
+def test_fit_7b_int8_build_never_holds_the_float_model(fit_7b):
+    """build_int8_model is quantize_model_ of the float build without the float build: the same modules, buffers
+    and parameters (other random draws), and a traced peak below the float model's bytes."""
+    from lowrank_opt.quant import Int8Linear, quantize_model_
+
+    reference = fit_7b.build_model(TINY, "cpu", 0)
+    float_bytes = fit_7b.weight_bytes(reference)
+    quantize_model_(reference)
+    with fit_7b.cpu_peak_bytes() as peak:
+        model = fit_7b.build_int8_model(TINY, "cpu", 0)
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert list(ours) == list(theirs)
+    assert all((ours[k].shape, ours[k].dtype) == (theirs[k].shape, theirs[k].dtype) for k in ours)
+    assert [type(m) for m in model.modules()] == [type(m) for m in reference.modules()]
+    assert not isinstance(model.get_output_embeddings(), Int8Linear)  # the head stays float, as quantize_model_
+    for name in ours:  # deterministic tensors equal, random ones drawn from the same distribution
+        if "norm" in name or "rotary" in name:
+            assert torch.equal(ours[name], theirs[name]), name
+    q = model.model.layers[0].mlp.up_proj
+    w = q.dequantized_weight(torch.float32)
+    assert abs(w.std().item() - model.config.initializer_range) < 0.1 * model.config.initializer_range
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    assert model.training and model.is_gradient_checkpointing
+    assert fit_7b.weight_bytes(model) < peak["peak_bytes"] < float_bytes
+
+
+def test_fit_7b_levers_refused_where_they_do_not_apply(fit_7b):
+    fused = fit_7b.resolve_choice("adamw_fused")
+    with pytest.raises(ValueError, match="dense_state_bits=8: only for a lowrank-opt optimizer, not 'adamw_fused'"):
+        fit_7b.with_levers(fused, optim_args={"dense_state_bits": 8})
+    with pytest.raises(ValueError, match="int8 weights .*not 'adamw_fused'"):
+        fit_7b.with_levers(fused, weights="int8")
+    with pytest.raises(ValueError, match="target modules"):
+        fit_7b.with_levers(fused, target_modules="all-linear")
+    with pytest.raises(ValueError, match="weights must be one of"):
+        fit_7b.with_levers(fit_7b.resolve_choice("apollo"), weights="int4")
+    assert fit_7b.with_levers(fused, lean_loss=True).lean_loss  # the lean loss is for any optimizer
+    proc = _run(FIT_7B, "--device", "cpu", "--config", TINY, "--caps", "0", "--optims", "apollo,adamw",
+                "--weights", "int8", timeout=120)
+    assert proc.returncode == 2 and "int8 weights" in proc.stderr and "'adamw'" in proc.stderr
+    proc = _run(FIT_7B, "--device", "cpu", "--config", TINY, "--caps", "0", "--optim-args", "rank", timeout=120)
+    assert proc.returncode == 2 and "'key=value' pairs" in proc.stderr
+
+
 # ----------------------------------------------------------------------------------------------------------
 # memory_table.py
 
