@@ -419,8 +419,12 @@ def headline_table(rows: list[HeadlineRow]) -> str:
 
 def headline_section(rows: list[HeadlineRow], setting: Setting, doc_dir: Path) -> list[str]:
     """The lines of the "LLaMA-7B in 16 GB and in 12 GB" section (every figure from ``rows``)."""
+    import inspect
+
+    from lowrank_opt.memory import estimate
     from lowrank_opt.quant.state8bit import MIN_8BIT_SIZE
 
+    group = inspect.signature(estimate).parameters["int8_group_size"].default  # train.py's default too
     size = rows[0].size
     by_key = {r.lever.key: r for r in rows}
     title = HEADLINE_TITLE.replace("LLaMA-7B", size.label)
@@ -451,7 +455,7 @@ def headline_section(rows: list[HeadlineRow], setting: Setting, doc_dir: Path) -
         "leaves the output head out, so it is named.")
     out.append(
         "- **int8 weights** (Q-APOLLO, `weights=\"int8\"`): every Linear weight but the head in int8 with an fp32 "
-        "scale per 128 columns, dequantized one layer at a time, updated in fp32 and re-quantized with "
+        f"scale per row and {group} columns, dequantized one layer at a time, updated in fp32 and re-quantized with "
         "stochastic rounding.")
     out.append("")
     out.append("Each row from the shell (same estimate, same figures):")
@@ -609,7 +613,7 @@ def _highlights(rows: list[Row], setting: Setting, small_vocab: Optional[Any] = 
             f"{(mini.weights + mini.gradients + mini.activations) / GB:.1f} GB (the \"about 16 GB\" one often "
             "hears); the estimate adds the optimizer states, almost all of them the AdamW moments of the embeddings "
             f"and `lm_head` ({mini.optimizer_states / GB:.1f} GB), the update's scratch tensors "
-            f"({mini.step_temporaries / GB:.1f} GB) and the overhead: CUDA context, the allocator's rounding and "
+            f"({mini.step_temporaries / GB:.2f} GB) and the overhead: CUDA context, the allocator's rounding and "
             f"fragmentation ({mini.overhead / GB:.1f} GB).")
         if small_vocab is not None:
             out.append(
