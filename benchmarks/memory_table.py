@@ -26,6 +26,13 @@ Layer-wise: the registry's ``apollo_layerwise``/``apollo_mini_layerwise``, Huggi
 post-accumulate-grad hook (PyTorch's "fuse the optimizer step into backward" recipe), which neither the HF
 Trainer nor train.py offers: an estimate of what that technique would give, nothing more.
 
+With LLaMA-7B among the sizes, the page opens with "LLaMA-7B in 16 GB and in 12 GB" (:data:`LEVERS`):
+layer-wise APOLLO-Mini with issue 17's memory levers added one per row (8-bit dense states, the lean loss,
+low-rank ``lm_head``; int8 weights), each row an estimate with the ``lowrank-opt memory`` flags that reproduce it.
+Right after it comes a block between ``<!-- BEGIN fit-7b-cpu -->`` and ``<!-- END fit-7b-cpu -->`` that this
+script does not write: it is copied, byte for byte, from the output file being replaced (a measured LLaMA-7B CPU
+run of ``benchmarks/fit_7b.py``, pasted by hand); without one, the markers are written with a comment between.
+
 The plots need matplotlib (``pip install matplotlib`` or the ``bench`` extra); ``--no-plots`` skips them.
 """
 
@@ -33,7 +40,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -243,6 +252,269 @@ def state_split_table(rows: list[Row], size: ModelSize) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The headline section: LLaMA-7B in 16 GB and in 12 GB (issue 17's memory levers)
+
+
+HEADLINE_OPTIMIZER = "apollo_mini_layerwise"
+HEADLINE_TITLE = "LLaMA-7B in 16 GB and in 12 GB"
+LEVERS_HEADING = "Memory levers against plain APOLLO-Mini"  # the start of docs/benchmarks.md's section on their loss
+FIT_BEGIN = "<!-- BEGIN fit-7b-cpu"  # the block's begin marker, up to its closing "-->"
+FIT_END = "<!-- END fit-7b-cpu -->"
+FIT_EMPTY = ("<!-- BEGIN fit-7b-cpu -->\n"
+             "<!-- (empty) A measured LLaMA-7B CPU run of benchmarks/fit_7b.py goes here; memory_table.py copies "
+             "this block unchanged. -->\n"
+             "<!-- END fit-7b-cpu -->")
+
+
+@dataclass(frozen=True)
+class Lever:
+    """One row of the headline section: layer-wise APOLLO-Mini on bf16 weights with some of issue 17's memory
+    levers. The options are exactly what goes to :func:`lowrank_opt.memory.estimate`, ``lowrank-opt memory`` and
+    ``train.py`` (:func:`lever_estimate_args`, :func:`lever_cli_flags`, :func:`lever_train_flags`)."""
+    key: str
+    label: str  # "+ what this row adds to the row it is compared with"
+    after: Optional[str] = None  # the key of that row ("saved" is its total minus this one); None: the baseline
+    dense_state_bits: int = 32  # 8: the dense part's AdamW moments in bitsandbytes' 8-bit blockwise form
+    lean_loss: bool = False
+    target_modules: tuple = ("all-linear",)
+    weights: str = "float"  # or "int8" (Q-APOLLO)
+    setting_gb: Optional[int] = None  # 16 or 12: this row is that headline setting
+    recommended: bool = True  # False: an estimate only, its loss cost measured too high
+
+
+LEVERS = [
+    Lever("base", "layer-wise APOLLO-Mini, bf16 weights"),
+    Lever("states8", "+ 8-bit dense states", after="base", dense_state_bits=8),
+    Lever("lean", "+ lean loss", after="states8", dense_state_bits=8, lean_loss=True),
+    Lever("head", "+ `lm_head` low-rank", after="lean", dense_state_bits=8, lean_loss=True,
+          target_modules=("all-linear", "lm_head"), setting_gb=16),
+    Lever("embed", "+ `embed_tokens` low-rank too", after="head", dense_state_bits=8, lean_loss=True,
+          target_modules=("all-linear", "embed_tokens", "lm_head"), recommended=False),
+    Lever("int8", "+ int8 weights + lean loss", after="base", lean_loss=True, weights="int8"),
+    Lever("int8_states8", "+ 8-bit dense states", after="int8", dense_state_bits=8, lean_loss=True,
+          weights="int8", setting_gb=12),
+]
+
+
+@dataclass
+class HeadlineRow:
+    number: int  # 1-based, as the table shows it
+    size: ModelSize
+    lever: Lever
+    estimate: Any  # lowrank_opt.memory.MemoryEstimate
+
+
+def lever_estimate_args(lever: Lever, setting: Setting) -> dict:
+    """The keyword arguments of ``estimate(config, **args)`` for this row."""
+    return dict(
+        optimizer=HEADLINE_OPTIMIZER,
+        optim_args=f"dense_state_bits={lever.dense_state_bits}" if lever.dense_state_bits != 32 else None,
+        target_modules=list(lever.target_modules), dtype="bf16", batch_size=setting.batch_size,
+        seq_len=setting.seq_len, gradient_checkpointing=setting.gradient_checkpointing, weights=lever.weights,
+        lean_loss=lever.lean_loss)
+
+
+def lever_cli_flags(lever: Lever) -> list[str]:
+    """The flags this row adds to ``lowrank-opt memory CONFIG --optim apollo_mini_layerwise ...``."""
+    flags = []
+    if lever.dense_state_bits != 32:
+        flags += ["--optim-args", f"dense_state_bits={lever.dense_state_bits}"]
+    if lever.lean_loss:
+        flags.append("--lean-loss")
+    if list(lever.target_modules) != ["all-linear"]:
+        flags += ["--target-modules", ",".join(lever.target_modules)]
+    if lever.weights != "float":
+        flags += ["--weights", lever.weights]
+    return flags
+
+
+def lever_command(size: ModelSize, lever: Lever, setting: Setting) -> list[str]:
+    """The whole ``lowrank-opt memory`` command line of a row (the CLI's defaults left out)."""
+    argv = ["lowrank-opt", "memory", size.config, "--optim", HEADLINE_OPTIMIZER]
+    if setting.gradient_checkpointing:
+        argv.append("--gradient-checkpointing")
+    if setting.batch_size != 1:
+        argv += ["--batch-size", str(setting.batch_size)]
+    if setting.seq_len != 2048:
+        argv += ["--seq-len", str(setting.seq_len)]
+    return argv + lever_cli_flags(lever)
+
+
+def lever_train_flags(lever: Lever) -> list[str]:
+    """train.py's flags for the optimizer and the levers of a row (its shape flags are in the section's text)."""
+    flags = ["--optim", HEADLINE_OPTIMIZER]
+    if lever.dense_state_bits != 32:
+        flags += ["--optim_args", f"dense_state_bits={lever.dense_state_bits}"]
+    if lever.lean_loss:
+        flags.append("--lean_loss")
+    if list(lever.target_modules) != ["all-linear"]:
+        flags += ["--optim_target_modules", *lever.target_modules]
+    if lever.weights != "float":
+        flags += ["--weights", lever.weights]
+    return flags
+
+
+def headline_rows(size: ModelSize, setting: Setting, levers: list[Lever] = LEVERS, log=print) -> list[HeadlineRow]:
+    """Estimate every row of the headline section for ``size`` (LLaMA-7B in the document)."""
+    from lowrank_opt.memory import estimate
+
+    rows = []
+    for number, lever in enumerate(levers, start=1):
+        started = time.perf_counter()
+        result = estimate(size.config, **lever_estimate_args(lever, setting))
+        rows.append(HeadlineRow(number, size, lever, result))
+        log(f"  {size.key:5s} {lever.key:14s} {result.total / GB:7.2f} GB ({time.perf_counter() - started:.1f} s)")
+    return rows
+
+
+def github_anchor(heading: str) -> str:
+    """The fragment GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def levers_loss_link(doc_dir: Path) -> str:
+    """A Markdown link to docs/benchmarks.md's section on the levers' loss cost, its anchor taken from the
+    heading as it is now (the heading is generated by benchmarks/convergence.py)."""
+    path = ROOT / "docs" / "benchmarks.md"
+    target = os.path.relpath(path, doc_dir)
+    heading = None
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.startswith("#") and line.lstrip("#").strip().startswith(LEVERS_HEADING):
+                heading = line.lstrip("#").strip()
+                break
+    if heading is None:
+        return f"[{target}, section \"{LEVERS_HEADING}\"]({target})"
+    return f"[{target}: {LEVERS_HEADING}]({target}#{github_anchor(heading)})"
+
+
+def headline_table(rows: list[HeadlineRow]) -> str:
+    """One line per row: the flags it adds, where the bytes are, the total and what it saved (GB)."""
+    by_key = {r.lever.key: r for r in rows}
+    lines = ["| # | levers | `lowrank-opt memory` flags | weights | optimizer states | activations and loss "
+             "(net) | gradient, step scratch, overhead | **total** | saved | smallest card |",
+             "|--:|---|---|--:|--:|--:|--:|--:|--:|---|"]
+    for r in rows:
+        e, lever = r.estimate, r.lever
+        label = lever.label if lever.after is None else f"{by_key[lever.after].number} {lever.label}"
+        if lever.setting_gb is not None:
+            label += f" = **the {lever.setting_gb} GB setting**"
+            if e.total > lever.setting_gb * GB:
+                label += f" (over {lever.setting_gb} GB at this setting)"
+        if not lever.recommended:
+            label += " (estimate only: costly in loss)"
+        flags = " ".join(lever_cli_flags(lever))
+        activations = e.activations - e.freed_during_backward
+        rest = e.gradients + e.step_temporaries + e.overhead
+        if lever.after is None:
+            saved = "—"
+        else:
+            before = by_key[lever.after]
+            saved = f"{(before.estimate.total - e.total) / GB:.2f} (vs {before.number})"
+        lines.append(f"| {r.number} | {label} | {'`' + flags + '`' if flags else '—'} | {_gb(e.weights)} | "
+                     f"{_gb(e.optimizer_states)} | {_gb(activations)} | {_gb(rest)} | **{_gb(e.total)}** | {saved} | "
+                     f"{smallest_card(e.total)} |")
+    return "\n".join(lines)
+
+
+def headline_section(rows: list[HeadlineRow], setting: Setting, doc_dir: Path) -> list[str]:
+    """The lines of the "LLaMA-7B in 16 GB and in 12 GB" section (every figure from ``rows``)."""
+    import inspect
+
+    from lowrank_opt.memory import estimate
+    from lowrank_opt.quant.state8bit import MIN_8BIT_SIZE
+
+    group = inspect.signature(estimate).parameters["int8_group_size"].default  # train.py's default too
+    size = rows[0].size
+    by_key = {r.lever.key: r for r in rows}
+    title = HEADLINE_TITLE.replace("LLaMA-7B", size.label)
+    ckpt = "with" if setting.gradient_checkpointing else "without"
+    out = [f"## {title}", ""]
+    out.append(
+        f"Full-parameter training of {size.label} (every weight updated) on one GPU, micro-batch "
+        f"{setting.batch_size} x {setting.seq_len} tokens, {ckpt} gradient checkpointing, estimated as on the rest "
+        "of this page (CUDA overhead model included; not measured on a GPU). Row 1 is layer-wise APOLLO-Mini on "
+        "bf16 weights as in the table below; each further row adds a lever to the row whose number it starts "
+        "with, and \"saved\" is its total's drop from that row (GB = 10^9 bytes):")
+    out.append("")
+    out.append(headline_table(rows))
+    out.append("")
+    out.append("The levers (docs/quantization.md describes each piece):")
+    out.append("")
+    out.append(
+        "- **8-bit dense states** (`dense_state_bits=8`, an `Apollo` option): the AdamW moments of the part "
+        "that is not low-rank (embeddings, `lm_head`, norms) in bitsandbytes' 8-bit blockwise form, 2 + 8/256 "
+        f"bytes per parameter instead of 8, for every tensor of at least {MIN_8BIT_SIZE} elements (smaller ones "
+        "keep fp32 moments, as in bitsandbytes' own optimizers); checkpoints hold plain tensors.")
+    out.append(
+        "- **lean loss** (`lowrank_opt.loss`): the cross-entropy computed over tiles of tokens x vocabulary "
+        "entries, so no fp32 logits or their gradient for all tokens x the whole vocabulary exist; exact to the "
+        "plain loss.")
+    out.append(
+        "- **`lm_head` low-rank**: `lm_head` gets APOLLO-Mini's rank-1 moments instead of AdamW's; `all-linear` "
+        "leaves the output head out, so it is named.")
+    out.append(
+        "- **int8 weights** (Q-APOLLO, `weights=\"int8\"`): every Linear weight but the head in int8 with an fp32 "
+        f"scale per row and {group} columns, dequantized one layer at a time, updated in fp32 and re-quantized with "
+        "stochastic rounding.")
+    out.append("")
+    out.append("Each row from the shell (same estimate, same figures):")
+    out.append("")
+    out.append("```bash")
+    for r in rows:
+        mark = f"   # {r.number}" + (f": the {r.lever.setting_gb} GB setting" if r.lever.setting_gb else "")
+        out.append(" ".join(lever_command(size, r.lever, setting)) + mark)
+    out.append("```")
+    out.append("")
+    settings = [r for r in rows if r.lever.setting_gb is not None]
+    if settings:
+        shape = (f"--model_config {size.config} --model_dtype bfloat16 --block_size {setting.seq_len} "
+                 f"--per_device_train_batch_size {setting.batch_size}"
+                 + (" --gradient_checkpointing" if setting.gradient_checkpointing else ""))
+        out.append(
+            "To train with them, `train.py` takes the same levers (`--memory_report true` prints the measured "
+            "peak next to this estimate at the end). Add your data, steps and learning rate; without `--config`, "
+            "train.py starts from configs/tiny.yaml, which sets `use_cpu: true`, hence `--use_cpu false`:")
+        out.append("")
+        out.append("```bash")
+        for r in settings:
+            out.append(f"python train.py {shape} \\")
+            out.append("    --use_cpu false --memory_report true \\")
+            out.append(f"    {' '.join(lever_train_flags(r.lever))}   # the {r.lever.setting_gb} GB setting")
+        out.append("```")
+        out.append("")
+    link = levers_loss_link(doc_dir)
+    out.append(
+        "What the levers cost in loss was measured, each against plain APOLLO-Mini with the same seeds, on a "
+        f"small LLaMA on a CPU: {link}. ")
+    costly = [r for r in rows if not r.lever.recommended]
+    if costly:
+        c = costly[0]
+        before = by_key[c.lever.after] if c.lever.after else None
+        saved = (f", {(before.estimate.total - c.estimate.total) / GB:.2f} GB below row {before.number}"
+                 if before is not None else "")
+        out[-1] += (
+            f"Row {c.number} (`{','.join(c.lever.target_modules)}`: the embeddings low-rank too) is an estimate "
+            f"only{saved}: the same benchmark measured low-rank embeddings as costly in loss, so neither setting "
+            "uses them.")
+    out.append("")
+    return out
+
+
+def preserved_block(text: str) -> Optional[str]:
+    """The fit-7b-cpu block of an existing page, markers included, byte for byte; None if it has none. A begin
+    marker without an end marker after it is an error (writing the page would lose what it holds)."""
+    start = text.find(FIT_BEGIN)
+    if start < 0:
+        return None
+    end = text.find(FIT_END, start)
+    if end < 0:
+        raise ValueError(f"{FIT_BEGIN} ... --> without {FIT_END} after it: fix the block by hand, else "
+                         "regenerating would drop it")
+    return text[start:end + len(FIT_END)]
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Plots
 
 
@@ -317,9 +589,11 @@ def _total(rows: list[Row], size: str, method: str, layerwise: bool) -> Optional
     return None
 
 
-def _highlights(rows: list[Row], setting: Setting, small_vocab: Optional[Any] = None) -> list[str]:
+def _highlights(rows: list[Row], setting: Setting, small_vocab: Optional[Any] = None,
+                headline: Optional[list[HeadlineRow]] = None) -> list[str]:
     """A few sentences about the figures, only for the rows that were computed. ``small_vocab``: the 7B
-    layer-wise APOLLO-Mini estimate with a 1000-token vocabulary (what the embeddings cost)."""
+    layer-wise APOLLO-Mini estimate with a 1000-token vocabulary (what the embeddings cost); ``headline``: the
+    rows of the 16 GB / 12 GB section, if the page has it."""
     out = []
     def get(method: str, layerwise: bool):
         return _total(rows, "7b", method, layerwise)
@@ -329,14 +603,17 @@ def _highlights(rows: list[Row], setting: Setting, small_vocab: Optional[Any] = 
         out.append(
             f"- **LLaMA-7B**: plain AdamW needs about {adamw.total / GB:.0f} GB; layer-wise APOLLO "
             f"{apollo.total / GB:.1f} GB and layer-wise APOLLO-Mini {mini.total / GB:.1f} GB. Of these, "
-            f"{mini.weights / GB:.1f} GB are the bf16 weights, which no optimizer can shrink. The estimate puts "
-            f"layer-wise APOLLO-Mini {'under' if mini.total <= 24 * GB else 'over'} a 24 GB card and "
-            f"{'under' if mini.total <= 16 * GB else 'over'} 16 GB at this setting (see \"What the estimator "
-            "does not know\" before relying on a margin of a few GB). A back-of-the-envelope count of weights, the "
-            f"largest gradient and activations gives {(mini.weights + mini.gradients + mini.activations) / GB:.1f} GB "
-            "(the \"about 16 GB\" one often hears); the estimate adds the optimizer states, almost all of them the "
-            f"AdamW moments of the embeddings and `lm_head` ({mini.optimizer_states / GB:.1f} GB), "
-            f"the update's scratch tensors ({mini.step_temporaries / GB:.1f} GB) and the CUDA context plus "
+            f"{mini.weights / GB:.1f} GB are the bf16 weights, which no optimizer can shrink (int8 weights can). "
+            f"The estimate puts layer-wise APOLLO-Mini {'under' if mini.total <= 24 * GB else 'over'} a 24 GB "
+            f"card and {'under' if mini.total <= 16 * GB else 'over'} 16 GB as it stands"
+            + (f"; the levers that take it under 16 GB, and with int8 weights under 12 GB, are in "
+               f"[{HEADLINE_TITLE}](#{github_anchor(HEADLINE_TITLE)})" if headline else "")
+            + " (see \"What the estimator does not know\" before relying on a margin of a few GB). A "
+            "back-of-the-envelope count of weights, the largest gradient and activations gives "
+            f"{(mini.weights + mini.gradients + mini.activations) / GB:.1f} GB (the \"about 16 GB\" one often "
+            "hears); the estimate adds the optimizer states, almost all of them the AdamW moments of the embeddings "
+            f"and `lm_head` ({mini.optimizer_states / GB:.1f} GB), the update's scratch tensors "
+            f"({mini.step_temporaries / GB:.2f} GB) and the overhead: CUDA context, the allocator's rounding and "
             f"fragmentation ({mini.overhead / GB:.1f} GB).")
         if small_vocab is not None:
             out.append(
@@ -362,7 +639,9 @@ def _highlights(rows: list[Row], setting: Setting, small_vocab: Optional[Any] = 
             f"{low / GB:.2f} GB are the rank-256 moments of the attention/MLP matrices, kept in fp32 by default "
             f"(`state_dtype=bfloat16` halves them to the paper's 1.6 GB), and {dense / GB:.2f} GB are the plain "
             "AdamW moments (fp32) of `embed_tokens` and `lm_head` (2 x 131 M parameters), which the paper's "
-            "optimizer-memory figures leave out. The same dense part is why APOLLO-Mini is not \"about 0\" here.")
+            "optimizer-memory figures leave out. The same dense part is why APOLLO-Mini is not \"about 0\" here "
+            "(`dense_state_bits=8` keeps those moments in 8 bits"
+            + (f": [{HEADLINE_TITLE}](#{github_anchor(HEADLINE_TITLE)})" if headline else "") + ").")
     adamw_plain, adamw_master = get("adamw", False), get("adamw_fp32_master", False)
     if adamw_plain is not None and adamw_master is not None:
         out.append(
@@ -397,7 +676,13 @@ def _highlights(rows: list[Row], setting: Setting, small_vocab: Optional[Any] = 
 
 
 def render(rows: list[Row], sizes: list[ModelSize], methods: list[Method], setting: Setting, command: str,
-           plots: dict[str, Path], output: Path, extra: list[Row], small_vocab: Optional[Any] = None) -> str:
+           plots: dict[str, Path], output: Path, extra: list[Row], small_vocab: Optional[Any] = None,
+           headline: Optional[list[HeadlineRow]] = None, preserved: Optional[str] = None) -> str:
+    """The page. ``headline``: the rows of the 16 GB / 12 GB section (:func:`headline_rows`), None to leave it
+    out; ``preserved``: the fit-7b-cpu block of the page being replaced (:func:`preserved_block`), None for the
+    empty block."""
+    from lowrank_opt.memory.estimate import CUDA_CONTEXT_BYTES, FRAGMENTATION
+
     doc_dir = output.parent
     ckpt = "on" if setting.gradient_checkpointing else "off"
     lines: list[str] = []
@@ -448,6 +733,10 @@ def render(rows: list[Row], sizes: list[ModelSize], methods: list[Method], setti
         "torch and the data. With your own `transformers.Trainer`, pass "
         "`callbacks=[MemoryCallback(estimate=estimate(...))]`.")
     add("")
+    if headline:
+        lines.extend(headline_section(headline, setting, doc_dir))
+    add(preserved if preserved is not None else FIT_EMPTY)
+    add("")
     add("## The table")
     add("")
     add("Produced by (takes a few minutes on a 2-core CPU; no GPU involved):")
@@ -488,7 +777,7 @@ def render(rows: list[Row], sizes: list[ModelSize], methods: list[Method], setti
     add("")
     add(summary_table(rows, sizes, methods))
     add("")
-    highlights = _highlights(rows, setting, small_vocab)
+    highlights = _highlights(rows, setting, small_vocab, headline)
     if highlights:
         add("What stands out:")
         add("")
@@ -541,7 +830,10 @@ def render(rows: list[Row], sizes: list[ModelSize], methods: list[Method], setti
     add("")
     add("- **weights**: number of parameters x bytes per parameter (bf16: 2). With fp32 master weights "
         "(mixed precision) also a 4-byte fp32 copy per parameter; the bf16 copy is then autocast's cache of "
-        "cast weights. LLaMA-7B: 6.74 B x 2 = 13.5 GB.")
+        "cast weights. LLaMA-7B: 6.74 B x 2 = 13.5 GB. With int8 weights (Q-APOLLO, `weights=\"int8\"`) every "
+        "Linear weight but the output head is 1 byte per parameter plus an fp32 scale per row and 128 columns; "
+        "the embeddings, head and norms stay bf16, and the one layer's weight dequantized while it runs is "
+        "counted with the activations.")
     add("- **gradients**: one gradient per trainable parameter, in the dtype autograd accumulates into (bf16 "
         "for pure bf16, fp32 under autocast with fp32 master weights). With layer-wise updates only the "
         "largest single gradient is counted, because each one is freed right after its update.")
@@ -550,7 +842,10 @@ def render(rows: list[Row], sizes: list[ModelSize], methods: list[Method], setti
         "counted by `lowrank_opt.memory.optimizer_state_bytes`, the same function that measures a real "
         "optimizer (so the two agree to the byte: tests/test_memory.py, and train.py's `--memory_report` test). "
         "APOLLO: two moments of r x max(m, n) per low-rank matrix, plus AdamW moments for the embeddings, "
-        "`lm_head` and norms (APOLLO paper Table 1: 2nr + 2 numbers per matrix). For packages the library must "
+        "`lm_head` and norms (APOLLO paper Table 1: 2nr + 2 numbers per matrix); with `dense_state_bits=8` "
+        "those AdamW moments of tensors of 4096 elements or more are 1 byte each plus an fp32 absmax per "
+        "256-element block (bitsandbytes' blockwise format), measured by the same dry run. For packages the "
+        "library must "
         "not import, the published state layouts are used: bitsandbytes 8-bit AdamW (bitsandbytes 0.45-0.50 "
         "`Optimizer2State`: 1 byte per moment plus an fp32 absmax per 256-element block, tensors under 4096 "
         "elements and embeddings in 32-bit), GaLore (galore-torch 1.0 `GaLoreAdamW`: moments r x max(m, n) "
@@ -563,7 +858,11 @@ def render(rows: list[Row], sizes: list[ModelSize], methods: list[Method], setti
         "in Large Transformer Models\", Sec. 4.1). With gradient checkpointing each layer keeps only its input "
         "(tokens x hidden x 2 bytes) and one layer is recomputed at a time; the loss adds the fp32 "
         "log-probabilities and short-lived logits copies (tokens x vocabulary x several bytes — at 2048 "
-        "tokens and a 32000 vocabulary these are larger than all checkpointed layers of 7B together).")
+        "tokens and a 32000 vocabulary these are larger than all checkpointed layers of 7B together). With the "
+        "lean loss (`lean_loss=True`, `train.py --lean_loss`) no tokens x vocabulary tensor exists: the loss "
+        "holds one fp32 tile of tokens x vocabulary entries, an fp32 accumulator of the hidden states' gradient "
+        "and, for bf16 inputs, fp32 copies of a token chunk and a weight block (the docstring of "
+        "`lowrank_opt/memory/activations.py`).")
     add("- **freed during backward** (negative): while backward runs, gradients appear as activations are "
         "freed; the estimator walks the backward pass layer by layer from the loss to the embedding and "
         "takes the highest point instead of adding activations and gradients. With layer-wise updates only "
@@ -574,9 +873,15 @@ def render(rows: list[Row], sizes: list[ModelSize], methods: list[Method], setti
         "its CUDA default, makes one `sqrt(v)` for all parameters at once; APOLLO's are per tensor, e.g. "
         "fp32 working copies of a bf16 weight). bitsandbytes: 0 (in-place fused kernels); GaLore: the larger "
         "of one full-size update and an SVD refresh of the largest target.")
-    add("- **overhead**: the CUDA context and library workspaces, a flat 0.75 GB (0.5-1 GB is typical for "
-        "CUDA 12 with cuBLAS on H100-class GPUs), plus 8 % of everything else for the caching allocator's "
-        "fragmentation (5-10 % is usual).")
+    add(f"- **overhead**: three parts. The CUDA context and library workspaces, a flat "
+        f"{CUDA_CONTEXT_BYTES / GB:.2f} GB (0.5-1 GB is typical for CUDA 12 with cuBLAS/cuDNN on H100-class "
+        "GPUs). The caching allocator's rounding of the persistent tensors: weights and optimizer states are "
+        "allocated once and kept, and a tensor of 1 MB or more gets a segment rounded up to 2 MiB, so each "
+        "wastes what it falls short of the next 2 MiB (counted exactly for the weights, as half of 2 MiB on "
+        f"average per state tensor of 10 MB or more). Fragmentation, {FRAGMENTATION * 100:g} % of the transient "
+        "peak only: activations, gradients, the loss and the step's scratch, the memory that is freed and "
+        "re-allocated every step (5-10 % is usual); earlier versions of this page charged it on everything, "
+        "the weights included. Neither the rounding nor the fragmentation has been measured on a GPU yet.")
     add("- **total**: weights + gradients + optimizer states + activations - freed during backward + step "
         "temporaries + overhead: the peak that `nvidia-smi` would show, roughly. **smallest card**: the "
         f"smallest of {', '.join(str(c) for c in CARDS_GB)} GB at or above the total (the usual sizes, "
@@ -584,17 +889,20 @@ def render(rows: list[Row], sizes: list[ModelSize], methods: list[Method], setti
     add("")
     add("## What the estimator does not know")
     add("")
-    add("- **The allocator's real behaviour.** Fragmentation is a flat 8 %; the true figure depends on the order "
+    add(f"- **The allocator's real behaviour.** Fragmentation is taken as {FRAGMENTATION * 100:g} % of the "
+        "transient peak plus the 2 MiB rounding of the persistent tensors; the true figure depends on the order "
         "of allocations, on `PYTORCH_CUDA_ALLOC_CONF` (e.g. `expandable_segments:True` lowers it) and on how "
         "close to the limit the run is (the allocator frees cached blocks and retries before it gives up).")
-    add("- **The CUDA context** is a fixed 0.75 GB; it varies with the driver, the GPU and which libraries "
-        "load (cuDNN, NCCL, Triton, flash-attention), and multi-GPU runs add NCCL buffers.")
+    add(f"- **The CUDA context** is a fixed {CUDA_CONTEXT_BYTES / GB:.2f} GB; it varies with the driver, the GPU "
+        "and which libraries load (cuDNN, NCCL, Triton, flash-attention), and multi-GPU runs add NCCL buffers.")
     add("- **Kernel workspaces and compilers**: SDPA/flash backward workspaces, cuBLAS workspaces, "
-        "`torch.compile` and CUDA-graph memory pools, fused cross-entropy kernels (the loss is modelled as "
-        "Hugging Face's default path: bf16 logits, fp32 upcast).")
+        "`torch.compile` and CUDA-graph memory pools. The loss is modelled as Hugging Face's default path "
+        "(bf16 logits, fp32 upcast) or, with `lean_loss`, as `lowrank_opt.loss`'s chunked cross-entropy; other "
+        "fused cross-entropy kernels (Liger-Kernel, cut-cross-entropy) are not.")
     add("- **Other architectures**: activations are the LLaMA decoder's; other `model_type`s are approximated "
         "by the same formula (the estimate says so in a note). Mixture-of-experts, vision towers, LoRA "
-        "adapters, quantised weights (Q-APOLLO, QLoRA) and CPU offloading are not modelled.")
+        "adapters, 4-bit weights (QLoRA's NF4) and CPU offloading are not modelled; int8 weights (Q-APOLLO) "
+        "are.")
     add("- **Training-loop details**: every sequence is taken as full length (no packing/padding effects); "
         "gradients are taken as set to `None` after each step (the Trainer's default) — with gradient "
         "accumulation they stay alive through the next forward, so the peak is gradients plus full "
@@ -605,7 +913,8 @@ def render(rows: list[Row], sizes: list[ModelSize], methods: list[Method], setti
     add("- **Other package versions**: the bitsandbytes and galore-torch layouts are those of the versions "
         "named above; torch's optimizers are dry-run with the installed torch, so their figures follow torch.")
     add("- **Whether training works**: memory only — not speed, not whether bf16 updates are lost without "
-        "stochastic rounding (APOLLO rounds stochastically by default), not convergence.")
+        "stochastic rounding (APOLLO rounds stochastically by default), not convergence (the memory levers' "
+        f"loss cost is measured apart: {levers_loss_link(doc_dir)}).")
     add("")
     add("## Measured on a GPU: pending")
     add("")
@@ -613,7 +922,10 @@ def render(rows: list[Row], sizes: list[ModelSize], methods: list[Method], setti
         "CPU-only machine. What has been measured is the estimator's model of live tensor bytes (weights, "
         "gradients, states, activations, the loss, step scratch; not the CUDA context or fragmentation) "
         "against real CPU training runs of LLaMA-60M and 130M, traced allocation by allocation: "
-        "[memory_measured_cpu.md](memory_measured_cpu.md). The check that matters — real peaks on a GPU next to these estimates, with the aim that "
+        "[memory_measured_cpu.md](memory_measured_cpu.md)"
+        + (f"; and LLaMA-7B at the two settings of [{HEADLINE_TITLE}](#{github_anchor(HEADLINE_TITLE)}), in the "
+           "block under that section" if preserved is not None and preserved.strip() != FIT_EMPTY else "")
+        + ". The check that matters — real peaks on a GPU next to these estimates, with the aim that "
         "the estimate is within 10 % of the measured peak for LLaMA-60M to 1B, and whether LLaMA-7B really "
         "trains under 48, 24 and 16 GB caps — is **pending a session with a CUDA GPU**; none was available "
         "when this page was written, so no measured number is reported here and none should be inferred.")
@@ -655,7 +967,9 @@ def render(rows: list[Row], sizes: list[ModelSize], methods: list[Method], setti
         "`python benchmarks/gpu_proof.py --smoke` runs every stage on the CPU on tiny configs (not GPU numbers).")
     add("")
     add("`benchmarks/fit_7b.py` remains the tool for other caps, optimizers and models, one process, with "
-        "fallback to shorter sequences on out-of-memory:")
+        "fallback to shorter sequences on out-of-memory; it takes the memory levers (`--optim-args`, "
+        "`--target-modules`, `--lean-loss`, `--weights int8`), and `--device cpu` runs it on the CPU against "
+        "the estimate's live tensor bytes (its docstring has the LLaMA-7B commands of the two settings):")
     add("")
     add("```bash")
     add("python benchmarks/fit_7b.py --caps 48,24,16 --output fit_7b.json          # LLaMA-7B, the defaults")
@@ -739,9 +1053,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             parser.error(f"{label} must be >= 1, got {value}")
     if not args.no_plots:
         try:
-            import matplotlib  # noqa: F401
+            importlib.import_module("matplotlib")
         except ImportError:
             parser.error("the plots need matplotlib: pip install matplotlib (or .[bench]), or pass --no-plots")
+    # The hand-filled block of the page being replaced, read before any work: a broken one stops the run here.
+    try:
+        preserved = preserved_block(args.output.read_text()) if args.output.exists() else None
+    except ValueError as error:
+        parser.error(f"{args.output}: {error}")
     setting = Setting(batch_size=args.batch_size, seq_len=args.seq_len,
                       gradient_checkpointing=args.gradient_checkpointing)
     command = command_line("memory_table.py", argv)
@@ -758,8 +1077,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             for layerwise in (False, True):
                 extra.append(estimate_row(seven, method, layerwise, setting))
         small_vocab = _small_vocab_estimate(setting)
+        print("estimating the 16 GB / 12 GB section ...")
+        headline = headline_rows(seven, setting)
     else:
-        small_vocab = None
+        small_vocab = headline = None
     output = args.output
     output.parent.mkdir(parents=True, exist_ok=True)
     plots: dict[str, Path] = {}
@@ -771,7 +1092,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             plot_size(rows, size, setting, path, command)
             plots[size.key] = path
             print(f"wrote {path}")
-    text = render(rows, args.sizes, args.optims, setting, command, plots, output, extra, small_vocab)
+    text = render(rows, args.sizes, args.optims, setting, command, plots, output, extra, small_vocab,
+                  headline=headline, preserved=preserved)
     write_text_atomic(output, text)
     print(f"wrote {output}")
     print()

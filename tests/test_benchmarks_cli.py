@@ -282,3 +282,110 @@ def test_memory_table_writes_the_document(tmp_path):
     assert "pending a session with a CUDA GPU" in text and "None of the figures on this page were measured" in text
     assert "lowrank-opt memory" in text and "--memory_report" in text
     assert "What the estimator does not know" in text
+    # No fit-7b-cpu block in a new file: the markers with a comment between, nothing visible.
+    begin = text.index("<!-- BEGIN fit-7b-cpu -->\n")
+    end = text.index("<!-- END fit-7b-cpu -->", begin)
+    inside = text[begin:end].splitlines()[1:]
+    assert inside and all(line.startswith("<!--") and line.endswith("-->") for line in inside)
+    assert text.index("## Estimate your own run") < begin < text.index("## The table")
+
+
+@pytest.fixture(scope="module")
+def memory_table():
+    return _load(MEMORY_TABLE, "memory_table_levers_under_test")
+
+
+@pytest.fixture(scope="module")
+def headline_60m(memory_table):
+    """The headline section's rows for LLaMA-60M at 256 tokens (7B's would cost minutes here)."""
+    setting = memory_table.Setting(seq_len=256)
+    return setting, memory_table.headline_rows(memory_table.SIZES["60m"], setting, log=lambda *a: None)
+
+
+def test_memory_table_headline_rows_are_the_estimators(memory_table, headline_60m):
+    from lowrank_opt.memory import estimate
+
+    setting, rows = headline_60m
+    base = dict(optimizer="apollo_mini_layerwise", dtype="bf16", seq_len=256, gradient_checkpointing=True)
+    head, embed = ["all-linear", "lm_head"], ["all-linear", "embed_tokens", "lm_head"]
+    expected = {  # the levers of issue 17, spelled out here rather than taken from the script
+        "base": estimate("llama_60m", **base),
+        "states8": estimate("llama_60m", **base, optim_args="dense_state_bits=8"),
+        "lean": estimate("llama_60m", **base, optim_args="dense_state_bits=8", lean_loss=True),
+        "head": estimate("llama_60m", **base, optim_args="dense_state_bits=8", lean_loss=True, target_modules=head),
+        "embed": estimate("llama_60m", **base, optim_args="dense_state_bits=8", lean_loss=True, target_modules=embed),
+        "int8": estimate("llama_60m", **base, lean_loss=True, weights="int8"),
+        "int8_states8": estimate("llama_60m", **base, optim_args="dense_state_bits=8", lean_loss=True,
+                                 weights="int8"),
+    }
+    assert [r.lever.key for r in rows] == list(expected)
+    table = memory_table.headline_table(rows).splitlines()[2:]
+    by_key = {r.lever.key: r for r in rows}
+    for r, line in zip(rows, table):
+        e = expected[r.lever.key]
+        assert (r.estimate.total, r.estimate.weights, r.estimate.optimizer_states) == \
+            (e.total, e.weights, e.optimizer_states)
+        assert line.startswith(f"| {r.number} |") and f"| **{e.total / 1e9:.2f}** |" in line
+        if r.lever.after is not None:  # what the row saved against the row it builds on
+            before = expected[r.lever.after]
+            assert f"| {(before.total - e.total) / 1e9:.2f} (vs {by_key[r.lever.after].number}) |" in line
+    marked = {key: line for key, line in zip(expected, table) if "GB setting**" in line}
+    assert set(marked) == {"head", "int8_states8"}
+    assert "**the 16 GB setting**" in marked["head"] and "**the 12 GB setting**" in marked["int8_states8"]
+    assert "costly in loss" in table[list(expected).index("embed")]
+
+
+def test_memory_table_headline_commands_reproduce_the_rows(memory_table, headline_60m, capsys):
+    from lowrank_opt.cli import main as cli_main
+
+    setting, rows = headline_60m
+    for r in rows:
+        argv = memory_table.lever_command(r.size, r.lever, setting)
+        assert argv[:2] == ["lowrank-opt", "memory"]
+        capsys.readouterr()
+        assert cli_main(argv[1:] + ["--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["total"] == r.estimate.total, argv
+    flags = memory_table.lever_train_flags(next(r.lever for r in rows if r.lever.setting_gb == 16))
+    assert flags == ["--optim", "apollo_mini_layerwise", "--optim_args", "dense_state_bits=8", "--lean_loss",
+                     "--optim_target_modules", "all-linear", "lm_head"]
+    assert memory_table.lever_train_flags(next(r.lever for r in rows if r.lever.setting_gb == 12))[-2:] == \
+        ["--weights", "int8"]
+
+
+def test_memory_table_headline_section_links_the_measured_loss_cost(memory_table, headline_60m, tmp_path):
+    setting, rows = headline_60m
+    # The anchor GitHub makes of convergence.py's heading, derived by hand: lower case, `.:,() dropped.
+    assert memory_table.github_anchor("Memory levers against plain APOLLO-Mini: what they cost in loss "
+                                      "(`benchmarks/convergence.py`, cpu)") == \
+        "memory-levers-against-plain-apollo-mini-what-they-cost-in-loss-benchmarksconvergencepy-cpu"
+    output = ROOT / "docs" / "memory.md"  # links are relative to the page's folder
+    text = memory_table.render([], [], [], setting, "cmd", {}, output, [], headline=rows)
+    section = text[text.index("## LLaMA-60M in 16 GB and in 12 GB"):text.index("<!-- BEGIN fit-7b-cpu -->")]
+    anchors = {memory_table.github_anchor(line.lstrip("#").strip())
+               for line in (ROOT / "docs" / "benchmarks.md").read_text().splitlines() if line.startswith("#")}
+    links = [a for a in anchors if f"(benchmarks.md#{a})" in section]
+    assert len(links) == 1 and links[0].startswith("memory-levers-against-plain-apollo-mini")
+    assert "%" not in section  # no loss figures typed in: they live in docs/benchmarks.md
+    assert section.count("lowrank-opt memory llama_60m --optim apollo_mini_layerwise") == len(rows)
+    assert "--optim_target_modules all-linear lm_head" in section and "--weights int8" in section
+    # The fit-7b-cpu block comes right after the section.
+    assert text.index("<!-- END fit-7b-cpu -->") < text.index("## The table")
+
+
+def test_memory_table_keeps_the_fit_7b_cpu_block(memory_table, tmp_path):
+    output = tmp_path / "memory.md"
+    block = ("<!-- BEGIN fit-7b-cpu -->\n### Measured: LLaMA-7B on the CPU\n\n| setting | peak |\n|---|--:|\n"
+             "| 16 GB  | 1.23 \u2014 kept as is |  \n\ttab, trailing spaces   \n<!-- END fit-7b-cpu -->")
+    output.write_bytes(("# old page\n\nold text\n\n" + block + "\n\nmore old text\n").encode())
+    argv = ["--sizes", "60m", "--optims", "apollo_mini", "--seq-len", "256", "--no-plots", "--output", str(output)]
+    assert memory_table.main(argv) == 0
+    data = output.read_bytes()
+    assert data.count(block.encode()) == 1 and b"old text" not in data
+    text = data.decode()
+    assert text.index("## Estimate your own run") < text.index(block) < text.index("## The table")
+    # A begin marker without its end: refused before anything is written.
+    broken = "# page\n<!-- BEGIN fit-7b-cpu -->\nhalf a block\n"
+    output.write_text(broken)
+    with pytest.raises(SystemExit) as exc:
+        memory_table.main(argv)
+    assert exc.value.code == 2 and output.read_text() == broken
