@@ -9,10 +9,15 @@ Stages, in this order, each with its slice of ``--budget-s`` (fit_7b 4/8, step_t
 cuda_checks 1/8; time a stage leaves unused goes to the next one, never to the cost of a later stage's slice):
 
 1. **fit_7b**: the runs of :data:`FIT_SPECS` (one spec per row: optimizer, its options, memory cap, layer-wise,
-   dtype, other settings), each ``--steps`` real training steps of LLaMA-7B built on the GPU in bf16, sequence
-   2048, gradient checkpointing, under ``torch.cuda.set_per_process_memory_fraction`` (benchmarks/fit_7b.py's
-   ``train_run`` and ``set_cap``). Per run: whether every step ran, the allocator's peaks, tokens/s, first and
-   last loss, the estimator's total for the same settings, the error text of a failure.
+   dtype, memory levers, other settings), each ``--steps`` real training steps of LLaMA-7B built on the GPU in
+   bf16, sequence 2048, gradient checkpointing, under ``torch.cuda.set_per_process_memory_fraction``
+   (benchmarks/fit_7b.py's ``train_run`` and ``set_cap``). The last two rows are issue 17's settings of
+   docs/memory.md: layer-wise APOLLO-Mini with 8-bit dense states, the head low-rank and the lean loss under
+   16 GB, and with int8 weights under 12 GB (the levers reach the run and its estimate alike:
+   ``fit_7b.with_levers``). Per run: whether every step ran, the allocator's peaks, tokens/s, first and last
+   loss, the optimizer-state and weight bytes, the estimator's figures for the same settings, the error text
+   of a failure. Each run has its own limit (100 s; the int8 one 150 s) inside the stage's slice; a run the
+   slice has no room left for is recorded ``skipped: budget`` (``--only KEY,...`` runs it later).
 2. **step_time**: the optimizer step alone (benchmarks/step_time.py's ``run_one`` and ``run_paired``) at the 1B
    (fp32) and 7B (bf16: what fits next to fused AdamW's state) shapes: ours, ours-Mini, torch fused AdamW,
    apollo-torch APOLLO and Mini, paired rounds; GaLore at 1B, its first step (one SVD refresh) timed.
@@ -103,7 +108,13 @@ class FitSpec:
     and to the estimate. ``cap_gb``: the allocator's cap in GB (0: none). ``dtype``: the weights' dtype.
     ``settings``: anything else, from :data:`FIT_SETTINGS` (config, seq_len, steps, batch_size, seed, lr,
     env: environment variables for the run's own worker process, expect: "fit" or "oom", max_s: its time
-    limit)."""
+    limit).
+
+    The memory levers of issue 17, for the run and its estimate alike (``fit_7b.with_levers``; a lowrank-opt
+    optimizer for all but the lean loss): ``target_modules`` (None: the optimizer's default, ``"all-linear"``;
+    else as Hugging Face takes them, e.g. ``["all-linear", "lm_head"]``: the head low-rank too), ``lean_loss``
+    (chunked cross-entropy, no tokens x vocabulary tensor) and ``weights`` (``"float"``: ``dtype``;
+    ``"int8"``: every Linear but the head in int8, updated by APOLLO)."""
 
     optim: str
     cap_gb: float
@@ -111,6 +122,9 @@ class FitSpec:
     layerwise: bool = False
     dtype: str = "bfloat16"
     settings: dict = field(default_factory=dict)
+    target_modules: Optional[Any] = None  # None | str | list of str
+    lean_loss: bool = False
+    weights: str = "float"
 
     @property
     def name(self) -> str:
@@ -121,12 +135,29 @@ class FitSpec:
 
     @property
     def key(self) -> str:
-        """The run's name in results.json (unique per row)."""
+        """The run's name in results.json (unique per row), saying what differs from a plain run:
+        ``apollo_mini_layerwise@12GB[dense_state_bits=8;lean_loss;weights=int8]``. No commas (``--only`` splits
+        on them): targets are joined with ``+``."""
         extra = [f"{k}={v}" for k, v in sorted(self.optim_args.items())]
+        if self.target_modules is not None:
+            extra.append(f"targets={targets_label(self.target_modules)}")
+        if self.lean_loss:
+            extra.append("lean_loss")
+        if self.weights != "float":
+            extra.append(f"weights={self.weights}")
         if self.dtype != "bfloat16":
             extra.append(self.dtype)
         extra += [f"{k}={v}" for k, v in sorted(self.settings.items()) if k not in ("expect", "max_s")]
         return f"{self.name}@{self.cap_gb:g}GB" + (f"[{';'.join(extra)}]" if extra else "")
+
+
+def targets_label(targets: Any, sep: str = "+") -> str:
+    """``"all-linear,lm_head"`` or ``["all-linear", "lm_head"]`` -> ``"all-linear+lm_head"`` (``sep="+"``: for
+    keys; never raises, whatever a spec holds: the spec's check names a bad value)."""
+    items = [targets] if isinstance(targets, str) else list(targets) if isinstance(targets, (list, tuple)) else None
+    if items is None:
+        return repr(targets)
+    return sep.join(split_list(",".join(str(t) for t in items)))
 
 
 FIT_SETTINGS = {"config": "configs/llama_7b.json", "seq_len": 2048, "steps": 10, "batch_size": 1, "seed": 0,
@@ -134,6 +165,9 @@ FIT_SETTINGS = {"config": "configs/llama_7b.json", "seq_len": 2048, "steps": 10,
 SMOKE_FIT_SETTINGS = {"config": "configs/llama_tiny.json", "seq_len": 32, "steps": 2, "max_s": 60}
 DTYPES = ("bfloat16", "float16", "float32")
 SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+# The fields of a fit unit (and of its record in results.json) that a FitSpec's levers add, with the values
+# that a plan or record written before them means: a missing field is the plain run.
+LEVER_DEFAULTS = {"target_modules": None, "lean_loss": False, "weights": "float"}
 
 FIT_SPECS = [
     FitSpec("apollo", cap_gb=48),
@@ -141,6 +175,17 @@ FIT_SPECS = [
     FitSpec("apollo_mini", cap_gb=16, layerwise=True),
     FitSpec("apollo", cap_gb=24, layerwise=True),
     FitSpec("adamw_fused", cap_gb=48, settings={"expect": "oom"}),  # bf16 weights + grads + moments: 54 GB
+    # Issue 17's two headline settings of docs/memory.md (estimates at 2048 tokens: 15.74 GB and 9.94 GB).
+    # 16 GB: 8-bit AdamW moments for the embeddings, the head low-rank (APOLLO-Mini) too, the lean loss.
+    FitSpec("apollo_mini", cap_gb=16, layerwise=True, optim_args={"dense_state_bits": 8},
+            target_modules=["all-linear", "lm_head"], lean_loss=True),
+    # 12 GB: int8 weights (Q-APOLLO-Mini), 8-bit dense moments, the lean loss. 150 s, not 100: the int8 model
+    # is materialised one module at a time (fit_7b.build_int8_model: 292 modules of LLaMA-7B, each initialised,
+    # its 224 Linears but the head quantized at once), and every step dequantizes each Linear in forward, again
+    # in the checkpointed recomputation and in backward, and re-quantizes it (stochastic rounding) after its
+    # update. The stage's slice still bounds it: a unit is killed at its own limit or the slice's end.
+    FitSpec("apollo_mini", cap_gb=12, layerwise=True, optim_args={"dense_state_bits": 8}, lean_loss=True,
+            weights="int8", settings={"max_s": 150}),
 ]
 
 
@@ -155,16 +200,60 @@ def check_fit_spec(spec: FitSpec) -> None:
         raise ValueError(f"FitSpec {spec.key}: cap_gb must be >= 0 (0: no cap), got {spec.cap_gb!r}")
     if spec.settings.get("expect", "fit") not in ("fit", "oom"):
         raise ValueError(f"FitSpec {spec.key}: expect must be 'fit' or 'oom', got {spec.settings['expect']!r}")
+    max_s = spec.settings.get("max_s", FIT_SETTINGS["max_s"])
+    if isinstance(max_s, bool) or not isinstance(max_s, (int, float)) or not (math.isfinite(max_s) and max_s > 0):
+        raise ValueError(f"FitSpec {spec.key}: max_s must be a positive number of seconds, got {max_s!r}")
+    if spec.weights not in fit_7b.WEIGHT_FORMATS:
+        raise ValueError(f"FitSpec {spec.key}: weights must be one of {fit_7b.WEIGHT_FORMATS}, got {spec.weights!r}")
+    if not isinstance(spec.lean_loss, bool):
+        raise ValueError(f"FitSpec {spec.key}: lean_loss must be True or False, got {spec.lean_loss!r}")
+    targets = spec.target_modules
+    entries = [targets] if isinstance(targets, str) else targets if isinstance(targets, (list, tuple)) else None
+    if targets is not None and (not entries or not all(isinstance(t, str) and t.strip() for t in entries)):
+        raise ValueError(f"FitSpec {spec.key}: target_modules must be None, a name/regex or a non-empty list of "
+                         f"them (e.g. ['all-linear', 'lm_head']), got {targets!r}")
     fit_7b.resolve_choice(spec.name)  # ValueError naming the known optimizers
+    try:
+        fit_choice(spec)  # the levers where they do not apply (int8 weights with torch's AdamW, ...)
+    except ValueError as exc:
+        raise ValueError(f"FitSpec {spec.key}: {exc}") from None
 
 
 def fit_choice(spec: FitSpec) -> fit_7b.OptimChoice:
-    """fit_7b's OptimChoice for the spec, its optim_args added to the constructor's options and the estimate's."""
+    """fit_7b's OptimChoice for the spec: its optim_args added to the constructor's options and the estimate's,
+    its levers set (``fit_7b.with_levers``), so that the run and its estimate are of the same thing."""
     choice = fit_7b.resolve_choice(spec.name)
-    if not spec.optim_args:
+    optim_args = spec.optim_args
+    if optim_args and choice.kind != "registry":  # torch's / bitsandbytes' AdamW options (as before the levers)
+        choice = dataclasses.replace(choice, options={**choice.options, **optim_args},
+                                     estimator_args={**choice.estimator_args, **optim_args})
+        optim_args = {}
+    if not optim_args and spec.target_modules is None and not spec.lean_loss and spec.weights == "float":
         return choice
-    return dataclasses.replace(choice, options={**choice.options, **spec.optim_args},
-                               estimator_args={**choice.estimator_args, **spec.optim_args})
+    return fit_7b.with_levers(choice, optim_args=optim_args, target_modules=spec.target_modules,
+                              lean_loss=spec.lean_loss, weights=spec.weights)
+
+
+def unit_spec(unit: dict) -> FitSpec:
+    """The FitSpec a fit unit (or a fit record of results.json) was made from, as far as the run and its estimate
+    depend on it; the fields a plan or record written before the levers lacks take :data:`LEVER_DEFAULTS`."""
+    levers = {name: unit.get(name, default) for name, default in LEVER_DEFAULTS.items()}
+    return FitSpec(unit["optim"], unit["cap_gb"], dict(unit.get("optim_args") or {}),
+                   dtype=unit.get("dtype", "bfloat16"), **levers)
+
+
+def levers_text(record: dict) -> str:
+    """What a fit unit or record sets beyond a plain run, in words (``""`` for a plain one; an old record
+    without the lever fields is a plain one): ``"dense_state_bits=8, targets all-linear,lm_head, lean loss,
+    int8 weights"``, as ``fit_7b.describe_levers`` words them."""
+    parts = [f"{k}={v}" for k, v in sorted((record.get("optim_args") or {}).items())]
+    if record.get("target_modules") is not None:
+        parts.append(f"targets {targets_label(record['target_modules'], sep=',')}")
+    if record.get("lean_loss"):
+        parts.append("lean loss")
+    if record.get("weights", "float") != "float":
+        parts.append(f"{record['weights']} weights")
+    return ", ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,9 +347,11 @@ def build_plan(stages: list[str], smoke: bool, fit_specs: list[FitSpec] = FIT_SP
             settings = {**FIT_SETTINGS, **(SMOKE_FIT_SETTINGS if smoke else {}), **spec.settings}
             if smoke:
                 settings.update({k: v for k, v in SMOKE_FIT_SETTINGS.items() if k != "max_s"})
+            choice = fit_choice(spec)
             units.append({"key": spec.key, "stage": "fit_7b", "kind": "fit", "optim": spec.name,
-                          "optim_args": spec.optim_args, "layerwise": fit_choice(spec).layerwise,
-                          "cap_gb": spec.cap_gb, "dtype": spec.dtype, "settings": settings,
+                          "optim_args": spec.optim_args, "layerwise": choice.layerwise,
+                          "cap_gb": spec.cap_gb, "dtype": spec.dtype, "target_modules": choice.target_modules,
+                          "lean_loss": spec.lean_loss, "weights": spec.weights, "settings": settings,
                           "max_s": settings["max_s"], "env": settings["env"]})
     if "step_time" in stages:
         plan = SMOKE_STEP_TIME if smoke else StepTimePlan()
@@ -613,9 +704,9 @@ class Worker:
         import torch
 
         settings = unit["settings"]
-        choice = fit_choice(FitSpec(unit["optim"], unit["cap_gb"], unit["optim_args"], dtype=unit["dtype"]))
+        choice = fit_choice(unit_spec(unit))  # the levers too: the Estimates thread builds the same choice
         cuda = self.device == "cuda"
-        if choice.kind == "bnb8bit":
+        if choice.kind == "bnb8bit" or choice.options.get("dense_state_bits") == 8:  # bitsandbytes' codec
             problem = fit_7b.bitsandbytes_available()
             if problem:
                 return {"status": f"skipped: {problem}", "steps_ok": False}
@@ -648,7 +739,9 @@ class Worker:
             record.update(summarize_steps(measured, settings["batch_size"] * settings["seq_len"]))
             record.update(optimizer_state_gb=measured["optimizer_state_gb"], weights_gb=measured["weights_gb"],
                           param_dtype=measured["param_dtype"], first_step_s=measured["first_step_s"],
-                          allocated_after_model_gb=measured["allocated_after_model_gb"], status="ok")
+                          allocated_after_model_gb=measured["allocated_after_model_gb"], status="ok",
+                          levers=fit_7b.describe_levers(choice), lean_loss=measured["lean_loss"],
+                          weights=measured["weights"])
             if not measured["loss_finite"]:
                 record["status"] = "ok, non-finite loss"
         else:
@@ -778,13 +871,15 @@ class Estimates:
 
     def __init__(self, units: list[dict], device: str):
         self.jobs = []
+        self.levers: dict[str, str] = {}  # fit units: the levers each estimate was computed with
         for unit in units:
             if unit["kind"] == "fit":
                 s = unit["settings"]
-                choice = fit_choice(FitSpec(unit["optim"], unit["cap_gb"], unit["optim_args"], dtype=unit["dtype"]))
+                choice = fit_choice(unit_spec(unit))  # as the worker builds the run: the same levers
+                self.levers[unit["key"]] = fit_7b.describe_levers(choice)
                 self.jobs.append((unit["key"], s["config"], choice, s["seq_len"], s["batch_size"],
                                   _estimator_dtype(unit["dtype"])))
-            elif unit["kind"] == "estimator":
+            elif unit["kind"] == "estimator":  # plain runs, as Worker.estimator builds them
                 self.jobs.append((unit["key"], unit["config"], fit_7b.resolve_choice(unit["optim"]), unit["seq_len"],
                                   unit["batch_size"], "bf16"))
         self.device = device
@@ -919,7 +1014,8 @@ class Run:
     def unit_record(self, unit: dict) -> dict:
         record = {"key": unit["key"], **self.records[unit["key"]]}
         if unit["kind"] == "fit":
-            record = {"key": unit["key"], "optim": unit["optim"], "optim_args": unit["optim_args"],
+            levers = {name: unit.get(name, default) for name, default in LEVER_DEFAULTS.items()}
+            record = {"key": unit["key"], "optim": unit["optim"], "optim_args": unit["optim_args"], **levers,
                       "cap_gb": unit["cap_gb"], "layerwise": unit["layerwise"], "dtype": unit["dtype"],
                       "config": unit["settings"]["config"], "seq_len": unit["settings"]["seq_len"],
                       "batch_size": unit["settings"]["batch_size"], "steps": unit["settings"]["steps"],
@@ -936,6 +1032,7 @@ class Run:
             record["estimate"] = estimate
             if unit["kind"] == "fit":
                 record["estimate_total_gb"] = estimate["total_gb"] if estimate else None
+                record["estimate_levers"] = self.estimates.levers.get(unit["key"])
             if unit["kind"] == "estimator":
                 record["target"] = unit["target"]
             if unit["key"] in self.estimates.errors:
@@ -1185,15 +1282,16 @@ def render_markdown(results: dict) -> str:
               for c in results.get("commands", [])]
     lines += ["", "| stage | status |", "|---|---|"]
     lines += [f"| {k} | {v.get('status')} |" for k, v in results.get("stages", {}).items()]
-    lines += ["", "## fit_7b", "", "| run | cap GB | status | steps | peak alloc GB | peak reserved GB "
+    lines += ["", "## fit_7b", "", "| run | levers | cap GB | status | steps | peak alloc GB | peak reserved GB "
               "| est. total GB | est. alloc GB | tokens/s | loss first → last | as expected |",
-              "|---|--:|---|--:|--:|--:|--:|--:|--:|---|---|"]
+              "|---|---|--:|---|--:|--:|--:|--:|--:|--:|---|---|"]
     for r in results.get("fit_7b", []):
         e = r.get("estimate") or {}
         loss = (f"{r['first_loss']:.3f} → {r['last_loss']:.3f}" if r.get("first_loss") is not None
                 and r.get("last_loss") is not None else "—")
-        lines.append(f"| {r['key']} | {r.get('cap_gb', 0):g} | {r.get('status')} | {r.get('steps_done', 0)}/"
-                     f"{r.get('steps')} | {_f(r.get('peak_allocated_gb'))} | {_f(r.get('peak_reserved_gb'))} | "
+        lines.append(f"| {r['key']} | {levers_text(r) or '—'} | {r.get('cap_gb', 0):g} | {r.get('status')} "
+                     f"| {r.get('steps_done', 0)}/{r.get('steps')} | {_f(r.get('peak_allocated_gb'))} "
+                     f"| {_f(r.get('peak_reserved_gb'))} | "
                      f"{_f(r.get('estimate_total_gb'))} | {_f(e.get('allocated_gb'))} | {_f(r.get('tokens_per_s'), 0)} "
                      f"| {loss} | {r.get('as_expected', '—')} |")
     errors = [r for r in results.get("fit_7b", []) if r.get("error")]
@@ -1255,7 +1353,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "only these, e.g. to redo what an earlier run missed")
     parser.add_argument("--unit-max-s", type=float, default=None,
                         help="no single unit (one training run, one timing, one check) may run longer than this; "
-                             "the default is each unit's own limit (fit_7b runs 100 s, the others 40-120 s)")
+                             "the default is each unit's own limit (fit_7b runs 100 s, its int8 run 150 s, the "
+                             "others 40-120 s)")
     parser.add_argument("--replace", action="store_true",
                         help="start --results afresh instead of merging into it (needed when it holds another "
                              "device's results)")

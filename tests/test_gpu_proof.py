@@ -15,8 +15,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_proof.py"
-FIT_FIELDS = ("key", "optim", "optim_args", "cap_gb", "layerwise", "dtype", "steps_ok", "peak_allocated_gb",
-              "peak_reserved_gb", "tokens_per_s", "first_loss", "last_loss", "estimate_total_gb", "error", "status")
+FIT_FIELDS = ("key", "optim", "optim_args", "target_modules", "lean_loss", "weights", "cap_gb", "layerwise", "dtype",
+              "steps_ok", "peak_allocated_gb", "peak_reserved_gb", "tokens_per_s", "first_loss", "last_loss",
+              "estimate_total_gb", "error", "status")
+# Issue 17's rows: the 16 GB and 12 GB settings of docs/memory.md, and the levers each key must say.
+LEVER_ROWS = {
+    "apollo_mini_layerwise@16GB[dense_state_bits=8;targets=all-linear+lm_head;lean_loss]":
+        "dense_state_bits=8, targets all-linear,lm_head, lean loss",
+    "apollo_mini_layerwise@12GB[dense_state_bits=8;lean_loss;weights=int8]":
+        "dense_state_bits=8, lean loss, int8 weights",
+}
 
 
 def _load():
@@ -85,7 +93,7 @@ def test_merging_keeps_what_this_run_did_not_redo(proof):
 def test_fit_runs_are_data(proof):
     keys = [spec.key for spec in proof.FIT_SPECS]
     assert keys == ["apollo@48GB", "apollo_mini_layerwise@24GB", "apollo_mini_layerwise@16GB",
-                    "apollo_layerwise@24GB", "adamw_fused@48GB"]
+                    "apollo_layerwise@24GB", "adamw_fused@48GB", *LEVER_ROWS]
     # A row appended later (issue 17's kind): its own key, its options in the constructor and the estimate.
     extra = proof.FitSpec("apollo_mini", cap_gb=16, layerwise=True, optim_args={"state_dtype": "bfloat16"},
                           settings={"seq_len": 1024})
@@ -100,6 +108,138 @@ def test_fit_runs_are_data(proof):
         proof.build_plan(["fit_7b"], smoke=False, fit_specs=[proof.FitSpec("apollo", 24, settings={"sq_len": 1})])
     with pytest.raises(ValueError, match="cap_gb must be >= 0"):
         proof.check_fit_spec(proof.FitSpec("apollo", -1))
+
+
+def test_issue_17_rows_carry_their_levers_into_the_plan(proof):
+    fit_7b = proof.fit_7b
+    specs = {spec.key: spec for spec in proof.FIT_SPECS}
+    plain = fit_7b.resolve_choice("apollo_mini_layerwise")
+    expected = {  # the settings of docs/memory.md's headline lines, built straight from fit_7b
+        "apollo_mini_layerwise@16GB[dense_state_bits=8;targets=all-linear+lm_head;lean_loss]": fit_7b.with_levers(
+            plain, optim_args={"dense_state_bits": 8}, target_modules=["all-linear", "lm_head"], lean_loss=True),
+        "apollo_mini_layerwise@12GB[dense_state_bits=8;lean_loss;weights=int8]": fit_7b.with_levers(
+            plain, optim_args={"dense_state_bits": 8}, lean_loss=True, weights="int8"),
+    }
+    assert set(expected) == set(LEVER_ROWS)
+    for smoke in (False, True):
+        units = {u["key"]: u for u in proof.build_plan(["fit_7b"], smoke=smoke)}
+        for key, choice in expected.items():
+            assert proof.fit_choice(specs[key]) == choice
+            unit = json.loads(json.dumps(units[key]))  # as the worker reads its plan
+            # The worker's run and the parent's estimate both build their choice from the unit: the levers survive.
+            assert proof.fit_choice(proof.unit_spec(unit)) == choice
+            assert proof.levers_text(unit) == LEVER_ROWS[key] == fit_7b.describe_levers(choice)
+            assert unit["layerwise"] and unit["settings"]["expect"] == "fit"
+            assert unit["settings"]["config"] == ("configs/llama_tiny.json" if smoke else "configs/llama_7b.json")
+    units = {u["key"]: u for u in proof.build_plan(["fit_7b"], smoke=False)}
+    caps = [(units[k]["cap_gb"], units[k]["max_s"], units[k]["settings"]["seq_len"]) for k in LEVER_ROWS]
+    assert caps == [(16, 100, 2048), (12, 150, 2048)]  # the int8 build and steps get their own limit
+    # The plain rows are what they were: no lever fields set.
+    assert all(proof.levers_text(units[k]) == "" for k in ("apollo_mini_layerwise@16GB", "adamw_fused@48GB"))
+
+
+def test_bad_levers_are_refused_naming_the_spec_and_value(proof):
+    bad = [
+        (proof.FitSpec("apollo_mini", 12, layerwise=True, weights="int4"),
+         r"FitSpec apollo_mini_layerwise@12GB\[weights=int4\]: weights must be one of \('float', 'int8'\), got 'int4'"),
+        (proof.FitSpec("apollo_mini", 16, layerwise=True, lean_loss="yes"),
+         "FitSpec apollo_mini_layerwise@16GB.*: lean_loss must be True or False, got 'yes'"),
+        (proof.FitSpec("apollo", 16, target_modules=["all-linear", 3]),
+         r"FitSpec apollo@16GB\[targets=all-linear\+3\]: target_modules must be .*got \['all-linear', 3\]"),
+        (proof.FitSpec("apollo", 16, target_modules=[]), r"target_modules must be .*got \[\]"),
+        (proof.FitSpec("adamw_fused", 48, weights="int8"),
+         r"FitSpec adamw_fused@48GB\[weights=int8\]: int8 weights .*not 'adamw_fused'"),
+        (proof.FitSpec("adamw_fused", 48, target_modules="all-linear"),
+         "FitSpec adamw_fused@48GB.*: target modules 'all-linear': only for a lowrank-opt optimizer"),
+        (proof.FitSpec("apollo", 16, settings={"max_s": 0}), "FitSpec apollo@16GB: max_s must be a positive number"),
+    ]
+    for spec, message in bad:
+        with pytest.raises(ValueError, match=message):
+            proof.check_fit_spec(spec)
+        with pytest.raises(ValueError, match=message):  # the whole plan refuses, before any unit exists
+            proof.build_plan(["fit_7b"], smoke=True, fit_specs=[*proof.FIT_SPECS, spec])
+    # The lean loss is for any optimizer (fit_7b says so): a valid row.
+    proof.check_fit_spec(proof.FitSpec("adamw_fused", 48, lean_loss=True))
+
+
+def test_results_written_before_the_levers_still_load(proof):
+    """A fit record (or plan unit) without target_modules / lean_loss / weights is a plain run: it reads back
+    as one, merges with this run's lever rows, and renders."""
+    old_record = {"key": "apollo_mini_layerwise@16GB", "optim": "apollo_mini_layerwise", "optim_args": {},
+                  "cap_gb": 16, "layerwise": True, "dtype": "bfloat16", "status": "ok", "steps_ok": True,
+                  "first_loss": 9.0, "last_loss": 8.0, "estimate_total_gb": 17.85}
+    spec = proof.unit_spec(old_record)
+    assert (spec.target_modules, spec.lean_loss, spec.weights) == (None, False, "float")
+    assert spec.key == old_record["key"]
+    assert proof.fit_choice(spec) == proof.fit_7b.resolve_choice("apollo_mini_layerwise")
+    assert proof.levers_text(old_record) == ""
+    older = {"device": "X", "commands": [], "fit_7b": [old_record], "stages": {}}
+    key12 = next(k for k in LEVER_ROWS if "int8" in k)
+    new_record = {"key": key12, "optim": "apollo_mini_layerwise", "optim_args": {"dense_state_bits": 8},
+                  "target_modules": None, "lean_loss": True, "weights": "int8", "cap_gb": 12, "status": "ok"}
+    merged = proof.merge_results(older, {"device": "X", "commands": [], "fit_7b": [new_record], "stages": {}})
+    assert [r["key"] for r in merged["fit_7b"]] == [key12, old_record["key"]]
+    table = proof.render_markdown(merged)
+    assert f"| {old_record['key']} | — | 16 |" in table
+    assert f"| {key12} | {LEVER_ROWS[key12]} | 12 |" in table
+
+
+def test_issue_17_rows_run_on_cpu_with_their_levers(proof, tmp_path, monkeypatch):
+    """The smoke plan's two lever rows (tiny model), run by the worker as the script does and estimated as the
+    parent does: the record says which levers the run was built with, the estimate was computed with the same
+    ones (its optimizer state is counted by the same function: equal to the measured bytes), and the levers
+    changed what was measured against the plain 16 GB row."""
+    import types
+
+    import lowrank_opt.loss
+
+    lean = lowrank_opt.loss.causal_lm_loss_from_model
+    calls = []
+    monkeypatch.setattr(lowrank_opt.loss, "causal_lm_loss_from_model",
+                        lambda model, inputs: calls.append(1) or lean(model, inputs))
+    keys = ["apollo_mini_layerwise@16GB", *LEVER_ROWS]
+    plan = {u["key"]: u for u in proof.build_plan(["fit_7b"], smoke=True)}
+    units = [json.loads(json.dumps(plan[k])) for k in keys]
+    estimates = proof.Estimates(units, "cpu")
+    estimates.start().wait(300)
+    run = proof.Run(types.SimpleNamespace(log=tmp_path / "log"), units, ["fit_7b"], {"date": "now"}, estimates,
+                    0.0, {}, None)
+    worker = proof.Worker("cpu", tmp_path / "progress.jsonl", smoke=True)
+    records = {}
+    for unit in units:
+        calls.clear()
+        run.records[unit["key"]] = worker.fit(unit, progress=lambda record: None)
+        records[unit["key"]] = run.unit_record(unit)
+        assert len(calls) == (unit["settings"]["steps"] if unit.get("lean_loss") else 0), unit["key"]
+    plain = records.pop("apollo_mini_layerwise@16GB")
+    assert plain["levers"] == plain["estimate_levers"] == ""
+    for key, record in records.items():
+        assert record["status"] == "ok" and record["steps_ok"] and record["as_expected"] is True, record
+        assert record["last_loss"] < record["first_loss"]  # one batch, twice: the update happened
+        assert record["levers"] == record["estimate_levers"] == LEVER_ROWS[key]  # the run's and the estimate's
+        assert record["lean_loss"] is True
+        assert record["optimizer_state_gb"] == pytest.approx(record["estimate"]["optimizer_states_gb"], rel=1e-9)
+    r16, r12 = records.values()
+    assert r16["weights"] == "float" and r16["target_modules"] == ["all-linear", "lm_head"]
+    # Plain: fp32 AdamW moments (8 bytes a parameter) of the embeddings and of the head. With the levers the
+    # embeddings' moments are 8-bit (2 bytes, + 8 per 256) and the head's low-rank: under a quarter.
+    assert r16["optimizer_state_gb"] < plain["optimizer_state_gb"] / 4
+    assert r16["estimate"]["optimizer_states_gb"] < plain["estimate"]["optimizer_states_gb"] / 4
+    assert r12["weights"] == "int8" and r12["target_modules"] is None
+    # int8 codes (1 byte) + fp32 scales per 128 (1/32 byte) instead of 2 bf16 bytes for each Linear but the head.
+    assert r12["weights_gb"] < plain["weights_gb"] and r12["estimate"]["weights_gb"] < plain["estimate"]["weights_gb"]
+    # The estimate counts the same weights but each int8 layer's one-element bf16 gradient carrier (2 bytes).
+    config = json.loads((ROOT / units[0]["settings"]["config"]).read_text())
+    carriers = 7 * config["num_hidden_layers"]  # q, k, v, o, gate, up, down
+    assert r12["weights_gb"] * 1e9 == pytest.approx(r12["estimate"]["weights_gb"] * 1e9 + 2 * carriers, abs=1e-3)
+
+
+def test_a_lever_row_without_bitsandbytes_is_skipped_and_named(proof, tmp_path, monkeypatch):
+    monkeypatch.setattr(proof.fit_7b, "bitsandbytes_available", lambda: "bitsandbytes not importable (test)")
+    unit = next(u for u in proof.build_plan(["fit_7b"], smoke=True) if u["key"] in LEVER_ROWS)
+    record = proof.Worker("cpu", tmp_path / "progress.jsonl", smoke=True).fit(unit, progress=lambda r: None)
+    assert record == {"status": "skipped: bitsandbytes not importable (test)", "steps_ok": False}
+    assert proof._package_skip(record)  # a missing package, not an unfinished unit
 
 
 def test_a_missing_reference_package_is_named(proof, monkeypatch):
@@ -179,7 +319,11 @@ def test_smoke_runs_every_stage_and_merges_into_the_file(tmp_path, proof):
         assert run["last_loss"] < run["first_loss"]  # one batch, twice: the update happened
         assert run["tokens_per_s"] > 0 and run["estimate_total_gb"] > 0
         assert run["peak_allocated_gb"] is None  # CPU: no CUDA allocator, no GPU figure
+        # The run and its estimate were built with the spec's levers (issue 17's rows: see LEVER_ROWS).
+        assert run["levers"] == run["estimate_levers"] == proof.levers_text(run) == LEVER_ROWS.get(spec.key, "")
+        assert run["optimizer_state_gb"] == pytest.approx(run["estimate"]["optimizer_states_gb"], rel=1e-9)
     assert runs["adamw_fused@48GB"]["as_expected"] is False  # expected to run out of memory, on a GPU
+    assert {runs[k]["weights"] for k in LEVER_ROWS} == {"float", "int8"}
 
     step = {r["key"]: r for r in data["step_time"]["runs"]}
     assert step["ours@tiny-bf16"]["steady_ms"] > 0 and step["ours@tiny-bf16"]["projection_bytes"] == 0
