@@ -4,7 +4,10 @@ never allocating a tokens x vocabulary tensor."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -267,3 +270,86 @@ def test_an_int8_lm_head_is_refused():
     ids = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="holds no values of its own"):
         causal_lm_loss_from_model(model, {"input_ids": ids, "labels": ids})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# benchmarks/lean_loss.py: the script behind the peak-memory figures of docs/quantization.md
+
+
+@pytest.fixture
+def lean_loss_script(monkeypatch):
+    spec = importlib.util.spec_from_file_location("lean_loss_under_test", ROOT / "benchmarks" / "lean_loss.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lean_loss_script_measures_every_path_inputs_and_gradients_included(lean_loss_script, tmp_path, capsys):
+    script = lean_loss_script
+    output = tmp_path / "lean_loss.json"
+    tokens, vocab, hidden = 64, 500, 16
+    cases = f"{tokens}x{vocab}x{hidden}:fp32,{tokens}x{vocab}x{hidden}:bf16"
+    assert script.main(["--cases", cases, "--threads", "1", "--output", str(output)]) == 0
+    payload = json.loads(output.read_text())
+    rows = {(r["case"], r["path"]): r for r in payload["results"]}
+    assert len(rows) == 6
+    tile = 4 * tokens * vocab  # one fp32 tokens x vocabulary tensor (the default chunks exceed this case)
+    for dtype, size in (("fp32", 4), ("bf16", 2)):
+        case = f"{tokens}x{vocab}x{hidden}:{dtype}"
+        for path in ("plain", "torch", "lean"):
+            row = rows[(case, path)]
+            assert row["status"] == "ok", row
+            # h (T x H) and w (V x H) in the case's dtype, int64 labels, and the gradients of h and w
+            assert row["inputs_bytes"] == (tokens + vocab) * hidden * size + tokens * 8
+            assert row["grad_bytes"] == (tokens + vocab) * hidden * size
+            assert row["peak_bytes"] > row["inputs_bytes"] + row["grad_bytes"]
+            assert row["scratch_bytes"] == row["peak_bytes"] - row["inputs_bytes"] - row["grad_bytes"]
+            assert row["profiler_baseline_bytes"] == 0  # each measurement freed its tensors under the profiler
+        plain, lean = rows[(case, "plain")], rows[(case, "lean")]
+        assert lean["peak_bytes"] < plain["peak_bytes"]
+        assert plain["scratch_bytes"] >= 2 * tile  # fp32 logits and their log-softmax at once
+        assert lean["scratch_bytes"] >= tile  # its one tile is the whole logits here
+        # loss.py's formula: 16 T + 4 T H + 4 Ct Cv, and for bf16 4 Ct H + 8 Cv H (Ct = T, Cv = V here)
+        formula = 16 * tokens + 4 * tokens * hidden + tile + (0 if dtype == "fp32" else 4 * tokens * hidden
+                                                               + 8 * vocab * hidden)
+        assert lean["formula_scratch_bytes"] == formula
+        comparison = next(c for c in payload["loss_comparison"] if c["case"] == case)
+        assert comparison["reference"] == "plain"
+        assert abs(comparison["differences"]["lean"]) < (1e-5 if dtype == "fp32" else 1e-2)
+        assert comparison["max_loss_difference"] == pytest.approx(
+            max(comparison["losses"].values()) - min(comparison["losses"].values()))
+    printed = capsys.readouterr().out
+    assert f"python benchmarks/lean_loss.py --cases {cases}" in printed
+    assert f"| {tokens}x{vocab}x{hidden}:bf16 | lean | {lean['peak_bytes'] / 1e6:,.1f} |" in printed
+    assert payload["environment"]["torch"] == torch.__version__
+
+
+def test_lean_loss_script_says_why_a_path_is_not_measured(lean_loss_script, tmp_path, capsys, monkeypatch):
+    script = lean_loss_script
+    monkeypatch.setattr(script, "torch_path_missing", lambda: "absent: no linear_cross_entropy in this torch")
+    output = tmp_path / "skipped.json"
+    # the default --skip leaves out the bf16 plain path at LLaMA-7B's head shape: no input is even drawn
+    assert script.main(["--cases", "2048x32000x4096:bf16", "--paths", "plain,torch", "--output", str(output)]) == 0
+    rows = {r["path"]: r for r in json.loads(output.read_text())["results"]}
+    assert rows["plain"]["status"] == "skipped" and "--skip" in rows["plain"]["reason"]
+    assert rows["torch"] == {**rows["torch"], "status": "absent",
+                             "reason": "absent: no linear_cross_entropy in this torch"}
+    printed = capsys.readouterr().out
+    assert "| 2048x32000x4096:bf16 | plain | — |" in printed and "skipped by default" in printed
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["--cases", "64x500:fp32"], "'64x500:fp32'"),
+    (["--cases", "64x500x16:int8"], "'int8'"),
+    (["--paths", "plain,logits"], "'logits'"),
+    (["--cases", "64x500x16:fp32", "--skip", "64x500x16:bf16:plain"], "64x500x16:bf16:plain"),
+])
+def test_lean_loss_script_rejects_bad_arguments_before_work(argv, named, lean_loss_script, tmp_path, capsys):
+    script = lean_loss_script
+    output = tmp_path / "never.json"
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([*argv, "--output", str(output)])
+    assert exit_info.value.code == 2
+    assert named in capsys.readouterr().err
+    assert not output.exists()
