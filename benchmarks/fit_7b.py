@@ -59,7 +59,7 @@ the CPU (two steps at 256 tokens; the figures in docs/memory.md come from these 
 
     python benchmarks/fit_7b.py --device cpu --caps 0 --seq-len 256 --steps 2 \
         --optims apollo_mini_layerwise --optim-args dense_state_bits=8 --lean-loss \
-        --target-modules all-linear,lm_head --output fit_7b_cpu_16gb.json
+        --output fit_7b_cpu_16gb.json
     python benchmarks/fit_7b.py --device cpu --caps 0 --seq-len 256 --steps 2 \
         --optims apollo_mini_layerwise --optim-args dense_state_bits=8 --lean-loss --weights int8 \
         --output fit_7b_cpu_12gb.json

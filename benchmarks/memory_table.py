@@ -285,9 +285,9 @@ class Lever:
 LEVERS = [
     Lever("base", "layer-wise APOLLO-Mini, bf16 weights"),
     Lever("states8", "+ 8-bit dense states", after="base", dense_state_bits=8),
-    Lever("lean", "+ lean loss", after="states8", dense_state_bits=8, lean_loss=True),
+    Lever("lean", "+ lean loss", after="states8", dense_state_bits=8, lean_loss=True, setting_gb=16),
     Lever("head", "+ `lm_head` low-rank", after="lean", dense_state_bits=8, lean_loss=True,
-          target_modules=("all-linear", "lm_head"), setting_gb=16),
+          target_modules=("all-linear", "lm_head"), recommended=False),
     Lever("embed", "+ `embed_tokens` low-rank too", after="head", dense_state_bits=8, lean_loss=True,
           target_modules=("all-linear", "embed_tokens", "lm_head"), recommended=False),
     Lever("int8", "+ int8 weights + lean loss", after="base", lean_loss=True, weights="int8"),
@@ -489,14 +489,16 @@ def headline_section(rows: list[HeadlineRow], setting: Setting, doc_dir: Path) -
         f"small LLaMA on a CPU: {link}. ")
     costly = [r for r in rows if not r.lever.recommended]
     if costly:
-        c = costly[0]
-        before = by_key[c.lever.after] if c.lever.after else None
-        saved = (f", {(before.estimate.total - c.estimate.total) / GB:.2f} GB below row {before.number}"
-                 if before is not None else "")
+        parts = []
+        for c in costly:
+            before = by_key[c.lever.after] if c.lever.after else None
+            saved = (f", {(before.estimate.total - c.estimate.total) / GB:.2f} GB below row {before.number}"
+                     if before is not None else "")
+            parts.append(f"row {c.number} (`{','.join(c.lever.target_modules)}`{saved})")
         out[-1] += (
-            f"Row {c.number} (`{','.join(c.lever.target_modules)}`: the embeddings low-rank too) is an estimate "
-            f"only{saved}: the same benchmark measured low-rank embeddings as costly in loss, so neither setting "
-            "uses them.")
+            f"{' and '.join(parts).capitalize()} {'are estimates' if len(parts) > 1 else 'is an estimate'} only: "
+            "the same benchmark measured low-rank `lm_head` and embeddings (APOLLO-Mini's rank-1 moments for them) "
+            "as costly in loss, so neither setting uses them.")
     out.append("")
     return out
 
@@ -621,7 +623,7 @@ def _highlights(rows: list[Row], setting: Setting, small_vocab: Optional[Any] = 
                 f"{mini.step_temporaries / GB:.2f} GB for layer-wise APOLLO-Mini at 7B, and "
                 f"{small_vocab.step_temporaries / GB:.2f} GB for the same model with a 1000-token vocabulary "
                 "(same command, estimated by this script). Updates of bf16 weights work on fp32 copies, "
-                "a block of rows (at most 2^24 elements on a GPU) at a time, so the 32000 x 4096 "
+                "a block of rows (at most 2^22 elements on a GPU) at a time, so the 32000 x 4096 "
                 "`embed_tokens` and `lm_head` no longer need full-size fp32 copies of the weight, gradient, "
                 "`sqrt(v)` and rounding bits inside backward (2.10 GB when they were updated whole).")
     plain_apollo = get("apollo", False)

@@ -46,9 +46,12 @@ _SCALING_EPS = 1e-8  # s = ||R~|| / (||R|| + 1e-8)
 # The fast path updates big dense tensors in pieces of this many elements (a multiple of every vector width,
 # so each element sees the same kernels as in one whole-tensor op: results are bit-identical) and never
 # holds a full-size temporary; smaller ones together with torch's foreach ops. On CPU 4 MiB pieces stay in
-# cache-friendly, already-mapped memory; on GPUs larger pieces keep the number of kernel launches small.
+# cache-friendly, already-mapped memory. On GPUs 2^22 elements (16 MiB in fp32): each piece still takes
+# longer to stream than its kernels take to launch, and the update's scratch (two fp32 pieces) stays at
+# 32 MiB, which counts at LLaMA-7B in 16 GB (2^24 would be 128 MiB: the 16 GB setting of docs/memory.md would
+# not fit); the int8 weights' update uses the same size (lowrank_opt/quant/int8.py).
 _DENSE_CHUNK = 1 << 20
-_DENSE_CHUNK_ACCELERATOR = 1 << 24
+_DENSE_CHUNK_ACCELERATOR = 1 << 22
 # Sharded matrices are updated in batches whose projections hold at most this many bytes at once: one
 # all-reduce per batch and round instead of one per matrix, without keeping every matrix's R alive.
 _BATCH_BYTES = 64 << 20
@@ -391,7 +394,7 @@ class Apollo(Optimizer):
             data-parallel replicas round alike. fp16 parameters are always rounded to nearest (fp16 training
             normally keeps fp32 master weights); fp32/fp64 parameters need no rounding. Default True.
         foreach (bool | None): the fast path (``None``, default, or ``True``): plain-AdamW tensors are updated
-            with torch's foreach ops (small ones) or in pieces (2^20 elements on CPU, 2^24 on GPUs: no
+            with torch's foreach ops (small ones) or in pieces (2^20 elements on CPU, 2^22 on GPUs: no
             full-size temporaries). Same numbers as ``False``, the simple one-tensor-at-a-time reference path
             it is tested against (bit for bit on CPU).
         process_group: the process group DeepSpeed ZeRO's flat shards are split over (default: the world;

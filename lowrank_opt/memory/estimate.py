@@ -241,7 +241,7 @@ def estimate(
         attn_implementation: ``"sdpa"`` (also flash attention) or ``"eager"`` (stores the s x s scores).
         device: ``"cuda"`` (GPUs: the default) or ``"cpu"``, what the step's code paths and the overhead are
             taken for: on CPU torch's optimizers run their single-tensor loop (their CPU default) instead of
-            foreach, APOLLO updates in 2^20- instead of 2^24-element pieces, and there is no CUDA context or
+            foreach, APOLLO updates in 2^20- instead of 2^22-element pieces, and there is no CUDA context or
             caching-allocator fragmentation (the overhead is 0: the total is the peak of live tensor bytes,
             not the process's RSS, which adds Python, torch and the allocator's own caching).
         cuda_context_bytes, fragmentation: the overhead model (``None``: ``CUDA_CONTEXT_BYTES`` and
