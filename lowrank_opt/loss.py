@@ -20,10 +20,11 @@ Algorithm (T tokens, H hidden, V vocabulary; every tile in fp32, whatever the in
    dz.sum(0)``. Token chunks whose labels are all ignored contribute nothing and are skipped.
 
 Memory beyond the inputs and the gradients themselves (bytes; Ct, Cv the chunk sizes, fp32 = 4 bytes):
-about ``16*T`` (labels, per-token weights, log-sum-exp) + ``4*T*H`` (fp32 ``grad_h`` accumulator, backward)
-+ ``4*Ct*Cv`` (the one tile: every element-wise step works in place on it) and, for half-precision inputs
-only, ``4*Ct*H`` (fp32 copy of a token chunk) + ``4*Cv*H`` (fp32 weight block) + ``4*Cv*H`` (fp32
-weight-gradient block, backward). Nothing is of size T x V, nor of size V x H in fp32. The gradients
+about ``16*T`` (labels, per-token weights, log-sum-exp) + ``4*Ct*Cv`` (the one tile: every element-wise step
+works in place on it) and, for half-precision inputs only, ``4*T*H`` (fp32 ``grad_h`` accumulator, backward;
+for fp32 inputs the accumulator is the returned gradient itself) + ``4*Ct*H`` (fp32 copy of a token chunk) +
+``4*Cv*H`` (fp32 weight block) + ``4*Cv*H`` (fp32 weight-gradient block, backward). Measured:
+``benchmarks/lean_loss.py``. Nothing is of size T x V, nor of size V x H in fp32. The gradients
 themselves (``grad_W`` V x H and ``grad_h`` T x H in the inputs' dtypes) are what the plain path returns too.
 
 Numerics: the GEMMs run in fp32 on fp32 copies (also for bf16 inputs), so the result is the fp32 computation
