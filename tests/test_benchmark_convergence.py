@@ -135,7 +135,15 @@ def _flag(argv, flag):
 def test_variant_names_build_their_train_flags(tmp_path):
     module = _load()
     args = _args(module)
-    assert set(module.VARIANTS) == {"apollo_mini+8bit_states", "apollo_mini+lowrank_embeddings", "q_apollo_mini"}
+    levers = {  # each variant's flags that differ from plain apollo_mini's
+        "apollo_mini+8bit_states": {"--optim_args"},
+        "apollo_mini+lowrank_embeddings": {"--optim_target_modules"},
+        "q_apollo_mini": {"--weights"},
+        "apollo_mini+16gb_setting": {"--optim_args", "--lean_loss"},
+        "apollo_mini+lowrank_head": {"--optim_args", "--optim_target_modules", "--lean_loss"},
+        "q_apollo_mini+12gb_setting": {"--optim_args", "--weights", "--lean_loss"},
+    }
+    assert set(module.VARIANTS) == set(levers)
     assert all(name in module.ALL_OPTIMIZERS for name in module.VARIANTS)
     plain = module.train_argv(args, "apollo_mini", 3e-3, 42, tmp_path / "c.jsonl", tmp_path / "o")
     argvs = {name: module.train_argv(args, name, 3e-3, 42, tmp_path / "c.jsonl", tmp_path / "o")
@@ -148,15 +156,24 @@ def test_variant_names_build_their_train_flags(tmp_path):
     assert _flag(argvs["apollo_mini+lowrank_embeddings"], "--optim_target_modules") == [
         module.TARGET_MODULES, "embed_tokens", "lm_head"]
     assert _flag(argvs["q_apollo_mini"], "--weights") == ["int8"]
-    # Apart from its own lever, each variant's argv is plain apollo_mini's, flag for flag.
+    # The headline settings of docs/memory.md: every lever at once.
+    assert _flag(argvs["apollo_mini+16gb_setting"], "--optim_args") == [mini_args + ",dense_state_bits=8"]
+    assert "--lean_loss" in argvs["apollo_mini+16gb_setting"]
+    assert "--optim_target_modules" not in [a for a in argvs["apollo_mini+16gb_setting"] if a not in plain]
+    assert _flag(argvs["apollo_mini+lowrank_head"], "--optim_target_modules") == [module.TARGET_MODULES, "lm_head"]
+    assert _flag(argvs["q_apollo_mini+12gb_setting"], "--weights") == ["int8"]
+    assert _flag(argvs["q_apollo_mini+12gb_setting"], "--optim_args") == [mini_args + ",dense_state_bits=8"]
+    # Apart from its own levers, each variant's argv is plain apollo_mini's, flag for flag.
+    plain_flags = [a for a in plain if a.startswith("--")]
     for name, argv in argvs.items():
-        assert "--weights" not in plain and len(argv) >= len(plain)
-        lever = {"apollo_mini+8bit_states": "--optim_args", "apollo_mini+lowrank_embeddings": "--optim_target_modules",
-                 "q_apollo_mini": "--weights"}[name]
+        assert "--weights" not in plain and "--lean_loss" not in plain and len(argv) >= len(plain)
         flags = [a for a in argv if a.startswith("--")]
-        assert flags[: len([a for a in plain if a.startswith("--")])] == [a for a in plain if a.startswith("--")]
-        for flag in (a for a in plain if a.startswith("--") and a != lever):
+        assert flags[: len(plain_flags)] == plain_flags
+        assert set(flags[len(plain_flags):]) <= levers[name], name  # flags it adds are its levers
+        for flag in (a for a in plain_flags if a not in levers[name]):
             assert _flag(argv, flag) == _flag(plain, flag), (name, flag)
+        for flag in levers[name]:
+            assert flag in argv and (flag not in plain or _flag(argv, flag) != _flag(plain, flag)), (name, flag)
 
 
 def test_variant_argv_is_what_train_py_parses(tmp_path):
@@ -175,9 +192,10 @@ def test_variant_argv_is_what_train_py_parses(tmp_path):
               for name in ("apollo_mini", *module.VARIANTS)}
     for name, (model_args, _, training_args) in parsed.items():
         assert training_args.lowrank_optim == "apollo_mini", name
-        assert model_args.weights == ("int8" if name == "q_apollo_mini" else "float"), name
-    assert "dense_state_bits=8" in parsed["apollo_mini+8bit_states"][2].optim_args
-    assert "dense_state_bits" not in parsed["apollo_mini"][2].optim_args
+        assert model_args.weights == ("int8" if name.startswith("q_apollo_mini") else "float"), name
+        assert training_args.lean_loss == name.endswith(("_setting", "lowrank_head")), name
+        assert ("dense_state_bits=8" in training_args.optim_args) == (
+            name.endswith(("8bit_states", "_setting", "lowrank_head"))), name
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model_config))
@@ -186,6 +204,8 @@ def test_variant_argv_is_what_train_py_parses(tmp_path):
     layers = model.config.num_hidden_layers
     assert len(plain) == 7 * layers and not any("embed" in n or "lm_head" in n for n in plain)
     assert wide - plain == {"model.embed_tokens.weight", "lm_head.weight"}
+    head = {n for n, _ in lowrank_targets(model, parsed["apollo_mini+lowrank_head"][2].optim_target_modules)}
+    assert head - plain == {"lm_head.weight"}
 
 
 def _result(name, lr, seed, loss, state=1000, runtime=10.0):
