@@ -929,7 +929,7 @@ def render(rows: list[Row], sizes: list[ModelSize], methods: list[Method], setti
            "block under that section" if preserved is not None and preserved.strip() != FIT_EMPTY else "")
         + ". The check that matters — real peaks on a GPU next to these estimates, with the aim that "
         "the estimate is within 10 % of the measured peak for LLaMA-60M to 1B, and whether LLaMA-7B really "
-        "trains under 48, 24 and 16 GB caps — is **pending a session with a CUDA GPU**; none was available "
+        "trains under 48, 24, 16 and 12 GB caps — is **pending a session with a CUDA GPU**; none was available "
         "when this page was written, so no measured number is reported here and none should be inferred.")
     add("")
     add("The run is prepared and tested on CPU (`tests/test_gpu_proof.py`): `benchmarks/gpu_proof.py` does it "
@@ -937,7 +937,9 @@ def render(rows: list[Row], sizes: list[ModelSize], methods: list[Method], setti
         "short: **fit_7b** (LLaMA-7B from `configs/llama_7b.json`, built on the GPU in bf16, sequence 2048, "
         "gradient checkpointing, 10 real optimizer steps under `torch.cuda.set_per_process_memory_fraction` "
         "caps: `apollo` at 48 GB, `apollo_mini_layerwise` at 24 and 16 GB, `apollo_layerwise` at 24 GB, fused "
-        "AdamW at 48 GB, expected to run out of memory), **step_time** (the optimizer step alone at the 1B and "
+        "AdamW at 48 GB, expected to run out of memory; and the two settings of the headline section: "
+        "layer-wise APOLLO-Mini with 8-bit dense states and the lean loss under a 16 GB cap, and the same with "
+        "int8 weights under a 12 GB cap), **step_time** (the optimizer step alone at the 1B and "
         "7B shapes, paired against fused AdamW and apollo-torch), **estimator** (measured peaks against these "
         "estimates for LLaMA-60M to 1B) and **cuda_checks** (bf16 stochastic rounding in row blocks, the dense "
         "update in GPU-sized chunks, the projection draw equal across processes). What the files hold: "
