@@ -55,12 +55,13 @@ step's loss is ``lowrank_opt.loss.causal_lm_loss_from_model``: chunked, no token
 ``--weights int8`` (every Linear but the head in int8, ``lowrank_opt.quant.Int8Linear``; the model is
 materialised from the meta device one module at a time, each Linear quantized as soon as it exists, so no
 float copy of the whole model is ever made). The 16 GB and 12 GB settings of docs/memory.md on LLaMA-7B, on
-the CPU (two steps at 256 tokens; the figures in docs/memory.md come from these commands)::
+the CPU (two steps at a short sequence: a CPU without bf16 matrix units takes many minutes per step; run it
+alone, the bf16 model holds 15 GB)::
 
-    python benchmarks/fit_7b.py --device cpu --caps 0 --seq-len 256 --steps 2 \
+    python benchmarks/fit_7b.py --device cpu --caps 0 --seq-len 128 --steps 2 \
         --optims apollo_mini_layerwise --optim-args dense_state_bits=8 --lean-loss \
         --output fit_7b_cpu_16gb.json
-    python benchmarks/fit_7b.py --device cpu --caps 0 --seq-len 256 --steps 2 \
+    python benchmarks/fit_7b.py --device cpu --caps 0 --seq-len 128 --steps 2 \
         --optims apollo_mini_layerwise --optim-args dense_state_bits=8 --lean-loss --weights int8 \
         --output fit_7b_cpu_12gb.json
 """
