@@ -293,9 +293,8 @@ class CheckPlan:
     max_s: float = 60
 
 
-# The library's dense chunk sizes (lowrank_opt/apollo.py: 2^20 elements on CPU, 2^22 on GPUs): the checks
-# build tensors of several chunks, so that the chunked and row-block paths are the ones taken.
-DENSE_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 22}
+# The checks build tensors of several of the library's dense chunks (lowrank_opt.apollo.dense_chunk_elements:
+# 2^20 elements on CPU, 2^22 on GPUs), so that the chunked and row-block paths are the ones taken.
 
 SMOKE_SHAPE = LlamaShape(64, 172, 2, 16, galore_rank=16, key="tiny")
 SMOKE_VOCAB = 256
@@ -455,6 +454,7 @@ def check_bf16_row_block_rounding(device: str, shape: list[int], lr: float = 2.0
     import torch
 
     from lowrank_opt import Apollo
+    from lowrank_opt.apollo import dense_chunk_elements
 
     gen = torch.Generator(device=device).manual_seed(seed)
     w0 = (torch.rand(shape, generator=gen, device=device) * 3.75 + 0.25).to(torch.bfloat16)
@@ -482,8 +482,8 @@ def check_bf16_row_block_rounding(device: str, shape: list[int], lr: float = 2.0
     z = float(error / variance.sqrt()) if float(variance) > 0 else 0.0
     changed = float((wf != w0.float()).double().mean())
     out = {
-        "device": device, "shape": list(shape), "numel": w.numel(), "chunk_elements": DENSE_CHUNK.get(device),
-        "blocks": math.ceil(w.numel() / DENSE_CHUNK.get(device, w.numel())), "lr": lr,
+        "device": device, "shape": list(shape), "numel": w.numel(), "chunk_elements": dense_chunk_elements(device),
+        "blocks": math.ceil(w.numel() / dense_chunk_elements(device)), "lr": lr,
         "each_element_a_bf16_neighbour": neighbour, "z_total_rounding_error": z,
         "mean_update": float((x - w0.float()).double().mean()), "mean_error": float(error / w.numel()),
         "fraction_changed": changed, "deterministic": bool(torch.equal(w, again)),
@@ -504,6 +504,7 @@ def check_dense_chunks(device: str, shape: list[int], steps: int = 3, seed: int 
     import torch
 
     from lowrank_opt import Apollo
+    from lowrank_opt.apollo import dense_chunk_elements
 
     gen = torch.Generator(device=device).manual_seed(seed)
     w0 = torch.randn(shape, generator=gen, device=device).mul_(0.02)
@@ -524,8 +525,8 @@ def check_dense_chunks(device: str, shape: list[int], steps: int = 3, seed: int 
     fast, slow = run(True), run(False)
     equal = all(torch.equal(a, b) for a, b in zip(fast[:3], slow[:3]))
     out = {"device": device, "shape": list(shape), "numel": fast[0].numel(), "steps": steps,
-           "chunk_elements": DENSE_CHUNK.get(device),
-           "chunks": math.ceil(fast[0].numel() / DENSE_CHUNK.get(device, fast[0].numel())),
+           "chunk_elements": dense_chunk_elements(device),
+           "chunks": math.ceil(fast[0].numel() / dense_chunk_elements(device)),
            "chunked_equals_whole": equal, "max_abs_difference": float((fast[0] - slow[0]).abs().max())}
     if device == "cuda":
         out.update(scratch_bytes_chunked=fast[3], scratch_bytes_whole=slow[3])

@@ -92,6 +92,12 @@ def _dense_chunk(device: torch.device) -> int:
     return _DENSE_CHUNK if kind == "cpu" else _DENSE_CHUNK_ACCELERATOR
 
 
+def dense_chunk_elements(device: Union[str, torch.device]) -> int:
+    """Elements per piece in which the fast path updates big tensors on ``device`` (benchmarks and checks
+    build tensors of several pieces from it)."""
+    return _dense_chunk(torch.device(device))
+
+
 def _state_dtype_name(value: Any, where: str = "") -> Optional[str]:
     if value is None:
         return None
