@@ -55,8 +55,11 @@ step's loss is ``lowrank_opt.loss.causal_lm_loss_from_model``: chunked, no token
 ``--weights int8`` (every Linear but the head in int8, ``lowrank_opt.quant.Int8Linear``; the model is
 materialised from the meta device one module at a time, each Linear quantized as soon as it exists, so no
 float copy of the whole model is ever made). The 16 GB and 12 GB settings of docs/memory.md on LLaMA-7B, on
-the CPU (two steps at a short sequence: a CPU without bf16 matrix units takes many minutes per step; run it
-alone, the bf16 model holds 15 GB)::
+the CPU (two steps at a short sequence, some 15 minutes a step on 2 cores; run it alone, the bf16 model holds
+15 GB). On the CPU, ``--cpu-matmul layout`` (the default) runs every bf16 matrix product with one operand
+transposed, copying the activation-sized operand where both share a layout: torch's generic CPU bf16 kernel
+is some 100 times slower otherwise (one Linear's input gradient at 7B: 0.2 GFLOPS, hours per step). The
+copies are traced like everything else and recorded (``layout_copies``, ``largest_layout_copy_mb``)::
 
     python benchmarks/fit_7b.py --device cpu --caps 0 --seq-len 128 --steps 2 \
         --optims apollo_mini_layerwise --optim-args dense_state_bits=8 --lean-loss \
@@ -273,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--device cpu: how the peak of live tensor bytes is traced (torch.profiler): allocator "
                              "(default; the CPU allocator's running total, cheap) or timeline (torch's memory "
                              "timeline by category; the same figure, ~30x slower, GBs of host memory)")
+    parser.add_argument("--cpu-matmul", default="layout", choices=list(CPU_MATMUL_CHOICES),
+                        help="CPU only: 'layout' (default) copies the smaller operand of a bf16 matrix product "
+                             "whose operands share a layout, which torch's generic CPU kernel runs ~100x slower "
+                             "(see CpuBf16MatmulLayout); 'torch': torch as is")
     parser.add_argument("--no-estimate", dest="estimate", action="store_false",
                         help="skip lowrank_opt.memory.estimate next to each measurement")
     parser.add_argument("--output", type=Path, default=Path("fit_7b_results.json"),
@@ -478,6 +485,69 @@ def build_optim(choice: OptimChoice, model, lr: float):
 
 
 CPU_PEAK_METHODS = ("allocator", "timeline")
+CPU_MATMUL_CHOICES = ("layout", "torch")
+
+
+def _mm_layout(x) -> Optional[str]:
+    """``"row"`` for a row-major 2-D operand, ``"col"`` for a column-major one (a transposed view), else None."""
+    if x.dim() != 2:
+        return None
+    if x.stride(1) == 1 and x.size(1) > 1:
+        return "row"
+    if x.stride(0) == 1 and x.size(0) > 1:
+        return "col"
+    return None
+
+
+class CpuBf16MatmulLayout:
+    """A dispatch mode for CPU runs in bf16: every ``mm``/``addmm`` whose two operands have the same memory
+    layout gets a copy of its *smaller* operand in the other layout first; the product is the same.
+
+    Why: on a CPU without bf16 matrix units (no AVX512-BF16/AMX), torch 2.13 runs bf16 matrix products on its
+    generic ``cpublas::gemm``, which is fast (5-21 GFLOPS on 2 cores) when exactly one operand is transposed
+    and some 100 times slower (0.2 GFLOPS) when both or neither are, as in the input gradient of every Linear
+    (``grad_out @ weight``). That made one LLaMA-7B step at 128 tokens take hours. The copy is of the
+    activation-sized operand (the weight is never copied), a few MB at 7B and 128 tokens; it is made inside
+    the traced block, so it counts in the measured peak, and ``copies``/``largest_copy_bytes`` record it."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        import torch
+
+        aten = torch.ops.aten
+        owner = self
+        self.copies, self.largest_copy_bytes = 0, 0
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func is aten.mm.default or func is aten.addmm.default:
+                    first = 0 if func is aten.mm.default else 1
+                    a, b = args[first], args[first + 1]
+                    if a.dtype == torch.bfloat16 and a.device.type == "cpu":
+                        layout = _mm_layout(a)
+                        if layout is not None and layout == _mm_layout(b):
+                            which = first if a.numel() <= b.numel() else first + 1
+                            x = args[which]
+                            flipped = x.contiguous() if layout == "col" else x.t().contiguous().t()
+                            owner.copies += 1
+                            owner.largest_copy_bytes = max(owner.largest_copy_bytes,
+                                                           x.numel() * x.element_size())
+                            args = tuple(flipped if i == which else v for i, v in enumerate(args))
+                return func(*args, **kwargs)
+
+        self._mode = _Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+    def summary(self) -> dict:
+        return {"cpu_matmul": "layout", "layout_copies": self.copies,
+                "largest_layout_copy_mb": self.largest_copy_bytes / 1e6}
 
 
 @contextlib.contextmanager
@@ -527,7 +597,7 @@ def cpu_peak_bytes(method: str = "allocator"):
 def train_run(config_path: str, choice: OptimChoice, *, device: str, seq_len: int, batch_size: int, steps: int,
               lr: float, seed: int, dtype: str = "bfloat16",
               on_progress: Optional[Callable[[dict], None]] = None, trace_cpu_peak: bool = True,
-              cpu_peak_method: str = "allocator") -> dict:
+              cpu_peak_method: str = "allocator", cpu_matmul: str = "layout") -> dict:
     """Build model and optimizer, train ``steps`` steps on one random batch; measurements as a dict.
     Everything it allocates is local: gone (after ``gc.collect()``) once it returns or raises. On CPU the
     whole run is traced by torch.profiler for its peak of live tensor bytes (which slows it down; with
@@ -535,14 +605,20 @@ def train_run(config_path: str, choice: OptimChoice, *, device: str, seq_len: in
     :func:`cpu_peak_bytes`).
     ``on_progress`` (if given) gets what is known so far after the model is built and after every step (the
     losses, step times and, on CUDA, the peaks), so a caller can keep it when the run is cut short."""
+    if cpu_matmul not in CPU_MATMUL_CHOICES:
+        raise ValueError(f"cpu_matmul must be one of {CPU_MATMUL_CHOICES}, got {cpu_matmul!r}")
     run = dict(config_path=config_path, choice=choice, device=device, seq_len=seq_len, batch_size=batch_size,
                steps=steps, lr=lr, seed=seed, dtype=dtype, on_progress=on_progress)
-    if device == "cuda" or not trace_cpu_peak:
+    if device == "cuda":
         return _train_run(**run)
-    with cpu_peak_bytes(cpu_peak_method) as peak:
-        result = _train_run(**run)
-    result["peak_allocated_gb"] = peak["peak_bytes"] / GB
-    result["cpu_peak_method"] = peak["method"]
+    layout = CpuBf16MatmulLayout() if cpu_matmul == "layout" else None
+    with cpu_peak_bytes(cpu_peak_method) if trace_cpu_peak else contextlib.nullcontext() as peak:
+        with layout if layout is not None else contextlib.nullcontext():
+            result = _train_run(**run)
+    result.update(layout.summary() if layout is not None else {"cpu_matmul": "torch"})
+    if peak is not None:
+        result["peak_allocated_gb"] = peak["peak_bytes"] / GB
+        result["cpu_peak_method"] = peak["method"]
     return result
 
 
@@ -757,7 +833,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 def run(seq_len: int, choice=choice, lr=lr) -> dict:
                     return train_run(args.config, choice, device=device, seq_len=seq_len,
                                      batch_size=args.batch_size, steps=args.steps, lr=lr, seed=args.seed,
-                                     cpu_peak_method=args.cpu_peak)
+                                     cpu_peak_method=args.cpu_peak, cpu_matmul=args.cpu_matmul)
 
                 measured, attempts = None, []
                 try:
@@ -802,6 +878,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                      "optim_args": args.optim_args, "target_modules": args.target_modules,
                      "lean_loss": args.lean_loss, "weights": args.weights,
                      "cpu_peak": args.cpu_peak if device == "cpu" else None,
+                     "cpu_matmul": args.cpu_matmul if device == "cpu" else None,
                      "gradient_checkpointing": True, "attention": "sdpa", "gb": 1e9},
         "results": records,
         "markdown": table,

@@ -388,3 +388,43 @@ def test_memory_table_keeps_the_fit_7b_cpu_block(memory_table, tmp_path):
     with pytest.raises(SystemExit) as exc:
         memory_table.main(argv)
     assert exc.value.code == 2 and output.read_text() == broken
+
+
+def test_fit_7b_cpu_bf16_matmul_layout_same_products_copies_only_the_smaller_operand(fit_7b):
+    """--cpu-matmul layout: a bf16 mm/addmm whose operands share a layout gets a copy of the smaller one in the
+    other layout (torch's generic CPU kernel is ~100x slower otherwise); the products are bitwise those of a
+    product torch runs on the fast layout, nothing else is touched, and the copies are counted."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 40, generator=generator).bfloat16()  # a Linear's weight: (out, in), row-major
+    grad_out = torch.randn(8, 96, generator=generator).bfloat16()
+    bias = torch.randn(40, generator=generator).bfloat16()
+    fast_layout = grad_out.t().contiguous().t()  # what the mode should hand the kernel: the 8 x 96 operand
+    with fit_7b.CpuBf16MatmulLayout() as layout:
+        same_row = grad_out @ weight  # both row-major: grad_out (768 elements) is copied, not weight (3,840)
+        same_col = torch.mm(weight, weight.t())  # row-major @ column-major: untouched
+        with_bias = torch.addmm(bias, grad_out, weight)
+        in_fp32 = grad_out.float() @ weight.float()  # not bf16: untouched
+    assert torch.equal(same_row, fast_layout @ weight)
+    assert torch.equal(with_bias, torch.addmm(bias, fast_layout, weight))
+    assert torch.equal(same_col, weight @ weight.t()) and torch.equal(in_fp32, grad_out.float() @ weight.float())
+    assert layout.summary() == {"cpu_matmul": "layout", "layout_copies": 2,
+                                "largest_layout_copy_mb": grad_out.numel() * 2 / 1e6}
+    # Both column-major (two transposed views): the smaller one becomes row-major.
+    left, right = grad_out.t().contiguous().t(), weight.t().contiguous().t()
+    with fit_7b.CpuBf16MatmulLayout() as layout:
+        product = left @ right
+    assert torch.equal(product, grad_out @ right) and layout.copies == 1
+    # The products stay close to fp32 (the layout only changes which kernel path runs).
+    torch.testing.assert_close(same_row.float(), in_fp32, atol=0.25, rtol=0.02)
+
+
+def test_fit_7b_cpu_matmul_choice_is_recorded_and_checked(fit_7b):
+    choice = fit_7b.resolve_choice("apollo_mini_layerwise")
+    run = dict(device="cpu", seq_len=16, batch_size=1, steps=1, lr=1e-2, seed=0, trace_cpu_peak=False)
+    layout = fit_7b.train_run(TINY, choice, **run)
+    plain = fit_7b.train_run(TINY, choice, cpu_matmul="torch", **run)
+    assert layout["cpu_matmul"] == "layout" and layout["layout_copies"] > 0 and plain["cpu_matmul"] == "torch"
+    assert "layout_copies" not in plain
+    assert layout["first_loss"] == pytest.approx(plain["first_loss"], abs=1e-2)  # the same forward, bf16 sums
+    with pytest.raises(ValueError, match="cpu_matmul must be one of .*'fast'"):
+        fit_7b.train_run(TINY, choice, cpu_matmul="fast", **run)
