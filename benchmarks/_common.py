@@ -444,6 +444,25 @@ def ms(value: Optional[float]) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
 
 
+def add_sharded_run_arguments(parser, *, steps: int, warmup: int, output_help: str,
+                               threads_help: str = "torch threads per process") -> None:
+    """The options the two-rank sharding benchmarks (zero.py, fsdp_comm.py) share: the model, the APOLLO
+    projection, the timed iterations, the random micro-batch, the launch and the outputs."""
+    parser.add_argument("--config", default="configs/llama_130m.json", help="Hugging Face LLaMA config (JSON)")
+    parser.add_argument("--rank", type=int, default=192, help="APOLLO's projection rank (APOLLO-Mini: always 1)")
+    parser.add_argument("--update-proj-gap", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=steps, help="timed iterations per run (median reported)")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed iterations before them")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence of the random micro-batch")
+    parser.add_argument("--micro-batch", type=int, default=1, help="sequences per rank per step")
+    parser.add_argument("--threads", type=int, default=1, help=threads_help)
+    parser.add_argument("--nproc", type=int, default=2, help="processes when re-launching under torchrun")
+    parser.add_argument("--no-reference", action="store_true", help="skip the unsharded Apollo reference")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="", help=output_help)
+    parser.add_argument("--json", default="", help="also write the raw measurements to this JSON file")
+
+
 def split_list(text: str) -> list[str]:
     """``"a, b,,c"`` -> ``["a", "b", "c"]``."""
     return [s.strip() for s in text.split(",") if s.strip()]

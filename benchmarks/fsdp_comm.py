@@ -64,6 +64,7 @@ from _common import (  # noqa: E402
     UNATTRIBUTED,
     CommCounter,
     _pct,
+    add_sharded_run_arguments,
     build_llama,
     group_by_kind,
     kind_of,
@@ -103,23 +104,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                "docstring for what is counted.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--config", default="configs/llama_130m.json", help="Hugging Face LLaMA config (JSON)")
     parser.add_argument("--variants", default="apollo,apollo_mini",
                         help=f"comma-separated, from {', '.join(VARIANTS)}")
-    parser.add_argument("--rank", type=int, default=192, help="APOLLO's projection rank (APOLLO-Mini: always 1)")
-    parser.add_argument("--update-proj-gap", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=4, help="timed iterations per variant (median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations before them")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence of the random micro-batch")
-    parser.add_argument("--micro-batch", type=int, default=1, help="sequences per rank per step")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    parser.add_argument("--nproc", type=int, default=2, help="processes when re-launching under torchrun")
-    parser.add_argument("--no-reference", action="store_true", help="skip the unsharded Apollo reference")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default="",
-                        help="markdown file whose generated section is created or replaced (e.g. docs/fsdp.md); "
-                             "empty: print only")
-    parser.add_argument("--json", default="", help="also write the raw measurements to this JSON file")
+    add_sharded_run_arguments(parser, steps=4, warmup=1,
+                              output_help="markdown file whose generated section is created or replaced (e.g. "
+                                          "docs/fsdp.md); empty: print only")
     args = parser.parse_args(argv)
     args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variant_list if v not in VARIANTS]

@@ -70,6 +70,7 @@ from _common import (  # noqa: E402
     UNATTRIBUTED,
     CommCounter,
     _pct,
+    add_sharded_run_arguments,
     build_llama,
     group_by_kind,
     kind_of,
@@ -110,27 +111,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                "DeepSpeed engine; only engine.step() is timed. See the module docstring for what is counted.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--config", default="configs/llama_130m.json", help="Hugging Face LLaMA config (JSON)")
     parser.add_argument("--stages", default="0,1,2,3", help="comma-separated ZeRO stages")
     parser.add_argument("--groups", default=",".join(GROUPINGS),
                         help="comma-separated param-group layouts: 'lowrank' (lowrank_param_groups: DeepSpeed "
                              "concatenates each group) and 'per-matrix' (deepspeed_param_groups: one matrix per "
                              "group; run at stages 1-3, where the layouts differ)")
-    parser.add_argument("--steps", type=int, default=10, help="timed iterations per stage (median reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations before them")
-    parser.add_argument("--rank", type=int, default=192, help="APOLLO projection rank")
     parser.add_argument("--scale-type", default="channel", choices=("channel", "tensor"))
-    parser.add_argument("--update-proj-gap", type=int, default=200)
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence of the random micro-batch")
-    parser.add_argument("--micro-batch", type=int, default=1, help="sequences per rank per step")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (and for the reference)")
-    parser.add_argument("--nproc", type=int, default=2, help="processes when re-launching under torchrun")
-    parser.add_argument("--no-reference", action="store_true", help="skip the unsharded Apollo reference")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default="",
-                        help="markdown file whose '## Benchmark: benchmarks/zero.py' section is created or replaced "
-                             "(e.g. docs/deepspeed.md); empty: print only")
-    parser.add_argument("--json", default="", help="also write the raw measurements to this JSON file")
+    add_sharded_run_arguments(parser, steps=10, warmup=2,
+                              threads_help="torch threads per process (and for the reference)",
+                              output_help="markdown file whose '## Benchmark: benchmarks/zero.py' section is "
+                                          "created or replaced (e.g. docs/deepspeed.md); empty: print only")
     args = parser.parse_args(argv)
     args.stage_list = [int(s) for s in args.stages.split(",") if s.strip()]
     if not args.stage_list or any(s not in (0, 1, 2, 3) for s in args.stage_list):
