@@ -283,6 +283,51 @@ def check_grad_supported(optimizer: torch.optim.Optimizer, group: dict, index: i
 
 
 # --------------------------------------------------------------------------------------------------------
+# Norms in a wider dtype, without a widened copy of the whole tensor
+# --------------------------------------------------------------------------------------------------------
+
+_WIDEN_BLOCK = 1 << 18  # elements widened at a time on CPU (a 1 MiB fp32 temporary)
+
+
+def _widens_whole_on_cpu(x: torch.Tensor, dtype: Optional[torch.dtype]) -> bool:
+    return (x.device.type == "cpu" and dtype is not None and x.dtype != dtype and x.numel() > _WIDEN_BLOCK
+            and x.is_contiguous())
+
+
+def vector_norm_wide(x: torch.Tensor, dtype: Optional[torch.dtype], dim: Optional[int] = None) -> torch.Tensor:
+    """``torch.linalg.vector_norm(x, dim=dim, dtype=dtype)`` (the 2-norm; ``dim`` None, or 1 for the row norms
+    of a 2-D ``x``), without the copy that torch's CPU reductions make of the *whole* of a narrower ``x`` to
+    widen it: for a bf16 gradient of LLaMA-7B's lm_head (131 M elements) a 524 MB fp32 temporary, the largest
+    tensor of a layer-wise step. On CPU such an ``x`` is widened a block of ``_WIDEN_BLOCK`` elements at a
+    time (the block norms combined by a norm of norms, as overflow-safe as torch's); on CUDA (which widens as
+    it loads), on meta tensors, and where nothing is widened, it is torch's own call."""
+    rows_2d = dim in (1, -1) and x.ndim == 2
+    if not _widens_whole_on_cpu(x, dtype) or not (dim is None or rows_2d):
+        return torch.linalg.vector_norm(x, dim=dim, dtype=dtype)
+    if dim is None:
+        flat = x.view(-1)
+        parts = [torch.linalg.vector_norm(flat[start:start + _WIDEN_BLOCK].to(dtype))
+                 for start in range(0, flat.numel(), _WIDEN_BLOCK)]
+        return torch.linalg.vector_norm(torch.stack(parts))
+    if x.shape[1] > _WIDEN_BLOCK:  # rows longer than a block: each row a block at a time
+        return torch.stack([vector_norm_wide(row, dtype) for row in x])
+    rows = _WIDEN_BLOCK // x.shape[1]
+    return torch.cat([torch.linalg.vector_norm(x[start:start + rows].to(dtype), dim=1)
+                      for start in range(0, x.shape[0], rows)])
+
+
+def norms_wide(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """The 2-norm of each tensor computed in ``dtype``: one batched ``torch._foreach_norm``, unless one of
+    them is a large narrower CPU tensor, which :func:`vector_norm_wide` takes without a full-size copy."""
+    if any(_widens_whole_on_cpu(t, dtype) for t in tensors):
+        return [vector_norm_wide(t, dtype) for t in tensors]
+    try:
+        return list(torch._foreach_norm(tensors, 2, dtype=dtype))
+    except (TypeError, RuntimeError):  # pragma: no cover - torch without the dtype argument of _foreach_norm
+        return [torch.linalg.vector_norm(t, dtype=dtype) for t in tensors]
+
+
+# --------------------------------------------------------------------------------------------------------
 # Non-finite gradients: one policy
 # --------------------------------------------------------------------------------------------------------
 

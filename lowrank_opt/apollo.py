@@ -131,7 +131,7 @@ def channel_norms(x: torch.Tensor, dim: int, dtype: Optional[torch.dtype] = None
     at most ``_NORM_BLOCK`` elements at a time): torch's CPU norm over the leading dimension of a row-major
     matrix is 4-20x slower than that, and squaring the whole matrix would need a full-size temporary."""
     if dim != 0 or x.device.type != "cpu" or x.ndim != 2:
-        return torch.linalg.vector_norm(x, dim=dim, dtype=dtype)
+        return _common.vector_norm_wide(x, dtype, dim=dim)  # row norms of a bf16 x on CPU: no fp32 copy of x
     dtype = dtype or x.dtype
     rows = max(1, _NORM_BLOCK // max(1, x.shape[1]))
     total = torch.zeros(x.shape[1], dtype=dtype)
@@ -1057,7 +1057,7 @@ class Apollo(Optimizer):
             if piece.layout is None:
                 grad2d = piece.grad.reshape(plan.shape2d)
                 if tensor_wise:
-                    piece.sq = torch.linalg.vector_norm(grad2d, dtype=compute).square()
+                    piece.sq = _common.vector_norm_wide(grad2d, compute).square()
                 else:
                     piece.sq = channel_norms(grad2d, plan.rank_dim, compute).square_()
             else:
@@ -1080,11 +1080,7 @@ class Apollo(Optimizer):
         for (_, dtype), ks in dense.items():  # plain-AdamW tensors: one batched norm each
             grads = [pieces[k].grad for k in ks]
             wide = dtype if dtype == torch.float64 else torch.float32
-            try:
-                norms = torch._foreach_norm(grads, 2, dtype=wide)
-            except (TypeError, RuntimeError):  # pragma: no cover - torch without the dtype argument
-                norms = [torch.linalg.vector_norm(g, dtype=wide) for g in grads]
-            for k, norm in zip(ks, norms):
+            for k, norm in zip(ks, _common.norms_wide(grads, wide)):
                 totals[k] = norm.square()
         if all(t.device.type == "meta" for t in totals):
             return set()  # meta tensors (the memory estimator's dry run) have no values to check
@@ -1426,9 +1422,8 @@ class Apollo(Optimizer):
             if piece.shard_index is None:
                 self.state[piece.key] = state
         state["step"] += 1
-        if piece.weight.device.type == "meta":
-            return  # the memory estimator's dry run: the state exists, there are no values to update
         beta1, beta2 = group["betas"]
+        # Meta tensors too (the memory estimator's dry run): its scratch, a few fp32 pieces, is part of the step.
         adamw_step_8bit_(piece.weight, piece.grad, state, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
                          eps=group["eps"], step=state["step"], weight_decay=group["weight_decay"],
                          correct_bias=group["correct_bias"], generator=self._rounding_generator(piece))

@@ -28,6 +28,7 @@ from ._common import (
     describe_fault,
     gradient_fault_flags,
     gradient_fault_message,
+    norms_wide,
     param_label,
     real,
     square_limit,
@@ -110,10 +111,7 @@ def _fp32_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     if any(g.dtype == torch.float64 for g in grads):
         return [torch.linalg.vector_norm(g).float() if g.dtype == torch.float64
                 else torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
-    try:
-        return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
-    except (TypeError, RuntimeError):  # torch without the dtype argument of _foreach_norm
-        return [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+    return norms_wide(grads, torch.float32)  # a bf16 gradient on CPU: no full-size fp32 copy
 
 
 class NormGrowthCap(torch.optim.Optimizer):

@@ -144,6 +144,47 @@ def test_channel_norms_match_torch(shape):
     assert torch.isinf(apollo_module.channel_norms(inf, 0)[0])
 
 
+def _peak_cpu_bytes(fn) -> int:
+    """The most bytes torch's CPU allocator handed out at once during ``fn()`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.cpu_memory_usage for e in prof.events()), default=0)
+
+
+@pytest.mark.parametrize("shape", [(3000, 700), (700, 3000), (1, 600000)])
+def test_wide_norms_of_bf16_on_cpu_match_torch_without_a_full_size_fp32_copy(shape):
+    """The norms APOLLO, its dense AdamW part and NormGrowthCap take of a bf16 gradient on CPU: torch's
+    reduction with ``dtype=float32`` first copies the whole gradient to fp32 (a 524 MB temporary for 7B's
+    lm_head, the peak of a layer-wise step); ours widens a block at a time, to the same norms."""
+    from lowrank_opt import _common
+
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(0)).bfloat16()
+    exact = torch.linalg.vector_norm(g.double())
+    whole = _common.vector_norm_wide(g, torch.float32)
+    assert whole.dtype == torch.float32
+    torch.testing.assert_close(whole.double(), exact, rtol=2e-5, atol=0)  # torch's own fp32 norm: ~5e-5 off
+    rows = apollo_module.channel_norms(g, 1, torch.float32)
+    torch.testing.assert_close(rows.double(), torch.linalg.vector_norm(g.double(), dim=1), rtol=2e-5, atol=0)
+    assert rows.dtype == torch.float32 and rows.shape == (shape[0],)
+    batched = _common.norms_wide([g, g[:1].contiguous(), g.float()], torch.float32)
+    assert torch.equal(batched[0], whole) and torch.equal(batched[2], torch.linalg.vector_norm(g.float()))
+    assert torch.equal(batched[1], _common.vector_norm_wide(g[:1].contiguous(), torch.float32))
+    torch.testing.assert_close(batched[1].double(), torch.linalg.vector_norm(g[:1].double()), rtol=2e-5, atol=0)
+    fp32_copy = g.numel() * 4
+    assert _peak_cpu_bytes(lambda: torch.linalg.vector_norm(g, dtype=torch.float32)) >= fp32_copy  # torch's
+    for fn in (lambda: _common.vector_norm_wide(g, torch.float32),
+               lambda: apollo_module.channel_norms(g, 1, torch.float32),
+               lambda: _common.norms_wide([g, g[:1].contiguous()], torch.float32)):
+        assert _peak_cpu_bytes(fn) <= 4 * _common._WIDEN_BLOCK + 4 * g.shape[0] + 4096
+    inf = g.clone()
+    inf[-1, -1] = float("inf")
+    assert torch.isinf(_common.vector_norm_wide(inf, torch.float32))
+    # Nothing to widen (fp32), and non-CPU-like cases, are torch's own call, bit for bit.
+    assert torch.equal(_common.vector_norm_wide(g.float(), torch.float32), torch.linalg.vector_norm(g.float()))
+
+
 def test_foreach_option_is_validated():
     with pytest.raises(TypeError, match="foreach must be None or a bool, got 'yes'"):
         Apollo([torch.nn.Parameter(torch.zeros(4, 4))], foreach="yes")
