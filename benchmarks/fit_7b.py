@@ -557,8 +557,10 @@ def cpu_peak_bytes(method: str = "allocator"):
     gets ``"peak_bytes"`` (and ``"method"``, ``"allocation_events"``) on exit.
 
     - ``"allocator"`` (the default): the most bytes the allocator had handed out at once while profiling, its
-      own running total as each allocation event carries it (``total_allocated``). Counts every allocation
-      made inside the block, nothing from before; records no shapes or stacks, so it stays cheap for LLaMA-7B.
+      own running total as each allocation event carries it (``total_allocated``), less that total just before
+      the block's first allocation (the profiler keeps it across sessions, and a tensor of an earlier traced
+      run freed after that run's session ended stays in it). Counts every allocation made inside the block,
+      nothing from before; records no shapes or stacks, so it stays cheap for LLaMA-7B.
     - ``"timeline"``: torch's memory timeline (``MemoryProfileTimeline``, private, the reconstruction behind
       ``profile.export_memory_timeline``; needs shapes and stacks): the sum over its categories at each
       instant. The same figure on every run compared (tests check it on the tiny model), but some 30 times
@@ -580,7 +582,10 @@ def cpu_peak_bytes(method: str = "allocator"):
         return
     from torch._C._profiler import _EventType
 
-    peak, count = 0, 0
+    # The running total is the profiler's, kept across profiling sessions of the process: a tensor allocated
+    # while an earlier session was on and freed after it ended is still in it. So the peak is taken from the
+    # total just before the block's first allocation event (its total less its own size).
+    peak, count, first = 0, 0, None
     pending = list(prof.profiler.kineto_results.experimental_event_tree())
     while pending:
         event = pending.pop()
@@ -590,7 +595,9 @@ def cpu_peak_bytes(method: str = "allocator"):
             if fields.device.type == "cpu":
                 count += 1
                 peak = max(peak, fields.total_allocated)
-    result["peak_bytes"] = peak
+                if first is None or event.start_time_ns < first[0]:
+                    first = (event.start_time_ns, fields.total_allocated - fields.alloc_size)
+    result["peak_bytes"] = peak - first[1] if first is not None else 0
     result["allocation_events"] = count
 
 
