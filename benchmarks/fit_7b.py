@@ -55,7 +55,7 @@ step's loss is ``lowrank_opt.loss.causal_lm_loss_from_model``: chunked, no token
 ``--weights int8`` (every Linear but the head in int8, ``lowrank_opt.quant.Int8Linear``; the model is
 materialised from the meta device one module at a time, each Linear quantized as soon as it exists, so no
 float copy of the whole model is ever made). The 16 GB and 12 GB settings of docs/memory.md on LLaMA-7B, on
-the CPU (two steps at a short sequence, some 15 minutes a step on 2 cores; run it alone, the bf16 model holds
+the CPU (two steps at a short sequence, some 10 minutes a step on 2 cores; run it alone, the bf16 model holds
 15 GB). On the CPU, ``--cpu-matmul layout`` (the default) runs every bf16 matrix product with one operand
 transposed, copying the activation-sized operand where both share a layout: torch's generic CPU bf16 kernel
 is some 100 times slower otherwise (one Linear's input gradient at 7B: 0.2 GFLOPS, hours per step). The

@@ -464,3 +464,23 @@ def test_fit_7b_cpu_peak_ignores_tensors_of_an_earlier_traced_block(fit_7b):
         scratch = torch.ones(250_000)
         del scratch
     assert first["peak_bytes"] == 4_000_000 and second["peak_bytes"] == 1_000_000
+
+
+@pytest.mark.parametrize("setting,weights", [("16gb", "float"), ("12gb", "int8")])
+def test_docs_memory_shows_the_committed_llama_7b_cpu_runs(setting, weights):
+    """Issue 17's LLaMA-7B CPU runs: docs/memory.md's fit-7b-cpu block carries the figures of the JSON that
+    fit_7b.py wrote (docs/fit_7b_cpu_*.json), the command that wrote it, and a peak within 5 % of the estimate."""
+    run = json.loads((ROOT / "docs" / f"fit_7b_cpu_{setting}.json").read_text())
+    page = (ROOT / "docs" / "memory.md").read_text()
+    block = page[page.index("<!-- BEGIN fit-7b-cpu -->"):page.index("<!-- END fit-7b-cpu -->")]
+    (record,) = run["results"]
+    measured, estimate = record["measured"], record["estimate"]
+    assert record["status"] == "ok" and run["settings"]["config"].endswith("llama_7b.json")
+    assert run["settings"]["weights"] == weights and run["settings"]["lean_loss"]
+    assert run["settings"]["optim_args"] == "dense_state_bits=8" and run["settings"]["steps"] == 2
+    assert run["environment"]["device"] == "cpu" and measured["cpu_peak_method"] == "allocator"
+    assert run["command"] in block
+    peak, predicted = measured["peak_allocated_gb"], estimate["allocated_gb"]
+    assert f"| {peak:.3f} | {predicted:.3f} |" in block
+    assert abs(peak / predicted - 1) < 0.05
+    assert measured["last_loss"] < measured["first_loss"] and len(measured["losses"]) == 2
