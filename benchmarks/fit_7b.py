@@ -554,7 +554,7 @@ class CpuBf16MatmulLayout:
 def cpu_peak_bytes(method: str = "allocator"):
     """The peak of live CPU tensor bytes inside the block (model build included), from torch.profiler with
     ``profile_memory=True``, which sees every allocation and free of torch's CPU allocator. Yields a dict that
-    gets ``"peak_bytes"`` (and ``"method"``, ``"allocation_events"``) on exit.
+    gets ``"peak_bytes"`` (and ``"method"``, ``"allocation_events"``, ``"baseline_bytes"``) on exit.
 
     - ``"allocator"`` (the default): the most bytes the allocator had handed out at once while profiling, its
       own running total as each allocation event carries it (``total_allocated``), less that total just before
@@ -597,7 +597,8 @@ def cpu_peak_bytes(method: str = "allocator"):
                 peak = max(peak, fields.total_allocated)
                 if first is None or event.start_time_ns < first[0]:
                     first = (event.start_time_ns, fields.total_allocated - fields.alloc_size)
-    result["peak_bytes"] = peak - first[1] if first is not None else 0
+    result["baseline_bytes"] = first[1] if first is not None else 0
+    result["peak_bytes"] = peak - result["baseline_bytes"]
     result["allocation_events"] = count
 
 

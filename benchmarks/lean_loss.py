@@ -23,9 +23,9 @@ What is measured:
    the CPU allocator's running total as each allocation event carries it): clone the inputs (so they are
    counted), ``requires_grad_()``, loss, ``backward()``; then free everything made inside, still inside the
    profiler. The peak is the most live CPU tensor bytes at any instant of that: inputs and their gradients
-   included. The profiler's running total only counts what it saw allocated and freed while profiling, so
-   before every measurement a probe (one 1-byte allocation) reads the total it starts from; that baseline
-   (0 when everything was freed inside earlier blocks) is subtracted and recorded.
+   included. The profiler's running total outlives its sessions (what an earlier block allocated and freed
+   after it ended stays in it); ``cpu_peak_bytes`` measures from the total before the block's first
+   allocation, and that baseline (0 when everything was freed inside earlier blocks) is recorded.
 3. ``inputs + grads``: the bytes of ``h``, ``w``, ``y``, ``h.grad`` and ``w.grad``; ``scratch`` = peak minus that.
    For the lean path, next to it, the scratch formula of ``lowrank_opt/loss.py``'s docstring
    (:func:`formula_scratch_bytes`). A gradient that does not exist yet at the peak's instant is subtracted all
@@ -243,22 +243,11 @@ def make_inputs(case: Case, seed: int):
     return hidden, weight, labels
 
 
-def profiler_baseline() -> int:
-    """The allocator total torch.profiler starts from: bytes it saw allocated while profiling and never saw
-    freed (0 when every measurement freed its tensors inside the profiler)."""
-    import torch
-
-    with cpu_peak_bytes("allocator") as probe:
-        torch.empty(1, dtype=torch.uint8)
-    return probe["peak_bytes"] - 1
-
-
 def measure(fn, inputs) -> dict:
-    """Peak live CPU tensor bytes (minus the profiler's baseline), inputs+gradients bytes, loss and seconds
+    """Peak live CPU tensor bytes (from the profiler's baseline), inputs+gradients bytes, loss and seconds
     of one ``fn(h, w, y).backward()`` on clones of ``inputs`` made inside the measurement."""
     hidden0, weight0, labels0 = inputs
     gc.collect()
-    baseline = profiler_baseline()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with cpu_peak_bytes("allocator") as peak:
@@ -276,10 +265,11 @@ def measure(fn, inputs) -> dict:
             # Freed while the profiler still watches, so its running total comes back to where it started.
             del h, w, y, loss
             gc.collect()
-    peak_bytes = peak["peak_bytes"] - baseline
+    peak_bytes = peak["peak_bytes"]
     return {"status": "ok", "peak_bytes": peak_bytes, "inputs_bytes": inputs_bytes, "grad_bytes": grad_bytes,
             "scratch_bytes": peak_bytes - inputs_bytes - grad_bytes, "loss": loss_value, "loss_dtype": loss_dtype,
-            "seconds": seconds, "allocation_events": peak["allocation_events"], "profiler_baseline_bytes": baseline,
+            "seconds": seconds, "allocation_events": peak["allocation_events"],
+            "profiler_baseline_bytes": peak["baseline_bytes"],
             "warnings": sorted({str(c.message).splitlines()[0] for c in caught})}
 
 
@@ -421,7 +411,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                          "vocab_chunk_size": DEFAULT_VOCAB_CHUNK},
                          "torch_options": (repr(torch.nn.LinearCrossEntropyOptions())
                                            if torch_path_missing() is None else None),
-                         "peak_method": "fit_7b.cpu_peak_bytes('allocator') minus the profiler baseline",
+                         "peak_method": "fit_7b.cpu_peak_bytes('allocator'), from the profiler baseline",
                          "mb": MB},
             "results": rows,
             "loss_comparison": comparisons,
