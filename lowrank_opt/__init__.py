@@ -4,7 +4,9 @@ The optimizers import with torch alone; Hugging Face, DeepSpeed and bitsandbytes
 ``lowrank_opt.integrations`` and is imported only when used.
 """
 
-from .apollo import Apollo, apollo_mini, apollo_scaling, growth_limit_factor
+from . import functional
+from .apollo import Apollo, apollo_mini
+from .functional import growth_limit_factor
 from .classic import SGDP, AdamP, ApolloDQN, ApolloW
 from .norm_growth import NormGrowthCap
 from .projection import gaussian_projection, resolve_rank
@@ -16,7 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Apollo",
     "apollo_mini",
-    "apollo_scaling",
+    "functional",
     "growth_limit_factor",
     "gaussian_projection",
     "resolve_rank",

@@ -1,63 +1,42 @@
 """APOLLO: SGD-like memory, AdamW-level performance (Zhu et al., arXiv 2412.05270, MLSys 2025).
 
-Adam's moments are kept for a random projection R of the gradient (r x max(m, n) instead of m x n); the
-ratio between the Adam-normalised projected gradient and the projected gradient gives a per-channel (APOLLO)
-or per-tensor (APOLLO-Mini) scaling factor that is applied to the raw full-rank gradient.
+Adam's moments are kept for a random projection R of the gradient (r x max(m, n) instead of m x n); the ratio
+between the Adam-normalised projected gradient and the projected gradient gives a per-channel (APOLLO) or
+per-tensor (APOLLO-Mini) scaling factor that is applied to the raw full-rank gradient.
 
-The math is written once, as pure functions on the rows of a matrix a process holds
-(:func:`project_rows`, :func:`adam_moments_`, :func:`channel_scaling`, :func:`tensor_scaling`,
-:func:`growth_limit_factor`, :func:`bias_corrected_step_size`); the few sums that cross a shard boundary
-(partial projections of cut rows, the r x n partial sums of a left projection, squared norms) are all-reduced
-between the steps. Unsharded, every row is local and nothing is reduced. :class:`Apollo` is the one
-optimizer: it recognises unsharded parameters, FSDP2's ``Shard(0)`` DTensors and DeepSpeed ZeRO's flat shards
-(:mod:`lowrank_opt.sharding`) and gives the same result on each.
+The math is :mod:`lowrank_opt.functional` (pure functions on the elements a process holds); which elements a
+process holds (unsharded, FSDP2, DeepSpeed ZeRO 1-3) is :mod:`lowrank_opt.sharding`. :class:`Apollo` builds,
+validates, keeps the state and runs ``step()``.
 """
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import math
 import weakref
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch.optim import Optimizer
 
 from . import _common
-from .projection import (
-    LEFT, RIGHT, ProjectionPlan, Rank, identity_key, matrix_shape, orientation, project, resolve_rank,
-    seeded_generator,
-)
-from .quant.int8 import apply_int8_update_, int8_module_of
+from . import functional as F
+from .projection import LEFT, RIGHT, ProjectionPlan, Rank, identity_key, matrix_shape, orientation, resolve_rank
+from .projection import seeded_generator
+from .quant.int8 import int8_module_of
 from .quant.state8bit import MIN_8BIT_SIZE, adamw_step_8bit_, init_adam_state_8bit
-from .rounding import rounding_seed, stochastic_round_to_bf16_
-from .sharding import (
-    ShardLayout, TorchDistComm, dtensor_rows, full_shape, is_dtensor, zero_flat_pieces,
-)
+from .rounding import rounding_seed
+from .sharding import CountingComm, Part, Record, TorchDistComm, full_shape, is_dtensor, recognise
 
 logger = logging.getLogger(__name__)
 
-SCALE_TYPES = ("channel", "tensor")
-_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-_LIMITER_EPS = 1e-8  # the published limiter divides by (prev + 1e-8)
-_SCALING_EPS = 1e-8  # s = ||R~|| / (||R|| + 1e-8)
-# The fast path updates big dense tensors in pieces of this many elements (a multiple of every vector width,
-# so each element sees the same kernels as in one whole-tensor op: results are bit-identical) and never
-# holds a full-size temporary; smaller ones together with torch's foreach ops. On CPU 4 MiB pieces stay in
-# cache-friendly, already-mapped memory. On GPUs 2^22 elements (16 MiB in fp32): each piece still takes
-# longer to stream than its kernels take to launch, and the update's scratch (two fp32 pieces) stays at
-# 32 MiB, which counts at LLaMA-7B in 16 GB (2^24 would be 128 MiB: the 16 GB setting of docs/memory.md would
-# not fit); the int8 weights' update uses the same size (lowrank_opt/quant/int8.py).
-_DENSE_CHUNK = 1 << 20
-_DENSE_CHUNK_ACCELERATOR = 1 << 22
+APOLLO_MINI = dict(rank=1, scale_type="tensor", scale=128.0)
+_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # Sharded matrices are updated in batches whose projections hold at most this many bytes at once: one
 # all-reduce per batch and round instead of one per matrix, without keeping every matrix's R alive.
 _BATCH_BYTES = 64 << 20
 SHARD_STATE_KEY = "shard_state"  # state of a DeepSpeed flat shard: {index in group: that parameter's state}
 
-# Every option, checked at construction and on load (rank and state_dtype have their own checks).
 OPTION_SPECS = {
     "lr": _common.LR,
     "betas": _common.BETAS,
@@ -69,6 +48,7 @@ OPTION_SPECS = {
     "update_proj_gap": _common.integer(1),
     "sort_dims": _common.boolean(),
     "transposed": _common.boolean(),
+    "stacked": _common.boolean(),
     "norm_growth_limit": _common.real(1.0, finite=True, none=True),
     "seed": _common.integer(),
     "cache_projection": _common.boolean(),
@@ -82,251 +62,28 @@ OPTION_SPECS = {
 _GROUP_METADATA = {"params", "param_names", "name", "moe", "initial_lr"}
 
 
-# The device type that meta tensors stand for: the memory estimator dry-runs ``step()`` on meta tensors and
-# sets this to the device it estimates for, so the dry run takes that device's chunk size.
-META_STANDS_FOR: contextvars.ContextVar[str] = contextvars.ContextVar("lowrank_opt_meta_stands_for", default="cuda")
-
-
-def _dense_chunk(device: torch.device) -> int:
-    kind = META_STANDS_FOR.get() if device.type == "meta" else device.type
-    return _DENSE_CHUNK if kind == "cpu" else _DENSE_CHUNK_ACCELERATOR
-
-
-def dense_chunk_elements(device: Union[str, torch.device]) -> int:
-    """Elements per piece in which the fast path updates big tensors on ``device`` (benchmarks and checks
-    build tensors of several pieces from it)."""
-    return _dense_chunk(torch.device(device))
-
-
 def _state_dtype_name(value: Any, where: str = "") -> Optional[str]:
     if value is None:
         return None
     if value in (torch.float16, "float16"):
-        raise ValueError(f"state_dtype float16 cannot hold Adam's second moment (squares beyond 65504 overflow to "
-                         f"inf and the weight stops moving): use bfloat16 (fp32's range) to halve the moments{where}")
-    if isinstance(value, torch.dtype):
-        for name, dt in _STATE_DTYPES.items():
-            if dt == value:
-                return name
-    elif isinstance(value, str) and value in _STATE_DTYPES:
-        return value
+        raise ValueError(f"state_dtype float16 cannot hold Adam's second moment (squares beyond 65504 overflow){where}; "
+                         "use bfloat16 to halve the moments")
+    for name, dtype in _STATE_DTYPES.items():
+        if value in (dtype, name):
+            return name
     raise ValueError(f"state_dtype must be None or one of {', '.join(_STATE_DTYPES)}, got {value!r}{where}")
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Math runs in fp32 for half-precision parameters, else in the parameter's own dtype."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The math, as pure functions on tensors (state tensors are updated in place, as torch's functional optimizers do)
-
-
-_NORM_BLOCK = 1 << 18  # elements per block of the CPU column-norm loop (a 1 MiB fp32 temporary)
-
-
-def channel_norms(x: torch.Tensor, dim: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Euclidean norms of a 2-D tensor along ``dim`` (``dim=1``: one per row; ``dim=0``: one per column),
-    computed in ``dtype`` (default: ``x``'s). Column norms on CPU are summed from blocks of rows (squares of
-    at most ``_NORM_BLOCK`` elements at a time): torch's CPU norm over the leading dimension of a row-major
-    matrix is 4-20x slower than that, and squaring the whole matrix would need a full-size temporary."""
-    if dim != 0 or x.device.type != "cpu" or x.ndim != 2:
-        return _common.vector_norm_wide(x, dtype, dim=dim)  # row norms of a bf16 x on CPU: no fp32 copy of x
-    dtype = dtype or x.dtype
-    rows = max(1, _NORM_BLOCK // max(1, x.shape[1]))
-    total = torch.zeros(x.shape[1], dtype=dtype)
-    for start in range(0, x.shape[0], rows):
-        block = x[start:start + rows]
-        if block.dtype != dtype:
-            block = block.to(dtype)
-        total.add_(block.square().sum(dim=0))
-    return total.sqrt_()
-
-
-def adam_moments_(
-    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, x: torch.Tensor, beta1: float, beta2: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adam's moments m = b1 m + (1-b1) x, v = b2 v + (1-b2) x^2, computed in ``x``'s dtype and stored back
-    in the state's own dtype (e.g. bf16 state, fp32 math). Returns (m, v) in ``x``'s dtype."""
-    compute = x.dtype
-    m = exp_avg if exp_avg.dtype == compute else exp_avg.to(compute)
-    v = exp_avg_sq if exp_avg_sq.dtype == compute else exp_avg_sq.to(compute)
-    m.mul_(beta1).add_(x, alpha=1.0 - beta1)
-    v.mul_(beta2).addcmul_(x, x, value=1.0 - beta2)
-    if m is not exp_avg:
-        exp_avg.copy_(m)
-        exp_avg_sq.copy_(v)
-    return m, v
-
-
-def normalized_moments(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, low_rank: torch.Tensor, beta1: float,
-                       beta2: float, eps: float) -> torch.Tensor:
-    """Steps 3-4: Adam's moments on R (in place, no bias correction: it is folded into the step size), then
-    R~ = m / (sqrt(v) + eps), the Adam direction in the subspace."""
-    m, v = adam_moments_(exp_avg, exp_avg_sq, low_rank, beta1, beta2)
-    return m / v.sqrt().add_(eps)
-
-
-def channel_scaling(normalized: torch.Tensor, low_rank: torch.Tensor, rank_dim: int) -> torch.Tensor:
-    """Step 5, channel-wise: s = ||R~|| / (||R|| + 1e-8) over the rank dimension, one factor per channel."""
-    return channel_norms(normalized, rank_dim) / (channel_norms(low_rank, rank_dim) + _SCALING_EPS)
-
-
-def tensor_scaling(normalized_sq: torch.Tensor, low_rank_sq: torch.Tensor) -> torch.Tensor:
-    """Step 5, tensor-wise (APOLLO-Mini): s = ||R~||_F / (||R||_F + 1e-8), from the two squared norms (which
-    add up over shards)."""
-    return normalized_sq.sqrt() / (low_rank_sq.sqrt() + _SCALING_EPS)
-
-
-def apollo_scaling(
-    grad2d: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    proj: torch.Tensor,
-    *,
-    side: str,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    scale_type: str,
-) -> torch.Tensor:
-    """Steps 1-5 of APOLLO for one whole matrix: project, update the moments, return the scaling factor.
-
-    ``grad2d`` (m x n) and ``proj`` are in the compute dtype; ``exp_avg``/``exp_avg_sq`` have the shape of R
-    and are updated in place (in their own dtype). Returns s: shape (m,) for a right projection (one factor
-    per row), (n,) for a left projection (one per column), or a 0-d tensor for ``scale_type="tensor"``.
-    """
-    low_rank = project(grad2d, proj, side)  # 1. R = G P^T (tall/square) or P G (wide)
-    normalized = normalized_moments(exp_avg, exp_avg_sq, low_rank, beta1, beta2, eps)  # 3.-4.
-    if scale_type == "channel":  # 5.
-        return channel_scaling(normalized, low_rank, 1 if side == RIGHT else 0)
-    return tensor_scaling(normalized.square().sum(), low_rank.square().sum())
-
-
-def project_rows(blocks: list[tuple[Any, torch.Tensor]], proj: torch.Tensor, layout: ShardLayout, side: str,
-                 compute: torch.dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Step 1 on the rows a process holds: ``blocks`` are ``(Block, G[rows, cols])`` pieces of the gradient.
-
-    Right projection (R = G P^T, one R row per G row): returns (the local rows of R, the partial products of
-    the cut rows, one row each in ``layout.cut_rows`` order, to be summed over the processes that share them;
-    rows this process does not hold stay 0). Left projection (R = P G, every G row contributes to every R
-    column): returns (this process's partial sum of R, r x n, to be summed over all processes; None)."""
-    m, n = layout.shape2d
-    r = proj.shape[0]
-    device = proj.device
-    if side == RIGHT:
-        low_rank = torch.zeros((layout.num_rows, r), dtype=compute, device=device)
-        cut_index = {row: j for j, row in enumerate(layout.cut_rows)}
-        cut_part = torch.zeros((len(layout.cut_rows), r), dtype=compute, device=device) if layout.cut_rows else None
-        for b, g in blocks:
-            part = g @ proj[:, b.col:b.col + b.ncols].T
-            if layout.is_partial(b) and b.row in cut_index:
-                cut_part[cut_index[b.row]] = part[0]
-            else:
-                low_rank[b.row - layout.first_row:b.row - layout.first_row + b.nrows] = part
-        return low_rank, cut_part
-    low_rank = torch.zeros((r, n), dtype=compute, device=device)
-    for b, g in blocks:
-        low_rank[:, b.col:b.col + b.ncols].addmm_(proj[:, b.row:b.row + b.nrows], g)
-    return low_rank, None
-
-
-def growth_limit_factor(
-    update_norm: torch.Tensor, prev_norm: Optional[torch.Tensor], gamma: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fira's norm-growth limiter: the factor that keeps ||U|| <= gamma * previous ||U||, and the norm to
-    remember. Decreases are never limited. With no previous norm (first step), or a previous norm of 0 (an
-    all-zero gradient: no history to grow from), nothing is limited.
-
-    The published APOLLO limits against a stored 0 too, which caps every later update near gamma * 1e-8 and
-    grows it by 1% a step: a matrix whose gradient was once all zero (a zero-initialised partner, a layer
-    frozen and then unfrozen, a masked head) is frozen for good. We treat 0 as "no history", as
-    :class:`~lowrank_opt.NormGrowthCap` does.
-    """
-    if prev_norm is None:
-        return torch.ones_like(update_norm), update_norm.clone()
-    ratio = update_norm / (prev_norm + _LIMITER_EPS)
-    factor = torch.where((ratio > gamma) & (prev_norm > 0), gamma / ratio, torch.ones_like(ratio))
-    return factor, update_norm * factor
-
-
-def bias_corrected_step_size(lr: float, beta1: float, beta2: float, step: int, correct_bias: bool) -> float:
-    if not correct_bias:
-        return lr
-    return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
-
-
-def _channel_view(factor: torch.Tensor, shape: torch.Size, side: str) -> torch.Tensor:
-    """Broadcast a per-channel factor of the 2-D view back onto the parameter's own (possibly N-D) shape."""
-    if factor.ndim == 0:
-        return factor
-    if side == RIGHT:  # one factor per row (shape[0])
-        return factor.view(shape[0], *([1] * (len(shape) - 1)))
-    return factor.view(1, *shape[1:])  # one factor per column of the flattened trailing dims
-
-
-# ----------------------------------------------------------------------------------------------------------
-# What the optimizer holds of each parameter in this step
-
-
-@dataclass(eq=False)
-class _Piece:
-    """One parameter as this process holds it in this step: all of it (``layout`` None), its rows under FSDP2,
-    or its slice of a DeepSpeed flat shard. ``weight``/``grad`` are local storage (flat 1-D for sharded
-    matrices); ``comm`` is where partial sums go (None: nothing crosses processes)."""
-
-    group: dict
-    index: int  # position in the group
-    label: str
-    identity: int
-    weight: torch.Tensor
-    grad: torch.Tensor
-    state: dict
-    plan: Optional[ProjectionPlan]  # None: plain AdamW
-    layout: Optional[ShardLayout] = None  # None: the whole parameter
-    comm: Any = None
-    shared: bool = False  # other processes hold parts of it: decisions and sums go through ``comm``
-    round_offset: int = 0  # first local element (salts the stochastic-rounding bits of a shard)
-    dtensor: Any = None  # the DTensor parameter (FSDP2): moments sharded like it are made DTensors
-    key: Any = None  # the tensor in param_groups (the parameter, or DeepSpeed's flat shard)
-    shard_index: Optional[int] = None  # position in the group, for a piece of a flat shard
-    is_copy: bool = False  # a copy of the parameter the optimizer was built with (DeepSpeed's stage-0 wrapper)
-    skip_state: bool = False  # holds no element of a shared matrix: adds zeros to the sums, keeps no state
-    # filled while the step runs
-    sq: Optional[torch.Tensor] = None  # squared gradient norms: per kept channel or total
-    bad: bool = False
-    low_rank: Optional[torch.Tensor] = None
-    cut_part: Optional[torch.Tensor] = None
-    factor: Optional[torch.Tensor] = None
-    partial: Optional[torch.Tensor] = None
-
-
-@dataclass
-class _Record:
-    """What the optimizer recorded about a parameter when it was built (so it recognises the parameter however
-    it is later sharded or swapped): identity, full shape, name, trainable, and a weak reference to it."""
-
-    identity: int
-    shape: tuple[int, ...]
-    name: Optional[str]
-    trainable: bool
-    original: Any = None  # weakref.ref or None
-    plan_key: Any = None
-    plan: Optional[ProjectionPlan] = None
-
-    def tensor(self) -> Optional[torch.Tensor]:
-        return self.original() if self.original is not None else None
 
 
 class Apollo(Optimizer):
     r"""APOLLO: AdamW-quality updates with SGD-like optimizer memory (arXiv 2412.05270).
 
-    For a weight W (N-D weights are viewed as ``shape[0] x prod(shape[1:])``) with gradient G, each step:
+    For a weight W (N-D weights are viewed as ``shape[0] x prod(shape[1:])``; with ``stacked=True`` a 3-D weight
+    is E matrices, e.g. MoE experts) with gradient G, each step, for each matrix:
 
     1. Orientation: compress the smaller dimension (``sort_dims=True``): tall/square -> R = G P^T with
        P in R^{r x n}; wide -> R = P G with P in R^{r x m}. ``sort_dims=False`` always compresses the rows.
-    2. P has N(0, 1/r) entries, a pure function of (``seed``, parameter identity, ``step // update_proj_gap``):
-       redrawn every ``update_proj_gap`` steps, never saved, the same on every process.
+    2. P has N(0, 1/r) entries, a pure function of (``seed``, the parameter's identity, the matrix's index in
+       its stack, ``step // update_proj_gap``): redrawn every ``update_proj_gap`` steps, never saved.
     3. Moments on R: m = b1 m + (1-b1) R, v = b2 v + (1-b2) R^2 (kept across redraws).
     4. R~ = m / (sqrt(v) + eps).
     5. Scaling: channel: s = ||R~|| / (||R|| + 1e-8) over the rank dimension (one factor per index of the
@@ -337,166 +94,111 @@ class Apollo(Optimizer):
     8. times sqrt(scale) (``scale`` is the paper's alpha squared),
     9. W <- W - lr * sqrt(1 - b2^t) / (1 - b1^t) * U, then decoupled weight decay W <- W - lr * wd * W.
 
-    Parameters with ``ndim < 2`` and every parameter of a group whose ``rank`` is ``None`` get AdamW with the
-    same betas/eps/weight decay (in the published form: eps added to sqrt(v), decay after the update).
+    Parameters with ``ndim < 2`` (and 2-D ones of a ``stacked`` group: E vectors) and every parameter of a group
+    whose ``rank`` is ``None`` get AdamW with the same betas/eps/weight decay (eps added to sqrt(v), decay after
+    the update).
 
-    **Sharded training.** The same optimizer, built on the model's parameters as usual, trains exactly as
-    unsharded when the parameters are sharded: FSDP2 (``fully_shard``: ``Shard(0)`` DTensors, also when
-    accelerate swaps the entries of ``param_groups`` for the sharded parameters after building it) and
-    DeepSpeed ZeRO 1/2/3 (``deepspeed.initialize(model=..., optimizer=Apollo(...))``: flat shards). Each
-    parameter's full shape and identity are recorded at construction; each process projects the rows it
-    holds, and only what crosses a shard boundary is all-reduced (see :mod:`lowrank_opt.sharding`). A layout
-    it cannot recognise raises, naming the fix; a matrix is never updated as AdamW because of how it was
-    stored.
+    The parameter's identity is a hash of its name (``(name, parameter)`` pairs) or of its position; it is
+    saved in the state at the first update (``state["identity"]``), so a checkpoint resumed into renamed
+    parameters (DDP's ``module.``, ``torch.compile``'s ``_orig_mod.``, unnamed ones) keeps its projections.
+
+    **Sharded training.** The same optimizer, built on the model's parameters, trains exactly as unsharded
+    under FSDP2 (``Shard(0)`` DTensors) and DeepSpeed ZeRO 1/2/3 (flat shards): each process projects what it
+    holds and only what crosses a shard boundary is all-reduced (:mod:`lowrank_opt.sharding`). A layout it
+    does not recognise raises; a matrix is never updated as something else because of how it was stored.
 
     Args:
-        params: parameters, ``(name, parameter)`` pairs (``model.named_parameters()``; names then appear in
-            errors and fix each parameter's projection), or param-group dicts overriding any option below.
+        params: parameters, ``(name, parameter)`` pairs (``model.named_parameters()``), or param-group dicts
+            overriding any option below.
         lr (float): learning rate. Default 1e-3.
         betas (tuple[float, float]): moment decay rates. Default (0.9, 0.999).
         eps (float): added to sqrt(v). Default 1e-6 (the published APOLLO's).
         weight_decay (float): decoupled weight decay. Default 0.
-        rank (int | float | callable | None): projection rank. An int (clipped to the compressed dimension),
-            a fraction in (0, 1] of it, or ``dim -> int``. ``None`` makes the group plain AdamW. Default 256.
-            A callable is resolved to one integer per parameter in ``state_dict()`` (checkpoints hold plain
-            data); on load the rule comes from the constructor and must resolve to the same integers.
+        rank (int | float | callable | None): projection rank: an int (clipped to the compressed dimension),
+            a fraction in (0, 1] of it, or ``dim -> int`` (saved as per-parameter integers); ``None`` makes the
+            group plain AdamW. Default 256.
         scale_type (str): ``"channel"`` (APOLLO) or ``"tensor"`` (APOLLO-Mini). Default "channel".
-        scale (float): the update is multiplied by sqrt(scale). APOLLO-Mini uses 128. Default 1.
+        scale (float): the update is multiplied by sqrt(scale); APOLLO-Mini uses 128. Default 1.
         update_proj_gap (int): steps between projection redraws (T). Default 200.
         sort_dims (bool): compress the smaller dimension; else always the rows. Default True.
-        transposed (bool): the group's weights are stored transposed (in x out, as ``transformers``' Conv1D
-            keeps them): orientation and channels are those of the (out x in) matrix they stand for, so the
-            update equals the equivalent ``nn.Linear``'s. 2-D weights only. Default False
-            (:func:`~lowrank_opt.lowrank_param_groups` sets it for Conv1D weights).
-        norm_growth_limit (float | None): gamma of the limiter, ``None`` turns it off. Default 1.01.
-        seed (int): seed of every projection. Default 0.
-        cache_projection (bool): keep each P in memory between redraws (faster on slow RNGs, costs
-            r x min(m, n) per matrix, never saved); else P is regenerated each step. Default False.
-        state_dtype (None | str | torch.dtype): dtype of the moments; ``None`` is fp32 (fp64 for fp64
-            parameters); ``torch.bfloat16`` halves optimizer memory. Math is always fp32 or wider.
-        dense_state_bits (int): ``8`` keeps the AdamW moments of the group's plain-AdamW tensors (embeddings,
-            lm_head, ``rank=None`` groups) in bitsandbytes' blockwise 8-bit form (dynamic map, 256-element
-            blocks, as its 8-bit optimizers store them; tensors under 4,096 elements stay 32-bit, as there):
-            2 bytes per element instead of 8 (LLaMA-7B's embed_tokens and lm_head: 2.10 -> 0.53 GB). Decoded,
-            updated in fp32 and re-encoded a piece at a time; saved as plain uint8/fp32 tensors. Needs
-            bitsandbytes; not with FSDP2/ZeRO shards. Default 32.
+        transposed (bool): the group's matrices are stored transposed (in x out, as ``transformers``' Conv1D
+            and some MoE experts keep them): orientation and channels are those of the out x in matrix.
+        stacked (bool): the leading axis of the group's 3-D (and higher) weights indexes independent matrices
+            (MoE experts stored as (E, out, in)): each gets its own projection, moments (stored as
+            (E, *moment shape)), scaling and limiter, computed together. Default False (N-D weights are one
+            ``shape[0] x prod(shape[1:])`` matrix, as conv kernels are).
+        norm_growth_limit (float | None): gamma of the limiter; ``None`` turns it off. Default 1.01.
+        seed (int): seed of every projection and of the stochastic-rounding bits. Default 0.
+        cache_projection (bool): keep each P between redraws (costs r x min(m, n) per matrix, never saved).
+        state_dtype (None | str | torch.dtype): dtype of the moments; ``None`` is fp32 (fp64 for fp64 weights);
+            ``torch.bfloat16`` halves them. The math is always fp32 or wider.
+        dense_state_bits (int): ``8`` keeps the AdamW moments of plain tensors of >= 4,096 elements in
+            bitsandbytes' blockwise 8-bit form (2 bytes per element instead of 8). Needs bitsandbytes; not
+            with FSDP2/ZeRO shards. Default 32.
         correct_bias (bool): fold Adam's bias correction into the step size. Default True.
-        nonfinite (str): a gradient with inf/nan makes ``step()`` raise, naming the parameter, before any
-            parameter or state changes (``"raise"``, default), or that tensor's update is skipped and counted
-            in ``skipped_tensors`` (``"skip"``).
-        layerwise (bool): update each parameter inside backward, as soon as its gradient is accumulated, and
-            free that gradient at once, so only about one matrix of gradients is alive at a time. ``step()``
-            then has nothing left to do; schedulers and checkpoints work unchanged (same state dict as the
-            normal mode). Not compatible with gradient accumulation over several backward passes, nor with
-            data-parallel gradient all-reduce or sharding, and global-norm clipping sees no gradients (use
-            the built-in per-tensor ``norm_growth_limit``). With ``nonfinite="raise"`` an inf/nan gradient
-            raises out of ``backward()``; parameters updated earlier in that backward pass keep their update.
-        stochastic_rounding (bool): for bf16 parameters (pure-bf16 training, no fp32 master weights), write
-            the fp32 result of the update and weight decay back with stochastic rounding
-            (:func:`~lowrank_opt.rounding.stochastic_round_to_bf16`), so that updates smaller than half a
-            bf16 spacing (2^-9 to 2^-8 of the weight) are not lost but kept in expectation; ``False`` rounds
-            to nearest. The random bits are a pure function of (``seed``, parameter identity, the parameter's step
-            count, and, for a shard, its first element): runs are reproducible, resume is bit-exact, and
-            data-parallel replicas round alike. fp16 parameters are always rounded to nearest (fp16 training
-            normally keeps fp32 master weights); fp32/fp64 parameters need no rounding. Default True.
-        foreach (bool | None): the fast path (``None``, default, or ``True``): plain-AdamW tensors are updated
-            with torch's foreach ops (small ones) or in pieces (2^20 elements on CPU, 2^22 on GPUs: no
-            full-size temporaries). Same numbers as ``False``, the simple one-tensor-at-a-time reference path
-            it is tested against (bit for bit on CPU).
-        process_group: the process group DeepSpeed ZeRO's flat shards are split over (default: the world;
-            :func:`lowrank_opt.integrations.deepspeed.initialize` sets DeepSpeed's data-parallel group).
-            FSDP2 parameters use their own device mesh. Not saved.
-        comm: an object with ``rank``, ``world_size`` and ``all_reduce_(tensor)`` (sum in place) to use instead
-            of torch.distributed for flat shards (tests, custom transports). Not saved.
+        nonfinite (str): a gradient with inf/nan (or too large for the math) makes ``step()`` raise before
+            anything changes (``"raise"``), or that tensor's update is skipped and counted in
+            ``skipped_tensors`` (``"skip"``).
+        layerwise (bool): update each parameter inside backward as soon as its gradient is accumulated and free
+            it, so about one matrix of gradients is alive at a time; ``step()`` then has nothing left to do. No
+            gradient accumulation, data-parallel all-reduce, sharding or global clipping.
+        stochastic_rounding (bool): write bf16 weights back with stochastic rounding, its bits a pure function
+            of (seed, identity, step, first local element). Default True.
+        foreach (bool | None): the fast path (``None``/``True``): plain tensors batched with foreach ops or in
+            pieces of 2^20 (CPU) / 2^22 (GPU) elements, narrower weights through fp32 pieces. ``False``: one
+            whole tensor at a time; the same numbers.
+        process_group: the group DeepSpeed's flat shards are split over (default: the world).
+        comm: an object with ``rank``, ``world_size`` and ``all_reduce_(tensor)`` to use instead of
+            torch.distributed for flat shards (tests, custom transports).
 
     Attributes:
         skipped_tensors: tensor updates skipped for a non-finite gradient.
-        comm_bytes_last_step / comm_bytes_total: bytes this optimizer all-reduced in its latest ``step()``
-            (summed over the per-group calls DeepSpeed makes) and since construction.
-        comm_bytes_by_param: each shared parameter's share of the latest step's all-reduces, by its label (the
-            one flag per batch that says "some process raises" is not attributed).
-        init_steps_skipped: DeepSpeed set-up calls recognised and skipped (see :meth:`step`).
+        comm_bytes_last_step / comm_bytes_total: bytes all-reduced in the latest ``step()`` and in all.
+        comm_bytes_by_param: each shared parameter's share of the latest step's all-reduces, by label.
+        init_steps_skipped: DeepSpeed set-up calls recognised and skipped.
 
     Example:
         >>> groups = lowrank_param_groups(model, "all-linear", rank=128)
         >>> opt = Apollo(groups, lr=1e-3, weight_decay=0.0)
     """
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        *,
-        rank: Rank = 256,
-        scale_type: str = "channel",
-        scale: float = 1.0,
-        update_proj_gap: int = 200,
-        sort_dims: bool = True,
-        transposed: bool = False,
-        norm_growth_limit: Optional[float] = 1.01,
-        seed: int = 0,
-        cache_projection: bool = False,
-        state_dtype: Union[None, str, torch.dtype] = None,
-        dense_state_bits: int = 32,
-        correct_bias: bool = True,
-        nonfinite: str = "raise",
-        layerwise: bool = False,
-        stochastic_rounding: bool = True,
-        foreach: Optional[bool] = None,
-        process_group: Any = None,
-        comm: Any = None,
-    ):
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            rank=rank,
-            scale_type=scale_type,
-            scale=scale,
-            update_proj_gap=update_proj_gap,
-            sort_dims=sort_dims,
-            transposed=transposed,
-            norm_growth_limit=norm_growth_limit,
-            seed=seed,
-            cache_projection=cache_projection,
-            state_dtype=state_dtype,
-            dense_state_bits=dense_state_bits,
-            correct_bias=correct_bias,
-            nonfinite=nonfinite,
-            stochastic_rounding=stochastic_rounding,
-            foreach=foreach,
-        )
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, *, rank: Rank = 256, scale_type: str = "channel",
+                 scale: float = 1.0, update_proj_gap: int = 200, sort_dims: bool = True, transposed: bool = False,
+                 stacked: bool = False, norm_growth_limit: Optional[float] = 1.01, seed: int = 0,
+                 cache_projection: bool = False, state_dtype: Union[None, str, torch.dtype] = None,
+                 dense_state_bits: int = 32, correct_bias: bool = True, nonfinite: str = "raise",
+                 layerwise: bool = False, stochastic_rounding: bool = True, foreach: Optional[bool] = None,
+                 process_group: Any = None, comm: Any = None):
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, eps=eps,
+                        weight_decay=weight_decay, rank=rank, scale_type=scale_type, scale=scale,
+                        update_proj_gap=update_proj_gap, sort_dims=sort_dims, transposed=transposed, stacked=stacked,
+                        norm_growth_limit=norm_growth_limit, seed=seed, cache_projection=cache_projection,
+                        state_dtype=state_dtype, dense_state_bits=dense_state_bits, correct_bias=correct_bias,
+                        nonfinite=nonfinite, stochastic_rounding=stochastic_rounding, foreach=foreach)
         if not isinstance(layerwise, bool):
             raise TypeError(f"layerwise must be a bool, got {layerwise!r}")
         self.layerwise = layerwise
-        self._process_group = process_group
-        self._comm = comm
-        self._init_caches()
-        self._records: list[list[_Record]] = []
+        self._process_group, self._comm = process_group, comm
+        self._records: list[list[Record]] = []
+        self._groups: list[dict] = []  # the group dicts the records belong to
         self._param_count = 0
         self.skipped_tensors = 0
         self.init_steps_skipped = 0
-        self.comm_bytes_total = 0
-        self._comm_bytes_by_key: dict[Any, int] = {}
-        self.comm_bytes_by_param: dict[str, int] = {}
+        self._counter = CountingComm()
+        self._init_caches()
         super().__init__(params, defaults)
         _common.check_param_dtypes(self)
         if layerwise:
             self._register_layerwise_hooks()
 
     def _init_caches(self) -> None:
-        """Everything rebuilt from param_groups: lookups, projection cache, hooks."""
-        self._group_of: dict[int, int] = {}  # id(group dict) -> group index
-        self._group_dicts: list[dict] = []
-        self._where: dict[torch.Tensor, tuple[int, int]] = {}  # param -> (group index, index in group)
-        self._projection_cache: dict[torch.Tensor, tuple[int, torch.Tensor]] = {}
-        self._projection_cache_shards: dict[tuple, tuple[int, torch.Tensor]] = {}
+        """What is rebuilt from param_groups: lookups, plans, the projection cache, hooks."""
+        self._plans: dict[int, tuple[Any, Optional[ProjectionPlan]]] = {}  # id(record) -> (key, plan)
+        self._where: dict[torch.Tensor, tuple[int, int]] = {}  # parameter -> (group index, index in group)
+        self._projection_cache: dict[torch.Tensor, dict] = {}  # parameter -> {shard index: ((refresh, identity), P)}
+        self._flat_cache: dict = {}
         self._hooks: list = []
-        self._flat_cache: dict[tuple, list] = {}
         self._warned_full_rank = False
         self._seen_sq: Optional[torch.Tensor] = None
 
@@ -504,11 +206,14 @@ class Apollo(Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        group_index = len(self.param_groups) - 1
-        group = self.param_groups[group_index]
+        group = self.param_groups[-1]
         try:
-            self._check_group_keys(group, group_index)
-            self._validate_group(group, group_index)
+            unknown = sorted(set(group) - set(self.defaults) - _GROUP_METADATA)
+            if unknown:
+                raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))}"
+                                 f"{_common.group_where(len(self.param_groups) - 1)}; Apollo's options are "
+                                 f"{', '.join(sorted(self.defaults))}")
+            self._validate_group(group, _common.group_where(len(self.param_groups) - 1))
         except Exception:
             self.param_groups.pop()
             raise
@@ -516,235 +221,199 @@ class Apollo(Optimizer):
         records = []
         for i, p in enumerate(group["params"]):
             name = names[i] if names is not None else None
-            identity = identity_key(name if name is not None else self._param_count)
+            records.append(Record(name, full_shape(p), bool(p.requires_grad), weakref.ref(p),
+                                  identity_key(name if name is not None else self._param_count), i))
             self._param_count += 1
-            try:
-                ref = weakref.ref(p)
-            except TypeError:  # pragma: no cover - every torch tensor is weak-referenceable
-                ref = None
-            records.append(_Record(identity, full_shape(p), name, bool(p.requires_grad), ref))
         self._records.append(records)
-        self._reindex()
+        self._groups.append(group)
 
-    def _reindex(self) -> None:
-        self._group_dicts = list(self.param_groups)
-        self._group_of = {id(g): gi for gi, g in enumerate(self.param_groups)}
-        self._where = {p: (gi, i) for gi, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])}
-
-    def _validate_group(self, group: dict, group_index: int, where: Optional[str] = None) -> None:
-        """Every option of a param group, by the one declarative check (:data:`OPTION_SPECS`), then the rank rule
-        against every matrix. Used at construction and on every group a checkpoint would load."""
-        where = _common.group_where(group_index) if where is None else where
+    def _validate_group(self, group: dict, where: str) -> None:
+        """Every option by the declarative check (:data:`OPTION_SPECS`), then the rank rule against every matrix;
+        at construction and on every group a checkpoint would load."""
         _common.validate_group(group, OPTION_SPECS, where)
         group["betas"] = tuple(group["betas"])
         group["state_dtype"] = _state_dtype_name(group["state_dtype"], where)
-        if group["rank"] is not None:
-            if isinstance(group["rank"], bool) or not (isinstance(group["rank"], (int, float)) or callable(group["rank"])):
-                raise _common.OptionTypeError(
-                    f"rank must be None, an int, a float in (0, 1] or a callable, got {group['rank']!r} "
-                    f"({type(group['rank']).__name__}){where}")
-            for i, p in enumerate(group["params"]):
-                shape = full_shape(p)
-                if group["transposed"] and len(shape) != 2 and len(shape) >= 2:
-                    raise ValueError(f"transposed=True is for 2-D weights stored as in x out, got shape {shape} for "
-                                     f"{_common.param_label(group, i, p)}{where}")
-                if len(shape) >= 2 and math.prod(shape):
-                    self._resolve_rank(group, shape, _common.param_label(group, i, p) + where)
-
-    def _check_group_keys(self, group: dict, group_index: int) -> None:
-        """A key that is no option (a typo such as ``rnak=4``) would be kept and silently ignored: refuse it."""
-        unknown = sorted(set(group) - set(self.defaults) - _GROUP_METADATA)
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) {', '.join(map(repr, unknown))}{_common.group_where(group_index)}; Apollo's "
-                f"options are {', '.join(sorted(self.defaults))}")
+        if group["rank"] is None:
+            return
+        if isinstance(group["rank"], bool) or not (isinstance(group["rank"], (int, float)) or callable(group["rank"])):
+            raise _common.OptionTypeError(f"rank must be None, an int, a float in (0, 1] or a callable, got "
+                                          f"{group['rank']!r} ({type(group['rank']).__name__}){where}")
+        for i, p in enumerate(group["params"]):
+            shape = full_shape(p)
+            label = _common.param_label(group, i, p) + where
+            if group["transposed"] and len(shape) != (3 if group["stacked"] else 2):
+                raise ValueError(f"transposed=True is for matrices stored as in x out ({'(E, in, out) stacks' if group['stacked'] else '2-D weights'}), "
+                                 f"got shape {shape} for {label}")
+            if _matrix_view(group, shape) is not None:
+                self._resolve_rank(group, shape, label)
 
     @staticmethod
-    def _side(group: dict, shape: tuple[int, ...]) -> str:
-        """Which side of the stored 2-D view is projected. A ``transposed`` group holds weights stored as the
-        transpose of the matrix they stand for (``transformers``' Conv1D: in x out): the orientation is chosen
-        on that matrix, so a Conv1D weight gets the same channels and P as the equivalent Linear (R = G P^T of
-        the Linear's gradient is (P G_stored)^T)."""
-        shape2d = matrix_shape(shape)
+    def _side(group: dict, shape2d: tuple[int, int]) -> str:
+        """Which side of the stored matrix is projected; a ``transposed`` matrix is oriented as the out x in
+        matrix it stands for, so a Conv1D weight gets the Linear's channels and P."""
         if not group.get("transposed", False):
             return orientation(shape2d, group["sort_dims"])
-        side = orientation((shape2d[1], shape2d[0]), group["sort_dims"])
-        return LEFT if side == RIGHT else RIGHT
+        return LEFT if orientation((shape2d[1], shape2d[0]), group["sort_dims"]) == RIGHT else RIGHT
 
     @classmethod
     def _resolve_rank(cls, group: dict, shape: tuple[int, ...], label: str) -> int:
-        shape2d = matrix_shape(shape)
-        dim = shape2d[1] if cls._side(group, shape) == RIGHT else shape2d[0]
+        _, shape2d = _matrix_view(group, shape)
+        dim = shape2d[1] if cls._side(group, shape2d) == RIGHT else shape2d[0]
         return resolve_rank(group["rank"], dim, label)
 
-    # -- parameters and their records ------------------------------------------------------------------
+    # -- records, plans, projections -------------------------------------------------------------------
 
     def _group_index(self, group: dict) -> int:
-        """The index of a param group among those the optimizer was built with. DeepSpeed ZeRO 1/2 call
-        ``step()`` with ``param_groups = [that one group]``: the dict is ours, found by identity."""
-        index = self._group_of.get(id(group))
-        if index is not None and self._group_dicts[index] is group:
-            return index
-        self._reindex()  # groups replaced since (load_state_dict through a wrapper)
-        index = self._group_of.get(id(group))
-        if index is not None:
-            return index
-        raise RuntimeError("Apollo.step() got a param group it was not built with (a wrapper replaced the group "
-                           "dicts); build the optimizer on the parameters it will train")
+        """The index of ``group`` among the groups the optimizer was built with (DeepSpeed ZeRO 1/2 call
+        ``step()`` with ``param_groups = [one group]``: the dict is one of ours, found by identity)."""
+        for attempt in range(2):
+            for gi, g in enumerate(self._groups):
+                if g is group:
+                    return gi
+            if attempt == 0 and len(self.param_groups) == len(self._records):  # groups replaced since (a wrapper's load)
+                self._groups = list(self.param_groups)
+        raise RuntimeError("Apollo.step() got a param group it was not built with; build the optimizer on the "
+                           "parameters it will train")
 
-    def _label(self, group: dict, i: int, p: Optional[torch.Tensor] = None, record: Optional[_Record] = None) -> str:
-        if record is not None and record.name is not None:
+    @staticmethod
+    def _label(group: dict, record: Record) -> str:
+        if record.name is not None:
             return repr(record.name)
-        if p is not None and i < len(group["params"]) and group["params"][i] is p:
-            return _common.param_label(group, i, p)
-        shape = record.shape if record is not None else tuple(p.shape)
-        return f"param {i} (shape {shape}) of its param group"
+        return f"param {record.index} (shape {record.shape}) of its param group"
 
-    def _plan_for(self, group: dict, record: _Record, label: str) -> Optional[ProjectionPlan]:
-        """How a parameter is projected (computed once, recomputed only if the group's rank rule or
-        orientation changes), or None when it is updated with plain AdamW."""
-        if group["rank"] is None or len(record.shape) < 2 or not math.prod(record.shape):
-            return None  # plain AdamW (an empty matrix has nothing to project)
-        key = (id(group["rank"]) if callable(group["rank"]) else group["rank"], group["sort_dims"],
-               group.get("transposed", False))
-        if record.plan is None or record.plan_key != key:
-            shape2d = matrix_shape(record.shape)
-            side = self._side(group, record.shape)
-            rank = self._resolve_rank(group, record.shape, label)
-            record.plan, record.plan_key = ProjectionPlan(shape2d, side, rank, record.identity), key
-            compressed = shape2d[1] if side == RIGHT else shape2d[0]
-            if rank >= compressed and not self._warned_full_rank:
-                self._warned_full_rank = True
-                logger.warning(
-                    "Apollo: rank %d >= the compressed dimension %d of %s (shape %s): its projection is a square "
-                    "Gaussian and its moments are as large as AdamW's (%d x %d); give it a smaller rank, or "
-                    "rank=None for plain AdamW (said once per optimizer)", rank, compressed, label,
-                    tuple(record.shape), *ProjectionPlan(shape2d, side, rank, record.identity).moment_shape)
-        return record.plan
+    def _plan(self, group: dict, record: Record) -> Optional[ProjectionPlan]:
+        """How a parameter is projected, or None for plain AdamW; recomputed only when the group's rank rule,
+        orientation or stacking changes."""
+        view = _matrix_view(group, record.shape) if group["rank"] is not None else None
+        if view is None:
+            return None
+        rule = id(group["rank"]) if callable(group["rank"]) else group["rank"]
+        key = (rule, group["sort_dims"], group.get("transposed", False), group.get("stacked", False))
+        cached = self._plans.get(id(record))
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        count, shape2d = view
+        side = self._side(group, shape2d)
+        label = self._label(group, record)
+        rank = self._resolve_rank(group, record.shape, label)
+        plan = ProjectionPlan(shape2d, side, rank, count, stacked=group.get("stacked", False) and len(record.shape) >= 3)
+        compressed = shape2d[1] if side == RIGHT else shape2d[0]
+        if rank >= compressed and not self._warned_full_rank:
+            self._warned_full_rank = True
+            logger.warning("Apollo: rank %d >= the compressed dimension %d of %s (shape %s): its moments are as large "
+                           "as AdamW's; give it a smaller rank, or rank=None for plain AdamW (said once per optimizer)",
+                           rank, compressed, label, record.shape)
+        self._plans[id(record)] = (key, plan)
+        return plan
 
-    def _locate(self, param: torch.Tensor) -> tuple[dict, int]:
-        location = self._where.get(param)
-        if location is None or location[0] >= len(self.param_groups) or \
-                self.param_groups[location[0]]["params"][location[1]] is not param:
-            self._reindex()  # the entries were swapped (accelerate's FSDP2 preparation) or groups reloaded
-            location = self._where.get(param)
-            if location is None:
+    def _locate(self, param: torch.Tensor) -> tuple[dict, int, Record]:
+        where = self._where.get(param)
+        if where is None or where[0] >= len(self.param_groups) or \
+                where[1] >= len(self.param_groups[where[0]]["params"]) or \
+                self.param_groups[where[0]]["params"][where[1]] is not param:
+            # groups replaced since (load_state_dict, accelerate swapping in sharded parameters)
+            self._where = {p: (gi, i) for gi, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])}
+            where = self._where.get(param)
+            if where is None:
                 raise KeyError("the tensor is not a parameter of this optimizer")
-        return self.param_groups[location[0]], location[1]
+        gi, i = where
+        return self.param_groups[gi], i, self._records[gi][i]
+
+    def _identity(self, state: dict, record: Record) -> int:
+        return int(state.get("identity", record.identity))
 
     def projection_matrix(self, param: torch.Tensor, step: Optional[int] = None) -> Optional[torch.Tensor]:
-        """The projection matrix P (rank x compressed dim, fp32, on the parameter's device) that ``param``
-        uses at optimizer step ``step`` (counted from 0; default: the step its next update will take).
-        ``None`` for parameters updated with plain AdamW. The orientation follows the class docstring:
-        R = G P^T when P's second dimension is G's columns, else R = P G."""
-        group, i = self._locate(param)
-        record = self._records[self._group_index(group)][i]
-        plan = self._plan_for(group, record, self._label(group, i, param, record))
+        """The projection P (fp32, on the parameter's device) that ``param`` uses at optimizer step ``step``
+        (counted from 0; default: its next update): (rank, compressed dim), or (E, rank, compressed dim) for a
+        stacked parameter; ``None`` for plain AdamW. R = G P^T when P's last dimension is G's columns, else
+        R = P G."""
+        group, _, record = self._locate(param)
+        plan = self._plan(group, record)
         if plan is None:
             return None
-        if step is None:
-            step = self.state[param].get("step", 0) if param in self.state else 0
+        state = self.state.get(param, {})
+        step = state.get("step", 0) if step is None else step
         device = param.to_local().device if is_dtensor(param) else param.device
-        return plan.matrix(group["seed"], step, group["update_proj_gap"], device)
+        return plan.matrix(group["seed"], self._identity(state, record), step, group["update_proj_gap"], device)
 
-    def _projection(self, group: dict, plan: ProjectionPlan, key: Any, step: int, device, dtype) -> torch.Tensor:
-        """P for this step: drawn from (seed, identity, refresh), or kept between redraws with
-        ``cache_projection`` (keyed by the parameter, or (flat shard, position) for a piece of one)."""
+    def _projection(self, part: Part, plan: ProjectionPlan, identity: int, step: int, dtype: torch.dtype) -> torch.Tensor:
+        """P of the matrices ``part`` holds, (k, r, d): drawn from (seed, identity, refresh), or kept between
+        redraws with ``cache_projection``."""
+        group = part.group
         gap = group["update_proj_gap"]
+        device = part.weight.device
+
+        def draw() -> torch.Tensor:
+            full = plan.matrix(group["seed"], identity, step, gap, device, dtype)
+            full = full.unsqueeze(0) if full.ndim == 2 else full
+            first, count = part.layout.first_matrix, part.layout.num_matrices
+            return full if count == full.shape[0] else full[first:first + count]
+
         if not group["cache_projection"]:
-            return plan.matrix(group["seed"], step, gap, device, dtype)
-        refresh_index = step // gap
-        cache = self._projection_cache if isinstance(key, torch.Tensor) else self._projection_cache_shards
-        cached = cache.get(key)
-        if cached is None or cached[0] != refresh_index or cached[1].dtype != dtype:
-            cached = (refresh_index, plan.matrix(group["seed"], step, gap, device, dtype))
-            cache[key] = cached
+            return draw()
+        cache = self._projection_cache.setdefault(part.key, {})  # keyed by the parameter: counted as its state bytes
+        cached = cache.get(part.shard_index)
+        if cached is None or cached[0] != (step // gap, identity) or cached[1].dtype != dtype:
+            cached = cache[part.shard_index] = ((step // gap, identity), draw())
         return cached[1]
 
     # -- state, copies and checkpoints -----------------------------------------------------------------
 
     def __getstate__(self) -> dict:
-        # Hooks, weak references, process groups and caches do not pickle; everything is rebuilt from
-        # param_groups in __setstate__ (torch's Optimizer.__getstate__ keeps only defaults, state, groups).
+        # Hooks, weak references, process groups and caches do not pickle; rebuilt in __setstate__.
         state = super().__getstate__()
-        state["layerwise"] = self.layerwise
-        state["skipped_tensors"] = self.skipped_tensors
-        state["init_steps_skipped"] = self.init_steps_skipped
-        state["comm_bytes_total"] = self.comm_bytes_total
-        state["_records"] = [[_Record(r.identity, r.shape, r.name, r.trainable) for r in rs] for rs in self._records]
-        state["_param_count"] = self._param_count
+        state.update(layerwise=self.layerwise, skipped_tensors=self.skipped_tensors, _param_count=self._param_count,
+                     init_steps_skipped=self.init_steps_skipped,
+                     _records=[[(r.name, r.shape, r.trainable, r.identity) for r in rs] for rs in self._records])
         return state
 
     def __setstate__(self, state: dict) -> None:
         if "_records" in self.__dict__ and "_records" not in state:
-            # torch's load_state_dict ends with __setstate__({"state", "param_groups"}) on a live optimizer:
-            # keep what it recorded at construction (the layout it recognises shards by), just reindex.
+            # torch's load_state_dict ends with __setstate__({"state", "param_groups"}) on a live optimizer.
             super().__setstate__(state)
-            self._fill_group_defaults()
-            self._reindex()
+            self._fill_defaults()
+            self._groups = list(self.param_groups)
             return
-        records = state.pop("_records", None)
-        extras = {k: state.pop(k, 0) for k in ("layerwise", "skipped_tensors", "init_steps_skipped",
-                                                "comm_bytes_total", "_param_count")}
+        records = state.pop("_records")
+        extras = {k: state.pop(k) for k in ("layerwise", "skipped_tensors", "init_steps_skipped", "_param_count")}
         super().__setstate__(state)
-        self.layerwise = bool(extras["layerwise"])
-        self.skipped_tensors = extras["skipped_tensors"]
-        self.init_steps_skipped = extras["init_steps_skipped"]
-        self.comm_bytes_total = extras["comm_bytes_total"]
-        self._process_group = None
-        self._comm = None
-        self._comm_bytes_by_key = {}
-        self.comm_bytes_by_param = {}
+        self._fill_defaults()
+        self.__dict__.update(extras)
+        self._process_group = self._comm = None
+        self._counter = CountingComm()
         self._init_caches()
-        self._fill_group_defaults()
-        if records is None:  # pickled by an older version: rebuild from the groups
-            records, count = [], 0
-            for group in self.param_groups:
-                names = group.get("param_names")
-                rs = []
-                for i, p in enumerate(group["params"]):
-                    name = names[i] if names is not None else None
-                    rs.append(_Record(identity_key(name if name is not None else count), full_shape(p), name,
-                                      bool(p.requires_grad)))
-                    count += 1
-                records.append(rs)
-            extras["_param_count"] = count
+        self._groups = list(self.param_groups)
+        self._records = []
         for group, rs in zip(self.param_groups, records):
-            for r, p in zip(rs, group["params"]):
-                r.original = weakref.ref(p)
-        self._records = records
-        self._param_count = extras["_param_count"]
-        self._reindex()
+            self._records.append([])
+            for i, ((name, shape, trainable, identity), p) in enumerate(zip(rs, group["params"])):
+                self._records[-1].append(Record(name, shape, trainable, weakref.ref(p), identity, i))
         if self.layerwise:
             self._register_layerwise_hooks()
 
-    def _fill_group_defaults(self) -> None:
-        for group in self.param_groups:  # checkpoints from before the option: the constructor's choice
-            group.setdefault("stochastic_rounding", self.defaults.get("stochastic_rounding", True))
-            group.setdefault("foreach", self.defaults.get("foreach"))
-            group.setdefault("transposed", self.defaults.get("transposed", False))
-            group.setdefault("dense_state_bits", self.defaults.get("dense_state_bits", 32))
+    def _fill_defaults(self) -> None:
+        """torch's ``__setstate__`` adds ``differentiable`` to ``defaults`` (a later group would then differ from
+        the first ones), and a checkpoint's groups may predate an option: the constructor's values fill them."""
+        self.defaults.pop("differentiable", None)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
 
     def state_dict(self) -> dict:
-        """torch's state dict, with a callable ``rank`` replaced by the integer it resolves to for each
-        parameter (``None`` for the plain-AdamW ones), so checkpoints hold only tensors and plain data and load
-        with ``torch.load(weights_only=True)``."""
+        """torch's state dict, with a callable ``rank`` replaced by the integer it gives each parameter (``None``
+        for plain AdamW), so checkpoints load with ``torch.load(weights_only=True)``."""
         sd = super().state_dict()
         for saved, group, records in zip(sd["param_groups"], self.param_groups, self._records):
             if callable(group["rank"]):
-                saved["rank"] = [
-                    self._resolve_rank(group, r.shape, self._label(group, i, record=r))
-                    if len(r.shape) >= 2 and math.prod(r.shape) else None
-                    for i, r in enumerate(records)]
+                saved["rank"] = [self._resolve_rank(group, r.shape, self._label(group, r))
+                                 if _matrix_view(group, r.shape) is not None else None for r in records]
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a checkpoint, trusting nothing in it: every loaded option is checked as the constructor checks
-        it, and every state tensor must have the shape this parameter needs under the loaded options (a
-        checkpoint of another model is refused naming the parameter and both shapes), all before anything
-        changes. Saved state dtypes are kept (fp32 moments of bf16 weights stay fp32). A rank saved as
-        per-parameter integers (from a callable rule) keeps the constructor's rule, which must resolve to the
-        same integers."""
+        """Load a checkpoint, trusting nothing in it: every option is checked as the constructor checks it, and
+        every state tensor must have the shape this parameter needs (a checkpoint of another model is refused
+        naming the parameter and both shapes), all before anything changes. Saved state dtypes are kept. A
+        rank saved as per-parameter integers keeps the constructor's rule, which must give the same integers."""
         state_dict = dict(state_dict)
         saved_groups = [dict(g) for g in state_dict.get("param_groups", [])]
         state_dict["param_groups"] = saved_groups
@@ -753,99 +422,99 @@ class Apollo(Optimizer):
                 continue
             rule = group["rank"]
             for i, (want, r) in enumerate(zip(saved["rank"], records)):
-                if want is None or len(r.shape) < 2 or not math.prod(r.shape):
+                if want is None or _matrix_view({**self.defaults, **saved}, r.shape) is None:
                     continue
-                probe = dict(saved, rank=rule)
-                got = self._resolve_rank(probe, r.shape, self._label(group, i, record=r)) if rule is not None else None
+                got = self._resolve_rank({**self.defaults, **saved, "rank": rule}, r.shape, self._label(group, r)) \
+                    if rule is not None else None
                 if got != want:
-                    raise ValueError(
-                        f"the checkpoint was saved with rank {want} for {self._label(group, i, record=r)} in "
-                        f"param_groups[{index}], but this optimizer's rank rule {rule!r} gives {got}: build the "
-                        "optimizer with the rank it was trained with")
+                    raise ValueError(f"the checkpoint has rank {want} for {self._label(group, r)} in param_groups["
+                                     f"{index}], but this optimizer's rank rule {rule!r} gives {got}: build the optimizer "
+                                     "with the rank it was trained with")
             saved["rank"] = rule
-
-        def check_group(candidate: dict, where: str) -> None:
-            self._validate_group(dict(candidate), 0, where)
 
         def layout(group: dict, i: int, p: torch.Tensor) -> dict:
             gi = self._group_index(group)
             records = self._records[gi]
             if len(group["params"]) != len(records) or tuple(p.shape) != records[i].shape:
                 return {}  # a flat shard (DeepSpeed) or a copy: its pieces' shapes depend on the layout
-            saved = {**self.defaults, **saved_groups[gi]}
-            record = records[i]
-            keys = {"step": _common.StateKey(_common.COUNT),
-                    "limiter_norm": _common.StateKey((), required=False)}
-            if saved["rank"] is not None and len(record.shape) >= 2 and math.prod(record.shape):
-                shape2d = matrix_shape(record.shape)
-                side = self._side(saved, record.shape)
-                rank = self._resolve_rank(saved, record.shape, self._label(group, i, p, record))
-                moments = ProjectionPlan(shape2d, side, rank, record.identity).moment_shape
+            saved, record = {**self.defaults, **saved_groups[gi]}, records[i]
+            keys = {"step": _common.StateKey(_common.COUNT), "identity": _common.StateKey(_common.COUNT, required=False),
+                    "limiter_norm": _common.StateKey(_limiter_shape(saved, record.shape), required=False)}
+            view = _matrix_view(saved, record.shape) if saved["rank"] is not None else None
+            if view is not None:
+                count, shape2d = view
+                rank = self._resolve_rank(saved, record.shape, self._label(group, record))
+                moments = ProjectionPlan(shape2d, self._side(saved, shape2d), rank, count,
+                                         saved.get("stacked", False) and len(record.shape) >= 3).moment_shape
             else:
                 moments = record.shape
                 if saved.get("dense_state_bits", 32) == 8 and math.prod(record.shape) >= MIN_8BIT_SIZE:
                     blocks = (-(-math.prod(record.shape) // 256),)
-                    keys.update(exp_avg_codes=_common.StateKey(tuple(record.shape), dtype=torch.uint8),
-                                exp_avg_sq_codes=_common.StateKey(tuple(record.shape), dtype=torch.uint8),
+                    keys.update(exp_avg_codes=_common.StateKey(record.shape, dtype=torch.uint8),
+                                exp_avg_sq_codes=_common.StateKey(record.shape, dtype=torch.uint8),
                                 exp_avg_absmax=_common.StateKey(blocks), exp_avg_sq_absmax=_common.StateKey(blocks))
                     return keys
             keys.update(exp_avg=_common.StateKey(tuple(moments)), exp_avg_sq=_common.StateKey(tuple(moments)))
             return keys
 
         self._projection_cache.clear()
-        self._projection_cache_shards.clear()
-        _common.load_state_dict_checked(self, state_dict, check_group=check_group, layout=layout)
-        self._reindex()
+        _common.load_state_dict_checked(self, state_dict, check_group=self._validate_group, layout=layout)
 
-    def _state_for(self, key: torch.Tensor, shard_index: Optional[int]) -> dict:
-        """The state of a parameter (or of one parameter's piece of a flat shard), or a new empty dict that
-        :meth:`_init_state` registers on the first update (looking does not create state)."""
-        state = self.state.get(key)
-        if shard_index is not None:
-            state = (state or {}).get(SHARD_STATE_KEY, {}).get(shard_index)
+    def _state(self, part: Part) -> dict:
+        """The part's state, or a new empty dict registered when the first update creates it."""
+        state = self.state.get(part.key)
+        if part.shard_index is not None:
+            state = (state or {}).get(SHARD_STATE_KEY, {}).get(part.shard_index)
         return state if state is not None else {}
 
-    def _init_state(self, piece: _Piece, shape: tuple[int, ...], global_shape: Optional[tuple[int, ...]] = None) -> dict:
-        """The piece's state, with zero moments of ``shape`` (local) on its first update. Under FSDP2 moments
-        whose rows are the weight's rows (dense, right projection) are DTensors sharded like it, so that
-        ``torch.distributed.checkpoint`` saves and reshards them."""
-        state = piece.state
-        if "step" not in state:
-            group = piece.group
-            dtype = _STATE_DTYPES[group["state_dtype"]] if group["state_dtype"] else _compute_dtype(piece.weight.dtype)
-            state["step"] = 0
-            for key in ("exp_avg", "exp_avg_sq"):
-                local = torch.zeros(shape, dtype=dtype, device=piece.weight.device)
-                if piece.dtensor is not None and global_shape is not None:
-                    from torch.distributed.tensor import DTensor
+    def _register_state(self, part: Part, state: dict) -> None:
+        if part.shard_index is None:
+            self.state[part.key] = state
+        else:
+            self.state[part.key].setdefault(SHARD_STATE_KEY, {})[part.shard_index] = state
 
-                    stride = tuple(math.prod(global_shape[d + 1:]) for d in range(len(global_shape)))
-                    local = DTensor.from_local(local, piece.dtensor.device_mesh, piece.dtensor.placements,
-                                               run_check=False, shape=torch.Size(global_shape), stride=stride)
-                state[key] = local
-            if piece.shard_index is None:
-                self.state[piece.key] = state
-            else:
-                self.state[piece.key].setdefault(SHARD_STATE_KEY, {})[piece.shard_index] = state
+    def _new_tensor(self, part: Part, local_shape: tuple[int, ...], dtype: torch.dtype,
+                    global_shape: Optional[tuple[int, ...]]) -> torch.Tensor:
+        """Zeros on the part's device; under FSDP2 a DTensor sharded like the parameter when its leading axis is
+        the parameter's (so ``torch.distributed.checkpoint`` saves and reshards it)."""
+        local = torch.zeros(local_shape, dtype=dtype, device=part.weight.device)
+        if part.dtensor is None or global_shape is None:
+            return local
+        from torch.distributed.tensor import DTensor
+
+        stride = tuple(math.prod(global_shape[d + 1:]) for d in range(len(global_shape)))
+        return DTensor.from_local(local, part.dtensor.device_mesh, part.dtensor.placements, run_check=False,
+                                  shape=torch.Size(global_shape), stride=stride)
+
+    def _init_state(self, part: Part, plan: Optional[ProjectionPlan]) -> dict:
+        """The part's state, with zero moments on its first update."""
+        state = self._state(part)
+        if "step" in state:
+            return state
+        group = part.group
+        dtype = _STATE_DTYPES[group["state_dtype"]] if group["state_dtype"] else F.compute_dtype(part.weight.dtype)
+        state["step"] = 0
+        state["identity"] = part.record.identity
+        if plan is None:
+            shape, global_shape = tuple(part.weight.shape), tuple(part.dtensor.shape) if part.dtensor is not None else None
+        elif plan.side == RIGHT:
+            layout = part.layout
+            rows = (layout.num_matrices, plan.shape2d[0]) if plan.stacked and layout.whole else (layout.num_rows,)
+            shape, global_shape = (*rows, plan.rank), plan.moment_shape
+        else:
+            shape = (part.layout.num_matrices, plan.rank, plan.shape2d[1]) if plan.stacked else plan.moment_shape
+            global_shape = plan.moment_shape if plan.stacked else None
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = self._new_tensor(part, shape, dtype, global_shape)
+        self._register_state(part, state)
         return state
-
-    @staticmethod
-    def _local(t: torch.Tensor) -> torch.Tensor:
-        return t.to_local() if is_dtensor(t) else t
 
     # -- step ------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """One optimization step. A gradient with inf/nan raises (before anything changes) or is skipped,
-        per ``nonfinite``.
-
-        DeepSpeed's bf16/fp16 stage-0 wrapper calls ``step()`` once inside ``deepspeed.initialize`` with fp32
-        copies of the parameters and all-zero gradients, to create optimizer state. That call would count as
-        step 1 (bias correction and projection schedule shifted by one) and apply weight decay; a ``step()`` on
-        parameters that are not the ones the optimizer was built with, none of them with state yet, and every
-        gradient exactly zero, is recognised as it and changes nothing (counted in ``init_steps_skipped``).
-        """
+        """One optimization step. A gradient with inf/nan raises (before anything changes) or is skipped, per
+        ``nonfinite``."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -854,18 +523,16 @@ class Apollo(Optimizer):
         self._seen_sq = None  # a layer-wise backward pass ends with this step()
         return loss
 
-    def gradient_norm_seen(self) -> Optional[float]:
-        """Layer-wise mode: the 2-norm of all gradients updated since the last ``step()`` (the backward pass
-        just run), which global clipping would have measured; None when none was seen. The HF Trainer glue logs
-        it as ``grad_norm`` (there is no gradient left to measure after backward)."""
-        return None if self._seen_sq is None else float(self._seen_sq.sqrt())
-
     @torch.no_grad()
     def step_parameter(self, param: torch.Tensor) -> None:
-        """Update one parameter from its gradient (what the layer-wise hooks call). Same result as
-        ``step()`` restricted to that parameter."""
-        group, i = self._locate(param)
+        """Update one parameter from its gradient (what the layer-wise hooks call)."""
+        group, i, _ = self._locate(param)
         self._update([(group, i, param)])
+
+    def gradient_norm_seen(self) -> Optional[float]:
+        """Layer-wise mode: the 2-norm of all gradients updated since the last ``step()``, which global clipping
+        would have measured (the HF Trainer glue logs it as ``grad_norm``); None when none was seen."""
+        return None if self._seen_sq is None else float(self._seen_sq.sqrt())
 
     def _register_layerwise_hooks(self) -> None:
         def hook(p: torch.Tensor) -> None:
@@ -877,8 +544,8 @@ class Apollo(Optimizer):
             for p in group["params"]:
                 if p.requires_grad:
                     if is_dtensor(p):
-                        raise ValueError("layerwise=True cannot run on sharded (FSDP2) parameters: their gradients "
-                                         "are reduced after backward; use layerwise=False")
+                        raise ValueError("layerwise=True cannot run on FSDP2 parameters (their gradients are reduced "
+                                         "after backward); use layerwise=False")
                     self._hooks.append(p.register_post_accumulate_grad_hook(hook))
 
     def remove_hooks(self) -> None:
@@ -894,642 +561,337 @@ class Apollo(Optimizer):
 
     @process_group.setter
     def process_group(self, group: Any) -> None:
-        self._process_group = group
-        self._comm = None
+        self._process_group, self._comm = group, None
         self._flat_cache.clear()
 
     @property
     def comm_bytes_last_step(self) -> int:
-        return sum(self._comm_bytes_by_key.values())
+        return sum(self._counter.last.values())
 
-    def _get_comm(self):
+    @property
+    def comm_bytes_total(self) -> int:
+        return self._counter.total
+
+    @property
+    def comm_bytes_by_param(self) -> dict[str, int]:
+        return self._counter.by_label
+
+    def _flat_comm(self) -> Any:
         if self._comm is None:
             self._comm = TorchDistComm(self._process_group)
         return self._comm
 
-    # -- recognising what each parameter is in this step ----------------------------------------------
-
-    def _pieces(self, group: dict, i: int, p: torch.Tensor) -> list[_Piece]:
-        gi = self._group_index(group)
-        records = self._records[gi]
-        live = group["params"]
-        if is_dtensor(p):
-            return [self._dtensor_piece(group, i, p, records[i] if len(live) == len(records) else None)]
-        if len(live) == len(records) and tuple(p.shape) == records[i].shape:
-            return [self._whole_piece(group, i, p, records[i])]
-        trainable = [k for k, r in enumerate(records) if r.trainable]
-        if len(live) == len(trainable) and all(tuple(q.shape) == records[k].shape for q, k in zip(live, trainable)):
-            # fp32 copies of the trainable parameters (DeepSpeed's bf16/fp16 stage-0 wrapper)
-            return [self._whole_piece(group, i, p, records[trainable[i]])]
-        if len(live) == 1 and p.ndim == 1:
-            return self._flat_pieces(group, gi, p)
-        shapes = [tuple(q.shape) for q in live]
-        raise RuntimeError(
-            f"Apollo was built with parameters of shapes {[r.shape for r in records]} in param_groups[{gi}] but "
-            f"step() sees {shapes}: a wrapper changed the parameters in a way Apollo does not recognise (it knows "
-            "unsharded parameters, FSDP2 DTensors and DeepSpeed ZeRO 1-3 flat shards). Rather than update these "
-            "matrices as something else, it stops here: build the optimizer on the parameters the wrapper trains")
-
-    def _whole_piece(self, group: dict, i: int, p: torch.Tensor, record: _Record) -> _Piece:
-        label = self._label(group, i, p, record)
-        original = record.tensor()
-        return _Piece(group, i, label, record.identity, p, p.grad, self._state_for(p, None),
-                      self._plan_for(group, record, label),
-                      key=p, is_copy=original is not None and original is not p)
-
-    def _dtensor_piece(self, group: dict, i: int, p: torch.Tensor, record: Optional[_Record]) -> _Piece:
-        if record is None or tuple(p.shape) != record.shape:
-            raise RuntimeError(
-                f"Apollo got a sharded parameter of shape {tuple(p.shape)} at position {i} of a param group built "
-                f"with {'another parameter' if record is not None else 'a different number of parameters'}: the "
-                "parameters were swapped for others")
-        label = self._label(group, i, p, record)
-        plan = self._plan_for(group, record, label)
-        row0, nrows, comm = dtensor_rows(p, label)
-        grad = p.grad
-        if not is_dtensor(grad):
-            raise RuntimeError(f"the gradient of the DTensor parameter {label} is not a DTensor")
-        weight, local_grad = p.to_local(), grad.to_local()
-        layout = None
-        shared = comm is not None
-        if plan is not None and (shared or nrows != record.shape[0]):
-            layout = ShardLayout.rows(plan.shape2d, row0, nrows)
-        n_row = math.prod(record.shape[1:]) if len(record.shape) > 1 else 1
-        return _Piece(group, i, label, record.identity, weight, local_grad, self._state_for(p, None), plan, layout, comm,
-                      shared, round_offset=row0 * n_row, dtensor=p, key=p)
-
-    def _flat_pieces(self, group: dict, gi: int, flat: torch.Tensor) -> list[_Piece]:
-        records = self._records[gi]
-        comm = self._get_comm()
-        key = (id(flat), gi, comm.rank, comm.world_size, flat.numel())
-        layout_pieces = self._flat_cache.get(key)
-        if layout_pieces is None:
-            originals = [r.tensor() for r in records]
-            trainable = [bool(o.requires_grad) if o is not None else r.trainable for r, o in zip(records, originals)]
-            layout_pieces = zero_flat_pieces(flat, [r.shape for r in records], trainable, originals, comm.rank,
-                                             comm.world_size, f"param_groups[{gi}]")
-            self._flat_cache[key] = layout_pieces
-        grad = flat.grad
-        pieces = []
-        for fp in layout_pieces:
-            if fp.numel == 0 and not fp.shared:
-                continue
-            record = records[fp.index]
-            label = self._label(group, fp.index, record=record)
-            plan = self._plan_for(group, record, label)
-            weight = flat.narrow(0, fp.offset, fp.numel)
-            g = grad.narrow(0, fp.offset, fp.numel)
-            layout = None
-            if plan is not None:
-                n = plan.shape2d[1]
-                layout = ShardLayout.of_slice(plan.shape2d, fp.start, fp.numel, sorted({c // n for c in fp.cuts if c % n}))
-            pieces.append(_Piece(group, fp.index, label, record.identity, weight, g,
-                                 self._state_for(flat, fp.index), plan, layout, comm if fp.shared else None,
-                                 fp.shared, round_offset=fp.start, key=flat, shard_index=fp.index))
-        return pieces
-
-    # -- the update ------------------------------------------------------------------------------------
-
     def _update(self, candidates: list) -> None:
-        pieces: list[_Piece] = []
+        parts: list[Part] = []
         for group, i, p in candidates:
             if p.grad is None:
                 continue
             _common.check_grad_supported(self, group, i, p)
-            pieces.extend(self._pieces(group, i, p))
-        if not pieces:
+            gi = self._group_index(group)
+            records = self._records[gi]
+            parts.extend(recognise(group, records, i, p, lambda r, g=group: _stack(self._plan(g, r)), self._flat_comm,
+                                   self._flat_cache, _common.group_where(gi)))
+        if not parts:
             return
-        for piece in pieces:
-            if piece.shared:
-                self.comm_bytes_by_param[piece.label] = 0
-        if self._is_setup_call(pieces):
-            self.init_steps_skipped += 1
-            logger.info("Apollo: step() with all-zero gradients on copies of the parameters before any state "
-                        "(DeepSpeed set-up) skipped: no step counted, no state, no weight decay")
-            return
-        # 1. Read only: squared gradient norms (needed for ||U|| anyway) and the finiteness of every gradient,
-        #    decided on every process alike, before any parameter or state changes.
-        skip = self._check(pieces)
-        work = [piece for piece in pieces if piece not in skip]
-        # (a process holding no element of a flat shard's tensor keeps no state for it)
-        dense = [piece for piece in work if piece.plan is None and (piece.weight.numel() or piece.shard_index is None)]
-        lowrank = [piece for piece in work if piece.plan is not None]
-        # 2. Low-rank matrices: whole ones one after the other (one R alive at a time); sharded ones in
-        #    batches that share each all-reduce.
-        batch: list[_Piece] = []
-        batch_bytes = 0
-        for piece in lowrank:
-            if not piece.shared:
-                self._lowrank_update([piece])
+        for part in parts:
+            if part.shared:
+                self._counter.by_label[self._part_label(part)] = 0
+        if all(part.is_copy for part in parts) and not any(self._state(part) for part in parts):
+            from .integrations.deepspeed import is_setup_step
+
+            if is_setup_step([part.grad for part in parts]):
+                self.init_steps_skipped += 1
+                logger.info("Apollo: DeepSpeed's set-up step() (all-zero gradients on copies of the parameters) "
+                            "skipped: no step counted, no state, no weight decay")
+                return
+        plans = {id(part): self._plan(part.group, part.record) for part in parts}
+        sq = self._screen(parts, plans)
+        lowrank = [part for part in parts if plans[id(part)] is not None and id(part) in sq]
+        dense = [part for part in parts if plans[id(part)] is None and id(part) in sq
+                 and (part.weight.numel() or part.shard_index is None)]
+        batch, batch_bytes = [], 0
+        for part in lowrank:  # whole matrices one at a time; shared ones in batches that share each all-reduce
+            if not part.shared:
+                self._lowrank_update([part], plans, sq)
                 continue
-            batch.append(piece)
-            batch_bytes += math.prod(piece.plan.moment_shape) * 4
+            batch.append(part)
+            batch_bytes += math.prod(plans[id(part)].moment_shape) * 4
             if batch_bytes >= _BATCH_BYTES:
-                self._lowrank_update(batch)
+                self._lowrank_update(batch, plans, sq)
                 batch, batch_bytes = [], 0
         if batch:
-            self._lowrank_update(batch)
-        # 3. Plain AdamW.
-        self._dense_updates(dense)
+            self._lowrank_update(batch, plans, sq)
+        self._dense_update(dense)
 
-    @staticmethod
-    def _is_setup_call(pieces: list[_Piece]) -> bool:
-        """DeepSpeed's stage-0 set-up call: copies of the parameters, no state yet, every gradient zero."""
-        if not all(piece.is_copy for piece in pieces) or any(len(piece.state) for piece in pieces):
-            return False
-        return all(piece.grad.device.type != "meta" and not bool(piece.grad.any()) for piece in pieces)
+    def _part_label(self, part: Part) -> str:
+        return self._label(part.group, part.record)
 
-    def _check(self, pieces: list[_Piece]) -> set:
-        """Before anything changes: squared gradient norms per kept channel (or in total), which ||U|| needs
-        anyway, and whether each gradient is finite. A gradient whose squares overflow the compute dtype counts
-        as non-finite (its second moment would become inf and freeze the weight). Pieces shared with other
-        processes decide through their comm, so that every process takes the same decision. Returns the pieces
-        to skip; raises when a non-finite gradient meets ``nonfinite="raise"`` (on any process)."""
-        totals: list[torch.Tensor] = [None] * len(pieces)  # type: ignore[list-item]
+    # -- screening: finiteness decided on every process alike, before anything changes ------------------
+
+    def _screen(self, parts: list[Part], plans: dict) -> dict[int, Optional[torch.Tensor]]:
+        """Squared gradient norms (per channel or matrix, as step 6 needs them; None for plain tensors) of the
+        parts to update, keyed by ``id(part)``. A gradient is faulty when a sum of its squares is not finite
+        (inf/nan, or too large for the math); parts shared with other processes decide through their comm.
+        Faulty parts are left out (``nonfinite="skip"``) or make the step raise."""
+        sqs: dict[int, torch.Tensor] = {}
+        totals: list[torch.Tensor] = []
         dense: dict[tuple, list[int]] = {}
-        for k, piece in enumerate(pieces):
-            plan = piece.plan
+        for k, part in enumerate(parts):
+            plan = plans[id(part)]
+            totals.append(None)  # type: ignore[arg-type]
             if plan is None:
-                dense.setdefault((piece.grad.device, piece.grad.dtype), []).append(k)
+                dense.setdefault((part.grad.device, part.grad.dtype), []).append(k)
                 continue
-            compute = _compute_dtype(piece.weight.dtype)
-            tensor_wise = piece.group["scale_type"] == "tensor"
-            if piece.layout is None:
-                grad2d = piece.grad.reshape(plan.shape2d)
-                if tensor_wise:
-                    piece.sq = _common.vector_norm_wide(grad2d, compute).square()
-                else:
-                    piece.sq = channel_norms(grad2d, plan.rank_dim, compute).square_()
-            else:
-                blocks = self._blocks(piece, compute)
-                device = piece.weight.device
-                if tensor_wise:
-                    piece.sq = torch.zeros((), dtype=compute, device=device)
-                    for _, g in blocks:
-                        piece.sq += torch.linalg.vector_norm(g, dtype=compute).square()
-                elif plan.side == RIGHT:
-                    piece.sq = torch.zeros(piece.layout.num_rows, dtype=compute, device=device)
-                    for b, g in blocks:
-                        r0 = b.row - piece.layout.first_row
-                        piece.sq[r0:r0 + b.nrows] += torch.linalg.vector_norm(g, dim=1, dtype=compute).square()
-                else:
-                    piece.sq = torch.zeros(plan.shape2d[1], dtype=compute, device=device)
-                    for b, g in blocks:
-                        piece.sq[b.col:b.col + b.ncols] += channel_norms(g, 0, compute).square_()
-            totals[k] = piece.sq.sum()
-        for (_, dtype), ks in dense.items():  # plain-AdamW tensors: one batched norm each
-            grads = [pieces[k].grad for k in ks]
-            wide = dtype if dtype == torch.float64 else torch.float32
-            for k, norm in zip(ks, _common.norms_wide(grads, wide)):
+            compute = F.compute_dtype(part.weight.dtype)
+            sqs[id(part)] = F.grad_sq(part.grad, part.layout, plan.side, part.group["scale_type"] == "tensor", compute,
+                                      F.chunk_elements(part.weight.device))
+            totals[k] = sqs[id(part)].sum()
+        for (_, dtype), ks in dense.items():
+            wide = torch.float64 if dtype == torch.float64 else torch.float32
+            for k, norm in zip(ks, F.norms_wide([parts[k].grad for k in ks], wide)):
                 totals[k] = norm.square()
         if all(t.device.type == "meta" for t in totals):
-            return set()  # meta tensors (the memory estimator's dry run) have no values to check
-        if self.layerwise:  # what gradient clipping would have seen: the norm of every gradient of this backward
+            return {id(part): sqs.get(id(part)) for part in parts}  # the estimator's dry run: no values
+        if self.layerwise:  # what gradient clipping would have seen
             for t in totals:
                 self._seen_sq = t.double() if self._seen_sq is None else self._seen_sq + t.double().to(self._seen_sq.device)
-        flags = [not f for f in self._host_bools([torch.isfinite(t) for t in totals])]
-        raise_here = any(flag and piece.group["nonfinite"] == "raise" for flag, piece in zip(flags, pieces))
+        flags = [not f for f in _host_bools([torch.isfinite(t) for t in totals])]
+        raise_here = any(flag and part.group["nonfinite"] == "raise" for flag, part in zip(flags, parts))
+        elsewhere = self._share_flags(parts, plans, sqs, flags, raise_here)
+        bad = [k for k, flag in enumerate(flags) if flag]
+        if bad or elsewhere:
+            if raise_here or elsewhere or any(parts[k].group["nonfinite"] == "raise" for k in bad):
+                faults = [(self._part_label(parts[k]), _fault_reason(parts[k])) for k in bad] or [
+                    ("a parameter held by another process", "non-finite gradient (inf or nan)")]
+                changed = "no parameter or optimizer state was changed"
+                if any(part.shared for part in parts):
+                    changed += " on any process"
+                elif self.layerwise:
+                    changed = "nothing of these tensors was changed (parameters updated earlier in this backward keep their update)"
+                raise RuntimeError(_common.gradient_fault_message(self, faults, changed=changed))
+            self.skipped_tensors += len(bad)
+            logger.warning("Apollo: skipped the update of %s (non-finite gradient)",
+                           ", ".join(self._part_label(parts[k]) for k in bad))
+        return {id(part): sqs.get(id(part)) for k, part in enumerate(parts) if not flags[k]}
+
+    def _share_flags(self, parts: list[Part], plans: dict, sqs: dict, flags: list[bool], raise_here: bool) -> bool:
+        """One all-reduce per comm: "some process raises", each shared part's flag, and the squared norms other
+        processes add to. Updates ``flags`` and the shared ``sqs`` in place; returns whether another process
+        raises."""
         elsewhere = False
         by_comm: dict[int, list[int]] = {}
-        for k, piece in enumerate(pieces):
-            if piece.shared:
-                by_comm.setdefault(id(piece.comm), []).append(k)
+        for k, part in enumerate(parts):
+            if part.shared:
+                by_comm.setdefault(id(part.comm), []).append(k)
         for ks in by_comm.values():
-            # One all-reduce per comm: "some process raises", each shared piece's flag, and the squared norms
-            # that other processes add to (left projections: per column; tensor-wise: the total).
-            comm = pieces[ks[0]].comm
-            device = pieces[ks[0]].weight.device
-            dtype = torch.float64 if any(pieces[k].weight.dtype == torch.float64 for k in ks) else torch.float32
-            parts = [torch.tensor([float(raise_here)], dtype=dtype, device=device)]
-            summed = []
+            comm, device = parts[ks[0]].comm, parts[ks[0]].weight.device
+            dtype = torch.float64 if any(parts[k].weight.dtype == torch.float64 for k in ks) else torch.float32
+            buf_parts = [torch.tensor([float(raise_here)], dtype=dtype, device=device)]
+            summed = {}
             for k in ks:
-                piece = pieces[k]
-                parts.append(torch.tensor([float(flags[k])], dtype=dtype, device=device))
-                if piece.plan is not None and not (piece.plan.side == RIGHT and piece.group["scale_type"] == "channel"):
-                    parts.append(piece.sq.reshape(-1).to(device, dtype))
-                    summed.append(k)
-                self._count(piece, (1 + (piece.sq.numel() if k in summed else 0)) * parts[0].element_size())
-            buf = torch.cat(parts)
-            self._all_reduce(comm, buf, ("check",) + tuple(pieces[k].identity for k in ks))
+                part, plan = parts[k], plans[id(parts[k])]
+                buf_parts.append(torch.tensor([float(flags[k])], dtype=dtype, device=device))
+                extra = F.reduced_sq_parts(sqs[id(part)], part.layout, plan.side,
+                                           part.group["scale_type"] == "tensor") if plan is not None else []
+                summed[k] = extra
+                buf_parts.extend(t.reshape(-1).to(device, dtype) for t in extra)
+                self._counter.attribute(self._part_label(part), comm,
+                                        (1 + sum(t.numel() for t in extra)) * buf_parts[0].element_size())
+            buf = torch.cat(buf_parts)
+            self._counter.all_reduce_(comm, buf, ("check",) + tuple(id(parts[k].key) for k in ks))
             values = buf.cpu()
             elsewhere = elsewhere or float(values[0]) > 0
             pos = 1
             for k in ks:
                 flags[k] = float(values[pos]) > 0
                 pos += 1
-                if k in summed:
-                    piece = pieces[k]
-                    size = piece.sq.numel()
-                    piece.sq = buf[pos:pos + size].reshape(piece.sq.shape).to(piece.sq.dtype)
-                    pos += size
-        bad = [k for k in range(len(pieces)) if flags[k]]
-        if not bad and not elsewhere:
-            return set()
-        labels = [pieces[k].label for k in bad]
-        if raise_here or elsewhere or any(pieces[k].group["nonfinite"] == "raise" for k in bad):
-            faults = [(pieces[k].label, self._fault_reason(pieces[k])) for k in bad] or [
-                ("a parameter held by another process", "non-finite gradient (inf or nan)")]
-            changed = "no parameter or optimizer state was changed"
-            if any(piece.shared for piece in pieces):
-                changed += " on any process"
-            elif self.layerwise:
-                changed = ("nothing of these tensors was changed (parameters updated earlier in this backward pass "
-                           "keep their update)")
-            raise RuntimeError(_common.gradient_fault_message(self, faults, changed=changed))
-        self.skipped_tensors += len(bad)
-        logger.warning("Apollo: skipped the update of %s (non-finite gradient)", ", ".join(labels))
-        return {pieces[k] for k in bad}
+                for t in summed[k]:
+                    t.copy_(buf[pos:pos + t.numel()].view(t.shape))
+                    pos += t.numel()
+                if summed[k]:
+                    F.scatter_reduced_sq(sqs[id(parts[k])], summed[k], parts[k].layout)
+        return elsewhere
 
-    @staticmethod
-    def _fault_reason(piece: _Piece) -> str:
-        """Why a gradient was refused (reads it: only on the error path)."""
-        compute = _compute_dtype(piece.weight.dtype)
-        grad = piece.grad
-        if grad.numel() == 0 or not bool(torch.isfinite(grad).all()):
-            return "non-finite gradient (inf or nan)"
-        largest = float(grad.abs().max().double())
-        if largest > _common.square_limit(compute):
-            return _common.describe_fault(grad, compute)
-        return (f"gradient too large for {str(compute).replace('torch.', '')} math (max |g| = {largest:.3g}: the sum "
-                "of its squares, per channel or in all, overflows)")
+    # -- low-rank and plain updates ---------------------------------------------------------------------
 
-    @staticmethod
-    def _host_bools(values: list[torch.Tensor]) -> list[bool]:
-        """0-d bool tensors to Python bools with one host synchronisation per device."""
-        out: list[bool] = [False] * len(values)
-        by_device: dict = {}
-        for k, v in enumerate(values):
-            by_device.setdefault(v.device, []).append(k)
-        for ks in by_device.values():
-            for k, v in zip(ks, torch.stack([values[k] for k in ks]).tolist()):
-                out[k] = bool(v)
-        return out
-
-    def _all_reduce(self, comm: Any, tensor: torch.Tensor, key: Any) -> None:
-        if comm is None or comm.world_size == 1:
-            return
-        nbytes = tensor.numel() * tensor.element_size()
-        self._comm_bytes_by_key[key] = nbytes  # the latest bytes of this reduction (one per step)
-        self.comm_bytes_total += nbytes
-        comm.all_reduce_(tensor)
-
-    def _count(self, piece: _Piece, nbytes: int) -> None:
-        """Attribute all-reduced bytes to a parameter (``comm_bytes_by_param``: its share in the latest step)."""
-        if piece.comm is not None and piece.comm.world_size > 1:
-            self.comm_bytes_by_param[piece.label] = self.comm_bytes_by_param.get(piece.label, 0) + nbytes
-
-    @staticmethod
-    def _row_blocks(grad2d: torch.Tensor, compute: torch.dtype):
-        """(Block, rows of the gradient in the compute dtype) for whole blocks of rows of about one dense chunk:
-        a half-precision gradient is upcast a block at a time (for LLaMA-7B's bf16 embedding a 64 MB fp32 block
-        instead of a 524 MB copy)."""
-        from .sharding import Block
-
-        m, n = grad2d.shape
-        rows = max(1, _dense_chunk(grad2d.device) // max(1, n))
-        for start in range(0, m, rows):
-            block = grad2d[start:start + rows]
-            yield Block(start, block.shape[0], 0, n, start * n), block.to(compute)
-
-    def _blocks(self, piece: _Piece, compute: torch.dtype) -> list:
-        """(Block, gradient rectangle in the compute dtype) for each block of a sharded matrix piece."""
-        flat = piece.grad.reshape(-1)
-        out = []
-        for b in piece.layout.blocks:
-            g = flat.narrow(0, b.offset, b.numel).view(b.nrows, b.ncols)
-            out.append((b, g if g.dtype == compute else g.to(compute)))
-        return out
-
-    def _lowrank_update(self, batch: list[_Piece]) -> None:
-        """Steps 1-9 for a batch of matrices. Sums that cross processes are all-reduced once per round for the
-        whole batch; a whole matrix (nothing shared) reduces nothing. A process holding no element of a shared
-        matrix adds zeros and keeps no state for it (except under FSDP2, where every process keeps the state
-        of every parameter, as torch.distributed.checkpoint expects)."""
+    def _lowrank_update(self, batch: list[Part], plans: dict, sqs: dict) -> None:
+        """Steps 1-9 (:func:`lowrank_opt.functional.apollo_update_`) for a batch sharing one comm. A process
+        holding no element of a shared matrix adds zeros and keeps no state for it (except under FSDP2, where
+        every process keeps every parameter's state, as torch.distributed.checkpoint expects)."""
         comm = batch[0].comm
-        key = tuple(piece.identity for piece in batch)
-        # 1. Projections: whole rows of R locally; cut rows and left projections as partial sums.
-        payload = []
-        for piece in batch:
-            group, plan = piece.group, piece.plan
-            compute = _compute_dtype(piece.weight.dtype)
-            piece.skip_state = piece.weight.numel() == 0 and piece.dtensor is None
-            step = piece.state.get("step", 0)
-            if not piece.skip_state:
-                global_shape = plan.moment_shape if (piece.dtensor is not None and plan.side == RIGHT) else None
-                step = self._init_state(piece, self._moment_shape(piece), global_shape)["step"]
-            cache_key = piece.key if piece.shard_index is None else (id(piece.key), piece.shard_index)
-            proj = self._projection(group, plan, cache_key, step, piece.weight.device, compute)
-            if piece.layout is None:
-                grad2d = piece.grad.reshape(plan.shape2d)
-                if grad2d.dtype == compute:
-                    piece.low_rank = project(grad2d, proj, plan.side)
-                else:  # a half-precision gradient: projected from fp32 copies of row blocks, never a full one
-                    piece.low_rank, _ = project_rows(self._row_blocks(grad2d, compute), proj,
-                                                     ShardLayout.full(plan.shape2d), plan.side, compute)
-            else:
-                piece.low_rank, piece.cut_part = project_rows(self._blocks(piece, compute), proj, piece.layout,
-                                                              plan.side, compute)
-                if piece.shared:
-                    part = piece.cut_part if plan.side == RIGHT else piece.low_rank
-                    payload.append(part)
-                    if part is not None:
-                        self._count(piece, part.numel() * part.element_size())
-        self._reduce_parts(comm, [t for t in payload if t is not None], ("project",) + key)
-        # 3.-5. Moments and scaling on the local rows of R (right; cut rows now whole) or on all of R (left).
-        payload = []
-        for piece in batch:
-            group, plan = piece.group, piece.plan
-            sharded_rows = piece.layout is not None and plan.side == RIGHT and piece.shared
-            if piece.skip_state:
-                if sharded_rows and (group["scale_type"] == "tensor" or group["norm_growth_limit"] is not None):
-                    size = 2 if group["scale_type"] == "tensor" else 1
-                    payload.append(torch.zeros(size, dtype=piece.low_rank.dtype, device=piece.low_rank.device))
-                    self._count(piece, size * piece.low_rank.element_size())
-                piece.low_rank = piece.cut_part = None
-                continue
-            if piece.cut_part is not None:
-                for j, row in enumerate(piece.layout.cut_rows):
-                    local = row - piece.layout.first_row
-                    if 0 <= local < piece.layout.num_rows:
-                        piece.low_rank[local] = piece.cut_part[j]
-            beta1, beta2 = group["betas"]
-            state = piece.state
-            exp_avg, exp_avg_sq = self._local(state["exp_avg"]), self._local(state["exp_avg_sq"])
-            normalized = normalized_moments(exp_avg, exp_avg_sq, piece.low_rank, beta1, beta2, group["eps"])
+        steps, states = [], []
+        for part in batch:
+            plan, group = plans[id(part)], part.group
+            holds = part.weight.numel() > 0 or part.dtensor is not None
+            state = self._init_state(part, plan) if holds else {"step": 0}  # else: adds zeros, keeps no state
+            identity = self._identity(state, part.record)
+            compute = F.compute_dtype(part.weight.dtype)
+            proj = self._projection(part, plan, identity, state["step"], compute)
             state["step"] += 1
-            if group["scale_type"] == "channel":
-                piece.factor = channel_scaling(normalized, piece.low_rank, plan.rank_dim)
-                if sharded_rows and group["norm_growth_limit"] is not None:
-                    piece.partial = (piece.factor.square() * piece.sq).sum().reshape(1)
-                    payload.append(piece.partial)
-                    self._count(piece, piece.partial.numel() * piece.partial.element_size())
-            elif sharded_rows:
-                owned = 0 if piece.layout.owns_first_row else 1  # a cut row is counted by one process
-                piece.partial = torch.stack([normalized[owned:].square().sum(), piece.low_rank[owned:].square().sum()])
-                payload.append(piece.partial)
-                self._count(piece, piece.partial.numel() * piece.partial.element_size())
-            else:
-                piece.factor = tensor_scaling(normalized.square().sum(), piece.low_rank.square().sum())
-            piece.low_rank = piece.cut_part = None
-        # Round 2 (right projections split over processes): ||U||^2, or the squared norms of R~ and R.
-        self._reduce_parts(comm, payload, ("scale",) + key)
-        for piece in batch:
-            if not piece.skip_state:
-                self._finish(piece)
-
-    def _moment_shape(self, piece: _Piece) -> tuple[int, int]:
-        plan = piece.plan
-        if piece.layout is None or plan.side == LEFT:
-            return plan.moment_shape
-        return (piece.layout.num_rows, plan.rank)
-
-    def _reduce_parts(self, comm: Any, parts: list[torch.Tensor], key: Any) -> None:
-        """All-reduce several tensors as one buffer (sum, in place)."""
-        if not parts or comm is None:
-            return
-        if len(parts) == 1:
-            self._all_reduce(comm, parts[0], key)
-            return
-        dtype = torch.float64 if any(t.dtype == torch.float64 for t in parts) else parts[0].dtype
-        buf = torch.cat([t.reshape(-1).to(dtype) for t in parts])
-        self._all_reduce(comm, buf, key)
-        pos = 0
-        for t in parts:
-            t.copy_(buf[pos:pos + t.numel()].view(t.shape))
-            pos += t.numel()
-
-    def _finish(self, piece: _Piece) -> None:
-        """Steps 6-9: ||U||, the growth limiter, sqrt(scale), the update of the local rows and weight decay."""
-        group, plan, state = piece.group, piece.plan, piece.state
-        beta1, beta2 = group["betas"]
-        gamma = group["norm_growth_limit"]
-        sharded_rows = piece.layout is not None and plan.side == RIGHT and piece.shared
-        if group["scale_type"] == "tensor":
-            if sharded_rows:
-                piece.factor = tensor_scaling(piece.partial[0], piece.partial[1])
-            update_sq = piece.factor.square() * piece.sq
-        elif sharded_rows:
-            update_sq = piece.partial[0] if gamma is not None else None
-        else:
-            update_sq = (piece.factor.square() * piece.sq).sum()
-        factor = piece.factor
-        if gamma is not None:
-            limit, state["limiter_norm"] = growth_limit_factor(update_sq.sqrt(), state.get("limiter_norm"), gamma)
-            factor = factor * limit
-        if group["scale"] != 1.0:
-            factor = factor * math.sqrt(group["scale"])
-        step_size = bias_corrected_step_size(float(group["lr"]), beta1, beta2, state["step"], group["correct_bias"])
-        generator = self._rounding_generator(piece)
-        if piece.layout is None:
-            grad = piece.grad
-            scale = _channel_view(factor, piece.weight.shape, plan.side)
-            per_row = scale.ndim > 0 and scale.shape[0] > 1  # one factor per row: sliced with the rows
-            self._apply(piece.weight, group, generator,
-                        lambda w, rows: w.addcmul_(grad[rows], scale[rows] if per_row else scale, value=-step_size),
-                        piece.label)
-        else:
-            flat_w, flat_g = piece.weight.reshape(-1), piece.grad.reshape(-1)
-            layout = piece.layout
-            for b in layout.blocks:
-                w = flat_w.narrow(0, b.offset, b.numel).view(b.nrows, b.ncols)
-                g = flat_g.narrow(0, b.offset, b.numel).view(b.nrows, b.ncols)
-                if factor.ndim == 0:
-                    f = factor
-                elif plan.side == RIGHT:
-                    f = factor[b.row - layout.first_row:b.row - layout.first_row + b.nrows].view(b.nrows, 1)
-                else:
-                    f = factor[b.col:b.col + b.ncols].view(1, b.ncols)
-                per_row = f.ndim > 0 and f.shape[0] > 1
-                self._apply(w, group, generator,
-                            lambda w_, rows, g=g, f=f, per_row=per_row: w_.addcmul_(g[rows], f[rows] if per_row else f,
-                                                                                    value=-step_size), piece.label)
-        piece.sq = piece.factor = piece.partial = None
-
-    # -- plain AdamW --------------------------------------------------------------------------------------
-
-    def _dense_updates(self, pieces: list[_Piece]) -> None:
-        """The plain-AdamW tensors: on the fast path (fp32/fp64 weights) large ones in pieces, small ones
-        batched per (group, device, dtype) with foreach ops, at most a chunk's worth of elements per batch (so
-        the scratch never exceeds one chunk); else one at a time. The same element-wise operations, in the same
-        order, either way."""
-        batches: dict[tuple, list] = {}
-        for piece in pieces:
-            group, weight = piece.group, piece.weight
-            if self._uses_8bit(piece):
-                self._adamw_update_8bit(piece)
-                continue
-            state = self._init_state(piece, tuple(weight.shape), tuple(piece.dtensor.shape)
-                                     if piece.dtensor is not None else None)
-            exp_avg, exp_avg_sq = self._local(state["exp_avg"]), self._local(state["exp_avg_sq"])
-            fast = group["foreach"] is not False and weight.dtype in (torch.float32, torch.float64) and \
-                int8_module_of(weight) is None
-            chunk = _dense_chunk(weight.device)
-            if not fast or not (weight.is_contiguous() and exp_avg.is_contiguous() and exp_avg_sq.is_contiguous()):
-                self._adamw_update(piece)
-            elif weight.numel() >= chunk or exp_avg.dtype != weight.dtype or not piece.grad.is_contiguous():
-                self._adamw_update_chunked(piece)
-            else:
-                key_batches = batches.setdefault((id(group), weight.device, weight.dtype), [[0, []]])
-                if key_batches[-1][0] + weight.numel() > chunk:
-                    key_batches.append([0, []])
-                key_batches[-1][0] += weight.numel()
-                key_batches[-1][1].append(piece)
-        for batch in (b for key_batches in batches.values() for _, b in key_batches):
-            group = batch[0].group
             beta1, beta2 = group["betas"]
-            params = [piece.weight for piece in batch]
-            grads = [piece.grad for piece in batch]
-            exp_avgs = [self._local(piece.state["exp_avg"]) for piece in batch]
-            exp_avg_sqs = [self._local(piece.state["exp_avg_sq"]) for piece in batch]
-            torch._foreach_mul_(exp_avgs, beta1)
-            torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-            step_sizes = []
-            for piece in batch:
-                piece.state["step"] += 1
-                step_sizes.append(-bias_corrected_step_size(float(group["lr"]), beta1, beta2, piece.state["step"],
-                                                            group["correct_bias"]))
-            denoms = torch._foreach_sqrt(exp_avg_sqs)
-            torch._foreach_add_(denoms, group["eps"])
-            torch._foreach_addcdiv_(params, exp_avgs, denoms, step_sizes)
-            decay = float(group["lr"]) * group["weight_decay"]
-            if decay:
-                torch._foreach_mul_(params, 1.0 - decay)
+            limiter = state.get("limiter_norm")
+            if holds:
+                exp_avg, exp_avg_sq = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+            else:
+                empty = (0, plan.rank) if plan.side == RIGHT else (0, plan.rank, plan.shape2d[1])
+                exp_avg = exp_avg_sq = torch.zeros(empty, dtype=compute, device=part.weight.device)
+            steps.append(F.LowRankStep(
+                weight=part.weight, grad=part.grad, layout=part.layout, side=plan.side, proj=proj, exp_avg=exp_avg,
+                exp_avg_sq=exp_avg_sq, limiter=None if limiter is None else _local(limiter).reshape(-1),
+                sq=sqs[id(part)], beta1=beta1, beta2=beta2, eps=group["eps"],
+                tensor_wise=group["scale_type"] == "tensor", scale=group["scale"], gamma=group["norm_growth_limit"],
+                step_size=F.bias_corrected_step_size(float(group["lr"]), beta1, beta2, state["step"], group["correct_bias"]),
+                decay=float(group["lr"]) * group["weight_decay"], shared=part.shared,
+                chunk=F.chunk_elements(part.weight.device), fast=group["foreach"] is not False,
+                rounding_seed=self._rounding_seed(part, state), int8=int8_module_of(part.weight),
+                label=self._part_label(part)))
+            states.append((state, holds))
 
-    @staticmethod
-    def _uses_8bit(piece: _Piece) -> bool:
-        """Whether a plain-AdamW piece keeps 8-bit moments (its group asks, and it is large enough)."""
-        if piece.group.get("dense_state_bits", 32) != 8 or piece.weight.numel() < MIN_8BIT_SIZE:
+        rounds = iter(range(2))
+
+        def reduce(tensors: list[list[torch.Tensor]]) -> None:
+            """Sum each part's tensors over the processes of ``comm``, all in one buffer."""
+            key = (next(rounds),) + tuple(id(p.key) for p in batch)
+            flat = [t for ts in tensors for t in ts]
+            if comm is None or not flat:
+                return
+            for part, ts in zip(batch, tensors):
+                self._counter.attribute(self._part_label(part), comm, sum(t.numel() * t.element_size() for t in ts))
+            dtype = torch.float64 if any(t.dtype == torch.float64 for t in flat) else flat[0].dtype
+            buf = torch.cat([t.reshape(-1).to(dtype) for t in flat])
+            self._counter.all_reduce_(comm, buf, key)
+            pos = 0
+            for t in flat:
+                t.copy_(buf[pos:pos + t.numel()].view(t.shape))
+                pos += t.numel()
+
+        limiters = F.apollo_update_(steps, reduce)
+        for (state, holds), limiter, part, plan in zip(states, limiters, batch, (plans[id(p)] for p in batch)):
+            if not holds:
+                continue
+            if limiter is not None:
+                old = state.get("limiter_norm")
+                if old is None:
+                    shape = _limiter_shape(part.group, part.record.shape)
+                    global_shape = shape if plan.stacked and part.dtensor is not None else None
+                    state["limiter_norm"] = self._new_tensor(part, limiter.shape if shape else (), limiter.dtype,
+                                                             global_shape)
+                _local(state["limiter_norm"]).copy_(limiter.view(_local(state["limiter_norm"]).shape))
+
+    def _dense_update(self, parts: list[Part]) -> None:
+        """Plain AdamW (:func:`lowrank_opt.functional.dense_update_`; 8-bit moments through
+        :func:`lowrank_opt.quant.state8bit.adamw_step_8bit_`)."""
+        steps = []
+        for part in parts:
+            group = part.group
+            beta1, beta2 = group["betas"]
+            eight_bit = self._uses_8bit(part)
+            state = self._state(part)
+            if "step" not in state:
+                if eight_bit:
+                    state.update(step=0, identity=part.record.identity, **init_adam_state_8bit(part.weight))
+                    self._register_state(part, state)
+                else:
+                    state = self._init_state(part, None)
+            state["step"] += 1
+            lr, seed = float(group["lr"]), self._rounding_seed(part, state)
+            if eight_bit:
+                generator = None if seed is None else seeded_generator(part.weight.device, seed)
+                adamw_step_8bit_(part.weight, part.grad, state, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+                                 step=state["step"], weight_decay=group["weight_decay"],
+                                 correct_bias=group["correct_bias"], generator=generator, label=self._part_label(part))
+                continue
+            steps.append(F.DenseStep(
+                weight=part.weight, grad=part.grad, exp_avg=_local(state["exp_avg"]),
+                exp_avg_sq=_local(state["exp_avg_sq"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                step_size=F.bias_corrected_step_size(lr, beta1, beta2, state["step"], group["correct_bias"]),
+                decay=lr * group["weight_decay"], fast=group["foreach"] is not False,
+                chunk=F.chunk_elements(part.weight.device), rounding_seed=seed, int8=int8_module_of(part.weight),
+                label=self._part_label(part)))
+        F.dense_update_(steps)
+
+    def _uses_8bit(self, part: Part) -> bool:
+        """Whether a plain tensor keeps 8-bit moments (its group asks, and it is large enough)."""
+        if part.group.get("dense_state_bits", 32) != 8 or part.weight.numel() < MIN_8BIT_SIZE:
             return False
-        if piece.layout is not None or piece.dtensor is not None or piece.shard_index is not None:
-            raise NotImplementedError(
-                f"dense_state_bits=8 for {piece.label}: 8-bit states of FSDP2/ZeRO shards are not supported (their "
-                "256-element blocks would cross shard boundaries); use dense_state_bits=32 when sharding")
-        if int8_module_of(piece.weight) is not None:
-            raise NotImplementedError(
-                f"dense_state_bits=8 for the int8 weight {piece.label}: give int8 weights a low-rank group (they are "
-                "Linear weights: all-linear targets them) or dense_state_bits=32")
+        label = self._part_label(part)
+        if part.dtensor is not None or part.shard_index is not None:
+            raise NotImplementedError(f"dense_state_bits=8 for the sharded {label}: its 256-element blocks would cross "
+                                      "shard boundaries; use dense_state_bits=32 with FSDP2/ZeRO")
+        if int8_module_of(part.weight) is not None:
+            raise NotImplementedError(f"dense_state_bits=8 for the int8 weight {label}: give it a low-rank group or "
+                                      "dense_state_bits=32")
         return True
 
-    def _adamw_update_8bit(self, piece: _Piece) -> None:
-        """Plain AdamW with the moments in 8-bit blockwise form (:mod:`lowrank_opt.quant.state8bit`): the same
-        element-wise math in fp32, a piece of 2^20 elements at a time."""
-        group, state = piece.group, piece.state
-        if "step" not in state:
-            state["step"] = 0
-            state.update(init_adam_state_8bit(piece.weight))
-            if piece.shard_index is None:
-                self.state[piece.key] = state
-        state["step"] += 1
-        beta1, beta2 = group["betas"]
-        # Meta tensors too (the memory estimator's dry run): its scratch, a few fp32 pieces, is part of the step.
-        adamw_step_8bit_(piece.weight, piece.grad, state, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
-                         eps=group["eps"], step=state["step"], weight_decay=group["weight_decay"],
-                         correct_bias=group["correct_bias"], generator=self._rounding_generator(piece))
-
-    def _adamw_update_chunked(self, piece: _Piece) -> None:
-        """:meth:`_adamw_update` for an fp32/fp64 weight, a chunk of elements at a time."""
-        group, state = piece.group, piece.state
-        beta1, beta2 = group["betas"]
-        state["step"] = step = state["step"] + 1
-        step_size = bias_corrected_step_size(float(group["lr"]), beta1, beta2, step, group["correct_bias"])
-        decay = float(group["lr"]) * group["weight_decay"]
-        weight, grad = piece.weight.view(-1), piece.grad.reshape(-1)
-        exp_avg, exp_avg_sq = self._local(state["exp_avg"]).view(-1), self._local(state["exp_avg_sq"]).view(-1)
-        chunk = _dense_chunk(weight.device)
-        for start in range(0, weight.numel(), chunk):
-            part = slice(start, start + chunk)
-            m, v = adam_moments_(exp_avg[part], exp_avg_sq[part], grad[part], beta1, beta2)
-            w = weight[part]
-            w.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-step_size)
-            if decay:
-                w.mul_(1.0 - decay)
-
-    def _adamw_update(self, piece: _Piece) -> None:
-        group, state = piece.group, piece.state
-        beta1, beta2 = group["betas"]
-        compute = _compute_dtype(piece.weight.dtype)
-        state["step"] = step = state["step"] + 1
-        step_size = bias_corrected_step_size(float(group["lr"]), beta1, beta2, step, group["correct_bias"])
-        exp_avg, exp_avg_sq, grad_all = self._local(state["exp_avg"]), self._local(state["exp_avg_sq"]), piece.grad
-
-        def update(w: torch.Tensor, rows) -> None:
-            grad = grad_all[rows]
-            if grad.dtype != compute:
-                grad = grad.to(compute)
-            m, v = adam_moments_(exp_avg[rows], exp_avg_sq[rows], grad, beta1, beta2)
-            w.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-step_size)
-
-        self._apply(piece.weight, group, self._rounding_generator(piece), update, piece.label)
-
-    def _apply(self, target: torch.Tensor, group: dict, generator: Optional[torch.Generator],
-               update: Callable[[torch.Tensor, Any], Any], label: str = "a parameter") -> None:
-        """Run ``update(w, rows)`` on ``target`` (a weight or a block of its rows, in the compute dtype) and
-        then decoupled weight decay; ``rows`` indexes ``target``'s first dimension (``...``: all of it), for
-        the update to slice the gradient, state and per-row factors alike. A bf16 weight is written back with
-        stochastic rounding when ``generator`` is given, else (and for fp16) rounded to nearest.
-
-        A half-precision weight is updated through an fp32 copy. On the fast path (``foreach`` not False) a
-        contiguous one is done a block of rows at a time (at most about one dense chunk of elements), so the
-        fp32 copy, the rounding bits and the update's own scratch never reach full size (for LLaMA-7B's
-        embedding that is 2 GB less at the step's peak). The rounding bits are drawn block after block from
-        the one generator seeded for this tensor and step: on CPU the same stream as one whole-tensor draw,
-        so both paths give the same bits there."""
-        decay = float(group["lr"]) * group["weight_decay"]
-        module = int8_module_of(target)
-        if module is not None:  # an int8 weight (Q-APOLLO): fp32 row blocks, stochastically re-quantized
-            def update_and_decay(w: torch.Tensor, rows) -> None:
-                update(w, rows)
-                if decay:
-                    w.mul_(1.0 - decay)
-
-            apply_int8_update_(module, update_and_decay, generator=generator)
-            return
-        compute = _compute_dtype(target.dtype)
-        if target.dtype == compute:
-            update(target, ...)
-            if decay:
-                target.mul_(1.0 - decay)
-            return
-        if group["foreach"] is False or target.ndim == 0 or not target.is_contiguous():
-            blocks = [...]
-        else:
-            row_numel = max(1, target.numel() // max(1, target.shape[0]))
-            step_rows = max(1, _dense_chunk(target.device) // row_numel)
-            blocks = [slice(start, start + step_rows) for start in range(0, target.shape[0], step_rows)]
-        for rows in blocks:
-            part = target[rows]
-            weight = part.to(compute)
-            update(weight, rows)
-            if decay:
-                weight.mul_(1.0 - decay)
-            if generator is not None:
-                stochastic_round_to_bf16_(weight, generator)  # now exact in bf16
-            elif target.dtype == torch.float16 and weight.numel() and weight.device.type != "meta":
-                largest = float(torch.linalg.vector_norm(weight, ord=math.inf))
-                if not largest <= torch.finfo(torch.float16).max:
-                    written = "" if rows is ... or rows.start == 0 else " (its rows before this block were written)"
-                    raise RuntimeError(
-                        f"Apollo.step(): the updated fp16 weight of {label} does not fit float16 (max |w| = {largest:.4g} > "
-                        f"65504){written}: it was not written. Lower the learning rate, or keep fp32 master weights")
-            part.copy_(weight)
-
-    def _rounding_generator(self, piece: _Piece) -> Optional[torch.Generator]:
-        """The generator of a bf16 weight's stochastic-rounding bits for this step, or None to round to nearest
-        (not bf16, or the group turned rounding off)."""
-        int8 = int8_module_of(piece.weight) is not None  # int8 weights are always re-quantized stochastically
-        if not int8 and (piece.weight.dtype != torch.bfloat16 or not piece.group["stochastic_rounding"]):
+    def _rounding_seed(self, part: Part, state: dict) -> Optional[int]:
+        """The seed of this step's rounding bits (bf16 stochastic rounding; int8 re-quantization): a pure function
+        of (seed, identity, step, first local element); None to round to nearest."""
+        int8 = int8_module_of(part.weight) is not None
+        if not int8 and (part.weight.dtype != torch.bfloat16 or not part.group["stochastic_rounding"]):
             return None
-        # Bits seeded by (seed, identity, step[, first local element]): the step count is in the state dict, so
-        # resume is exact; a shard's offset gives each process its own bits.
-        seed = rounding_seed(piece.group["seed"], piece.identity, piece.state["step"], piece.round_offset)
-        return seeded_generator(piece.weight.device, seed)
+        return rounding_seed(part.group["seed"], self._identity(state, part.record), state["step"], part.round_offset)
+
+    def math_dtype(self, p: torch.Tensor) -> torch.dtype:
+        """The dtype this optimizer computes in for ``p`` (what NormGrowthCap holds gradients to)."""
+        return F.compute_dtype(p.dtype)
+
+
+def _matrix_view(group: dict, shape: tuple[int, ...]) -> Optional[tuple[int, tuple[int, int]]]:
+    """(E, (m, n)): how a parameter of ``shape`` in ``group`` is viewed as matrices, or None for plain AdamW (1-D,
+    empty, or a stacked group's 2-D tensor of E vectors)."""
+    if len(shape) < 2 or not math.prod(shape):
+        return None
+    if group.get("stacked", False):
+        if len(shape) < 3:
+            return None
+        return shape[0], matrix_shape(shape[1:])
+    return 1, matrix_shape(shape)
+
+
+def _limiter_shape(group: dict, shape: tuple[int, ...]) -> tuple[int, ...]:
+    view = _matrix_view(group, shape) if group.get("rank") is not None else None
+    return (view[0],) if view is not None and group.get("stacked", False) else ()
+
+
+def _stack(plan: Optional[ProjectionPlan]) -> Optional[tuple[int, int, int]]:
+    return plan.stack if plan is not None else None
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if is_dtensor(t) else t
+
+
+def _host_bools(values: list[torch.Tensor]) -> list[bool]:
+    """0-d bool tensors to Python bools with one host synchronisation per device."""
+    out: list[bool] = [False] * len(values)
+    by_device: dict = {}
+    for k, v in enumerate(values):
+        by_device.setdefault(v.device, []).append(k)
+    for ks in by_device.values():
+        for k, v in zip(ks, torch.stack([values[k] for k in ks]).tolist()):
+            out[k] = bool(v)
+    return out
+
+
+def _fault_reason(part: Part) -> str:
+    """Why a gradient was refused (reads it: the error path only)."""
+    compute = F.compute_dtype(part.weight.dtype)
+    grad = part.grad
+    if grad.numel() == 0 or not bool(torch.isfinite(grad).all()):
+        return "non-finite gradient (inf or nan)"
+    largest = float(grad.abs().max().double())
+    if largest > _common.square_limit(compute):
+        return _common.describe_fault(grad, compute)
+    return (f"gradient too large for {str(compute).replace('torch.', '')} math (max |g| = {largest:.3g}: the sum of "
+            "its squares, per channel or in all, overflows)")
 
 
 def apollo_mini(params: Iterable[Any], lr: float = 1e-3, **kwargs: Any) -> Apollo:
     """APOLLO-Mini: rank 1, one tensor-wise scaling factor, scale 128 (alpha = sqrt(128)); any other
     :class:`Apollo` option may be given. Optimizer state is about 2 x max(m, n) numbers per matrix."""
-    options = dict(rank=1, scale_type="tensor", scale=128.0)
-    options.update(kwargs)
-    return Apollo(params, lr=lr, **options)
+    return Apollo(params, lr=lr, **{**APOLLO_MINI, **kwargs})
+
+
+def dense_chunk_elements(device: Union[str, torch.device]) -> int:
+    """Elements per piece in which big tensors are updated on ``device`` (benchmarks build tensors of several)."""
+    return F.chunk_elements(device)

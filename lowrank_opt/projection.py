@@ -130,36 +130,53 @@ def gaussian_projection(
     return p if dtype == torch.float32 else p.to(dtype)
 
 
+def stacked_gaussian_projection(count: int, rank: int, dim: int, generator_seed: int,
+                                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``count`` matrices P of (rank x dim), N(0, 1/rank), from one draw seeded by ``generator_seed``: P[e] is
+    a pure function of (seed, identity, refresh index, e). For ``count == 1`` the same numbers as
+    :func:`gaussian_projection`."""
+    gen = seeded_generator(device, generator_seed)
+    p = torch.randn((count, rank, dim), generator=gen, device=device, dtype=torch.float32)
+    p.mul_(1.0 / math.sqrt(rank))
+    return p if dtype == torch.float32 else p.to(dtype)
+
+
 @dataclass(frozen=True)
 class ProjectionPlan:
-    """Everything static about how one parameter is projected (rebuilt from the param group, never saved)."""
+    """Everything static about how one parameter is projected (rebuilt from the param group, never saved): a
+    stack of ``count`` matrices of ``shape2d`` (storage orientation; ``stacked`` keeps the leading axis in the
+    moments and P), projected on ``side`` at ``rank``."""
 
     shape2d: tuple[int, int]
     side: str
     rank: int
-    identity: int
+    count: int = 1
+    stacked: bool = False
 
     @property
-    def moment_shape(self) -> tuple[int, int]:
-        """Shape of R and of the moments: (m, r) for right projection, (r, n) for left."""
+    def moment_shape(self) -> tuple[int, ...]:
+        """Shape of R and of the moments: (m, r) for right projection, (r, n) for left; (E, ...) for a stack."""
         m, n = self.shape2d
-        return (m, self.rank) if self.side == RIGHT else (self.rank, n)
+        shape = (m, self.rank) if self.side == RIGHT else (self.rank, n)
+        return (self.count, *shape) if self.stacked else shape
 
     @property
     def p_shape(self) -> tuple[int, int]:
         return (self.rank, compressed_dim(self.shape2d, self.side))
 
     @property
-    def rank_dim(self) -> int:
-        """The dimension of R that indexes the rank (reduced over by channel scaling)."""
-        return 1 if self.side == RIGHT else 0
+    def stack(self) -> tuple[int, int, int]:
+        """(E, m, n): the stack's matrices, the row space being (E*m) x n."""
+        return (self.count, *self.shape2d)
 
-    def matrix(self, seed: int, step: int, update_proj_gap: int, device, dtype=torch.float32) -> torch.Tensor:
-        """P used at optimizer step ``step`` (steps counted from 0, before the increment)."""
-        refresh_index = step // update_proj_gap
-        return gaussian_projection(
-            self.rank, self.p_shape[1], projection_seed(seed, self.identity, refresh_index), device, dtype
-        )
+    def matrix(self, seed: int, identity: int, step: int, update_proj_gap: int, device,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """P used at optimizer step ``step`` (counted from 0, before the increment): (r, d), or (E, r, d) for a
+        stack."""
+        generator_seed = projection_seed(seed, identity, step // update_proj_gap)
+        if not self.stacked:
+            return gaussian_projection(self.rank, self.p_shape[1], generator_seed, device, dtype)
+        return stacked_gaussian_projection(self.count, self.rank, self.p_shape[1], generator_seed, device, dtype)
 
 
 def project(grad2d: torch.Tensor, proj: torch.Tensor, side: str) -> torch.Tensor:

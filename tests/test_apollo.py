@@ -179,7 +179,9 @@ def test_state_bytes_match_closed_form_for_llama_layer():
     assert got == expected
     for name, p in params:
         keys = set(opt.state[p])
-        assert keys == ({"step", "exp_avg", "exp_avg_sq", "limiter_norm"} if p.ndim == 2 else {"step", "exp_avg", "exp_avg_sq"})
+        # "identity": the parameter's projection key, fixed at its first update (plain data, not a tensor)
+        assert keys == ({"step", "identity", "exp_avg", "exp_avg_sq", "limiter_norm"} if p.ndim == 2
+                        else {"step", "identity", "exp_avg", "exp_avg_sq"})
         if p.ndim == 2:
             assert opt.state[p]["exp_avg"].numel() == rank * max(p.shape)
     # An AdamW of the same layer would hold 2 x numel moments: APOLLO's are a quarter here (r = d/4).
@@ -193,7 +195,7 @@ def test_projection_is_not_in_state_dict_and_loads_with_weights_only():
     _run(opt, [w], 3)
     sd = opt.state_dict()
     for key, value in sd["state"][0].items():
-        assert key in {"step", "exp_avg", "exp_avg_sq", "limiter_norm"}
+        assert key in {"step", "identity", "exp_avg", "exp_avg_sq", "limiter_norm"}  # identity: a plain int
         assert not (torch.is_tensor(value) and value.shape == (4, 10))
     buffer = io.BytesIO()
     torch.save(sd, buffer)

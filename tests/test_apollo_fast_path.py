@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lowrank_opt import Apollo, apollo_mini
-from lowrank_opt import apollo as apollo_module
+from lowrank_opt import functional as apollo_module
 
 
 def _params(dtype=torch.float32, seed=0):
@@ -84,7 +84,7 @@ def test_fast_path_half_weights_in_row_blocks_equal_reference(monkeypatch, optio
     with the rows, per-column ones ("down") are not. The rounding bits come from one generator per tensor
     and step, so the blocks see the same bits as the reference's one whole draw (on CPU). fp16 weights are
     always rounded to nearest."""
-    monkeypatch.setattr(apollo_module, "_DENSE_CHUNK", 2000)
+    monkeypatch.setattr(apollo_module, "CHUNK_CPU", 2000)
     calls = []
     real_round = apollo_module.stochastic_round_to_bf16_
     monkeypatch.setattr(apollo_module, "stochastic_round_to_bf16_",
@@ -127,7 +127,7 @@ def test_fast_path_noncontiguous_parameter():
 
 
 def test_chunk_size_splits_the_dense_tensor():
-    assert _params()["embed"].numel() > apollo_module._DENSE_CHUNK  # the chunked path is exercised above
+    assert _params()["embed"].numel() > apollo_module.CHUNK_CPU  # the chunked path is exercised above
 
 
 @pytest.mark.parametrize("shape", [(7, 5), (300, 1000), (1000, 300), (3, 200000)])

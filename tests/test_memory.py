@@ -190,7 +190,7 @@ def test_optimizer_step_temporaries_are_measured():
     assert fused.components["step.scratch tensors"] < foreach.components["step.scratch tensors"]
     # APOLLO's plain-AdamW tensors (embeddings, lm_head, norms) are updated a chunk at a time (2^22 elements on
     # accelerators, which the meta device stands for): its scratch is bounded by one fp32 chunk, not the model.
-    from lowrank_opt.apollo import _DENSE_CHUNK_ACCELERATOR
+    from lowrank_opt.functional import CHUNK_ACCELERATOR as _DENSE_CHUNK_ACCELERATOR
 
     assert 0 < apollo.components["step.scratch tensors"] < foreach.components["step.scratch tensors"]
     assert apollo.components["step.scratch tensors"] <= 4 * _DENSE_CHUNK_ACCELERATOR
@@ -204,7 +204,7 @@ def test_pure_bf16_step_scratch_is_bounded_by_a_chunk_not_the_embedding():
     embedding and lm_head (AdamW under APOLLO) would need 16 bytes per element of scratch at once (the fp32
     weight, the fp32 gradient, sqrt(v) and the int32 rounding bits), about 1 GB; in blocks it is at most that
     for one chunk of 2^22 elements (the meta device stands for an accelerator)."""
-    from lowrank_opt.apollo import _DENSE_CHUNK_ACCELERATOR
+    from lowrank_opt.functional import CHUNK_ACCELERATOR as _DENSE_CHUNK_ACCELERATOR
 
     for optim in ("apollo_mini", "apollo_mini_layerwise"):
         est = estimate("llama_1b", optim, dtype="bf16", seq_len=256, gradient_checkpointing=True)

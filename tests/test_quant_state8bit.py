@@ -19,7 +19,6 @@ from lowrank_opt.quant.state8bit import (  # noqa: E402
     dynamic_map,
     encode,
     init_adam_state_8bit,
-    moments_8bit_,
     state_8bit_bytes,
 )
 
@@ -208,17 +207,6 @@ def test_bf16_weight_is_rounded_stochastically_with_the_generator():
     p = step_size / 2.0**-8
     sem = 2.0**-8 * math.sqrt(p * (1 - p) / w.numel())
     assert abs(moved - (1 - step_size)) < 5 * sem
-
-
-def test_moments_8bit_for_whole_tensors():
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(8, 64, generator=g)
-    state = init_adam_state_8bit(x)
-    m, v = moments_8bit_(state, x, 0.9, 0.99)
-    torch.testing.assert_close(m, 0.1 * x, rtol=0, atol=0)
-    torch.testing.assert_close(v, 0.01 * x * x, rtol=0, atol=0)
-    assert torch.equal(decode(state["exp_avg_codes"], state["exp_avg_absmax"], True),
-                       decode(*encode(m, True), True))
 
 
 def test_bad_arguments_are_rejected():

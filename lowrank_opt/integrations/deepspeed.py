@@ -352,3 +352,11 @@ __all__ = [
     "initialize",
     "partitioned_lowrank_targets",
 ]
+
+
+def is_setup_step(grads: Sequence[torch.Tensor]) -> bool:
+    """Whether a ``step()`` on copies of the parameters, none with optimizer state yet, is DeepSpeed's set-up
+    call: its bf16/fp16 stage-0 wrapper (``FP16_UnfusedOptimizer``) steps once inside ``deepspeed.initialize``
+    with all-zero gradients to create state. :class:`~lowrank_opt.Apollo` skips it (no step counted, no state,
+    no weight decay) rather than shift the bias correction and projection schedule by one."""
+    return all(g.device.type != "meta" and not bool(g.any()) for g in grads)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..apollo import META_STANDS_FOR
+from ..functional import META_STANDS_FOR
 from .measure import optimizer_state_breakdown
 from .resolve import ResolvedOptimizer
 from .shadow import meta_dry_run

@@ -30,7 +30,6 @@ from .state8bit import (
     dynamic_map,
     encode,
     init_adam_state_8bit,
-    moments_8bit_,
     state_8bit_bytes,
 )
 
@@ -43,7 +42,6 @@ __all__ = [
     "dynamic_map",
     "encode",
     "init_adam_state_8bit",
-    "moments_8bit_",
     "state_8bit_bytes",
     "DEFAULT_GROUP_SIZE",
     "Int8Linear",

@@ -29,8 +29,6 @@ from typing import Any, Optional
 
 import torch
 
-from ..rounding import stochastic_round_to_bf16_
-
 __all__ = [
     "BLOCK_SIZE",
     "MIN_8BIT_SIZE",
@@ -40,7 +38,6 @@ __all__ = [
     "dynamic_map",
     "encode",
     "init_adam_state_8bit",
-    "moments_8bit_",
     "state_8bit_bytes",
 ]
 
@@ -132,38 +129,6 @@ def _check_state(state: dict, shape: torch.Size, where: str) -> None:
                              f"{tuple(t.shape)}")
 
 
-def _update_piece(state: dict, start: int, stop: int, grad: torch.Tensor, beta1: float, beta2: float):
-    """Moments of the flat elements [start, stop) (start on a block boundary): decode, Adam update in fp32,
-    encode back into the state's slices. Returns the fp32 (m, v) of the piece."""
-    b0, b1 = start // BLOCK_SIZE, -(-stop // BLOCK_SIZE)
-    codes_m = state["exp_avg_codes"].view(-1)[start:stop]
-    codes_v = state["exp_avg_sq_codes"].view(-1)[start:stop]
-    absmax_m = state["exp_avg_absmax"][b0:b1]
-    absmax_v = state["exp_avg_sq_absmax"][b0:b1]
-    m = decode(codes_m, absmax_m, signed=True)
-    v = decode(codes_v, absmax_v, signed=False)
-    # Same element-wise operations, in the same order, as the fp32 dense AdamW path (Apollo's adam_moments_).
-    m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    new_codes, new_absmax = encode(m, signed=True)
-    codes_m.copy_(new_codes)
-    absmax_m.copy_(new_absmax)
-    new_codes, new_absmax = encode(v, signed=False)
-    codes_v.copy_(new_codes)
-    absmax_v.copy_(new_absmax)
-    return m, v
-
-
-def moments_8bit_(state: dict, x: torch.Tensor, beta1: float, beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adam's moments ``m = b1 m + (1-b1) x``, ``v = b2 v + (1-b2) x^2`` on 8-bit state, for a whole (small)
-    tensor such as APOLLO's low-rank moments: decodes, updates in fp32, stores back, and returns the fp32
-    (m, v) before re-quantization (what the step should use, as bitsandbytes' own 8-bit kernels do)."""
-    _check_state(state, x.shape, "")
-    grad = x.reshape(-1).float()
-    m, v = _update_piece(state, 0, grad.numel(), grad, beta1, beta2)
-    return m.view(x.shape), v.view(x.shape)
-
-
 def adamw_step_8bit_(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -178,24 +143,21 @@ def adamw_step_8bit_(
     correct_bias: bool = True,
     generator: Optional[torch.Generator] = None,
     chunk_size: int = _CHUNK,
+    label: str = "",
 ) -> None:
     """One AdamW step on ``param`` (in place) with 8-bit moments in ``state`` (see :func:`init_adam_state_8bit`).
 
     For each piece of ``chunk_size`` consecutive elements (a multiple of 256, so pieces start on block
-    boundaries; the scratch is a few pieces of fp32, never a full-size tensor):
-
-    1. decode the moments' codes of the piece to fp32;
-    2. ``m = b1 m + (1-b1) g``, ``v = b2 v + (1-b2) g^2`` in fp32 (``g`` the gradient upcast);
-    3. ``w = w - step_size * m / (sqrt(v) + eps)`` with ``step_size = lr * sqrt(1-b2^t) / (1-b1^t)`` (``lr``
-       if not ``correct_bias``), then decoupled weight decay ``w = w * (1 - lr * weight_decay)``; ``w`` is the
-       fp32 weight (a half-precision weight is updated through an fp32 copy of the piece and written back
-       with stochastic rounding to bf16 when ``generator`` is given, else rounded to nearest);
-    4. encode m and v back into the piece's codes and block maxima.
-
-    ``step`` is the step count after this step (1 on the first); the caller keeps it (e.g. ``state["step"]``).
-    The update uses the fp32 moments of step 2, before re-quantization, as bitsandbytes' 8-bit kernels do.
-    Deterministic: the same state, gradient and generator seed give bit-identical results.
+    boundaries; the scratch is a few pieces of fp32, never a full-size tensor): decode the piece's moments to
+    fp32, run AdamW's one body (:func:`lowrank_opt.functional.adamw_`: moments, then
+    ``w -= step_size * m / (sqrt(v) + eps)`` with the bias correction folded into ``step_size``) and decoupled
+    weight decay on the fp32 weight (a half-precision one through an fp32 copy, written back with stochastic
+    rounding to bf16 when ``generator`` is given, else to nearest), then encode the moments back. The update
+    uses the fp32 moments before re-quantization, as bitsandbytes' 8-bit kernels do. ``step`` is the count
+    after this step (1 on the first).
     """
+    from ..functional import adamw_, bias_corrected_step_size, flat_pieces, update_pieces_
+
     where = f" for a parameter of shape {tuple(param.shape)}"
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step must be an integer >= 1 (the count after this step), got {step!r}")
@@ -209,22 +171,20 @@ def adamw_step_8bit_(
     if generator is not None and param.dtype != torch.bfloat16:
         raise ValueError(f"stochastic rounding (generator) is for bf16 parameters, got {param.dtype}{where}")
     _check_state(state, param.shape, where)
-
-    step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step) if correct_bias else lr
-    decay = lr * weight_decay
-    weight = param.detach().view(-1)
+    step_size = bias_corrected_step_size(lr, beta1, beta2, step, correct_bias)
     flat_grad = grad.detach().reshape(-1)
-    for start in range(0, weight.numel(), chunk_size):
-        stop = min(start + chunk_size, weight.numel())
-        g = flat_grad[start:stop].float()
-        m, v = _update_piece(state, start, stop, g, beta1, beta2)
-        del g
-        target = weight[start:stop]
-        w = target if target.dtype == torch.float32 else target.float()
-        w.addcdiv_(m, v.sqrt_().add_(eps), value=-step_size)
-        if decay:
-            w.mul_(1.0 - decay)
-        if w is not target:
-            if generator is not None:
-                stochastic_round_to_bf16_(w, generator)  # now exact in bf16
-            target.copy_(w)
+    codes_m, codes_v = state["exp_avg_codes"].view(-1), state["exp_avg_sq_codes"].view(-1)
+
+    def update(w: torch.Tensor, piece: slice) -> None:
+        blocks = slice(piece.start // BLOCK_SIZE, -(-(piece.start + w.numel()) // BLOCK_SIZE))
+        m = decode(codes_m[piece], state["exp_avg_absmax"][blocks], signed=True)
+        v = decode(codes_v[piece], state["exp_avg_sq_absmax"][blocks], signed=False)
+        adamw_([w], [flat_grad[piece].float()], [m], [v], beta1=beta1, beta2=beta2, eps=eps, step_sizes=[step_size])
+        for codes, absmax, moment, signed in ((codes_m, "exp_avg_absmax", m, True),
+                                              (codes_v, "exp_avg_sq_absmax", v, False)):
+            new_codes, new_absmax = encode(moment, signed=signed)
+            codes[piece].copy_(new_codes)
+            state[absmax][blocks].copy_(new_absmax)
+
+    update_pieces_(flat_pieces(param.detach(), chunk_size), update, decay=lr * weight_decay, generator=generator,
+                   label=label or f"a parameter of shape {tuple(param.shape)}")
