@@ -589,6 +589,34 @@ def test_hooks():
     assert calls[-1] == ("load", 1)
 
 
+def test_global_step_hooks_fire_once_per_step_and_the_inner_optimizer_s_own_hooks_still_fire():
+    # The wrapper's step() is one optimizer step: torch's global hooks see it once, with the wrapper; hooks
+    # registered on the wrapped optimizer itself fire around its part of the step.
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    inner = torch.optim.SGD([p], lr=1.0)
+    opt = NormGrowthCap(inner)
+    calls = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, args, kwargs: calls.append(("global pre", o))),
+        register_optimizer_step_post_hook(lambda o, args, kwargs: calls.append(("global post", o))),
+        opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o))),
+        opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o))),
+        inner.register_step_pre_hook(lambda o, args, kwargs: calls.append(("inner pre", o))),
+        inner.register_step_post_hook(lambda o, args, kwargs: calls.append(("inner post", o))),
+    ]
+    try:
+        p.grad = torch.ones(2)
+        opt.step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == [("global pre", opt), ("pre", opt), ("inner pre", inner), ("inner post", inner),
+                     ("post", opt), ("global post", opt)]
+    assert torch.equal(p.detach(), -torch.ones(2))
+
+
 def test_closure():
     model = tiny_model()
     opt = NormGrowthCap(torch.optim.SGD(model.parameters(), lr=0.1), tau=1.0)
