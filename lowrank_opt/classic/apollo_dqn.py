@@ -48,6 +48,7 @@ from lowrank_opt._common import (
     NONFINITE,
     WEIGHT_DECAY,
     check_grad_supported,
+    check_option,
     check_param_dtypes,
     choice,
     compute_dtype,
@@ -77,8 +78,11 @@ def apollo_dqn_lr(steps_done: int, *, lr: float, base_lr: float, init_lr: float,
 
     Linear warmup from ``init_lr`` to ``base_lr`` (the constructor's ``lr``) over ``warmup`` steps, then the
     group's current ``lr``. A group that overrides ``lr`` therefore still warms up toward ``base_lr`` and
-    switches to its own ``lr`` when warmup ends, as in the reference.
+    switches to its own ``lr`` when warmup ends, as in the reference. A group whose ``lr`` is 0 gets 0 at every
+    step: ``lr = 0`` freezes a group's weights in every torch optimizer (DCP creates state by such a step).
     """
+    if lr == 0:
+        return 0.0
     if steps_done < warmup:
         return init_lr + (base_lr - init_lr) * steps_done / warmup
     return lr
@@ -161,7 +165,7 @@ def apollo_dqn_update_(
 # Checked at construction, for every added group, and on every loaded checkpoint (in this order).
 APOLLO_DQN_OPTIONS = {
     "lr": LR,
-    "base_lr": real(0.0, finite=True, tensor=True),
+    "base_lr": real(0.0, finite=True),  # a float even for a tensor lr, which a scheduler may change in place
     "beta": BETA,
     "eps": EPS,
     "rebound": choice(*REBOUND_CHOICES),
@@ -181,7 +185,8 @@ class ApolloDQN(torch.optim.Optimizer):
     steps the tensor has already taken, one step is:
 
     0. ``lr_t = init_lr + (base_lr - init_lr) * k / warmup`` while ``k < warmup``, else the group's ``lr``
-       (step 1 uses ``init_lr``; ``base_lr`` is the constructor's ``lr``).
+       (step 1 uses ``init_lr``; ``base_lr`` is the constructor's ``lr``); ``lr_t = 0`` while the group's
+       ``lr`` is 0 (a frozen group, as in every torch optimizer).
     1. L2 weight decay: ``g <- g + weight_decay * theta``.
     2. ``k <- k + 1``; ``alpha = (1 - beta) / (1 - beta^k)``.
     3. ``delta = g - m``; constant rebound: ``sigma = 0.01``, ``eps' = eps / sigma``; belief rebound:
@@ -237,9 +242,10 @@ class ApolloDQN(torch.optim.Optimizer):
         weight_decay_type: Optional[str] = None,
         nonfinite: str = "raise",
     ) -> None:
+        check_option("lr", lr, LR)
         defaults = dict(
             lr=lr,
-            base_lr=lr,
+            base_lr=float(lr),  # the warmup target: not the lr tensor itself, which a scheduler changes in place
             beta=beta,
             eps=eps,
             rebound=rebound,
