@@ -307,7 +307,9 @@ class ApolloDQN(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         state.setdefault("skipped_tensors", 0)
         super().__setstate__(state)
-        for group in self.param_groups:  # pickled before an option existed: the constructor's value
+        # torch adds this option of its own optimizers here (on copy and load); it would reach groups added later.
+        self.defaults.pop("differentiable", None)
+        for group in self.param_groups:  # an option a loaded checkpoint lacks: the constructor's value
             for key in APOLLO_DQN_OPTIONS:
                 if key in self.defaults:
                     group.setdefault(key, self.defaults[key])
