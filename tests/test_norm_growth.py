@@ -268,39 +268,6 @@ def test_fp16_moments_of_torch_adamw_are_protected_but_sgd_is_not_limited():
     assert sgd.skipped_steps == 0 and torch.isfinite(q).all() and q[0].item() == pytest.approx(-1.0, rel=1e-3)
 
 
-def test_nonfinite_is_the_option_name_and_on_nonfinite_is_deprecated():
-    inner = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
-    assert NormGrowthCap(inner, nonfinite="skip").nonfinite == "skip"
-    with pytest.warns(DeprecationWarning, match=r"on_nonfinite=\.\.\.\) is deprecated; use nonfinite="):
-        opt = NormGrowthCap(inner, on_nonfinite="skip")
-    assert opt.nonfinite == "skip"
-    with pytest.warns(DeprecationWarning, match="use nonfinite"):
-        assert opt.on_nonfinite == "skip"
-    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="disagree"):
-        NormGrowthCap(inner, nonfinite="raise", on_nonfinite="skip")
-    with pytest.warns(DeprecationWarning):
-        from lowrank_opt.registry import build_optimizer
-
-        capped = build_optimizer("sgdp", [torch.nn.Parameter(torch.zeros(2))], norm_growth_cap={"on_nonfinite": "skip"})
-    assert capped.nonfinite == "skip"
-
-
-def test_object_pickled_with_on_nonfinite_still_loads():
-    # What pickle.dumps(NormGrowthCap(..., on_nonfinite="skip")) held before the rename: the old attribute.
-    p = torch.nn.Parameter(torch.zeros(2))
-    opt = NormGrowthCap(torch.optim.SGD([p], lr=1.0), nonfinite="skip")
-    state = opt.__getstate__()
-    state["on_nonfinite"] = state.pop("nonfinite")
-    old = NormGrowthCap.__new__(NormGrowthCap)
-    old.__setstate__(state)
-    restored = pickle.loads(pickle.dumps(old))
-    assert restored.nonfinite == "skip" and "on_nonfinite" not in restored.__dict__
-    params = [q for g in restored.param_groups for q in g["params"]]
-    params[0].grad = torch.tensor([float("nan"), 0.0])
-    restored.step()
-    assert restored.skipped_steps == 1
-
-
 def test_load_refuses_bad_prev_and_inner_state_of_another_shape_before_changing_anything():
     model = tiny_model()
     params = list(model.parameters())

@@ -112,8 +112,10 @@ class AdamW(torch.optim.AdamW):
         held = [(entries[k][2], entries[k][2].grad) for k in sorted(skip)]
         for p, _ in held:
             p.grad = None  # torch's step leaves parameters without a gradient alone
+        # torch wraps torch.optim.AdamW.step with the global step hooks once one is built; they fired around this step.
+        torch_step = torch.optim.AdamW.step
         try:
-            super().step()
+            (torch_step.__wrapped__ if getattr(torch_step, "hooked", False) else torch_step)(self)
         finally:
             for p, grad in held:
                 p.grad = grad
