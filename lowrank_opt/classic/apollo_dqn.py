@@ -305,7 +305,6 @@ class ApolloDQN(torch.optim.Optimizer):
         return {**super().__getstate__(), "skipped_tensors": self.skipped_tensors}
 
     def __setstate__(self, state: dict) -> None:
-        state.setdefault("skipped_tensors", 0)
         super().__setstate__(state)
         # torch adds this option of its own optimizers here (on copy and load); it would reach groups added later.
         self.defaults.pop("differentiable", None)
