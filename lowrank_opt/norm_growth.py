@@ -402,6 +402,9 @@ def _step_without_global_hooks(optimizer: torch.optim.Optimizer) -> Any:
     for hook in optimizer._optimizer_step_pre_hooks.values():
         result = hook(optimizer, args, kwargs)
         if result is not None:
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise RuntimeError(f"a step pre-hook of {type(optimizer).__name__} returned {result!r}; return None "
+                                   "or a tuple (args, kwargs)")
             args, kwargs = result
     out = step.__wrapped__(*args, **kwargs)
     optimizer._optimizer_step_code()

@@ -202,7 +202,8 @@ class ApolloDQN(torch.optim.Optimizer):
 
     Args:
         params: parameters, named parameters (``model.named_parameters()``) or param group dicts.
-        lr (float): learning rate after warmup (default 0.01).
+        lr (float | Tensor): learning rate after warmup (default 0.01); the warmup target is its value here,
+            whatever a scheduler later writes into a tensor ``lr``.
         beta (float): averaging coefficient of the gradient mean, in [0, 1) (default 0.9).
         eps (float): >= 0, and > 0 for belief rebound (default 1e-4); divided by 0.01 for constant rebound.
         rebound (str): ``"constant"`` (sigma = 0.01) or ``"belief"`` (sigma = inf-norm of the gradient change)
