@@ -718,3 +718,17 @@ def test_hf_trainer_accepts_it(tmp_path):
         trainer.train()
     assert all(opt.state[p]["step"].item() == 3 for p in model.parameters())
     assert all(opt.state[p][PREV_KEY].item() > 0 for p in model.parameters())
+
+
+def test_a_step_pre_hook_of_the_wrapped_optimizer_may_replace_its_arguments_only_by_args_and_kwargs():
+    p = torch.nn.Parameter(torch.zeros(2))
+    inner = torch.optim.SGD([p], lr=1.0)
+    opt = NormGrowthCap(inner)
+    handle = inner.register_step_pre_hook(lambda o, args, kwargs: (args, {}))  # what torch takes
+    p.grad = torch.ones(2)
+    opt.step()
+    handle.remove()
+    inner.register_step_pre_hook(lambda o, args, kwargs: "new args")
+    with pytest.raises(RuntimeError, match=r"^a step pre-hook of SGD returned 'new args'; return None or a tuple"):
+        opt.step()
+    assert torch.equal(p.detach(), -torch.ones(2))
