@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections import OrderedDict, defaultdict
 from typing import Any, Callable, Optional
 
@@ -131,7 +130,8 @@ class NormGrowthCap(torch.optim.Optimizer):
        (about ``tau * prev``).
     5. Otherwise ``g`` passes, ``prev <- n``.
 
-    Then the wrapped optimizer's ``step()`` runs on the modified ``p.grad``. All norms are computed before
+    Then the wrapped optimizer's ``step()`` runs on the modified ``p.grad`` (with the step hooks registered on
+    it; torch's global step hooks fire once, around the wrapper's whole step). All norms are computed before
     anything is modified; the step costs one host synchronisation (per device) for the non-finite check.
 
     This is the per-tensor substitute for global-norm gradient clipping where updates are layer-wise (each
@@ -154,10 +154,7 @@ class NormGrowthCap(torch.optim.Optimizer):
         lb: norm floor below which gradients always pass; >= 0. Default 1e-7.
         eps: added to denominators; >= 0. Default 1e-8.
         scale_lb: scale the floor by ``sqrt(numel)`` of the tensor. Default True.
-        nonfinite: ``"raise"`` (default) or ``"skip"``, see step 1; the option's name in every optimizer of
-            the package.
-        on_nonfinite: deprecated name of ``nonfinite`` (a ``DeprecationWarning``); objects pickled with it
-            still load.
+        nonfinite: ``"raise"`` (default) or ``"skip"``, see step 1.
 
     Origin: ``NormGrowthCap`` of Optimisers.jl (PR #196, first named ``GradNormGrowthLimiter``), after the
     norm-growth limiter of Fira (Chen et al., "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
@@ -171,15 +168,12 @@ class NormGrowthCap(torch.optim.Optimizer):
         lb: float = 1e-7,
         eps: float = 1e-8,
         scale_lb: bool = True,
-        nonfinite: Optional[str] = None,
-        *,
-        on_nonfinite: Optional[str] = None,
+        nonfinite: str = "raise",
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"NormGrowthCap wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, NormGrowthCap):
             raise ValueError("optimizer is already a NormGrowthCap; wrap the inner optimizer only once")
-        nonfinite = _nonfinite_option(nonfinite, on_nonfinite)
         tau = _check_tau(tau)
         for name, value in (("lb", lb), ("eps", eps), ("scale_lb", scale_lb), ("nonfinite", nonfinite)):
             check_option(name, value, NORM_GROWTH_OPTIONS[name])
@@ -197,12 +191,6 @@ class NormGrowthCap(torch.optim.Optimizer):
         self._init_hooks()
         self._warned_capturable_if_run_uncaptured = True
         check_param_dtypes(self)
-
-    @property
-    def on_nonfinite(self) -> str:
-        """Deprecated name of :attr:`nonfinite`."""
-        warnings.warn("NormGrowthCap.on_nonfinite is deprecated; use nonfinite", DeprecationWarning, stacklevel=2)
-        return self.nonfinite
 
     def _init_hooks(self) -> None:
         for name in _HOOK_DICTS:
@@ -242,9 +230,6 @@ class NormGrowthCap(torch.optim.Optimizer):
         return {k: v for k, v in self.__dict__.items() if k not in skip}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        if "on_nonfinite" in state:  # pickled before the option took the package-wide name
-            state.setdefault("nonfinite", state.pop("on_nonfinite"))
         self.__dict__.update(state)
         self._init_hooks()
 
@@ -317,7 +302,7 @@ class NormGrowthCap(torch.optim.Optimizer):
                 return loss
             for p, scale in plan.scaled:
                 p.grad.mul_(scale)
-        result = self.optimizer.step()
+        result = _step_without_global_hooks(self.optimizer)
         with torch.no_grad():
             self._store_prevs(plan)
         return loss if closure is not None else result
@@ -407,25 +392,33 @@ class NormGrowthCap(torch.optim.Optimizer):
             torch._foreach_copy_(existing, values)
 
 
+def _step_without_global_hooks(optimizer: torch.optim.Optimizer) -> Any:
+    """``optimizer.step()`` with the step hooks registered on ``optimizer`` but not torch's global ones: those
+    fire once per step, around the wrapper's whole step (torch wraps every optimizer class's ``step`` with both)."""
+    step = type(optimizer).step
+    if not getattr(step, "hooked", False):  # a step torch has not wrapped fires no hooks
+        return optimizer.step()
+    args, kwargs = (optimizer,), {}
+    for hook in optimizer._optimizer_step_pre_hooks.values():
+        result = hook(optimizer, args, kwargs)
+        if result is not None:
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise RuntimeError(f"a step pre-hook of {type(optimizer).__name__} returned {result!r}; return None "
+                                   "or a tuple (args, kwargs)")
+            args, kwargs = result
+    out = step.__wrapped__(*args, **kwargs)
+    optimizer._optimizer_step_code()
+    for hook in optimizer._optimizer_step_post_hooks.values():
+        hook(optimizer, args, kwargs)
+    return out
+
+
 class _Plan:
     __slots__ = ("scaled", "prevs")
 
     def __init__(self) -> None:
         self.scaled: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, 0-d scale) for capped grads
         self.prevs: list[tuple[list[torch.Tensor], torch.Tensor]] = []  # (params, new prev per param), per device
-
-
-def _nonfinite_option(nonfinite: Optional[str], on_nonfinite: Optional[str]) -> str:
-    """``nonfinite``, or the deprecated ``on_nonfinite`` it replaces (one name for the option package-wide)."""
-    if on_nonfinite is not None:
-        warnings.warn(
-            "NormGrowthCap(on_nonfinite=...) is deprecated; use nonfinite=... (the option's name in every "
-            "optimizer of the package)", DeprecationWarning, stacklevel=3,
-        )
-        if nonfinite is not None and nonfinite != on_nonfinite:
-            raise ValueError(f"nonfinite={nonfinite!r} and its deprecated alias on_nonfinite={on_nonfinite!r} disagree")
-        return on_nonfinite
-    return "raise" if nonfinite is None else nonfinite
 
 
 # torch's optimizers that keep a running square of the gradient in the parameter's dtype (fp16 moments for fp16

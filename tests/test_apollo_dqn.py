@@ -347,13 +347,15 @@ class _ConvNet(torch.nn.Module):
         return self.fc(torch.tanh(self.conv(x)).flatten(1))
 
 
-def _train(make_optimizer, steps: int = 20, loss_scale: float = 1.0) -> tuple[torch.Tensor, list[float]]:
+def _train(make_optimizer, steps: int = 20, loss_scale: float = 1.0, make_scheduler=None
+           ) -> tuple[torch.Tensor, list[float]]:
     """20 steps on a small conv + linear regression in float64; returns the flat parameters and the losses."""
     torch.manual_seed(0)
     model = _ConvNet().to(F64)
     x = torch.randn(8, 2, 4, 4, dtype=F64)
     y = torch.randn(8, 2, dtype=F64)
     opt = make_optimizer(model.parameters())
+    scheduler = None if make_scheduler is None else make_scheduler(opt)
     losses = []
     for _ in range(steps):
         opt.zero_grad()
@@ -361,6 +363,8 @@ def _train(make_optimizer, steps: int = 20, loss_scale: float = 1.0) -> tuple[to
         losses.append(loss.item())
         (loss * loss_scale).backward()
         opt.step()
+        if scheduler is not None:
+            scheduler.step()
     return torch.cat([p.detach().flatten() for p in model.parameters()]), losses
 
 
@@ -453,6 +457,43 @@ def test_group_base_lr_comes_from_the_constructor_and_is_saved():
     assert saved[1]["lr"] == 0.5
 
 
+@pytest.mark.parametrize("cls", [ApolloDQN, ApolloW])
+@pytest.mark.parametrize("lr", [0.01, torch.tensor(0.01, dtype=F64)], ids=["float", "tensor"])
+def test_dcp_state_initialisation_does_not_move_the_weights_during_warmup(cls, lr):
+    # DCP's get/set_optimizer_state_dict create the state of a fresh optimizer by one step with zero gradients and
+    # lr = 0; with weight decay that step moved the weights by init_lr * wd * theta (warmup ignored the lr).
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).to(F64)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = cls(model.parameters(), lr=lr, weight_decay=0.1)
+    saved = get_optimizer_state_dict(model, opt)
+    fresh = cls(model.parameters(), lr=lr, weight_decay=0.1)
+    set_optimizer_state_dict(model, fresh, saved)
+    assert opt.state and fresh.state
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert [g["lr"] for g in fresh.param_groups] == [lr]  # DCP put the lr back
+
+
+def test_a_group_with_lr_zero_is_frozen_during_warmup():
+    kw = dict(base_lr=0.01, init_lr=1e-5, warmup=500)
+    assert apollo_dqn_lr(0, lr=0.0, **kw) == 0.0
+    assert apollo_dqn_lr(250, lr=0.0, **kw) == 0.0
+    assert apollo_dqn_lr(500, lr=0.0, **kw) == 0.0
+
+
+@pytest.mark.parametrize("cls", [ApolloDQN, ApolloW])
+def test_tensor_lr_trains_like_the_same_float_when_a_scheduler_writes_it_in_place(cls):
+    # torch's schedulers write a tensor lr in place (fill_); the warmup target must not be that tensor.
+    runs = []
+    for lr in (0.01, torch.tensor(0.01, dtype=F64)):  # fp64: exactly the float's value
+        flat, _ = _train(lambda ps: cls(ps, lr=lr, warmup=4, weight_decay=0.1), steps=6,
+                         make_scheduler=lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5))
+        runs.append(flat)
+    assert torch.equal(*runs)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Construction: defaults, validation, dtypes
 # --------------------------------------------------------------------------------------------------------
@@ -501,7 +542,8 @@ def test_validation_messages(kwargs, message):
     p = torch.nn.Parameter(torch.ones(2))
     with pytest.raises(ValueError) as info:
         ApolloDQN([p], **kwargs)
-    assert str(info.value) == message + " in param_groups[0]"
+    # lr is checked as an argument first (it becomes the float warmup target), the rest in the group
+    assert str(info.value) == message + ("" if message.startswith("lr ") else " in param_groups[0]")
 
 
 def test_validation_of_a_later_group_names_it_and_leaves_the_optimizer_unchanged():

@@ -268,39 +268,6 @@ def test_fp16_moments_of_torch_adamw_are_protected_but_sgd_is_not_limited():
     assert sgd.skipped_steps == 0 and torch.isfinite(q).all() and q[0].item() == pytest.approx(-1.0, rel=1e-3)
 
 
-def test_nonfinite_is_the_option_name_and_on_nonfinite_is_deprecated():
-    inner = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
-    assert NormGrowthCap(inner, nonfinite="skip").nonfinite == "skip"
-    with pytest.warns(DeprecationWarning, match=r"on_nonfinite=\.\.\.\) is deprecated; use nonfinite="):
-        opt = NormGrowthCap(inner, on_nonfinite="skip")
-    assert opt.nonfinite == "skip"
-    with pytest.warns(DeprecationWarning, match="use nonfinite"):
-        assert opt.on_nonfinite == "skip"
-    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="disagree"):
-        NormGrowthCap(inner, nonfinite="raise", on_nonfinite="skip")
-    with pytest.warns(DeprecationWarning):
-        from lowrank_opt.registry import build_optimizer
-
-        capped = build_optimizer("sgdp", [torch.nn.Parameter(torch.zeros(2))], norm_growth_cap={"on_nonfinite": "skip"})
-    assert capped.nonfinite == "skip"
-
-
-def test_object_pickled_with_on_nonfinite_still_loads():
-    # What pickle.dumps(NormGrowthCap(..., on_nonfinite="skip")) held before the rename: the old attribute.
-    p = torch.nn.Parameter(torch.zeros(2))
-    opt = NormGrowthCap(torch.optim.SGD([p], lr=1.0), nonfinite="skip")
-    state = opt.__getstate__()
-    state["on_nonfinite"] = state.pop("nonfinite")
-    old = NormGrowthCap.__new__(NormGrowthCap)
-    old.__setstate__(state)
-    restored = pickle.loads(pickle.dumps(old))
-    assert restored.nonfinite == "skip" and "on_nonfinite" not in restored.__dict__
-    params = [q for g in restored.param_groups for q in g["params"]]
-    params[0].grad = torch.tensor([float("nan"), 0.0])
-    restored.step()
-    assert restored.skipped_steps == 1
-
-
 def test_load_refuses_bad_prev_and_inner_state_of_another_shape_before_changing_anything():
     model = tiny_model()
     params = list(model.parameters())
@@ -589,6 +556,34 @@ def test_hooks():
     assert calls[-1] == ("load", 1)
 
 
+def test_global_step_hooks_fire_once_per_step_and_the_inner_optimizer_s_own_hooks_still_fire():
+    # The wrapper's step() is one optimizer step: torch's global hooks see it once, with the wrapper; hooks
+    # registered on the wrapped optimizer itself fire around its part of the step.
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    inner = torch.optim.SGD([p], lr=1.0)
+    opt = NormGrowthCap(inner)
+    calls = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, args, kwargs: calls.append(("global pre", o))),
+        register_optimizer_step_post_hook(lambda o, args, kwargs: calls.append(("global post", o))),
+        opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o))),
+        opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o))),
+        inner.register_step_pre_hook(lambda o, args, kwargs: calls.append(("inner pre", o))),
+        inner.register_step_post_hook(lambda o, args, kwargs: calls.append(("inner post", o))),
+    ]
+    try:
+        p.grad = torch.ones(2)
+        opt.step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == [("global pre", opt), ("pre", opt), ("inner pre", inner), ("inner post", inner),
+                     ("post", opt), ("global post", opt)]
+    assert torch.equal(p.detach(), -torch.ones(2))
+
+
 def test_closure():
     model = tiny_model()
     opt = NormGrowthCap(torch.optim.SGD(model.parameters(), lr=0.1), tau=1.0)
@@ -723,3 +718,17 @@ def test_hf_trainer_accepts_it(tmp_path):
         trainer.train()
     assert all(opt.state[p]["step"].item() == 3 for p in model.parameters())
     assert all(opt.state[p][PREV_KEY].item() > 0 for p in model.parameters())
+
+
+def test_a_step_pre_hook_of_the_wrapped_optimizer_may_replace_its_arguments_only_by_args_and_kwargs():
+    p = torch.nn.Parameter(torch.zeros(2))
+    inner = torch.optim.SGD([p], lr=1.0)
+    opt = NormGrowthCap(inner)
+    handle = inner.register_step_pre_hook(lambda o, args, kwargs: (args, {}))  # what torch takes
+    p.grad = torch.ones(2)
+    opt.step()
+    handle.remove()
+    inner.register_step_pre_hook(lambda o, args, kwargs: "new args")
+    with pytest.raises(RuntimeError, match=r"^a step pre-hook of SGD returned 'new args'; return None or a tuple"):
+        opt.step()
+    assert torch.equal(p.detach(), -torch.ones(2))

@@ -271,9 +271,10 @@ class _ProjectedOptimizer(torch.optim.Optimizer):
         return {**super().__getstate__(), "skipped_tensors": self.skipped_tensors}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("skipped_tensors", 0)
         super().__setstate__(state)
-        for group in self.param_groups:  # checkpoints from before an option existed: the constructor's value
+        # torch adds this option of its own optimizers here (on copy and load); it would reach groups added later.
+        self.defaults.pop("differentiable", None)
+        for group in self.param_groups:  # an option a loaded checkpoint lacks: the constructor's value
             for key in self._options:
                 if key in self.defaults:
                     group.setdefault(key, self.defaults[key])

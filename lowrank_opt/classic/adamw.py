@@ -61,8 +61,6 @@ class AdamW(torch.optim.AdamW):
                          maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
                          fused=fused)
         self.defaults["nonfinite"] = nonfinite
-        for group in self.param_groups:
-            group.setdefault("nonfinite", nonfinite)
         check_param_dtypes(self)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -84,11 +82,14 @@ class AdamW(torch.optim.AdamW):
                                  f"moments in) for {param_label(group, i, p)}: a zero gradient would give 0/0; "
                                  "use a larger eps (e.g. 1e-7 for fp16) or fp32 master weights" + where)
 
+    # torch keeps only defaults, state and param_groups through copy/pickle; the skip count is ours.
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "skipped_tensors": self.skipped_tensors}
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("skipped_tensors", 0)
-        for group in self.param_groups:
-            group.setdefault("nonfinite", self.defaults.get("nonfinite", "raise"))
+        for group in self.param_groups:  # a torch.optim.AdamW checkpoint has no nonfinite: the constructor's value
+            group.setdefault("nonfinite", self.defaults["nonfinite"])
 
     def load_state_dict(self, state_dict: dict) -> None:
         def layout(group: dict, index: int, p: torch.Tensor) -> dict:
@@ -112,8 +113,10 @@ class AdamW(torch.optim.AdamW):
         held = [(entries[k][2], entries[k][2].grad) for k in sorted(skip)]
         for p, _ in held:
             p.grad = None  # torch's step leaves parameters without a gradient alone
+        # torch wraps torch.optim.AdamW.step with the global step hooks once one is built; they fired around this step.
+        torch_step = torch.optim.AdamW.step
         try:
-            super().step()
+            (torch_step.__wrapped__ if getattr(torch_step, "hooked", False) else torch_step)(self)
         finally:
             for p, grad in held:
                 p.grad = grad

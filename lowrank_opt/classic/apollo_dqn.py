@@ -48,6 +48,7 @@ from lowrank_opt._common import (
     NONFINITE,
     WEIGHT_DECAY,
     check_grad_supported,
+    check_option,
     check_param_dtypes,
     choice,
     compute_dtype,
@@ -77,8 +78,11 @@ def apollo_dqn_lr(steps_done: int, *, lr: float, base_lr: float, init_lr: float,
 
     Linear warmup from ``init_lr`` to ``base_lr`` (the constructor's ``lr``) over ``warmup`` steps, then the
     group's current ``lr``. A group that overrides ``lr`` therefore still warms up toward ``base_lr`` and
-    switches to its own ``lr`` when warmup ends, as in the reference.
+    switches to its own ``lr`` when warmup ends, as in the reference. A group whose ``lr`` is 0 gets 0 at every
+    step: ``lr = 0`` freezes a group's weights in every torch optimizer (DCP creates state by such a step).
     """
+    if lr == 0:
+        return 0.0
     if steps_done < warmup:
         return init_lr + (base_lr - init_lr) * steps_done / warmup
     return lr
@@ -161,7 +165,7 @@ def apollo_dqn_update_(
 # Checked at construction, for every added group, and on every loaded checkpoint (in this order).
 APOLLO_DQN_OPTIONS = {
     "lr": LR,
-    "base_lr": real(0.0, finite=True, tensor=True),
+    "base_lr": real(0.0, finite=True),  # a float even for a tensor lr, which a scheduler may change in place
     "beta": BETA,
     "eps": EPS,
     "rebound": choice(*REBOUND_CHOICES),
@@ -181,7 +185,8 @@ class ApolloDQN(torch.optim.Optimizer):
     steps the tensor has already taken, one step is:
 
     0. ``lr_t = init_lr + (base_lr - init_lr) * k / warmup`` while ``k < warmup``, else the group's ``lr``
-       (step 1 uses ``init_lr``; ``base_lr`` is the constructor's ``lr``).
+       (step 1 uses ``init_lr``; ``base_lr`` is the constructor's ``lr``); ``lr_t = 0`` while the group's
+       ``lr`` is 0 (a frozen group, as in every torch optimizer).
     1. L2 weight decay: ``g <- g + weight_decay * theta``.
     2. ``k <- k + 1``; ``alpha = (1 - beta) / (1 - beta^k)``.
     3. ``delta = g - m``; constant rebound: ``sigma = 0.01``, ``eps' = eps / sigma``; belief rebound:
@@ -197,7 +202,8 @@ class ApolloDQN(torch.optim.Optimizer):
 
     Args:
         params: parameters, named parameters (``model.named_parameters()``) or param group dicts.
-        lr (float): learning rate after warmup (default 0.01).
+        lr (float | Tensor): learning rate after warmup (default 0.01); the warmup target is its value here,
+            whatever a scheduler later writes into a tensor ``lr``.
         beta (float): averaging coefficient of the gradient mean, in [0, 1) (default 0.9).
         eps (float): >= 0, and > 0 for belief rebound (default 1e-4); divided by 0.01 for constant rebound.
         rebound (str): ``"constant"`` (sigma = 0.01) or ``"belief"`` (sigma = inf-norm of the gradient change)
@@ -237,9 +243,10 @@ class ApolloDQN(torch.optim.Optimizer):
         weight_decay_type: Optional[str] = None,
         nonfinite: str = "raise",
     ) -> None:
+        check_option("lr", lr, LR)
         defaults = dict(
             lr=lr,
-            base_lr=lr,
+            base_lr=float(lr),  # the warmup target: not the lr tensor itself, which a scheduler changes in place
             beta=beta,
             eps=eps,
             rebound=rebound,
@@ -299,9 +306,10 @@ class ApolloDQN(torch.optim.Optimizer):
         return {**super().__getstate__(), "skipped_tensors": self.skipped_tensors}
 
     def __setstate__(self, state: dict) -> None:
-        state.setdefault("skipped_tensors", 0)
         super().__setstate__(state)
-        for group in self.param_groups:  # pickled before an option existed: the constructor's value
+        # torch adds this option of its own optimizers here (on copy and load); it would reach groups added later.
+        self.defaults.pop("differentiable", None)
+        for group in self.param_groups:  # an option a loaded checkpoint lacks: the constructor's value
             for key in APOLLO_DQN_OPTIONS:
                 if key in self.defaults:
                     group.setdefault(key, self.defaults[key])
