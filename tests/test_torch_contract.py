@@ -19,12 +19,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from lowrank_opt import Apollo
 from lowrank_opt.registry import available, build_optimizer, parse_name
 
 NAMES = available() + [n + "_capped" for n in available()]
-APOLLO = {n for n in NAMES if parse_name(n)[0].cls is Apollo}
-APOLLO_XFAIL = pytest.mark.xfail(reason="Apollo: fixed in the core rewrite", strict=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -113,7 +110,7 @@ def test_global_step_hooks_fire_once_per_step(name):
 
 
 @pytest.mark.parametrize("how", ["load_state_dict", "deepcopy"])
-@pytest.mark.parametrize("name", [pytest.param(n, marks=APOLLO_XFAIL) if n in APOLLO else n for n in NAMES])
+@pytest.mark.parametrize("name", NAMES)
 def test_a_group_added_later_equals_one_added_before(name, how):
     def added_group(opt: torch.optim.Optimizer) -> dict:
         opt.add_param_group({"params": [nn.Parameter(torch.ones(3, 2, dtype=torch.float64))], "param_names": ["extra"]})
