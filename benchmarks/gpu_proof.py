@@ -20,6 +20,7 @@ import json
 import os
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -182,9 +183,9 @@ def render(results: Optional[dict]) -> str:
             else:
                 estimates.append(cells)
         for p in out.get("paired", []):
-            ratios = sorted(p["ratios"])
-            steps.append([u["key"], f"{p['ours']} / {p['theirs']}", len(ratios), f"{ratios[len(ratios) // 2]:.2f}",
-                          f"{ratios[0]:.2f}", f"{ratios[-1]:.2f}"])
+            ratios = p["ratios"]
+            steps.append([u["key"], f"{p['ours']} / {p['theirs']}", len(ratios), f"{statistics.median(ratios):.2f}",
+                          f"{min(ratios):.2f}", f"{max(ratios):.2f}"])
     head = ["unit", "cap GB", "optimizer", "levers", "status", "steps", "peak allocated GB", "estimate allocated GB",
             "measured / estimate", "peak reserved GB", "estimate total GB", "tokens/s", "loss first → last"]
     commands = "\n".join(c["command"] for c in results.get("commands", []))
