@@ -4,39 +4,20 @@
     python benchmarks/lean_loss.py --cases 512x8000x128:fp32 --paths plain,lean
     python benchmarks/lean_loss.py --cases 2048x32000x4096:bf16 --skip ""  # also the bf16 plain path (minutes)
 
-For each case ``TOKENSxVOCABxHIDDEN:DTYPE`` (T tokens, V vocabulary, H hidden; dtype fp32, bf16 or fp16) and
-each path, one loss + backward on the CPU:
+For each case ``TOKENSxVOCABxHIDDEN:DTYPE`` and each path, one loss + backward on the CPU, inside
+``fit_7b.cpu_peak_bytes`` (torch.profiler: the most live CPU tensor bytes at once), the inputs cloned inside the
+measurement so that they and their gradients are counted:
 
-- ``plain``: ``F.cross_entropy(F.linear(h, w).float(), y)``: Hugging Face's ``ForCausalLMLoss`` (the logits in
-  the inputs' dtype, upcast to fp32 before the cross-entropy).
-- ``torch``: ``torch.nn.functional.linear_cross_entropy(h, w, y, options=torch.nn.LinearCrossEntropyOptions())``
-  (torch >= 2.13): its chunked path with the default options (``acc_policy`` and ``chunking_method``
-  ``"auto"``). ``options=None``, the function's default, is its reference path, i.e. the plain one. Where the
-  installed torch lacks the function or the options class, the row says so.
-- ``lean``: ``lowrank_opt.loss.linear_cross_entropy(h, w, y)`` with its default chunks.
+- ``plain``: ``F.cross_entropy(F.linear(h, w).float(), y)``, as Hugging Face's ``ForCausalLMLoss``;
+- ``torch``: ``F.linear_cross_entropy(h, w, y, options=torch.nn.LinearCrossEntropyOptions())`` (torch >= 2.13; its
+  chunked path; ``options=None`` is the plain one);
+- ``lean``: ``lowrank_opt.loss.linear_cross_entropy(h, w, y)``, next to the scratch formula of
+  ``lowrank_opt/loss.py``'s docstring (:func:`formula_scratch_bytes`).
 
-What is measured:
-
-1. The inputs (``h`` (T, H) ~ N(0, 1), ``w`` (V, H) ~ N(0, 0.02^2), both in the case's dtype, ``y`` (T,)
-   uniform int64 labels; ``--seed``) are drawn once per case, outside any measurement.
-2. For each path, inside torch.profiler with ``profile_memory=True`` (``fit_7b.cpu_peak_bytes("allocator")``:
-   the CPU allocator's running total as each allocation event carries it): clone the inputs (so they are
-   counted), ``requires_grad_()``, loss, ``backward()``; then free everything made inside, still inside the
-   profiler. The peak is the most live CPU tensor bytes at any instant of that: inputs and their gradients
-   included. The profiler's running total outlives its sessions (what an earlier block allocated and freed
-   after it ended stays in it); ``cpu_peak_bytes`` measures from the total before the block's first
-   allocation, and that baseline (0 when everything was freed inside earlier blocks) is recorded.
-3. ``inputs + grads``: the bytes of ``h``, ``w``, ``y``, ``h.grad`` and ``w.grad``; ``scratch`` = peak minus that.
-   For the lean path, next to it, the scratch formula of ``lowrank_opt/loss.py``'s docstring
-   (:func:`formula_scratch_bytes`). A gradient that does not exist yet at the peak's instant is subtracted all
-   the same: the lean path's bf16 ``h.grad`` (T*H*2 bytes) is made after its loops, from the fp32 accumulator
-   the formula counts, so there the measured scratch is the formula's minus T*H*2 bytes. ``seconds``: wall time of loss + backward (under the profiler; CPU time on
-   a machine that may be shared: not a speed comparison to rely on).
-4. The loss values of the paths of a case are compared: their largest pairwise difference is printed.
-
-MB in the table is 10^6 bytes. ``--skip CASE:PATH`` leaves a path of a case out, with the reason in its row; by
-default the bf16 plain path at LLaMA-7B's head shape (``2048x32000x4096:bf16:plain``), whose bf16 GEMMs take
-minutes on a CPU without bf16 matrix units. ``--skip ""`` runs everything.
+``h`` (T, H) ~ N(0, 1), ``w`` (V, H) ~ N(0, 0.02^2) in the case's dtype, ``y`` uniform labels (``--seed``);
+scratch = peak - (inputs + gradients). A bf16 ``h.grad`` is made after the lean path's peak, so there the
+measured scratch is the formula's minus T*H*2 bytes. The paths' losses are compared. ``--skip CASE:PATH`` leaves a
+path out, by default the bf16 plain path at LLaMA-7B's head shape (minutes of bf16 GEMMs on a CPU).
 """
 
 from __future__ import annotations
@@ -250,7 +231,7 @@ def measure(fn, inputs) -> dict:
     gc.collect()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with cpu_peak_bytes("allocator") as peak:
+        with cpu_peak_bytes() as peak:
             h = hidden0.clone().requires_grad_()
             w = weight0.clone().requires_grad_()
             y = labels0.clone()
@@ -333,14 +314,6 @@ def markdown_table(rows: list[dict], comparisons: list[dict], command: str, mach
         f"Command: `{command}`  ",
         f"Machine: {machine}",
         "",
-        "Peak of live CPU tensor bytes over one loss + backward (torch.profiler, the CPU allocator's running "
-        "total), inputs and their gradients included; scratch = peak − (inputs + gradients); MB = 10^6 bytes; "
-        "seconds are CPU wall time under the profiler. plain = `F.cross_entropy(F.linear(h, w).float(), y)`; "
-        "torch = `F.linear_cross_entropy(h, w, y, options=torch.nn.LinearCrossEntropyOptions())`; lean = "
-        "`lowrank_opt.loss.linear_cross_entropy(h, w, y)` (default chunks), whose scratch formula "
-        "(lowrank_opt/loss.py docstring) is shown next to its measured scratch; in bf16 the measured one is "
-        "T×H×2 bytes less, as the bf16 gradient of h subtracted from the peak is only made after the peak.",
-        "",
         "| case (T×V×H:dtype) | path | peak MB | inputs + grads MB | scratch MB | loss.py formula MB | loss "
         "| seconds | note |",
         "|---|---|--:|--:|--:|--:|--:|--:|---|",
@@ -411,7 +384,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                          "vocab_chunk_size": DEFAULT_VOCAB_CHUNK},
                          "torch_options": (repr(torch.nn.LinearCrossEntropyOptions())
                                            if torch_path_missing() is None else None),
-                         "peak_method": "fit_7b.cpu_peak_bytes('allocator'), from the profiler baseline",
+                         "peak_method": "fit_7b.cpu_peak_bytes(): the CPU allocator's running total, from its baseline",
                          "mb": MB},
             "results": rows,
             "loss_comparison": comparisons,

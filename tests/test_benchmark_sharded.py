@@ -165,6 +165,7 @@ def test_kind_of_names():
                           "model.norm.weight": 1}) == {"up": 7, "norms": 1}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--optimizers", "adamw"], "--optimizers takes low-rank registry names"),
     (["--stages", "4"], "--stages takes stages from 0, 1, 2, 3"),

@@ -110,6 +110,7 @@ def test_scaling_section_replaces_the_old_one_and_keeps_the_rest(scaling_run):
         assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](scaling.png)" in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, flag, value", [
     (["--sizes", "9b"], "--sizes", "9b"),
     (["--sizes", "60m", "--optimizers", "torch-adamw,sgd"], "--optimizers", "sgd"),
@@ -124,6 +125,7 @@ def test_bad_flags_fail_before_any_work(tmp_path, args, flag, value):
     assert proc.stdout == "" and not doc.exists() and not (tmp_path / "scaling.csv").exists()
 
 
+@pytest.mark.slow
 def test_cuda_asked_for_without_a_gpu_is_a_clear_error(tmp_path):
     proc = _run(*TINY, "--device", "cuda", "--output", tmp_path / "bench.md", timeout=60)
     assert proc.returncode == 2 and "--device cuda" in proc.stderr and "no CUDA device" in proc.stderr
