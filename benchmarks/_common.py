@@ -180,7 +180,7 @@ class Baseline:
 
     package: str  # the distribution it comes from
     hf_name: str  # the Hugging Face Trainer's --optim name (train.py takes it)
-    estimator: str  # lowrank_opt.memory.estimate's name (with ``options`` as its optim_args)
+    estimator: str  # lowrank_opt.memory.estimate's name for it (the name implies its options)
     options: dict = field(default_factory=dict)  # constructor options
     lowrank: Optional[dict] = None  # options of its low-rank group (plus the run's rank and update_proj_gap)
 
@@ -189,8 +189,8 @@ class Baseline:
 
 
 BASELINES = {
-    "torch-adamw": Baseline("torch", "adamw_torch", "adamw", {"foreach": True}),
-    "torch-adamw-fused": Baseline("torch", "adamw_torch_fused", "adamw", {"fused": True}),
+    "torch-adamw": Baseline("torch", "adamw_torch", "adamw_torch", {"foreach": True}),
+    "torch-adamw-fused": Baseline("torch", "adamw_torch_fused", "adamw_torch_fused", {"fused": True}),
     "bnb-adamw8bit": Baseline("bitsandbytes", "adamw_bnb_8bit", "adamw_8bit"),  # embeddings keep 32-bit state
     "apollo-torch": Baseline("apollo-torch", "apollo_adamw", "apollo_adamw",
                              lowrank=dict(proj="random", scale_type="channel", scale=1.0, proj_type="std")),
