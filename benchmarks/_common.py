@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import os
 import platform
 import re
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -49,18 +49,9 @@ class LlamaShape:
     galore_rank: int = 0
     key: str = "custom"
 
-    @property
-    def label(self) -> str:
-        return f"LLaMA-{self.key.upper()}"
-
-    @property
-    def config(self) -> str:
-        """Its config's name in ``configs/`` (``llama_60m``)."""
-        return f"llama_{self.key}"
-
-    @property
-    def config_path(self) -> Path:
-        return ROOT / "configs" / f"{self.config}.json"
+    label = property(lambda self: f"LLaMA-{self.key.upper()}")
+    config = property(lambda self: f"llama_{self.key}")  # its config's name in configs/
+    config_path = property(lambda self: ROOT / "configs" / f"{self.config}.json")
 
 
 SIZES = {s.key: s for s in [
@@ -79,7 +70,7 @@ def llama_parameter_shapes(shape: LlamaShape, vocab: int = VOCAB) -> list[tuple[
     out = [("model.embed_tokens.weight", (vocab, h), False)]
     for layer in range(shape.layers):
         prefix = f"model.layers.{layer}"
-        out += [(f"{prefix}.self_attn.{proj}.weight", (h, h), True) for proj in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        out += [(f"{prefix}.self_attn.{p}_proj.weight", (h, h), True) for p in "qkvo"]
         out += [(f"{prefix}.mlp.gate_proj.weight", (i, h), True), (f"{prefix}.mlp.up_proj.weight", (i, h), True),
                 (f"{prefix}.mlp.down_proj.weight", (h, i), True)]
         out += [(f"{prefix}.input_layernorm.weight", (h,), False),
@@ -98,10 +89,7 @@ class ShapeClass:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.dims:
-            n *= d
-        return n
+        return math.prod(self.dims)
 
     def built(self, max_elements: int) -> int:
         """K: how many tensors of this class are built when at most ``max_elements`` may be (at least one)."""
@@ -195,7 +183,8 @@ BASELINES = {
     "apollo-torch": Baseline("apollo-torch", "apollo_adamw", "apollo_adamw",
                              lowrank=dict(proj="random", scale_type="channel", scale=1.0, proj_type="std")),
     "apollo-torch-mini": Baseline("apollo-torch", "apollo_adamw", "apollo_adamw",
-                                  lowrank=dict(rank=1, proj="random", scale_type="tensor", scale=128.0, proj_type="std")),
+                                  lowrank=dict(rank=1, proj="random", scale_type="tensor", scale=128.0,
+                                               proj_type="std")),
     "galore-torch": Baseline("galore-torch", "galore_adamw", "galore_adamw", lowrank=dict(scale=0.25, proj_type="std")),
 }
 _MODULES = {"bitsandbytes": "bitsandbytes", "apollo-torch": "apollo_torch", "galore-torch": "galore_torch"}
@@ -209,7 +198,7 @@ def baseline_missing(name: str) -> Optional[str]:
     try:
         __import__(_MODULES[package])
     except Exception as exc:  # not installed, or it fails to import (bitsandbytes without its libraries)
-        return f"{package} not importable ({str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__})"
+        return f"{package} not importable ({(str(exc).strip() or type(exc).__name__).splitlines()[0][:160]})"
     return None
 
 
@@ -259,19 +248,17 @@ def baseline_train_args(name: str, rank: int, update_proj_gap: int) -> tuple[str
 # Timing
 
 
-def synchronize(device) -> None:
-    import torch
-
-    if getattr(device, "type", device) == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(fn: Callable[[], object], device) -> float:
     """Milliseconds of one call of ``fn`` (on CUDA the device is synchronised before and after)."""
-    synchronize(device)
+    import torch
+
+    cuda = getattr(device, "type", device) == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
-    synchronize(device)
+    if cuda:
+        torch.cuda.synchronize()
     return (time.perf_counter() - start) * 1e3
 
 
@@ -312,10 +299,6 @@ def timed_rounds(steppers: dict[str, Callable[[], object]], rounds: int, device)
 
 def round_ratios(times: dict[str, list[float]], a: str, b: str) -> list[float]:
     return [x / y for x, y in zip(times[a], times[b])]
-
-
-def median(values: Iterable[float]) -> float:
-    return statistics.median(list(values))
 
 
 def release_memory(device) -> None:

@@ -5,22 +5,13 @@
     python benchmarks/convergence.py --device cuda --model-config configs/llama_60m.json --rank 128 \\
         --steps 2000 --batch-size 64 --block-size 256 --parallel 1 --threads 0 --tag gpu
 
-Every run is ``train.py`` (the Hugging Face Trainer) in its own process, with the same model config and init
-(``--seed``), data order (``--data-seed``), schedule (warmup over 10% of the steps, then cosine down to 10% of the
-peak lr, as in the APOLLO paper) and gradient clipping at 1.0 (off for the layer-wise forms); only the optimizer
-and the learning rate change. The eval loss is measured on the same held-out blocks every ``--eval-steps``.
-
-Optimizers: ours by registry name (apollo, apollo_mini and their layer-wise forms: rank --rank, update_proj_gap
---update-proj-gap, the registry's other options), the baselines of ``_common.BASELINES`` through their Hugging
-Face names (torch-adamw, apollo-torch, galore-torch), and :data:`VARIANTS`: apollo_mini with issue 17's memory
-levers, each compared with plain apollo_mini at its best lr with the same seeds (``--sections variants``). The
-low-rank ones act on the attention/MLP matrices (:data:`TARGET_MODULES`, the same for all).
-
-The lr sweep (``--lrs``) is the same grid for every optimizer, extended past an end of the grid where an
-optimum sits there (``--extend``). Layer-wise forms (the same update as their plain forms) run at their plain
-form's best lr unless ``--sweep-layerwise``; ``--repeat-seeds`` reruns some optimizers at their best lr with other
-seeds: the run-to-run noise. One JSON per run under ``--work-dir`` (reused while its settings are unchanged),
-CSVs of the eval loss per step, a PNG, and the sections of ``--output``.
+Every run is ``train.py`` in its own process (finished runs under --work-dir are reused while their settings are
+unchanged); only the optimizer and the learning rate change between runs. Optimizers: ours by registry name, the
+baselines of ``_common.BASELINES`` through their Hugging Face names, and :data:`VARIANTS` (apollo_mini with issue
+17's memory levers, compared with plain apollo_mini at its best lr with the same seeds). The lr grid is extended
+past an end where an optimum sits there (--extend); layer-wise forms run at their plain form's best lr;
+--repeat-seeds gives the run-to-run noise. Writes CSVs, a PNG and the sections of --output; the setting and how
+to read the tables: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -362,7 +353,8 @@ def results_table(summaries: list[Summary], lrs: list[float]) -> str:
     rows = []
     for s in summaries:
         best = s.best
-        versus = "—" if base is None else f"{100 * (best['final_eval_loss'] / base.best['final_eval_loss'] - 1):+.2f}%"
+        versus = ("—" if base is None
+                  else f"{100 * (best['final_eval_loss'] / base.best['final_eval_loss'] - 1):+.2f}%")
         share = ("—" if base is None or not base.best["lowrank_state_bytes"]
                  else f"{100 * best['lowrank_state_bytes'] / base.best['lowrank_state_bytes']:.2f}%")
         rows.append([s.optimizer, *[f"**{s.sweep[lr]:.4f}**" if lr == s.best_lr else (

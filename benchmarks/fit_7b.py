@@ -45,8 +45,8 @@ from typing import Callable, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    BASELINES, GB, baseline_missing, build_baseline, build_llama, command_line, environment, utc_now,
-    write_json_atomic)
+    BASELINES, GB, baseline_missing, build_baseline, build_llama, command_line, environment, split_list, table,
+    utc_now, write_json_atomic)
 
 EXIT_NO_CUDA = 3
 DEFAULT_CONFIG = "configs/llama_7b.json"
@@ -149,98 +149,62 @@ def describe_levers(choice: OptimChoice) -> str:
 # Arguments
 
 
-def parse_caps(text: str) -> list[float]:
-    """``"48,24,16"`` -> [48.0, 24.0, 16.0] (GB, largest first); 0 means no cap."""
-    caps = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
+def _numbers(text: str, cast, what: str, low: float) -> list:
+    """``"48,24,16"`` -> [48, 24, 16], each ``cast`` and >= ``low`` (argparse's error otherwise)."""
+    values = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
         try:
-            value = float(item)
+            value = cast(item)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"caps must be numbers of GB separated by commas, got {item!r}") from None
-        if not math.isfinite(value) or value < 0:
-            raise argparse.ArgumentTypeError(f"a cap must be >= 0 GB (0: no cap), got {item!r}")
-        caps.append(value)
+            raise argparse.ArgumentTypeError(f"{what} must be numbers separated by commas, got {item!r}") from None
+        if not (math.isfinite(value) and value >= low):
+            raise argparse.ArgumentTypeError(f"a {what[:-1]} must be >= {low:g}, got {item!r}")
+        values.append(value)
+    return values
+
+
+def parse_caps(text: str) -> list[float]:
+    """``"48,24,16"`` -> [48.0, 24.0, 16.0] (GB, largest first, 0 = no cap first)."""
+    caps = _numbers(text, float, "caps", 0)
     if not caps:
         raise argparse.ArgumentTypeError("--caps needs at least one value (0: no cap)")
     return sorted(caps, key=lambda c: math.inf if c == 0 else c, reverse=True)
 
 
-def parse_ints(text: str) -> list[int]:
-    values = []
-    for item in text.split(","):
-        item = item.strip()
-        if item:
-            try:
-                value = int(item)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {item!r}") from None
-            if value < 1:
-                raise argparse.ArgumentTypeError(f"sequence lengths must be >= 1, got {value}")
-            values.append(value)
-    return values
-
-
-def parse_optims(text: str) -> list[str]:
-    names = [t.strip().lower() for t in text.split(",") if t.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("--optims needs at least one optimizer name")
-    return names
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fit_7b.py",
-        description="Train LLaMA-7B (or --config) for a few real steps on one CUDA GPU under memory caps, per "
-                    "optimizer; print measured peaks, tokens/s and losses next to lowrank_opt.memory.estimate. "
-                    "Needs a CUDA GPU unless --device cpu (a smoke test of the script, no GPU numbers).")
+    parser = argparse.ArgumentParser(prog="fit_7b.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"transformers config JSON (default {DEFAULT_CONFIG})")
     parser.add_argument("--caps", type=parse_caps, default=parse_caps("48,24,16"),
-                        help="memory caps in GB (1e9 bytes) for PyTorch's allocator, comma-separated; 0 = no cap "
-                             "(default 48,24,16)")
-    parser.add_argument("--optims", type=parse_optims, default=parse_optims(DEFAULT_OPTIMS),
-                        help=f"optimizers, comma-separated (default {DEFAULT_OPTIMS}; also adamw and other "
-                             "registry names)")
+                        help="allocator caps in GB (1e9 bytes), comma-separated; 0 = no cap (default 48,24,16)")
+    parser.add_argument("--optims", type=lambda t: split_list(t.lower()), default=DEFAULT_OPTIMS.split(","),
+                        help=f"registry names and dense baselines, comma-separated (default {DEFAULT_OPTIMS})")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence to try first (default 2048)")
-    parser.add_argument("--fallback-seq-lens", type=parse_ints, default=parse_ints("1024,512"),
-                        help="shorter lengths to try, in order, after an out-of-memory (default 1024,512)")
+    parser.add_argument("--fallback-seq-lens", type=lambda t: _numbers(t, int, "lengths", 1), default=[1024, 512],
+                        help="shorter lengths to try after an out-of-memory, in order (default 1024,512)")
     parser.add_argument("--steps", type=int, default=10, help="training steps per run (default 10)")
     parser.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="learning rate for every optimizer (default: 1e-2 for APOLLO, the registry's, "
-                             "1e-3 for AdamW)")
+    parser.add_argument("--lr", type=float, default=None, help="for every optimizer (default: the registry's for "
+                        "ours, 1e-3 for the baselines)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the init and the random batch (default 0)")
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                        help="cuda (default; the point of the benchmark) or cpu (smoke test, no GPU numbers)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: no GPU numbers")
     levers = parser.add_argument_group("memory levers (issue 17), for every run and its estimate")
-    levers.add_argument("--optim-args", default="",
-                        help="options of the lowrank-opt optimizers, HF's k=v,k=v form (e.g. dense_state_bits=8: "
-                             "the plain-AdamW moments in 8-bit blockwise form)")
-    levers.add_argument("--target-modules", default=None,
-                        help="the low-rank matrices, comma-separated names/regexes (e.g. "
-                             "all-linear,embed_tokens,lm_head: low-rank embeddings; default: the optimizer's, "
-                             "all-linear)")
-    levers.add_argument("--lean-loss", action="store_true",
-                        help="the loss of lowrank_opt.loss.causal_lm_loss_from_model (chunked, no tokens x "
-                             "vocabulary tensor) instead of the model's own")
+    levers.add_argument("--optim-args", default="", help="our optimizers' options, k=v,k=v (e.g. dense_state_bits=8)")
+    levers.add_argument("--target-modules", default=None, help="the low-rank matrices, comma-separated names/regexes "
+                        "(e.g. all-linear,embed_tokens,lm_head; default all-linear)")
+    levers.add_argument("--lean-loss", action="store_true", help="lowrank_opt.loss.causal_lm_loss_from_model's loss")
     levers.add_argument("--weights", default="float", choices=list(WEIGHT_FORMATS),
-                        help="int8: every Linear but the head in int8 (lowrank_opt.quant.Int8Linear, group 128), "
-                             "materialised one layer at a time from the meta device (no full float copy ever "
-                             "exists); APOLLO updates them (Q-APOLLO). Default float")
+                        help="int8: every Linear but the head in int8, updated by APOLLO (Q-APOLLO)")
     parser.add_argument("--cpu-matmul", default="layout", choices=list(CPU_MATMUL_CHOICES),
-                        help="CPU only: 'layout' (default) copies the smaller operand of a bf16 matrix product "
-                             "whose operands share a layout, which torch's generic CPU kernel runs ~100x slower "
-                             "(see CpuBf16MatmulLayout); 'torch': torch as is")
-    parser.add_argument("--no-estimate", dest="estimate", action="store_false",
-                        help="skip lowrank_opt.memory.estimate next to each measurement")
-    parser.add_argument("--output", type=Path, default=Path("fit_7b_results.json"),
-                        help="JSON file for the results (default fit_7b_results.json)")
+                        help="CPU: 'layout' (default) gives a bf16 matrix product one transposed operand "
+                             "(CpuBf16MatmulLayout); 'torch': torch as is")
+    parser.add_argument("--no-estimate", dest="estimate", action="store_false", help="skip the estimates")
+    parser.add_argument("--output", type=Path, default=Path("fit_7b_results.json"), help="the results' JSON file")
     return parser
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not args.optims:
+        parser.error("--optims needs at least one optimizer name")
     for label, value in (("--seq-len", args.seq_len), ("--steps", args.steps), ("--batch-size", args.batch_size)):
         if value < 1:
             parser.error(f"{label} must be >= 1, got {value}")
@@ -514,19 +478,16 @@ def cpu_peak_bytes():
 
 
 def train_run(config_path: str, choice: OptimChoice, *, device: str, seq_len: int, batch_size: int, steps: int,
-              lr: float, seed: int, dtype: str = "bfloat16",
-              on_progress: Optional[Callable[[dict], None]] = None, trace_cpu_peak: bool = True,
+              lr: float, seed: int, dtype: str = "bfloat16", trace_cpu_peak: bool = True,
               cpu_matmul: str = "layout") -> dict:
     """Build model and optimizer, train ``steps`` steps on one random batch; measurements as a dict.
     Everything it allocates is local: gone (after ``gc.collect()``) once it returns or raises. On CPU the
     whole run is traced by torch.profiler for its peak of live tensor bytes (which slows it down; with
-    ``trace_cpu_peak=False`` it is not, and the CPU peak is None).
-    ``on_progress`` (if given) gets what is known so far after the model is built and after every step (the
-    losses, step times and, on CUDA, the peaks), so a caller can keep it when the run is cut short."""
+    ``trace_cpu_peak=False`` it is not, and the CPU peak is None)."""
     if cpu_matmul not in CPU_MATMUL_CHOICES:
         raise ValueError(f"cpu_matmul must be one of {CPU_MATMUL_CHOICES}, got {cpu_matmul!r}")
     run = dict(config_path=config_path, choice=choice, device=device, seq_len=seq_len, batch_size=batch_size,
-               steps=steps, lr=lr, seed=seed, dtype=dtype, on_progress=on_progress)
+               steps=steps, lr=lr, seed=seed, dtype=dtype)
     if device == "cuda":
         return _train_run(**run)
     layout = CpuBf16MatmulLayout() if cpu_matmul == "layout" else None
@@ -549,17 +510,15 @@ def cuda_peaks() -> dict:
 
 
 def _train_run(config_path: str, choice: OptimChoice, *, device: str, seq_len: int, batch_size: int, steps: int,
-               lr: float, seed: int, dtype: str, on_progress: Optional[Callable[[dict], None]]) -> dict:
+               lr: float, seed: int, dtype: str) -> dict:
     import torch
 
     from lowrank_opt.loss import causal_lm_loss_from_model
     from lowrank_opt.memory import optimizer_state_bytes
 
     cuda = device == "cuda"
-    report = on_progress or (lambda partial: None)
     model = build_model(config_path, device, seed, dtype, weights=choice.weights)
     after_model = torch.cuda.memory_allocated() if cuda else None
-    report({"model_built": True, **(cuda_peaks() if cuda else {})})
     optimizer = build_optim(choice, model, lr)
     generator = torch.Generator(device=device).manual_seed(seed)
     vocab = int(model.config.vocab_size)
@@ -582,27 +541,16 @@ def _train_run(config_path: str, choice: OptimChoice, *, device: str, seq_len: i
         seconds.append(time.perf_counter() - started)
         losses.append(value)
         del loss
-        report({"model_built": True, "losses": list(losses), "step_seconds": list(seconds),
-                **(cuda_peaks() if cuda else {})})
     timed = seconds[1:] or seconds  # the first step allocates the state (and draws P / runs nothing else)
     tokens = batch_size * seq_len
     result = {
-        "seq_len": seq_len,
-        "losses": losses,
-        "first_loss": losses[0],
-        "last_loss": losses[-1],
-        "loss_finite": all(math.isfinite(v) for v in losses),
-        "step_seconds": seconds,
-        "tokens_per_s": tokens / statistics.median(timed),
-        "first_step_s": seconds[0],
-        "optimizer_state_gb": optimizer_state_bytes(optimizer) / GB,
-        "weights_gb": weight_bytes(model) / GB,
-        "weights": choice.weights,
-        "lean_loss": choice.lean_loss,
+        "seq_len": seq_len, "losses": losses, "first_loss": losses[0], "last_loss": losses[-1],
+        "loss_finite": all(math.isfinite(v) for v in losses), "step_seconds": seconds,
+        "tokens_per_s": tokens / statistics.median(timed), "first_step_s": seconds[0],
+        "optimizer_state_gb": optimizer_state_bytes(optimizer) / GB, "weights_gb": weight_bytes(model) / GB,
+        "weights": choice.weights, "lean_loss": choice.lean_loss,
         "param_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "peak_allocated_gb": None,
-        "peak_reserved_gb": None,
-        "allocated_after_model_gb": None,
+        "peak_allocated_gb": None, "peak_reserved_gb": None, "allocated_after_model_gb": None,
     }
     if cuda:
         result.update(cuda_peaks())
@@ -639,15 +587,10 @@ def predict(config_path: str, choice: OptimChoice, seq_len: int, batch_size: int
         else:
             context = e.components.get("overhead.cuda context", 0)
             _ESTIMATES[key] = {
-                "total_gb": e.total / GB,
-                "allocated_gb": (e.total - e.overhead) / GB,
+                "total_gb": e.total / GB, "allocated_gb": (e.total - e.overhead) / GB,
                 "reserved_gb": (e.total - context) / GB if device == "cuda" else None,
-                "optimizer_states_gb": e.optimizer_states / GB,
-                "weights_gb": e.weights / GB,
-                "gradients_gb": e.gradients / GB,
-                "activations_gb": e.activations / GB,
-                "layerwise": e.layerwise,
-            }
+                "optimizer_states_gb": e.optimizer_states / GB, "weights_gb": e.weights / GB,
+                "gradients_gb": e.gradients / GB, "activations_gb": e.activations / GB, "layerwise": e.layerwise}
     return _ESTIMATES[key]
 
 
@@ -660,31 +603,23 @@ def _f(value: Optional[float], digits: int = 2) -> str:
 
 
 def markdown_table(records: list[dict], device: str) -> str:
-    lines = []
-    if device != "cuda":
-        lines.append("CPU run: the peak is of live tensor bytes in torch's CPU allocator (traced by torch.profiler), "
-                     "next to the estimate for device cpu; no GPU memory was measured and the timings "
-                     "are CPU timings. These are not GPU numbers.")
-        lines.append("")
-    lines.append("| cap GB | optimizer | seq | status | peak alloc GB | est. alloc GB | meas/est | peak reserved GB "
-                 "| est. reserved GB | est. total GB | states GB (meas / est) | tokens/s | loss first → last |")
-    lines.append("|--:|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|---|")
+    rows = []
     for r in records:
         m, e = r.get("measured") or {}, r.get("estimate") or {}
-        ratio = None
-        if m.get("peak_allocated_gb") and e.get("allocated_gb"):
-            ratio = m["peak_allocated_gb"] / e["allocated_gb"]
-        cap = "none" if not r["cap_gb"] else f"{r['cap_gb']:g}"
-        states = (f"{_f(m.get('optimizer_state_gb'), 3)} / {_f(e.get('optimizer_states_gb'), 3)}"
-                  if m or e else "—")
-        loss = f"{m['first_loss']:.3f} → {m['last_loss']:.3f}" if m else "—"
-        lines.append(
-            f"| {cap} | {r['optimizer']}{f' ({levers})' if (levers := r.get('levers')) else ''} | "
-            f"{r.get('seq_len') or '—'} | {r['status']} | "
-            f"{_f(m.get('peak_allocated_gb'))} | {_f(e.get('allocated_gb'))} | {_f(ratio)} | "
-            f"{_f(m.get('peak_reserved_gb'))} | {_f(e.get('reserved_gb'))} | {_f(e.get('total_gb'))} | {states} | "
-            f"{_f(m.get('tokens_per_s'), 0)} | {loss} |")
-    return "\n".join(lines)
+        ratio = m.get("peak_allocated_gb") and e.get("allocated_gb") and m["peak_allocated_gb"] / e["allocated_gb"]
+        rows.append([f"{r['cap_gb']:g}" if r["cap_gb"] else "none", r["optimizer"] + (f" ({r['levers']})" if
+                     r.get("levers") else ""), r.get("seq_len") or "—", r["status"], _f(m.get("peak_allocated_gb")),
+                     _f(e.get("allocated_gb")), _f(ratio), _f(m.get("peak_reserved_gb")), _f(e.get("reserved_gb")),
+                     _f(e.get("total_gb")),
+                     f"{_f(m.get('optimizer_state_gb'), 3)} / {_f(e.get('optimizer_states_gb'), 3)}",
+                     _f(m.get("tokens_per_s"), 0), f"{m['first_loss']:.3f} → {m['last_loss']:.3f}" if m else "—"])
+    out = table(["cap GB", "optimizer", "seq", "status", "peak alloc GB", "est. alloc GB", "meas/est",
+                 "peak reserved GB", "est. reserved GB", "est. total GB", "states GB (meas / est)", "tokens/s",
+                 "loss first → last"], rows, "rlrlrrrrrrrrl")
+    if device == "cuda":
+        return out
+    return ("CPU run: the peak is of live tensor bytes in torch's CPU allocator (traced by torch.profiler), next to "
+            "the estimate for device cpu; the timings are CPU timings. These are not GPU numbers.\n\n" + out)
 
 
 # ----------------------------------------------------------------------------------------------------------

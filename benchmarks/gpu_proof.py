@@ -63,8 +63,9 @@ def fit(key: str, cap: int, optim: str, *extra: str, max_s: float = 150, expect:
 
 
 def step_time(key: str, size: str, dtype: str, optimizers: str, pairs: str) -> Unit:
-    return Unit(key, "step_time", ["benchmarks/step_time.py", "--device", "cuda", "--sizes", size, "--dtype", dtype,
-                                   "--optimizers", optimizers, "--pairs", pairs, "--output", "-"], 150, smoke=STEP_SMOKE)
+    argv = ["benchmarks/step_time.py", "--device", "cuda", "--sizes", size, "--dtype", dtype, "--optimizers",
+            optimizers, "--pairs", pairs, "--output", "-"]
+    return Unit(key, "step_time", argv, 150, smoke=STEP_SMOKE)
 
 
 def estimator(size: str) -> Unit:
@@ -173,9 +174,10 @@ def render(results: Optional[dict]) -> str:
         out = u.get("output") or {}
         for r in out.get("results", []) if u["stage"] in ("fit_7b", "estimator") else []:
             m, e = r.get("measured") or {}, r.get("estimate") or {}
-            ratio = m["peak_allocated_gb"] / e["allocated_gb"] if m.get("peak_allocated_gb") and e.get("allocated_gb") else None
+            ratio = m.get("peak_allocated_gb") and e.get("allocated_gb") and m["peak_allocated_gb"] / e["allocated_gb"]
             cells = [u["key"], f"{r['cap_gb']:g}" if r["cap_gb"] else "none", r["optimizer"], r.get("levers", ""),
-                     r["status"], f"{len(m.get('losses', []))}", _f(m.get("peak_allocated_gb")), _f(e.get("allocated_gb")),
+                     r["status"], f"{len(m.get('losses', []))}", _f(m.get("peak_allocated_gb")),
+                     _f(e.get("allocated_gb")),
                      _f(ratio, 3), _f(m.get("peak_reserved_gb")), _f(e.get("total_gb")), _f(m.get("tokens_per_s"), 0),
                      f"{m['first_loss']:.3f} → {m['last_loss']:.3f}" if m else "—"]
             if u["stage"] == "fit_7b":
@@ -208,11 +210,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="every stage on the CPU on tiny configs")
     parser.add_argument("--only", default=None, help="comma-separated unit keys to run (default: every unit)")
     parser.add_argument("--results", type=Path, default=None,
-                        help=f"results JSON, merged into (default {RESULTS.relative_to(ROOT)}; --smoke: {SMOKE_DIR.relative_to(ROOT)}/)")
+                        help=f"results JSON, merged into (default {RESULTS.relative_to(ROOT)}; --smoke: "
+                             f"{SMOKE_DIR.relative_to(ROOT)}/)")
     parser.add_argument("--doc", type=Path, default=None,
                         help=f"Markdown file whose gpu section is rendered (default {DOC.relative_to(ROOT)}; --smoke: "
                              "memory.md beside --results)")
-    parser.add_argument("--log", type=Path, default=None, help="log, appended to (default gpu_proof.log beside --results)")
+    parser.add_argument("--log", type=Path, default=None, help="log, appended to (default: beside --results)")
     parser.add_argument("--replace", action="store_true", help="start --results afresh instead of merging")
     parser.add_argument("--render", action="store_true", help="only render --doc's section from --results")
     args = parser.parse_args(argv)
@@ -273,7 +276,8 @@ def main(argv=None) -> int:
         for unit in args.units:
             left = deadline - time.time()
             if left < MIN_START_S:
-                record = {"key": unit.key, "stage": unit.stage, "status": f"skipped: budget ({max(left, 0):.0f} s left)"}
+                record = {"key": unit.key, "stage": unit.stage,
+                          "status": f"skipped: budget ({max(left, 0):.0f} s left)"}
             else:
                 say(f"{unit.key}: started, {min(unit.max_s, left):.0f} s allowed")
                 record = run_unit(unit, args.smoke, left, log)

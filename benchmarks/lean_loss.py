@@ -4,20 +4,12 @@
     python benchmarks/lean_loss.py --cases 512x8000x128:fp32 --paths plain,lean
     python benchmarks/lean_loss.py --cases 2048x32000x4096:bf16 --skip ""  # also the bf16 plain path (minutes)
 
-For each case ``TOKENSxVOCABxHIDDEN:DTYPE`` and each path, one loss + backward on the CPU, inside
-``fit_7b.cpu_peak_bytes`` (torch.profiler: the most live CPU tensor bytes at once), the inputs cloned inside the
-measurement so that they and their gradients are counted:
-
-- ``plain``: ``F.cross_entropy(F.linear(h, w).float(), y)``, as Hugging Face's ``ForCausalLMLoss``;
-- ``torch``: ``F.linear_cross_entropy(h, w, y, options=torch.nn.LinearCrossEntropyOptions())`` (torch >= 2.13; its
-  chunked path; ``options=None`` is the plain one);
-- ``lean``: ``lowrank_opt.loss.linear_cross_entropy(h, w, y)``, next to the scratch formula of
-  ``lowrank_opt/loss.py``'s docstring (:func:`formula_scratch_bytes`).
-
-``h`` (T, H) ~ N(0, 1), ``w`` (V, H) ~ N(0, 0.02^2) in the case's dtype, ``y`` uniform labels (``--seed``);
-scratch = peak - (inputs + gradients). A bf16 ``h.grad`` is made after the lean path's peak, so there the
-measured scratch is the formula's minus T*H*2 bytes. The paths' losses are compared. ``--skip CASE:PATH`` leaves a
-path out, by default the bf16 plain path at LLaMA-7B's head shape (minutes of bf16 GEMMs on a CPU).
+For each case ``TOKENSxVOCABxHIDDEN:DTYPE`` and path (``plain``: ``F.cross_entropy(F.linear(h, w).float(), y)``;
+``torch``: ``F.linear_cross_entropy`` with ``torch.nn.LinearCrossEntropyOptions()``, its chunked path; ``lean``:
+``lowrank_opt.loss.linear_cross_entropy``), one loss + backward inside ``fit_7b.cpu_peak_bytes``, the inputs
+cloned inside so that they and their gradients are counted; scratch = peak - (inputs + gradients), next to the
+lean path's formula (:func:`formula_scratch_bytes`; a bf16 ``h.grad`` is made after its peak, T*H*2 bytes less).
+``--skip CASE:PATH`` leaves a path out, by default the bf16 plain path at LLaMA-7B's head shape (minutes on a CPU).
 """
 
 from __future__ import annotations

@@ -64,8 +64,10 @@ METHODS = {m.key: m for m in [
 ]}
 EXTRA_7B = [  # LLaMA-7B's "other settings" rows
     Method("torch-adamw-fused", "AdamW fused", baseline="torch-adamw-fused"),
-    Method("apollo_bf16", "APOLLO, bf16 states", "apollo", optim_args=lambda s: dict(rank=s.rank, state_dtype="bfloat16")),
-    Method("apollo_mini_bf16", "APOLLO-Mini, bf16 states", "apollo_mini", optim_args=lambda s: dict(state_dtype="bfloat16")),
+    Method("apollo_bf16", "APOLLO, bf16 states", "apollo",
+           optim_args=lambda s: dict(rank=s.rank, state_dtype="bfloat16")),
+    Method("apollo_mini_bf16", "APOLLO-Mini, bf16 states", "apollo_mini",
+           optim_args=lambda s: dict(state_dtype="bfloat16")),
 ]
 
 
@@ -127,7 +129,8 @@ def summary_table(rows: list[Row], sizes: list[LlamaShape], methods: list[Method
             for m in methods]
     return table(["model", "params", *head],
                  [[s.label, f"{by[(s.key, methods[0].key, False)].n_params / 1e9:.3f} B",
-                   *[f"{_gb(by[(s.key, m.key, False)].total)} / {_gb(by[(s.key, m.key, True)].total)}" for m in methods]]
+                   *[f"{_gb(by[(s.key, m.key, False)].total)} / {_gb(by[(s.key, m.key, True)].total)}"
+                     for m in methods]]
                   for s in sizes], "lr" + "r" * len(methods))
 
 
@@ -136,7 +139,8 @@ def detail_table(rows: list[Row]) -> str:
     return table(["optimizer", "mode", "weights", "gradients", "optimizer states", "activations",
                   "freed during backward", "step temporaries", "overhead", "**total**", "smallest card"],
                  [[r.method.label + (f" (rank={r.method.optim_args(r.size)['rank']})"
-                                     if "rank" in r.method.optim_args(r.size) else ""), _mode(r.layerwise), _gb(r.estimate.weights), _gb(r.estimate.gradients),
+                                     if "rank" in r.method.optim_args(r.size) else ""), _mode(r.layerwise),
+                   _gb(r.estimate.weights), _gb(r.estimate.gradients),
                    _gb(r.estimate.optimizer_states), _gb(r.estimate.activations),
                    f"-{r.estimate.freed_during_backward / GB:.2f}" if round(r.estimate.freed_during_backward / GB, 2)
                    else "0.00", _gb(r.estimate.step_temporaries), _gb(r.estimate.overhead),
@@ -148,7 +152,8 @@ def state_split_table(rows: list[Row]) -> str:
     return table(["optimizer", "optimizer states", "of which"],
                  [[r.method.label, _gb(r.estimate.optimizer_states),
                    ", ".join(f"{k.split('.', 1)[1]} {v / GB:.2f}" for k, v in r.estimate.components.items()
-                             if k.startswith("optimizer_states.") and v >= 5e5)] for r in rows if not r.layerwise], "lrl")
+                             if k.startswith("optimizer_states.") and v >= 5e5)]
+                  for r in rows if not r.layerwise], "lrl")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -339,7 +344,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not args.no_plots:
             path = plots_dir / f"memory_{size.key}.png"
             plot_size(mine, size, setting, path, command)
-            tables.append(f"![{size.label} estimated memory per optimizer]({os.path.relpath(path, args.output.parent)})")
+            link = os.path.relpath(path, args.output.parent)
+            tables.append(f"![{size.label} estimated memory per optimizer]({link})")
     seven = SIZES["7b"]
     if seven in args.sizes:
         extra = [estimate_row(seven, m, lw, setting) for m in EXTRA_7B for lw in (False, True)]

@@ -4,29 +4,16 @@ in all and per matrix kind, next to the gradient bytes; the optimizer state each
     python benchmarks/sharded.py --backend zero --config configs/llama_130m.json --stages 0,1,2,3 --steps 10 \\
         --output docs/deepspeed.md
     python benchmarks/sharded.py --backend fsdp --config configs/llama_130m.json --steps 4 --output docs/fsdp.md
-    torchrun --standalone --nproc_per_node 2 benchmarks/sharded.py --backend fsdp --config configs/llama_tiny.json
 
-A plain ``python`` call re-launches itself under ``torch.distributed.run`` with --nproc processes (and
-``DS_ACCELERATOR=cpu`` for zero), so both forms run the same thing.
-
-Every rank builds the LLaMA of --config (fp32, random init, the same seed) and runs --warmup + --steps
-iterations: a real forward/backward of --micro-batch x --seq-len random tokens (different per rank), then the
-step. The optimizers (--optimizers, registry names; lr 1e-3, weight decay 0, --rank for the channel-wise ones):
-
-- zero: per ZeRO stage (--stages) and param-group layout (--groups: ``lowrank`` = ``lowrank_param_groups``, two
-  groups DeepSpeed concatenates; ``per-matrix`` = ``deepspeed_param_groups``, one matrix per group, run at
-  stages 1-3 where the layouts differ), handed to ``lowrank_opt.integrations.deepspeed.initialize``;
-  ``engine.step()`` is timed.
-- fsdp: ``fully_shard`` on every decoder layer and the root, the optimizer built on the sharded model;
-  ``optimizer.step()`` is timed.
-- the reference: the unsharded optimizer, on rank 0 alone while the others wait.
-
-Counted per step: the step between two barriers (the slowest rank's) and the optimizer's own ``step()`` calls
-inside it (step hooks); ``Apollo.comm_bytes_last_step`` and ``comm_bytes_by_param`` grouped by matrix kind; every
-``torch.distributed`` collective (wrapped before DeepSpeed or FSDP take references to them), during
-forward/backward, during the step outside the optimizer and inside it, as the payload one rank hands over (the
-tensor of an all-reduce, the input of a reduce-scatter, the output of an all-gather); optimizer-state bytes per
-rank (``lowrank_opt.memory.measure``); zero's fp32 master partition, fsdp's local parameter bytes.
+A plain ``python`` call re-launches itself under ``torch.distributed.run`` (--nproc processes; ``DS_ACCELERATOR=cpu``
+for zero). Every rank builds the LLaMA of --config (fp32, the same seed) and runs --warmup + --steps iterations of a
+real forward/backward of random tokens, then the step: under zero, per stage and param-group layout (``lowrank``:
+``lowrank_param_groups``; ``per-matrix``: ``deepspeed_param_groups``), ``engine.step()`` of
+``lowrank_opt.integrations.deepspeed.initialize``; under fsdp, ``optimizer.step()`` on a model ``fully_shard``ed per
+decoder layer and at the root. Counted per step: the step between barriers and the optimizer's own ``step()`` calls
+in it, ``comm_bytes_last_step`` and ``comm_bytes_by_param`` per matrix kind, every ``torch.distributed``
+collective by phase (:class:`CommCounter`), the state per rank; the reference is the unsharded optimizer on rank 0.
+docs/deepspeed.md and docs/fsdp.md ("Benchmark") say more.
 """
 
 from __future__ import annotations
@@ -48,7 +35,7 @@ from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    build_llama, build_ours, gc_paused, load_average, machine_line, median, mib, now_text, section, split_list,
+    build_llama, build_ours, gc_paused, load_average, machine_line, mib, now_text, section, split_list,
     table, tensor_bytes, timed_calls, write_json_atomic, write_section)
 
 LR = 1e-3
@@ -289,7 +276,8 @@ def run_reference(args, name: str) -> dict:
     total, by_name = state_by_name(opt, model)
     del opt, model
     gc.collect()
-    return dict(step_ms=median(times), step_min_ms=min(times), state_bytes=total, state_by_kind=group_by_kind(by_name))
+    return dict(step_ms=statistics.median(times), step_min_ms=min(times), state_bytes=total,
+                state_by_kind=group_by_kind(by_name))
 
 
 def run_sharded(args, run: dict, counter: CommCounter) -> dict:
@@ -422,8 +410,10 @@ def render(args, results: list[list[dict]], references: dict[str, dict], world: 
                      f"{r0['optimizer_calls']} calls: " + " / ".join(f"{r['inner_ms']:,.0f}" for r in rs),
                      " / ".join(f"{r['comm_ms']:,.0f}" for r in rs), f"{r0['fwdbwd_ms']:,.0f}",
                      per_rank([r["optimizer_bytes"] for r in rs]) + " B",
-                     pct(max(r["optimizer_bytes"] for r in rs), grad_bytes), per_rank([r["state_bytes"] for r in rs], mib),
-                     per_rank([r["master_bytes" if zero else "param_bytes"] for r in rs], mib), r0["load_end"].split("/")[0]])
+                     pct(max(r["optimizer_bytes"] for r in rs), grad_bytes),
+                     per_rank([r["state_bytes"] for r in rs], mib),
+                     per_rank([r["master_bytes" if zero else "param_bytes"] for r in rs], mib),
+                     r0["load_end"].split("/")[0]])
     out = [table(["run", "step ms, median / min", "optimizer step() calls inside, ms per rank",
                   "in its all-reduces, ms per rank", "forward+backward ms", "optimizer all-reduce / step",
                   "÷ fp32 gradient bytes", "optimizer state / rank, MiB",
@@ -433,7 +423,8 @@ def render(args, results: list[list[dict]], references: dict[str, dict], world: 
     rows = [[kind, e["count"], ", ".join("×".join(map(str, s)) for s in e["shapes"]), ", ".join(e["update"]),
              f"{e['numel'] * 4:,} B", *[per_rank([r["optimizer_by_kind"].get(kind, 0) for r in rs]) + " B"
                                         for rs in results]] for kind, e in kinds.items()]
-    rows.append([UNATTRIBUTED, "", "", "", "", *[per_rank([r["unattributed_bytes"] for r in rs]) + " B" for rs in results]])
+    rows.append([UNATTRIBUTED, "", "", "", "",
+                 *[per_rank([r["unattributed_bytes"] for r in rs]) + " B" for rs in results]])
     rows.append(["**total**", sum(e["count"] for e in kinds.values()), "", "", f"**{grad_bytes:,} B**",
                  *[f"**{per_rank([r['optimizer_bytes'] for r in rs])} B**" for rs in results]])
     out.append(table(["kind", "tensors", "shape", "how APOLLO updates it", "fp32 gradient bytes",

@@ -6,22 +6,12 @@
     python benchmarks/step_time.py --scaling                     # per shape class, 60m..7b, + CSV and PNG
     python benchmarks/step_time.py --scaling --custom 64,172,2,16 --vocab 256 --output -    # tiny, print only
 
-Only parameter tensors are built (no modules, no forward/backward), with random gradients assigned once;
-every optimizer gets clones of the same weights and gradients. The attention/MLP matrices are the low-rank
-group; embeddings, lm_head and norms get plain AdamW in every low-rank optimizer (the paper's setup). Optimizers
-(lr 1e-3, betas (0.9, 0.999), weight decay 0, update_proj_gap 200, rank per size unless --rank): ours from the
-registry (:data:`OURS`), the others from ``_common.BASELINES``.
-
-Default mode, one optimizer at a time on the whole parameter set: the first step (state allocation, P drawn,
-GaLore's SVDs), the median of --steps steps after --warmup, one step at a projection refresh (the step counters
-moved to the next multiple of update_proj_gap), state bytes and P held between steps; then, for each of
---pairs, both optimizers alive and stepped alternately for --paired-rounds rounds: the per-round time ratio
-holds up on a shared machine where the medians do not.
-
---scaling: per shape class (attn, gate_up, down, embed_head, norm) only K = min(count, max(1, --max-elements //
-numel)) tensors are built and every optimizer of the class is stepped in rotating rounds; whole-model figures
-are per-matrix figures x count. On the dense classes every low-rank optimizer is plain AdamW, so only one of
-each family runs there (:data:`DENSE_PROXY`). Writes scaling.csv and scaling.png beside --output.
+Only parameter tensors are built, with random gradients assigned once, every optimizer on clones of the same
+ones: ours by registry name (:data:`OURS`), the others from ``_common.BASELINES`` (lr 1e-3, weight decay 0,
+update_proj_gap 200). Default mode: one optimizer at a time, its first step, steady steps, a step at a projection
+refresh and its state; then each of --pairs stepped alternately for --paired-rounds rounds. --scaling: per shape
+class, K tensors of each, every optimizer in rotating rounds, scaled to the whole model by the class counts. What
+is measured, and how to read it: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -158,7 +148,8 @@ def run_one(kind: str, size: str, params: dict, rank: int, args, device) -> Resu
             refresh = timed(optimizer.step, device)
     del optimizer
     release_memory(device)
-    return Result(kind, size, (1 if "mini" in kind else rank) if projects(kind) else None, first, statistics.median(steady), min(steady),
+    return Result(kind, size, (1 if "mini" in kind else rank) if projects(kind) else None, first,
+                  statistics.median(steady), min(steady),
                   refresh, state, held)
 
 
@@ -192,7 +183,8 @@ def step_tables(results: list[Result], paired: list[Paired], pairs) -> list[str]
             if x and y:
                 refresh = f"{x.refresh_ms / y.refresh_ms:.2f}" if x.refresh_ms and y.refresh_ms else "—"
                 rows.append([size, f"{a} / {b}", f"{x.steady_ms / y.steady_ms:.2f}",
-                             f"{x.steady_min_ms / y.steady_min_ms:.2f}", refresh, f"{x.total_bytes / y.total_bytes:.3f}"])
+                             f"{x.steady_min_ms / y.steady_min_ms:.2f}", refresh,
+                             f"{x.total_bytes / y.total_bytes:.3f}"])
     ratios = table(["size", "pair", "steady ratio (median)", "(min)", "refresh ratio", "total state ratio"], rows,
                    "llrrrr") if rows else ""
     pair_table = table(["size", "ours vs", "rounds", "per-round step time ratio: median", "min", "max",
@@ -405,7 +397,7 @@ def parse_args(argv=None):
                                      epilog="Optimizers: " + ", ".join(KNOWN) + ". See the module docstring.")
     parser.add_argument("--scaling", action="store_true", help="per shape class, scaled to the whole model")
     parser.add_argument("--sizes", default=None, help="comma-separated, from " + ", ".join(SIZES)
-                        + f" (default {DEFAULT_SIZES['step']}; --scaling: {DEFAULT_SIZES['scaling']}; none with --custom)")
+                        + f" (default {DEFAULT_SIZES['step']}; --scaling: {DEFAULT_SIZES['scaling']})")
     parser.add_argument("--custom", default=None, metavar="H,I,L,RANK",
                         help="also a synthetic size 'custom' of this hidden, intermediate, layers and rank")
     parser.add_argument("--vocab", type=int, default=VOCAB, help="rows of embed_tokens/lm_head (default %(default)s)")
@@ -454,11 +446,13 @@ def parse_args(argv=None):
         if a not in KNOWN or b not in KNOWN:
             parser.error(f"--pairs: {pair!r} is not A/B with A and B from {', '.join(KNOWN)}")
         args.pair_list.append((a, b))
-    args.refresh_steps = args.refresh_steps or (3 if args.scaling else 1)
+    if args.refresh_steps is None:
+        args.refresh_steps = 3 if args.scaling else 1
     for flag, value, low in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--vocab", args.vocab, 1),
                              ("--paired-rounds", args.paired_rounds, 0), ("--refresh-steps", args.refresh_steps, 1),
-                             ("--max-elements", args.max_elements, 1), ("--rank", args.rank or 1, 1),
-                             ("--threads", args.threads or 1, 1)):
+                             ("--max-elements", args.max_elements, 1),
+                             ("--rank", 1 if args.rank is None else args.rank, 1),
+                             ("--threads", 1 if args.threads is None else args.threads, 1)):
         if value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
     return args
@@ -490,8 +484,8 @@ def main(argv=None) -> int:
         if args.scaling:
             for cls_index, cls in enumerate(shape_classes(shape, args.vocab)):
                 kinds = usable if cls.matrix else list(dict.fromkeys(DENSE_PROXY.get(k, k) for k in usable))
-                print(f"#   {size} {cls.name} {tuple(cls.dims)} x {cls.count}: building K={cls.built(args.max_elements)}"
-                      f", {len(kinds)} optimizers", flush=True)
+                print(f"#   {size} {cls.name} {tuple(cls.dims)} x {cls.count}: building "
+                      f"K={cls.built(args.max_elements)}, {len(kinds)} optimizers", flush=True)
                 runs.append(run_class(size, cls, kinds, rank, args, device, 1000 * index + cls_index, pairs))
             continue
         params = parameter_set(shape, args.vocab, device, args.torch_dtype)
@@ -503,7 +497,8 @@ def main(argv=None) -> int:
                   flush=True)
         for a, b in pairs if args.paired_rounds else []:
             paired.append(run_paired(a, b, size, params, rank, args, device))
-            print(f"#   paired {a} / {b}: per-round ratio median {statistics.median(paired[-1].ratios):.2f}", flush=True)
+            print(f"#   paired {a} / {b}: per-round ratio median {statistics.median(paired[-1].ratios):.2f}",
+                  flush=True)
         del params
         release_memory(device)
 
