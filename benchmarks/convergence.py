@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -428,21 +429,17 @@ class VariantComparison:
         """The seeds both have: the comparison is paired (same init and data order)."""
         return sorted(set(self.losses) & set(self.base_losses))
 
-    @property
-    def mean(self) -> float:
-        return sum(self.losses[s] for s in self.seeds) / len(self.seeds)
+    def _over_seeds(self, losses: dict[int, float]) -> list[float]:
+        return [losses[s] for s in self.seeds]
 
-    @property
-    def base_mean(self) -> float:
-        return sum(self.base_losses[s] for s in self.seeds) / len(self.seeds)
+    mean = property(lambda self: statistics.fmean(self._over_seeds(self.losses)))
+    base_mean = property(lambda self: statistics.fmean(self._over_seeds(self.base_losses)))
+    spread = property(lambda self: _range(self._over_seeds(self.losses)))
+    base_spread = property(lambda self: _range(self._over_seeds(self.base_losses)))
 
-    @property
-    def spread(self) -> float:
-        return max(self.losses[s] for s in self.seeds) - min(self.losses[s] for s in self.seeds)
 
-    @property
-    def base_spread(self) -> float:
-        return max(self.base_losses[s] for s in self.seeds) - min(self.base_losses[s] for s in self.seeds)
+def _range(values: list[float]) -> float:
+    return max(values) - min(values)
 
 
 def compare_variants(results: dict[str, dict], names: list[str], best_lr: dict[str, float]) -> list[VariantComparison]:

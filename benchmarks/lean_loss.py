@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import command_line, environment, machine_line, split_list, utc_now, write_json_atomic  # noqa: E402
+from _common import command_line, environment, machine_line, split_list, table, utc_now, write_json_atomic  # noqa: E402
 from fit_7b import cpu_peak_bytes  # noqa: E402
 
 MB = 1e6
@@ -302,36 +302,21 @@ def _mb(value: Optional[float]) -> str:
 
 
 def markdown_table(rows: list[dict], comparisons: list[dict], command: str, machine: str) -> str:
-    lines = [
-        f"Command: `{command}`  ",
-        f"Machine: {machine}",
-        "",
-        "| case (T×V×H:dtype) | path | peak MB | inputs + grads MB | scratch MB | loss.py formula MB | loss "
-        "| seconds | note |",
-        "|---|---|--:|--:|--:|--:|--:|--:|---|",
-    ]
-    for r in rows:
-        if r["status"] == "ok":
-            notes = list(r["warnings"])
-            if r["loss_dtype"] != "float32":
-                notes.insert(0, f"loss returned in {r['loss_dtype']}")
-            note = "; ".join(notes)
-            lines.append(
-                f"| {r['case']} | {r['path']} | {_mb(r['peak_bytes'])} | {_mb(r['inputs_bytes'] + r['grad_bytes'])} "
-                f"| {_mb(r['scratch_bytes'])} | {_mb(r.get('formula_scratch_bytes'))} | {r['loss']:.5f} "
-                f"| {r['seconds']:.1f} | {note} |")
-        else:
-            lines.append(f"| {r['case']} | {r['path']} | — | — | — | {_mb(r.get('formula_scratch_bytes'))} | — | — "
-                         f"| {r['status']}: {r['reason']} |")
-    lines.append("")
-    for c in comparisons:
-        if c["max_loss_difference"] is None:
-            lines.append(f"- {c['case']}: fewer than two paths measured, no loss comparison")
-        else:
-            each = ", ".join(f"{p} {d:+.3g}" for p, d in c["differences"].items())
-            lines.append(f"- {c['case']}: loss minus {c['reference']}'s: {each}; largest difference between "
-                         f"paths {c['max_loss_difference']:.3g}")
-    return "\n".join(lines)
+    def cells(r: dict) -> list:
+        if r["status"] != "ok":
+            return ["—"] * 3 + [_mb(r.get("formula_scratch_bytes")), "—", "—", f"{r['status']}: {r['reason']}"]
+        note = "; ".join(([f"loss returned in {r['loss_dtype']}"] if r["loss_dtype"] != "float32" else [])
+                         + list(r["warnings"]))
+        return [_mb(r["peak_bytes"]), _mb(r["inputs_bytes"] + r["grad_bytes"]), _mb(r["scratch_bytes"]),
+                _mb(r.get("formula_scratch_bytes")), f"{r['loss']:.5f}", f"{r['seconds']:.1f}", note]
+
+    losses = table(["case", "loss minus the reference's", "largest difference between paths"],
+                   [[c["case"], ", ".join(f"{p} {d:+.3g}" for p, d in c["differences"].items()) + f" ({c['reference']})",
+                     "—" if c["max_loss_difference"] is None else f"{c['max_loss_difference']:.3g}"]
+                    for c in comparisons], "llr")
+    return "\n\n".join([f"```bash\n{command}\n```", machine, table(
+        ["case (T×V×H:dtype)", "path", "peak MB", "inputs + grads MB", "scratch MB", "loss.py formula MB", "loss",
+         "seconds", "note"], [[r["case"], r["path"], *cells(r)] for r in rows], "llrrrrrrl"), losses])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -357,32 +342,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         case_rows, comparison = run_case(case, args.paths, skip, args.seed, args.skip_given)
         rows += case_rows
         comparisons.append(comparison)
-    table = markdown_table(rows, comparisons, command, machine)
+    table_text = markdown_table(rows, comparisons, command, machine)
     print()
-    print(table)
+    print(table_text)
     total = time.perf_counter() - started
     print(f"\ntotal {total:.0f} s")
     if args.output is not None:
         from lowrank_opt.loss import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK
 
-        payload = {
-            "command": command,
-            "date": utc_now(),
-            "environment": {**environment("cpu"), "threads": torch.get_num_threads()},
-            "settings": {"cases": [c.label for c in args.cases], "paths": args.paths,
-                         "skip": [f"{c}:{p}" for c, p in args.skip], "seed": args.seed,
-                         "threads": args.threads, "weight_std": WEIGHT_STD,
-                         "lean_chunks": {"token_chunk_size": DEFAULT_TOKEN_CHUNK,
-                                         "vocab_chunk_size": DEFAULT_VOCAB_CHUNK},
-                         "torch_options": (repr(torch.nn.LinearCrossEntropyOptions())
-                                           if torch_path_missing() is None else None),
-                         "peak_method": "fit_7b.cpu_peak_bytes(): the CPU allocator's running total, from its baseline",
-                         "mb": MB},
-            "results": rows,
-            "loss_comparison": comparisons,
-            "total_seconds": total,
-            "markdown": table,
-        }
+        payload = {"command": command, "date": utc_now(), "total_seconds": total, "markdown": table_text,
+                   "environment": {**environment("cpu"), "threads": torch.get_num_threads()},
+                   "settings": {"cases": [c.label for c in args.cases], "paths": args.paths, "seed": args.seed,
+                                "skip": [f"{c}:{p}" for c, p in args.skip], "threads": args.threads,
+                                "weight_std": WEIGHT_STD, "mb": MB, "peak_method": "fit_7b.cpu_peak_bytes()",
+                                "lean_chunks": {"token_chunk_size": DEFAULT_TOKEN_CHUNK,
+                                                "vocab_chunk_size": DEFAULT_VOCAB_CHUNK},
+                                "torch_options": (repr(torch.nn.LinearCrossEntropyOptions())
+                                                  if torch_path_missing() is None else None)},
+                   "results": rows, "loss_comparison": comparisons}
         write_json_atomic(args.output, payload)
         print(f"wrote {args.output}")
     return 0

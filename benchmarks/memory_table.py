@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     BASELINES, GB, ROOT, SIZES, LlamaShape, command_line, now_text, package_version, pyplot, save_figure, section,
-    table, write_section)
+    split_list, table, write_section)
 
 CARDS_GB = (8, 12, 16, 24, 32, 40, 48, 80, 141)  # common single-GPU memory sizes, smallest first
 PLOT_LINES_GB = (16, 24, 48, 80)
@@ -292,12 +292,11 @@ def plot_size(rows: list[Row], size: LlamaShape, setting: Setting, path: Path, c
 
 def _choices(known: dict, what: str):
     def parse(text: str) -> list:
-        keys = [t.strip().lower() for t in text.split(",") if t.strip()]
-        unknown = [k for k in keys if k not in known]
-        if unknown or not keys:
+        unknown = [k for k in split_list(text.lower()) if k not in known]
+        if unknown or not split_list(text):
             raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or '(none given)'}; known: "
                                              f"{', '.join(known)}")
-        return [known[k] for k in keys]
+        return [known[k] for k in split_list(text.lower())]
     return parse
 
 
