@@ -145,8 +145,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", default="configs/llama_130m.json", help="Hugging Face LLaMA config (JSON)")
     parser.add_argument("--optimizers", default=None, help="registry names (default zero: apollo; fsdp: "
                         "apollo,apollo_mini)")
-    parser.add_argument("--stages", default="0,1,2,3", help="zero: comma-separated ZeRO stages")
-    parser.add_argument("--groups", default=",".join(GROUPINGS), help="zero: param-group layouts")
+    parser.add_argument("--stages", default=None, help="zero: comma-separated ZeRO stages (default 0,1,2,3)")
+    parser.add_argument("--groups", default=None, help=f"zero: param-group layouts (default {','.join(GROUPINGS)})")
     parser.add_argument("--rank", type=int, default=192, help="rank of the channel-wise optimizers")
     parser.add_argument("--update-proj-gap", type=int, default=200)
     parser.add_argument("--steps", type=int, default=None, help="timed iterations (default zero 10, fsdp 4)")
@@ -167,6 +167,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.optimizer_list or any(name not in lowrank_names() for name in args.optimizer_list):
         parser.error(f"--optimizers takes low-rank registry names ({', '.join(lowrank_names())}), got "
                      f"{args.optimizers!r}")
+    if not zero and (args.stages, args.groups) != (None, None):
+        parser.error("--stages and --groups are ZeRO's: they need --backend zero")
+    args.stages, args.groups = args.stages or "0,1,2,3", args.groups or ",".join(GROUPINGS)
     args.steps = args.steps if args.steps is not None else (10 if zero else 4)
     args.warmup = args.warmup if args.warmup is not None else (2 if zero else 1)
     try:

@@ -167,12 +167,13 @@ def test_kind_of_names():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
-    (["--optimizers", "adamw"], "--optimizers takes low-rank registry names"),
-    (["--stages", "4"], "--stages takes stages from 0, 1, 2, 3"),
-    (["--steps", "0"], "--steps must be >= 1"),
-    (["--config", "configs/no_such.json"], "--config configs/no_such.json does not exist"),
+    (["--backend", "fsdp", "--optimizers", "adamw"], "--optimizers takes low-rank registry names"),
+    (["--backend", "fsdp", "--stages", "0"], "--stages and --groups are ZeRO's: they need --backend zero"),
+    (["--backend", "zero", "--stages", "4"], "--stages takes stages from 0, 1, 2, 3"),
+    (["--backend", "fsdp", "--steps", "0"], "--steps must be >= 1"),
+    (["--backend", "fsdp", "--config", "configs/no_such.json"], "--config configs/no_such.json does not exist"),
 ])
 def test_bad_arguments_fail_before_any_work(args, message):
-    proc = _run("--backend", "fsdp", *args, timeout=60)
+    proc = _run(*args, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr
     assert "re-launching" not in proc.stdout
