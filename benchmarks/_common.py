@@ -1,35 +1,29 @@
-"""The machinery every benchmark script shares, so that each script holds only its experiment.
+"""What every benchmark script shares, so that each script holds only its experiment.
 
 - **Shapes**: the paper's LLaMA sizes (:data:`SIZES`), their parameter tensors and shape classes.
-- **Timing**: one timed call (:func:`timed`), calls after a warm-up (:func:`timed_calls`), and rounds in which
-  several steppers take turns in a rotating order (:func:`timed_rounds`), so that load from other processes
-  falls on all of them alike and per-round ratios (:func:`round_ratios`) stay meaningful on a busy machine.
-- **The machine**: CPU model, load average, versions (:func:`environment`), the command line that ran.
-- **Reports**: a generated section of a Markdown file between two marker lines, replaced on each run with
-  the rest of the file untouched; every file written atomically (:func:`write_text_atomic`).
-- **Plots**: matplotlib without a display, and a figure saved atomically.
-- **Optimizer-state bytes**: counted by the library (:func:`lowrank_opt.memory.measure.optimizer_state_breakdown`),
-  the same definition the estimator and ``train.py --memory_report`` use.
+- **Optimizers**: ours by registry name (:func:`build_ours`); the baselines from other packages in one table
+  (:data:`BASELINES`, :func:`build_baseline`).
+- **Timing**: one timed call, calls after a warm-up, and rounds in which several steppers take turns in a
+  rotating order (:func:`timed_rounds`), so that load from other processes falls on all of them alike.
+- **The machine** (:func:`machine_line`), the command line, and generated Markdown sections between two marker
+  lines (:func:`write_section`), every file written atomically.
 
-Why one ``_common.py`` and not a larger ``_report.py``: most of this is not about reporting (shapes, timing,
-state bytes), and one module with one name is what every script imports. Nothing here imports torch at
-import time: the scripts parse their arguments (and answer ``--help``) before torch loads.
+Nothing here imports torch at import time: the scripts answer ``--help`` and bad flags before torch loads.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import os
 import platform
 import re
 import shlex
-import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -44,9 +38,9 @@ VOCAB = 32000
 
 @dataclass(frozen=True)
 class LlamaShape:
-    """A LLaMA model's shape. The named sizes are paper Table 11 (shared with GaLore): hidden / intermediate /
-    layers; ``rank`` is APOLLO's (a quarter of the hidden size, at most 256: the APOLLO paper's scripts),
-    ``galore_rank`` GaLore's (its paper's Table 2, and 1024 for 7B from its repository's 7B scripts)."""
+    """A LLaMA model's shape: paper Table 11 (shared with GaLore). ``rank`` is APOLLO's (a quarter of the hidden
+    size, at most 256: the APOLLO paper's scripts), ``galore_rank`` GaLore's (its paper's Table 2; 1024 for 7B
+    from its repository's 7B scripts)."""
 
     hidden: int
     intermediate: int
@@ -55,71 +49,47 @@ class LlamaShape:
     galore_rank: int = 0
     key: str = "custom"
 
-    @property
-    def apollo_rank(self) -> int:
-        return self.rank
-
-    @property
-    def label(self) -> str:
-        """``LLaMA-60M`` ... ``LLaMA-7B``."""
-        return f"LLaMA-{self.key.upper()}"
-
-    @property
-    def config(self) -> str:
-        """The name of its config in ``configs/`` (``llama_60m``)."""
-        return f"llama_{self.key}"
-
-    @property
-    def config_path(self) -> Path:
-        return ROOT / "configs" / f"{self.config}.json"
+    label = property(lambda self: f"LLaMA-{self.key.upper()}")
+    config = property(lambda self: f"llama_{self.key}")  # its config's name in configs/
+    config_path = property(lambda self: ROOT / "configs" / f"{self.config}.json")
 
 
-SIZES = {
-    s.key: s
-    for s in [
-        LlamaShape(512, 1376, 8, 128, galore_rank=128, key="60m"),
-        LlamaShape(768, 2048, 12, 192, galore_rank=256, key="130m"),
-        LlamaShape(1024, 2736, 24, 256, galore_rank=256, key="350m"),
-        LlamaShape(2048, 5461, 24, 256, galore_rank=512, key="1b"),
-        LlamaShape(4096, 11008, 32, 256, galore_rank=1024, key="7b"),
-    ]
-}
+SIZES = {s.key: s for s in [
+    LlamaShape(512, 1376, 8, 128, galore_rank=128, key="60m"),
+    LlamaShape(768, 2048, 12, 192, galore_rank=256, key="130m"),
+    LlamaShape(1024, 2736, 24, 256, galore_rank=256, key="350m"),
+    LlamaShape(2048, 5461, 24, 256, galore_rank=512, key="1b"),
+    LlamaShape(4096, 11008, 32, 256, galore_rank=1024, key="7b"),
+]}
 
 
 def llama_parameter_shapes(shape: LlamaShape, vocab: int = VOCAB) -> list[tuple[str, tuple[int, ...], bool]]:
-    """(name, shape, low-rank?) for every weight of a LLaMA model, named as in Hugging Face's LlamaForCausalLM.
-    The attention/MLP matrices are the low-rank group; embeddings, lm_head and norms are not."""
+    """(name, shape, low-rank?) for every weight of a LLaMA, named as in Hugging Face's LlamaForCausalLM. The
+    attention/MLP matrices are the low-rank group; embeddings, lm_head and norms are not."""
     h, i = shape.hidden, shape.intermediate
     out = [("model.embed_tokens.weight", (vocab, h), False)]
     for layer in range(shape.layers):
         prefix = f"model.layers.{layer}"
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out.append((f"{prefix}.self_attn.{proj}.weight", (h, h), True))
-        out.append((f"{prefix}.mlp.gate_proj.weight", (i, h), True))
-        out.append((f"{prefix}.mlp.up_proj.weight", (i, h), True))
-        out.append((f"{prefix}.mlp.down_proj.weight", (h, i), True))
-        out.append((f"{prefix}.input_layernorm.weight", (h,), False))
-        out.append((f"{prefix}.post_attention_layernorm.weight", (h,), False))
-    out.append(("model.norm.weight", (h,), False))
-    out.append(("lm_head.weight", (vocab, h), False))
-    return out
+        out += [(f"{prefix}.self_attn.{p}_proj.weight", (h, h), True) for p in "qkvo"]
+        out += [(f"{prefix}.mlp.gate_proj.weight", (i, h), True), (f"{prefix}.mlp.up_proj.weight", (i, h), True),
+                (f"{prefix}.mlp.down_proj.weight", (h, i), True)]
+        out += [(f"{prefix}.input_layernorm.weight", (h,), False),
+                (f"{prefix}.post_attention_layernorm.weight", (h,), False)]
+    return out + [("model.norm.weight", (h,), False), ("lm_head.weight", (vocab, h), False)]
 
 
 @dataclass(frozen=True)
 class ShapeClass:
-    """The tensors of a LLaMA model that share one shape: ``count`` of ``dims``, low-rank (``matrix``) or not."""
+    """The tensors of a LLaMA that share one shape: ``count`` of ``dims``, low-rank (``matrix``) or not."""
 
     name: str
     dims: tuple[int, ...]
     count: int
-    matrix: bool  # in the low-rank group (else plain AdamW everywhere)
+    matrix: bool
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.dims:
-            n *= d
-        return n
+        return math.prod(self.dims)
 
     def built(self, max_elements: int) -> int:
         """K: how many tensors of this class are built when at most ``max_elements`` may be (at least one)."""
@@ -127,15 +97,10 @@ class ShapeClass:
 
 
 def shape_classes(shape: LlamaShape, vocab: int = VOCAB) -> list[ShapeClass]:
-    """The five shape classes of :func:`llama_parameter_shapes`, with their counts."""
     h, i, layers = shape.hidden, shape.intermediate, shape.layers
-    return [
-        ShapeClass("attn", (h, h), 4 * layers, True),
-        ShapeClass("gate_up", (i, h), 2 * layers, True),
-        ShapeClass("down", (h, i), layers, True),
-        ShapeClass("embed_head", (vocab, h), 2, False),
-        ShapeClass("norm", (h,), 2 * layers + 1, False),
-    ]
+    return [ShapeClass("attn", (h, h), 4 * layers, True), ShapeClass("gate_up", (i, h), 2 * layers, True),
+            ShapeClass("down", (h, i), layers, True), ShapeClass("embed_head", (vocab, h), 2, False),
+            ShapeClass("norm", (h,), 2 * layers + 1, False)]
 
 
 def parameter_count(shape: LlamaShape, vocab: int = VOCAB) -> int:
@@ -143,7 +108,7 @@ def parameter_count(shape: LlamaShape, vocab: int = VOCAB) -> int:
 
 
 def random_tensor(dims: tuple[int, ...], generator, device, scale: float, dtype=None):
-    """``randn(dims) * scale`` from ``generator`` (drawn in fp32, then cast to ``dtype``)."""
+    """``randn(dims) * scale`` from ``generator``, drawn in fp32 and cast to ``dtype``."""
     import torch
 
     t = torch.randn(dims, generator=generator, device=device).mul_(scale)
@@ -159,11 +124,10 @@ def initial_weight(dims: tuple[int, ...], generator, device, dtype=None):
     return random_tensor(dims, generator, device, 0.02, dtype)
 
 
-def build_llama(config_path: str | os.PathLike, seed: int, dtype, device: Optional[str] = None,
+def build_llama(config_path, seed: int, dtype, device: Optional[str] = None,
                 attn_implementation: Optional[str] = None, gradient_checkpointing: bool = False):
-    """A LLaMA (any causal LM) from a Hugging Face config, random init from ``seed``, in training mode.
-    ``device``: built there directly (no CPU copy); ``gradient_checkpointing``: per decoder layer,
-    non-reentrant."""
+    """A causal LM from a Hugging Face config, random init from ``seed``, built on ``device`` directly, in
+    training mode; ``gradient_checkpointing``: per decoder layer, non-reentrant."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -174,8 +138,8 @@ def build_llama(config_path: str | os.PathLike, seed: int, dtype, device: Option
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **extra)
     if gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:  # transformers >= 5.x
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+        if enable is not None:
             enable({"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -184,30 +148,124 @@ def build_llama(config_path: str | os.PathLike, seed: int, dtype, device: Option
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Optimizers: ours from the registry, the baselines from one table
+
+
+def build_ours(name: str, params, *, rank: Optional[int] = None, **options):
+    """``lowrank_opt.registry``'s optimizer ``name`` on ``params`` with ``options`` over its defaults. ``rank``
+    (a benchmark's rank for the model size) goes to the channel-wise optimizers only: APOLLO-Mini's rank 1 is
+    part of what it is."""
+    from lowrank_opt.registry import build_optimizer, resolve
+
+    if rank is not None and resolve(name).options.get("scale_type") == "channel":
+        options["rank"] = rank
+    return build_optimizer(name, params, **options)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """An optimizer of another package, with the settings every benchmark uses for it."""
+
+    package: str  # the distribution it comes from
+    hf_name: str  # the Hugging Face Trainer's --optim name (train.py takes it)
+    estimator: str  # lowrank_opt.memory.estimate's name for it (the name implies its options)
+    options: dict = field(default_factory=dict)  # constructor options
+    lowrank: Optional[dict] = None  # options of its low-rank group (plus the run's rank and update_proj_gap)
+
+    def lowrank_options(self, rank: Optional[int], update_proj_gap: int = 200) -> dict:
+        return {"rank": rank, "update_proj_gap": update_proj_gap, **(self.lowrank or {})}
+
+
+BASELINES = {
+    "torch-adamw": Baseline("torch", "adamw_torch", "adamw_torch", {"foreach": True}),
+    "torch-adamw-fused": Baseline("torch", "adamw_torch_fused", "adamw_torch_fused", {"fused": True}),
+    "bnb-adamw8bit": Baseline("bitsandbytes", "adamw_bnb_8bit", "adamw_8bit"),  # embeddings keep 32-bit state
+    "apollo-torch": Baseline("apollo-torch", "apollo_adamw", "apollo_adamw",
+                             lowrank=dict(proj="random", scale_type="channel", scale=1.0, proj_type="std")),
+    "apollo-torch-mini": Baseline("apollo-torch", "apollo_adamw", "apollo_adamw",
+                                  lowrank=dict(rank=1, proj="random", scale_type="tensor", scale=128.0,
+                                               proj_type="std")),
+    "galore-torch": Baseline("galore-torch", "galore_adamw", "galore_adamw", lowrank=dict(scale=0.25, proj_type="std")),
+}
+_MODULES = {"bitsandbytes": "bitsandbytes", "apollo-torch": "apollo_torch", "galore-torch": "galore_torch"}
+
+
+def baseline_missing(name: str) -> Optional[str]:
+    """Why :data:`BASELINES`' ``name`` cannot be built here (its package), or None."""
+    package = BASELINES[name].package
+    if package not in _MODULES:
+        return None
+    try:
+        __import__(_MODULES[package])
+    except Exception as exc:  # not installed, or it fails to import (bitsandbytes without its libraries)
+        return f"{package} not importable ({(str(exc).strip() or type(exc).__name__).splitlines()[0][:160]})"
+    return None
+
+
+def build_baseline(name: str, params, *, lr: float, lowrank_params: Sequence = (), rank: Optional[int] = None,
+                   update_proj_gap: int = 200, betas=(0.9, 0.999), weight_decay: float = 0.0):
+    """:data:`BASELINES`' ``name`` on ``params`` (a model, or tensors / (name, tensor) pairs), with
+    ``lowrank_params`` the matrices a low-rank baseline projects (at ``rank``, ``update_proj_gap``)."""
+    import torch
+
+    spec = BASELINES[name]
+    model = params if isinstance(params, torch.nn.Module) else None
+    plain = [p if isinstance(p, torch.Tensor) else p[1] for p in (model.parameters() if model else params)]
+    low = [p if isinstance(p, torch.Tensor) else p[1] for p in lowrank_params]
+    common = dict(lr=lr, betas=betas, weight_decay=weight_decay, **spec.options)
+    if spec.package == "torch":
+        return torch.optim.AdamW(plain + low, **common)
+    if spec.package == "bitsandbytes":
+        import bitsandbytes
+
+        optimizer = bitsandbytes.optim.AdamW8bit(plain + low, **common)
+        manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+        for module in model.modules() if model else ():  # as the HF Trainer does for adamw_bnb_8bit
+            if isinstance(module, torch.nn.Embedding):
+                manager.register_module_override(module, "weight", {"optim_bits": 32})
+        return optimizer
+    groups = [g for g in ({"params": plain}, {"params": low, **spec.lowrank_options(rank, update_proj_gap)})
+              if g["params"]]
+    if spec.package == "apollo-torch":
+        from apollo_torch import APOLLOAdamW
+
+        return APOLLOAdamW(groups, **common)
+    from galore_torch import GaLoreAdamW
+
+    return GaLoreAdamW(groups, no_deprecation_warning=True, **common)
+
+
+def baseline_train_args(name: str, rank: int, update_proj_gap: int) -> tuple[str, Optional[str]]:
+    """(train.py's ``--optim``, its ``--optim_args`` or None) for :data:`BASELINES`' ``name``."""
+    spec = BASELINES[name]
+    if spec.lowrank is None:
+        return spec.hf_name, None
+    options = spec.lowrank_options(rank, update_proj_gap)
+    return spec.hf_name, ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items())
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Timing
 
 
-def synchronize(device) -> None:
+def timed(fn: Callable[[], object], device) -> float:
+    """Milliseconds of one call of ``fn`` (on CUDA the device is synchronised before and after)."""
     import torch
 
-    if getattr(device, "type", device) == "cuda":
-        torch.cuda.synchronize(device if not isinstance(device, str) else None)
-
-
-def timed(fn: Callable[[], object], device) -> float:
-    """Milliseconds of one call of ``fn`` (``time.perf_counter``; on CUDA the device is synchronised before
-    and after, so the kernels it launched are counted)."""
-    synchronize(device)
+    cuda = getattr(device, "type", device) == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
-    synchronize(device)
+    if cuda:
+        torch.cuda.synchronize()
     return (time.perf_counter() - start) * 1e3
 
 
 @contextlib.contextmanager
 def gc_paused():
-    """Python's garbage collector off (after one collection) inside the block: a collection in the middle of
-    a timed call would be charged to it."""
+    """Python's collector off (after one collection) inside the block: a collection inside a timed call would
+    be charged to it."""
     gc.collect()
     gc.disable()
     try:
@@ -217,24 +275,21 @@ def gc_paused():
 
 
 def timed_calls(fn: Callable[[], object], calls: int, warmup: int, device) -> list[float]:
-    """Milliseconds of each of ``calls`` calls of ``fn``, after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     return [timed(fn, device) for _ in range(calls)]
 
 
 def rotations(names: Sequence[str], rounds: int) -> Iterable[list[str]]:
-    """The order of each of ``rounds`` rounds: ``names`` rotated by one more every round (with two: a b,
-    b a, a b, ...), so that load from other processes falls on every one alike."""
+    """The order of each round: ``names`` rotated by one more every round (a b, b a, a b, ...)."""
     names = list(names)
-    for round_index in range(rounds):
-        shift = round_index % max(1, len(names))
+    for index in range(rounds):
+        shift = index % max(1, len(names))
         yield names[shift:] + names[:shift]
 
 
 def timed_rounds(steppers: dict[str, Callable[[], object]], rounds: int, device) -> dict[str, list[float]]:
-    """``rounds`` rounds in which every stepper is called once, timed, in the order of :func:`rotations`.
-    Milliseconds per stepper, one per round."""
+    """``rounds`` rounds in which every stepper is called once, timed, in the order of :func:`rotations`."""
     times: dict[str, list[float]] = {name: [] for name in steppers}
     for order in rotations(list(steppers), rounds):
         for name in order:
@@ -243,16 +298,10 @@ def timed_rounds(steppers: dict[str, Callable[[], object]], rounds: int, device)
 
 
 def round_ratios(times: dict[str, list[float]], a: str, b: str) -> list[float]:
-    """Per-round time ratios a / b from :func:`timed_rounds`."""
     return [x / y for x, y in zip(times[a], times[b])]
 
 
-def median(values: Iterable[float]) -> float:
-    return statistics.median(list(values))
-
-
 def release_memory(device) -> None:
-    """Collect garbage and, on CUDA, hand the allocator's cached blocks back (between measurements)."""
     import torch
 
     gc.collect()
@@ -265,9 +314,8 @@ def release_memory(device) -> None:
 
 
 class _Projectors:
-    """The projector objects kept in an optimizer's state (apollo-torch's and GaLore's
-    ``state[p]["projector"]``, which hold P as ``ortho_matrix``), shaped like an optimizer so that the
-    library's counter can count them: its ``state`` holds only those objects, keyed by the same parameters."""
+    """The projector objects in an optimizer's state (apollo-torch's and GaLore's ``state[p]["projector"]``,
+    which hold P as ``ortho_matrix``), shaped like an optimizer so that the library's counter counts them."""
 
     def __init__(self, optimizer):
         import torch
@@ -278,19 +326,19 @@ class _Projectors:
 
 
 def state_bytes(optimizer) -> tuple[int, int]:
-    """(optimizer-state bytes other than held projections, bytes of the projection matrices P held between
-    steps), both counted by :func:`lowrank_opt.memory.measure.optimizer_state_breakdown` (each storage once,
-    wrappers looked through). Held P: apollo-torch's and GaLore's projector objects in the state, and ours'
-    ``_projection_cache`` (with ``cache_projection=True``; never saved)."""
+    """(optimizer-state bytes, bytes of projection matrices P held between steps), both counted by
+    ``lowrank_opt.memory.measure.optimizer_state_breakdown``. Held P: apollo-torch's and GaLore's projector
+    objects in the state, and what an optimizer keeps beside its state (ours' P cache with
+    ``cache_projection=True``)."""
     from lowrank_opt.memory.measure import optimizer_state_breakdown, optimizer_state_bytes
 
     breakdown = optimizer_state_breakdown(optimizer)
-    held = breakdown.by_source.get("_projection_cache", 0) + optimizer_state_bytes(_Projectors(optimizer))
+    held = breakdown.total - breakdown.by_source.get("state", 0) + optimizer_state_bytes(_Projectors(optimizer))
     return breakdown.total - held, held
 
 
 def tensor_bytes(obj: Any) -> int:
-    """Bytes of the tensors in ``obj`` (a tensor, or dicts/lists/tuples of them): numel x element size."""
+    """Bytes of the tensors in ``obj`` (a tensor, or dicts/lists/tuples of them)."""
     import torch
 
     if isinstance(obj, torch.Tensor):
@@ -324,7 +372,6 @@ def load_average() -> str:
 
 
 def package_version(name: str) -> Optional[str]:
-    """The installed version of a distribution, or None."""
     from importlib import metadata
 
     try:
@@ -334,7 +381,7 @@ def package_version(name: str) -> Optional[str]:
 
 
 def peak_rss_text() -> str:
-    """The process's peak resident memory so far, in GiB ('' off Linux, where getrusage's unit differs)."""
+    """The process's peak resident memory in GiB ('' off Linux, where getrusage's unit differs)."""
     if not sys.platform.startswith("linux"):
         return ""
     from lowrank_opt.memory.measure import peak_rss_bytes
@@ -342,32 +389,14 @@ def peak_rss_text() -> str:
     return f"{peak_rss_bytes() / 2**30:.1f} GiB"
 
 
-def gpu_name(device=None) -> str:
-    import torch
-
-    return torch.cuda.get_device_name(device)
-
-
 def environment(device: str = "cpu") -> dict:
     """Versions and the machine: what every result file records next to its figures."""
     import torch
+    import transformers
 
-    env = {
-        "device": device,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
-    }
-    try:  # the module's own version: importlib.metadata would load every distribution's metadata, and a
-        # process full of objects makes torch.profiler's start (fit_7b.py --device cpu) markedly slower
-        import transformers
-
-        env["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover - the model needs it anyway
-        pass
+    env = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
+           "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_model(),
+           "cores": os.cpu_count(), "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
     if device == "cuda":
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         env.update(gpu=props.name, gpu_total_gb=props.total_memory / GB, cuda=torch.version.cuda)
@@ -376,29 +405,7 @@ def environment(device: str = "cpu") -> dict:
 
 def command_line(script: str, argv: Optional[Sequence[str]]) -> str:
     """``python benchmarks/SCRIPT ARGS`` as it was run (``argv`` None: this process's own arguments)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    return shlex.join(["python", f"benchmarks/{script}", *map(str, args)])
-
-
-def begin(script: str, args, argv) -> Optional[tuple[Any, str, str, str]]:
-    """The start of a timing run (step_time.py, scaling.py): check --device, apply --threads, print the
-    command line, machine and load. Returns (device, command, machine, load average), or None (after saying
-    why) when --device cuda finds no CUDA device."""
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print(f"{script}: --device cuda was asked for, but torch finds no CUDA device "
-              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}). Rerun with --device cpu.",
-              file=sys.stderr)
-        return None
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    command = command_line(script, argv)
-    machine = machine_line(device)
-    load_start = load_average()
-    print(f"# {command}\n# {machine}\n# load average {load_start}", flush=True)
-    return device, command, machine, load_start
+    return shlex.join(["python", f"benchmarks/{script}", *map(str, sys.argv[1:] if argv is None else argv)])
 
 
 def machine_line(device) -> str:
@@ -408,16 +415,13 @@ def machine_line(device) -> str:
     parts = [f"CPU {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
              f"({torch.get_num_threads()} intra-op threads)"]
     if getattr(device, "type", device) == "cuda":
-        parts.append(f"GPU {gpu_name(device)}")
+        parts.append(f"GPU {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}")
     for package in ("apollo-torch", "galore-torch"):
-        version = package_version(package)
-        parts.append(f"{package} {version}" if version else f"{package} not installed")
-    parts.append(f"Python {platform.python_version()}")
-    return ", ".join(parts)
+        parts.append(f"{package} {package_version(package) or 'not installed'}")
+    return ", ".join(parts + [f"Python {platform.python_version()}"])
 
 
 def now_text() -> str:
-    """The local time, as the generated sections print it."""
     import datetime
 
     return datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
@@ -429,38 +433,18 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Formatting
-
-
 def mib(nbytes: float, digits: int = 1) -> str:
     return f"{nbytes / MIB:,.{digits}f}"
 
 
 def ms(value: Optional[float]) -> str:
-    """Milliseconds: no decimals from 100 up, one below; a dash for None."""
+    """Milliseconds, about three significant figures; a dash for None."""
     if value is None:
         return "—"
-    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
-
-
-def add_sharded_run_arguments(parser, *, steps: int, warmup: int, output_help: str,
-                               threads_help: str = "torch threads per process") -> None:
-    """The options the two-rank sharding benchmarks (zero.py, fsdp_comm.py) share: the model, the APOLLO
-    projection, the timed iterations, the random micro-batch, the launch and the outputs."""
-    parser.add_argument("--config", default="configs/llama_130m.json", help="Hugging Face LLaMA config (JSON)")
-    parser.add_argument("--rank", type=int, default=192, help="APOLLO's projection rank (APOLLO-Mini: always 1)")
-    parser.add_argument("--update-proj-gap", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=steps, help="timed iterations per run (median reported)")
-    parser.add_argument("--warmup", type=int, default=warmup, help="untimed iterations before them")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence of the random micro-batch")
-    parser.add_argument("--micro-batch", type=int, default=1, help="sequences per rank per step")
-    parser.add_argument("--threads", type=int, default=1, help=threads_help)
-    parser.add_argument("--nproc", type=int, default=2, help="processes when re-launching under torchrun")
-    parser.add_argument("--no-reference", action="store_true", help="skip the unsharded Apollo reference")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default="", help=output_help)
-    parser.add_argument("--json", default="", help="also write the raw measurements to this JSON file")
+    for limit, digits in ((100, 0), (10, 1), (1, 2)):
+        if abs(value) >= limit:
+            return f"{value:,.{digits}f}"
+    return f"{value:.3f}"
 
 
 def split_list(text: str) -> list[str]:
@@ -468,54 +452,51 @@ def split_list(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
+def table(head: Sequence[str], rows: Iterable[Sequence[Any]], align: str = "") -> str:
+    """A Markdown table; ``align`` has one letter per column, ``l`` (default) or ``r``."""
+    marks = ["---:" if (align[i:i + 1] == "r") else "---" for i in range(len(head))]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(marks) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Markdown sections and atomic files
-
-
-DOC_INTROS = {
-    "benchmarks.md": "# Benchmarks\n\nReproducible measurements of lowrank-opt against the published implementations. "
-                     "Every section names the\ncommand that produced it and the machine it ran on; rerunning the "
-                     "command replaces its section.\n",
-}
+# Generated Markdown sections and atomic files
 
 
 def markers(name: str, script: str) -> tuple[str, str]:
-    """The begin/end marker lines of a generated section."""
-    return (f"<!-- BEGIN {name}: generated by {script}, edits inside are overwritten -->", f"<!-- END {name} -->")
+    """The begin/end marker lines of the generated section ``name``."""
+    return f"<!-- BEGIN {name}: generated by {script}, edits inside are overwritten -->", f"<!-- END {name} -->"
 
 
-def write_section(path: str | os.PathLike, section: str, begin: str, end: str,
-                  legacy_header: Optional[str] = None) -> None:
-    """Put ``section`` (which starts with ``begin`` and ends with ``end``) into the Markdown file at ``path``:
-    in place of the previous section between the same markers, else (``legacy_header``) of an unmarked
-    section starting with that heading line, else at the end. Written atomically."""
+def section(name: str, script: str, command: str, machine: str, *tables: str) -> str:
+    """A generated section: its markers around the command, the machine line and the tables."""
+    begin, end = markers(name, script)
+    return "\n\n".join([f"{begin}\n```bash\n{command}\n```", machine, *[t for t in tables if t], end])
+
+
+def write_section(path, text: str, name: str) -> None:
+    """Put the generated section ``text`` into the Markdown file at ``path`` in place of the section of the same
+    ``name`` (whichever script wrote it), else at the end. The rest of the file is kept; written atomically."""
     path = Path(path)
-    text = path.read_text() if path.exists() else ""
-    if not text.strip():
-        text = DOC_INTROS.get(path.name, "")
-    marked = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    bare = re.compile(r"^" + re.escape(legacy_header) + r"\n.*?(?=^## |\Z)", re.S | re.M) if legacy_header else None
-    if marked.search(text):
-        text = marked.sub(lambda _: section, text, count=1)
-    elif bare is not None and bare.search(text):
-        text = bare.sub(lambda _: section + "\n\n", text, count=1)
+    old = path.read_text() if path.exists() else ""
+    pattern = re.compile(r"<!-- BEGIN " + re.escape(name) + r":.*?<!-- END " + re.escape(name) + r" -->", re.S)
+    if pattern.search(old):
+        new = pattern.sub(lambda _: text, old, count=1)
     else:
-        text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + section + "\n"
-    write_text_atomic(path, text if text.endswith("\n") else text + "\n")
+        new = old.rstrip("\n") + ("\n\n" if old.strip() else "") + text + "\n"
+    write_text_atomic(path, new)
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yields a temporary path beside ``path``; when the block finishes, it replaces ``path`` in one step
-    (readers see the old file or the new one, never half of one); on error it is removed."""
+def atomic_path(path):
+    """A temporary path beside ``path`` that replaces it in one step when the block ends (removed on error)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
-        # mkstemp makes the file private (0600): give it the mode the file had, else the usual one.
-        if path.exists():
+        if path.exists():  # mkstemp's file is private (0600): give it the old file's mode, else the usual one
             mode = path.stat().st_mode & 0o777
         else:
             umask = os.umask(0)
@@ -529,24 +510,19 @@ def atomic_path(path: str | os.PathLike):
         raise
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+def write_text_atomic(path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
 
-def write_json_atomic(path: str | os.PathLike, payload: Any, indent: Optional[int] = 2) -> None:
+def write_json_atomic(path, payload: Any, indent: Optional[int] = 2) -> None:
     import json
 
     write_text_atomic(path, json.dumps(payload, indent=indent) + "\n")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Plots
-
-
 def pyplot():
-    """matplotlib's pyplot on the Agg backend (no display), or None (after saying so) when matplotlib is not
-    installed."""
+    """matplotlib's pyplot on the Agg backend, or None (after saying so) without matplotlib."""
     try:
         import matplotlib
 
@@ -558,139 +534,9 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
-    """Save ``fig`` to ``path`` atomically and close it."""
+def save_figure(fig, path, dpi: int = 110) -> None:
     import matplotlib.pyplot as plt
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Distributed benchmarks (zero.py, fsdp_comm.py): matrix kinds, collectives counted
-
-
-KINDS = [
-    ("q", r"\.q_proj\."),
-    ("k", r"\.k_proj\."),
-    ("v", r"\.v_proj\."),
-    ("o", r"\.o_proj\."),
-    ("gate", r"\.gate_proj\."),
-    ("up", r"\.up_proj\."),
-    ("down", r"\.down_proj\."),
-    ("embeddings", r"embed_tokens\."),
-    ("lm_head", r"(^|\.)lm_head\."),
-    ("norms", r"norm\.weight$"),
-]
-KIND_ORDER = [k for k, _ in KINDS] + ["other"]
-UNATTRIBUTED = "(no parameter: the \"some rank raises\" flag)"
-
-
-def kind_of(name: str) -> str:
-    """The matrix kind of a parameter name (``model.layers.3.mlp.down_proj.weight`` -> ``down``), ``other`` if
-    none matches."""
-    for kind, pattern in KINDS:
-        if re.search(pattern, name):
-            return kind
-    return "other"
-
-
-def group_by_kind(by_name: dict[str, int]) -> dict[str, int]:
-    """Sum a ``{parameter name: bytes}`` map per kind, in :data:`KIND_ORDER`, kinds without entries left out."""
-    out: dict[str, int] = {}
-    for name, nbytes in by_name.items():
-        kind = kind_of(name)
-        out[kind] = out.get(kind, 0) + int(nbytes)
-    return {k: out[k] for k in KIND_ORDER if k in out}
-
-
-def _pct(part: float, whole: float) -> str:
-    """A percentage with two decimals; more where that would round a part to 0% or 100%."""
-    if not whole:
-        return "—"
-    value = 100 * part / whole
-    if part == whole or part == 0:
-        return f"{value:.0f}%"
-    if value < 0.01:
-        return f"{value:.1e}%"
-    digits = 2
-    while digits < 6 and round(value, digits) == 100:
-        digits += 1
-    return f"{value:.{digits}f}%"
-
-
-# op -> which argument carries the payload (positional index, keyword name)
-_PAYLOAD = {
-    "all_reduce": (0, "tensor"),
-    "reduce": (0, "tensor"),
-    "broadcast": (0, "tensor"),
-    "all_reduce_coalesced": (0, "tensors"),
-    "all_gather": (0, "tensor_list"),
-    "all_gather_into_tensor": (0, "output_tensor"),
-    "all_gather_single": (0, "output_tensor"),  # torch >= 2.13's names (FSDP2 calls these)
-    "_all_gather_base": (0, "output_tensor"),
-    "reduce_scatter": (1, "input_list"),
-    "reduce_scatter_tensor": (1, "input"),
-    "_reduce_scatter_base": (1, "input"),
-    "reduce_scatter_single": (1, "input"),
-    "all_to_all_single": (1, "input"),
-}
-
-
-class CommCounter:
-    """Calls, bytes and seconds in the call per (phase, op) of the torch.distributed collectives issued while a
-    phase is set."""
-
-    def __init__(self):
-        self.phase: Optional[str] = None
-        self.inner: Optional[str] = None  # set while the optimizer's step() runs inside engine.step()
-        self.counts: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0, 0.0])
-        self._depth = 0
-
-    def reset(self) -> None:
-        self.counts.clear()
-
-    def install(self) -> None:
-        import torch.distributed as dist
-        import torch.distributed.distributed_c10d as c10d
-
-        for op, (pos, key) in _PAYLOAD.items():
-            original = getattr(c10d, op, None)
-            if original is None:
-                continue
-            wrapped = self._wrap(op, original, pos, key)
-            setattr(c10d, op, wrapped)
-            if hasattr(dist, op):
-                setattr(dist, op, wrapped)
-
-    def _wrap(self, op, original, pos, key):
-        counter = self
-
-        def wrapped(*a, **kw):
-            phase = counter.inner or counter.phase
-            entry = None
-            if phase is not None and counter._depth == 0:  # count the outermost call only
-                payload = a[pos] if len(a) > pos else kw.get(key)
-                entry = counter.counts[(phase, op)]
-                entry[0] += 1
-                entry[1] += tensor_bytes(payload)
-            counter._depth += 1
-            start = time.perf_counter()
-            try:
-                return original(*a, **kw)
-            finally:
-                counter._depth -= 1
-                if entry is not None:  # for async_op=True this is the launch only
-                    entry[2] += time.perf_counter() - start
-
-        wrapped.__name__ = getattr(original, "__name__", op)
-        wrapped.__wrapped__ = original
-        return wrapped
-
-    def summary(self, phase: str) -> dict[str, list[int]]:
-        """op -> [calls, bytes] (deterministic, compared across steps)."""
-        return {op: v[:2] for (ph, op), v in sorted(self.counts.items()) if ph == phase}
-
-    def seconds(self, phase: str) -> float:
-        return sum(v[2] for (ph, op), v in self.counts.items() if ph == phase)

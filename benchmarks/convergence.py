@@ -1,52 +1,17 @@
 """Convergence: pre-train a small LLaMA from scratch with each optimizer on the same data, seed and schedule.
 
     python benchmarks/convergence.py                  # CPU: configs/llama_5m.json, 400 steps, the full sweep
-    python benchmarks/convergence.py --optimizers adamw_torch,apollo --lrs 1e-2 --steps 50 --output /tmp/c.md
+    python benchmarks/convergence.py --optimizers torch-adamw,apollo --lrs 1e-2 --steps 50 --output /tmp/c.md
     python benchmarks/convergence.py --device cuda --model-config configs/llama_60m.json --rank 128 \\
         --steps 2000 --batch-size 64 --block-size 256 --parallel 1 --threads 0 --tag gpu
 
-Every run is ``train.py`` (the Hugging Face Trainer) in its own process, with the same model config and
-random init (``--seed``), the same data order (``--data-seed``), the same schedule (linear warmup over 10% of
-the steps, then cosine down to 10% of the peak learning rate, as in the APOLLO paper) and gradient clipping
-at 1.0 (turned off by train.py for the layer-wise forms, whose gradients are gone before clipping could see
-them). Only the optimizer and the learning rate change. The eval loss is measured on the same held-out
-blocks every ``--eval-steps`` steps.
-
-Optimizers (low-rank ones on every attention/MLP matrix, the same ``TARGET_MODULES`` pattern for all; embeddings,
-lm_head and norms: AdamW):
-  adamw_torch             torch.optim.AdamW through the Trainer (HF's name)
-  apollo                  ours: rank --rank, channel-wise scaling, scale 1, update_proj_gap 200
-  apollo_mini             ours: rank 1, tensor-wise scaling, scale 128, update_proj_gap 200
-  apollo_layerwise        apollo, updated inside backward (train.py turns gradient clipping off)
-  apollo_mini_layerwise   apollo_mini, likewise
-  apollo_adamw            the published APOLLO (apollo-torch) through HF: same rank/scale/gap, proj random
-  galore_adamw            GaLore (galore-torch) through HF: rank --rank, scale 0.25, update_proj_gap 200
-
-Variants of apollo_mini, the memory levers of docs/memory.md, each measured against plain apollo_mini (no sweep:
-at apollo_mini's best learning rate, with --seed and every --repeat-seeds, apollo_mini repeated there too):
-  apollo_mini+8bit_states         dense_state_bits=8: the AdamW moments of embed_tokens and lm_head in
-                                  bitsandbytes' 8-bit blockwise form (norms, under 4,096 elements, stay fp32)
-  apollo_mini+lowrank_embeddings  embed_tokens and lm_head low-rank too, with Mini's settings
-  q_apollo_mini                   train.py --weights int8: every Linear but lm_head stored in int8 (group 128),
-                                  re-quantized with stochastic rounding (Q-APOLLO-Mini); plain Mini's weights
-                                  are fp32 here (bf16 with --bf16), so that is what it is compared against
-  apollo_mini+16gb_setting        the 16 GB setting of docs/memory.md: dense_state_bits=8, --lean_loss
-  apollo_mini+lowrank_head        the same and lm_head low-rank with Mini's settings (0.27 GB less at 7B)
-  q_apollo_mini+12gb_setting      the 12 GB setting: --weights int8, dense_state_bits=8, --lean_loss
-Their comparison is a section of its own (``--sections variants``), with the seed spread and the targets of
-issue 17: 8-bit states within the seed noise, int8 weights within 3% of the same-precision run.
-
-The learning-rate sweep (``--lrs``) is the same grid for every optimizer; where an optimizer's best point is at
-an end of the grid, the grid is extended beyond it for that optimizer (``--extend`` times at most), so that no
-reported optimum sits on the edge. Every point of the sweep is reported, the best in bold. Layer-wise forms are the same update as their plain
-forms (tests/test_apollo.py checks it bit for bit), so by default they run only at their plain form's best
-learning rate (``--sweep-layerwise`` sweeps them too). ``--repeat-seeds`` reruns some optimizers at their best
-learning rate with other seeds (init and data order): the spread is the run-to-run noise the comparisons are
-judged against.
-
-Outputs: one JSON per run under ``--work-dir`` (finished runs are reused when their settings are unchanged,
-so an interrupted sweep resumes), a CSV of eval loss per step for every run, a PNG of the curves, and a
-section of ``--output`` (docs/benchmarks.md) with the table and the exact command.
+Every run is ``train.py`` in its own process (finished runs under --work-dir are reused while their settings are
+unchanged); only the optimizer and the learning rate change between runs. Optimizers: ours by registry name, the
+baselines of ``_common.BASELINES`` through their Hugging Face names, and :data:`VARIANTS` (apollo_mini with issue
+17's memory levers, compared with plain apollo_mini at its best lr with the same seeds). The lr grid is extended
+past an end where an optimum sits there (--extend); layer-wise forms run at their plain form's best lr;
+--repeat-seeds gives the run-to-run noise. Writes CSVs, a PNG and the sections of --output; the setting and how
+to read the tables: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -61,6 +26,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -73,19 +39,10 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    command_line,
-    cpu_model,
-    load_average,
-    markers,
-    mib,
-    pyplot,
-    save_figure,
-    write_section,
-    write_text_atomic,
-)
+    BASELINES, baseline_train_args, command_line, load_average, machine_line, mib, pyplot, save_figure, section, table,
+    write_section, write_text_atomic)
 
-SECTION_BEGIN, SECTION_END = markers("convergence", "benchmarks/convergence.py")
-VARIANTS_BEGIN, VARIANTS_END = markers("convergence-variants", "benchmarks/convergence.py")
+SCRIPT = "benchmarks/convergence.py"
 SECTIONS = ("sweep", "variants")
 
 
@@ -126,31 +83,24 @@ VARIANTS = {
         "lm_head, lean loss (`--weights int8`, `dense_state_bits=8`, `--lean_loss`)",
         optim_args="dense_state_bits=8", flags=("--weights", "int8", "--lean_loss"), max_gap_pct=3.0),
 }
-ALL_OPTIMIZERS = ("adamw_torch", "apollo", "apollo_mini", "apollo_layerwise", "apollo_mini_layerwise",
-                  "apollo_adamw", "galore_adamw", *VARIANTS)
+OURS = ("apollo", "apollo_mini", "apollo_layerwise", "apollo_mini_layerwise")
+ALL_OPTIMIZERS = ("torch-adamw", *OURS, "apollo-torch", "galore-torch", *VARIANTS)
 LAYERWISE_OF = {"apollo_layerwise": "apollo", "apollo_mini_layerwise": "apollo_mini"}
-BASELINE = "adamw_torch"
-# The attention and MLP matrices, for every optimizer alike. (HF's "all-linear" for apollo_adamw/galore_adamw
-# also takes lm_head; ours leaves it out, as PEFT does: an explicit pattern keeps the comparison equal.)
+BASELINE = "torch-adamw"
+# The attention and MLP matrices, for every optimizer alike (HF's "all-linear" for apollo_adamw/galore_adamw also
+# takes lm_head; ours leaves it out, as PEFT does: an explicit pattern keeps the comparison equal).
 TARGET_MODULES = r".*\.(self_attn|mlp)\.[a-z]+_proj"
 
 
-def optim_args(name: str, rank: int, gap: int) -> Optional[str]:
-    """The --optim_args train.py gets for ``name`` (None: the optimizer's defaults)."""
+def train_optimizer(name: str, rank: int, gap: int) -> tuple[str, Optional[str]]:
+    """(train.py's --optim, its --optim_args or None) for ``name``."""
     if name in VARIANTS:
-        variant = VARIANTS[name]
-        base = optim_args(variant.base, rank, gap)
-        return ",".join(x for x in (base, variant.optim_args) if x) or None
-    if name in ("apollo", "apollo_layerwise"):
-        return f"rank={rank},scale=1,update_proj_gap={gap},scale_type=channel"
-    if name in ("apollo_mini", "apollo_mini_layerwise"):
-        return f"rank=1,scale=128,update_proj_gap={gap},scale_type=tensor"
-    if name == "apollo_adamw":
-        return f"rank={rank},proj=random,scale_type=channel,update_proj_gap={gap},scale=1,proj_type=std"
-    if name == "galore_adamw":
-        return f"rank={rank},update_proj_gap={gap},scale=0.25,proj_type=std"
-    if name == BASELINE:
-        return None
+        optim, base_args = train_optimizer(VARIANTS[name].base, rank, gap)
+        return optim, ",".join(x for x in (base_args, VARIANTS[name].optim_args) if x)
+    if name in BASELINES:
+        return baseline_train_args(name, rank, gap)
+    if name in OURS:  # the registry's options but for the run's rank (channel-wise only) and gap
+        return name, (f"rank={rank}," if "mini" not in name else "") + f"update_proj_gap={gap}"
     raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(ALL_OPTIMIZERS)}")
 
 
@@ -272,11 +222,12 @@ def weight_bytes(model) -> int:
 
 
 def train_argv(args, name: str, lr: float, seed: int, corpus: Path, output_dir: Path) -> list[str]:
+    optim, optim_args = train_optimizer(name, args.rank, args.update_proj_gap)
     argv = [
         "--config", str(ROOT / "configs" / "tiny.yaml"),
         "--model_config", str(args.model_config),
         "--data_files", str(corpus),
-        "--optim", VARIANTS[name].base if name in VARIANTS else name,
+        "--optim", optim,
         "--optim_target_modules", TARGET_MODULES, *(VARIANTS[name].extra_targets if name in VARIANTS else ()),
         "--learning_rate", f"{lr:g}",
         "--lr_scheduler_type", "cosine_with_min_lr",
@@ -300,9 +251,8 @@ def train_argv(args, name: str, lr: float, seed: int, corpus: Path, output_dir: 
         "--disable_tqdm", "true",
         "--use_cpu", "true" if args.device == "cpu" else "false",
     ]
-    extra = optim_args(name, args.rank, args.update_proj_gap)
-    if extra is not None:
-        argv += ["--optim_args", extra]
+    if optim_args is not None:
+        argv += ["--optim_args", optim_args]
     if name in VARIANTS:
         argv += list(VARIANTS[name].flags)
     if args.bf16:
@@ -401,68 +351,64 @@ def _mib(n: float) -> str:
 
 def results_table(summaries: list[Summary], lrs: list[float]) -> str:
     base = next((s for s in summaries if s.optimizer == BASELINE), None)
-    head = ("| optimizer | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr | final eval loss | perplexity "
-            "| vs adamw_torch | state MiB | state of low-rank matrices MiB | (% of AdamW's) | train time s | "
-            "tokens/s |")
-    rows = [head, "|---|" + "---:|" * (len(lrs) + 9)]
+    rows = []
     for s in summaries:
-        cells = [f"**{s.sweep[lr]:.4f}**" if lr == s.best_lr else (f"{s.sweep[lr]:.4f}" if lr in s.sweep else "—")
-                 for lr in lrs]
         best = s.best
-        versus = "—" if base is None else f"{100 * (best['final_eval_loss'] / base.best['final_eval_loss'] - 1):+.2f}%"
+        versus = ("—" if base is None
+                  else f"{100 * (best['final_eval_loss'] / base.best['final_eval_loss'] - 1):+.2f}%")
         share = ("—" if base is None or not base.best["lowrank_state_bytes"]
                  else f"{100 * best['lowrank_state_bytes'] / base.best['lowrank_state_bytes']:.2f}%")
-        rows.append(
-            f"| {s.optimizer} | " + " | ".join(cells) + f" | {s.best_lr:g} | {best['final_eval_loss']:.4f} | "
-            f"{best['final_perplexity']:.2f} | {versus} | {_mib(best['state_bytes'])} | "
-            f"{_mib(best['lowrank_state_bytes'])} | {share} | {best['train_runtime_s']:.0f} | "
-            f"{best['tokens'] / best['train_runtime_s']:,.0f} |")
-    return "\n".join(rows)
+        rows.append([s.optimizer, *[f"**{s.sweep[lr]:.4f}**" if lr == s.best_lr else (
+            f"{s.sweep[lr]:.4f}" if lr in s.sweep else "—") for lr in lrs], f"{s.best_lr:g}",
+            f"{best['final_eval_loss']:.4f}", f"{best['final_perplexity']:.2f}", versus, _mib(best["state_bytes"]),
+            _mib(best["lowrank_state_bytes"]), share, f"{best['train_runtime_s']:.0f}",
+            f"{best['tokens'] / best['train_runtime_s']:,.0f}"])
+    return table(["optimizer", *[f"lr {lr:g}" for lr in lrs], "best lr", "final eval loss", "perplexity",
+                  f"vs {BASELINE}", "state MiB", "state of low-rank matrices MiB", f"(% of {BASELINE}'s)",
+                  "train time s", "tokens/s"], rows, "l" + "r" * (len(lrs) + 9))
 
 
 def noise_table(summaries: list[Summary], seeds: list[int]) -> str:
-    rows = ["| optimizer | lr | final eval loss per seed (" + ", ".join(map(str, seeds)) + ") | mean | spread (max - min) |",
-            "|---|---:|---|---:|---:|"]
-    for s in summaries:
-        if len(s.repeats) > 1:
-            rows.append(f"| {s.optimizer} | {s.best_lr:g} | " + ", ".join(f"{x:.4f}" for x in s.repeats) +
-                        f" | {sum(s.repeats) / len(s.repeats):.4f} | {max(s.repeats) - min(s.repeats):.4f} |")
-    return "\n".join(rows) if len(rows) > 2 else ""
+    rows = [[s.optimizer, f"{s.best_lr:g}", ", ".join(f"{x:.4f}" for x in s.repeats),
+             f"{sum(s.repeats) / len(s.repeats):.4f}", f"{max(s.repeats) - min(s.repeats):.4f}"]
+            for s in summaries if len(s.repeats) > 1]
+    return table(["optimizer", "lr", f"final eval loss per seed ({', '.join(map(str, seeds))})", "mean",
+                  "spread (max - min)"], rows, "lrlrr") if rows else ""
 
 
-def target_lines(summaries: list[Summary]) -> list[str]:
+TARGET_HEAD = ["target", "measured", "bound", "verdict"]
+
+
+def targets(summaries: list[Summary]) -> list[list[str]]:
+    """The issue's targets, judged from the numbers: one row each."""
     by_name = {s.optimizer: s for s in summaries}
     base = by_name.get(BASELINE)
-    lines = []
+    rows = []
     spreads = [max(s.repeats) - min(s.repeats) for s in summaries if len(s.repeats) > 1]
     noise = max(spreads) if spreads else None
     for name, bound in (("apollo", 2.0), ("apollo_mini", 3.0), ("apollo_layerwise", 2.0),
                         ("apollo_mini_layerwise", 3.0)):
-        if base is None or name not in by_name:
-            continue
-        ours, theirs = by_name[name].best["final_eval_loss"], base.best["final_eval_loss"]
-        gap = 100 * (ours / theirs - 1)
-        lines.append(f"- {name} vs adamw_torch (best lr each, final eval loss): {ours:.4f} vs {theirs:.4f} = "
-                     f"{gap:+.2f}% (target: within {bound:g}%; lower is better): "
-                     f"**{'met' if gap <= bound else 'missed'}**.")
-    if "apollo" in by_name and "apollo_adamw" in by_name:
-        ours, theirs = by_name["apollo"], by_name["apollo_adamw"]
+        if base is not None and name in by_name:
+            ours, theirs = by_name[name].best["final_eval_loss"], base.best["final_eval_loss"]
+            gap = 100 * (ours / theirs - 1)
+            rows.append([f"{name} vs {BASELINE}, final eval loss at each one's best lr",
+                         f"{ours:.4f} vs {theirs:.4f} = {gap:+.2f}%", f"within {bound:g}% (lower is better)",
+                         f"**{'met' if gap <= bound else 'missed'}**"])
+    if "apollo" in by_name and "apollo-torch" in by_name:
         mean = lambda s: sum(s.repeats) / len(s.repeats)  # noqa: E731
-        diff = mean(ours) - mean(theirs)
-        judged = "no noise estimate (give --repeat-seeds)" if noise is None else (
-            f"largest seed-to-seed spread of one optimizer {noise:.4f}: "
-            f"**{'equal within noise' if abs(diff) <= noise else 'differs by more than the noise'}**")
-        lines.append(f"- apollo vs apollo_adamw (the published implementation), mean over seeds at each one's best lr: "
-                     f"{mean(ours):.4f} vs {mean(theirs):.4f}, difference {diff:+.4f}; {judged}.")
-    if base is not None:
-        for name in ("apollo_mini", "apollo_mini_layerwise"):
-            if name in by_name and base.best["lowrank_state_bytes"]:
-                share = 100 * by_name[name].best["lowrank_state_bytes"] / base.best["lowrank_state_bytes"]
-                whole = 100 * by_name[name].best["state_bytes"] / base.best["state_bytes"]
-                lines.append(f"- {name} optimizer state on the low-rank matrices: {share:.3f}% of AdamW's on the same "
-                             f"matrices (target < 1%: **{'met' if share < 1 else 'missed'}**); whole model, with "
-                             f"AdamW on embeddings, lm_head and norms: {whole:.1f}%.")
-    return lines
+        diff = mean(by_name["apollo"]) - mean(by_name["apollo-torch"])
+        rows.append(["apollo vs apollo-torch (the published implementation), mean over seeds at each one's best lr",
+                     f"{mean(by_name['apollo']):.4f} vs {mean(by_name['apollo-torch']):.4f}, difference {diff:+.4f}",
+                     "no noise estimate (give --repeat-seeds)" if noise is None else
+                     f"the largest seed spread of one optimizer, {noise:.4f}", "—" if noise is None else
+                     f"**{'equal within noise' if abs(diff) <= noise else 'differs by more than the noise'}**"])
+    for name in ("apollo_mini", "apollo_mini_layerwise"):
+        if base is not None and name in by_name and base.best["lowrank_state_bytes"]:
+            share = 100 * by_name[name].best["lowrank_state_bytes"] / base.best["lowrank_state_bytes"]
+            whole = 100 * by_name[name].best["state_bytes"] / base.best["state_bytes"]
+            rows.append([f"{name} optimizer state on the low-rank matrices, vs {BASELINE}'s on them",
+                         f"{share:.3f}% (whole model {whole:.1f}%)", "< 1%", f"**{'met' if share < 1 else 'missed'}**"])
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -483,21 +429,17 @@ class VariantComparison:
         """The seeds both have: the comparison is paired (same init and data order)."""
         return sorted(set(self.losses) & set(self.base_losses))
 
-    @property
-    def mean(self) -> float:
-        return sum(self.losses[s] for s in self.seeds) / len(self.seeds)
+    def _over_seeds(self, losses: dict[int, float]) -> list[float]:
+        return [losses[s] for s in self.seeds]
 
-    @property
-    def base_mean(self) -> float:
-        return sum(self.base_losses[s] for s in self.seeds) / len(self.seeds)
+    mean = property(lambda self: statistics.fmean(self._over_seeds(self.losses)))
+    base_mean = property(lambda self: statistics.fmean(self._over_seeds(self.base_losses)))
+    spread = property(lambda self: _range(self._over_seeds(self.losses)))
+    base_spread = property(lambda self: _range(self._over_seeds(self.base_losses)))
 
-    @property
-    def spread(self) -> float:
-        return max(self.losses[s] for s in self.seeds) - min(self.losses[s] for s in self.seeds)
 
-    @property
-    def base_spread(self) -> float:
-        return max(self.base_losses[s] for s in self.seeds) - min(self.base_losses[s] for s in self.seeds)
+def _range(values: list[float]) -> float:
+    return max(values) - min(values)
 
 
 def compare_variants(results: dict[str, dict], names: list[str], best_lr: dict[str, float]) -> list[VariantComparison]:
@@ -528,97 +470,42 @@ def compare_variants(results: dict[str, dict], names: list[str], best_lr: dict[s
 
 def variants_table(comparisons: list[VariantComparison]) -> str:
     seeds = sorted({s for c in comparisons for s in c.seeds})
-    rows = ["| run | what changes | lr | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | vs plain (mean) "
-            "| vs plain, per seed | seed spread (max - min) | state MiB | weights MiB | train time s (mean) |",
-            "|---|---|---:|" + "---:|" * len(seeds) + "---:|---:|---|---:|---:|---:|---:|"]
+    rows = []
     for c in comparisons:
-        own = c.name == c.base
-        what = "— (the baseline)" if own else VARIANTS[c.name].what
-        cells = [f"{c.losses[s]:.4f}" if s in c.seeds else "—" for s in seeds]
-        versus = "—" if own else f"{c.mean - c.base_mean:+.4f} ({100 * (c.mean / c.base_mean - 1):+.2f}%)"
-        paired = "—" if own else ", ".join(f"{c.losses[s] - c.base_losses[s]:+.4f}" for s in c.seeds)
-        first = c.runs[0]
-        weights = first.get("weight_bytes")
-        rows.append(f"| {c.name} | {what} | {c.lr:g} | " + " | ".join(cells) + f" | {c.mean:.4f} | {versus} | {paired} "
-                    f"| {c.spread:.4f} | {_mib(first['state_bytes'])} | {'—' if weights is None else _mib(weights)} "
-                    f"| {sum(r['train_runtime_s'] for r in c.runs) / len(c.runs):.0f} |")
-    return "\n".join(rows)
+        own, first = c.name == c.base, c.runs[0]
+        rows.append([c.name, "— (the baseline)" if own else VARIANTS[c.name].what, f"{c.lr:g}",
+                     *[f"{c.losses[s]:.4f}" if s in c.seeds else "—" for s in seeds], f"{c.mean:.4f}",
+                     "—" if own else f"{c.mean - c.base_mean:+.4f} ({100 * (c.mean / c.base_mean - 1):+.2f}%)",
+                     "—" if own else ", ".join(f"{c.losses[s] - c.base_losses[s]:+.4f}" for s in c.seeds),
+                     f"{c.spread:.4f}", _mib(first["state_bytes"]),
+                     "—" if first.get("weight_bytes") is None else _mib(first["weight_bytes"]),
+                     f"{sum(r['train_runtime_s'] for r in c.runs) / len(c.runs):.0f}"])
+    return table(["run", "what changes", "lr", *[f"seed {s}" for s in seeds], "mean", "vs plain (mean)",
+                  "vs plain, per seed", "seed spread (max - min)", "state MiB", "weights MiB", "train time s (mean)"],
+                 rows, "llr" + "r" * len(seeds) + "rrlrrrr")
 
 
-def variant_target_lines(comparisons: list[VariantComparison], precision: str) -> list[str]:
+def variant_targets(comparisons: list[VariantComparison], precision: str) -> list[list[str]]:
     """The targets of issue 17, judged on the means over the seeds both runs have (lower loss is better)."""
-    lines = []
-    for c in comparisons:
-        if c.name == c.base:
-            continue
+    rows = []
+    for c in (c for c in comparisons if c.name != c.base):
         variant = VARIANTS[c.name]
         diff, pct = c.mean - c.base_mean, 100 * (c.mean / c.base_mean - 1)
-        head = (f"- {c.name} vs {c.base} ({precision}), mean over seeds {', '.join(map(str, c.seeds))} at lr "
-                f"{c.lr:g}: {c.mean:.4f} vs {c.base_mean:.4f}, difference {diff:+.4f} ({pct:+.2f}%); seed spread of "
-                f"{c.base} {c.base_spread:.4f}, of {c.name} {c.spread:.4f}")
+        measured = (f"{c.mean:.4f} vs {c.base_mean:.4f}, difference {diff:+.4f} ({pct:+.2f}%); seed spread of "
+                    f"{c.base} {c.base_spread:.4f}, of {c.name} {c.spread:.4f}")
         if len(c.seeds) < 2:
-            lines.append(head + ": one seed only, no noise estimate (give --repeat-seeds).")
+            bound, verdict = "—", "one seed only, no noise estimate (give --repeat-seeds)"
         elif variant.within_noise:
-            met = abs(diff) <= c.base_spread
-            lines.append(head + f" (target: |difference| within {c.base}'s seed spread): **{'met' if met else 'missed'}**.")
+            bound, verdict = f"|difference| within {c.base}'s seed spread", abs(diff) <= c.base_spread
         elif variant.max_gap_pct is not None:
-            met = pct <= variant.max_gap_pct
-            lines.append(head + f" (target: within {variant.max_gap_pct:g}% of the same-precision {c.base} run; "
-                         f"lower is better): **{'met' if met else 'missed'}**.")
+            bound, verdict = f"within {variant.max_gap_pct:g}% (lower is better)", pct <= variant.max_gap_pct
         else:
             where = "within" if abs(diff) <= c.base_spread else "beyond"
-            lines.append(head + f" (no target: a measured cost; the difference is {where} {c.base}'s seed spread).")
-    return lines
-
-
-def render_variants(args, command: str, comparisons: list[VariantComparison], corpus_info: dict, machine: str,
-                    loads: tuple[str, str], csv_path: Path) -> str:
-    finished = [r["finished"] for c in comparisons for r in c.runs]
-    base_run = comparisons[0].runs[0]
-    precision = "bf16 mixed precision" if args.bf16 else "fp32 weights"
-    rel = lambda p: os.path.relpath(p, Path(args.output).parent) if args.output not in ("", "-") else str(p)  # noqa: E731
-    parts = [
-        VARIANTS_BEGIN,
-        f"### Memory levers against plain APOLLO-Mini: what they cost in loss (`benchmarks/convergence.py`"
-        f"{', ' + args.tag if args.tag else ''})",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
-        f"Runs finished between {min(finished)} and {max(finished)} on {machine}; {args.parallel} run(s) at a time, "
-        f"{args.threads or 'default'} thread(s) each; load average {loads[0]} at the start of this invocation and "
-        f"{loads[1]} at its end. Train times are indicative only (shared cores).",
-        "",
-        setting_text(args, base_run, corpus_info) + " Each variant is its base's run with one lever changed, at "
-        "the base's best learning rate of this invocation's sweep, with the same seeds (init and data order), so "
-        f"the per-seed differences are paired. The plain runs keep {precision}.",
-        "",
-        "Final eval loss per seed (state: optimizer state measured in the trained optimizer; weights: parameters "
-        "and buffers as stored):",
-        "",
-        variants_table(comparisons),
-        "",
-        "Targets (issue 17):",
-        "",
-        *variant_target_lines(comparisons, precision),
-        "",
-        f"Curves: [{rel(csv_path)}]({rel(csv_path)}) (eval and train loss of these runs, every {args.eval_steps} "
-        "steps).",
-        "",
-        VARIANTS_END,
-    ]
-    return "\n".join(parts)
-
-
-def write_variants_section(path: str, section: str) -> None:
-    """Into ``path`` in place of its previous variants section, else right after the convergence section,
-    else at the end."""
-    text = Path(path).read_text() if Path(path).exists() else ""
-    if VARIANTS_BEGIN not in text and SECTION_END in text:
-        write_text_atomic(path, text.replace(SECTION_END, SECTION_END + "\n\n" + section, 1))
-    else:
-        write_section(path, section, VARIANTS_BEGIN, VARIANTS_END)
+            bound, verdict = "none: a measured cost", f"the difference is {where} {c.base}'s seed spread"
+        rows.append([f"{c.name} vs {c.base} ({precision}), mean over seeds {', '.join(map(str, c.seeds))} at lr "
+                     f"{c.lr:g}", measured, bound,
+                     verdict if isinstance(verdict, str) else f"**{'met' if verdict else 'missed'}**"])
+    return rows
 
 
 def write_csv(path: Path, results: dict[str, dict]) -> None:
@@ -668,65 +555,27 @@ def write_plot(path: Path, summaries: list[Summary], lrs: list[float], title: st
     return True
 
 
-def setting_text(args, base: dict, corpus_info: dict) -> str:
-    """The paragraph that says what every run of the section trained, on what data, for how long."""
-    tokens_per_step = args.batch_size * args.block_size
-    return (
-        f"Setting: `{os.path.relpath(args.model_config, ROOT)}` ({base.get('parameters', 0) / 1e6:.2f}M parameters, "
-        f"{base.get('lowrank_parameters', 0) / 1e6:.2f}M of them in the attention/MLP matrices), random init "
-        f"(seed {args.seed}); corpus: the pydoc topics and standard-library docstrings of Python "
-        f"{corpus_info.get('python')} ({corpus_info.get('documents', 0):,} documents, "
-        f"{corpus_info.get('characters', 0) / 1e6:.2f}M characters), the offline 4096-token BPE, blocks of "
-        f"{args.block_size} tokens, {args.eval_fraction:.0%} held out; {args.steps} steps of {args.batch_size} "
-        f"blocks ({tokens_per_step:,} tokens per step, {args.steps * tokens_per_step / 1e6:.2f}M tokens); "
-        f"warmup 10% then cosine to 10% of the peak lr; gradient clipping 1.0 (off for layer-wise); weight decay "
-        f"0; rank {args.rank} (APOLLO, apollo-torch, GaLore), update_proj_gap {args.update_proj_gap}.")
+def setting_table(args, base: dict, corpus_info: dict) -> str:
+    """What every run of a section trained, on what data, for how long."""
+    tokens = args.batch_size * args.block_size
+    return table(["model", "parameters", "in attention/MLP matrices", "init seed", "corpus (Python's docs)",
+                  "block, held out", "steps x tokens", "rank, update_proj_gap"],
+                 [[f"`{os.path.relpath(args.model_config, ROOT)}`", f"{base.get('parameters', 0) / 1e6:.2f}M",
+                   f"{base.get('lowrank_parameters', 0) / 1e6:.2f}M", args.seed,
+                   f"Python {corpus_info.get('python')}: {corpus_info.get('documents', 0):,} documents, "
+                   f"{corpus_info.get('characters', 0) / 1e6:.2f}M characters", f"{args.block_size}, "
+                   f"{args.eval_fraction:.0%}", f"{args.steps} x {tokens:,} = {args.steps * tokens / 1e6:.2f}M",
+                   f"{args.rank}, {args.update_proj_gap}"]], "lrrrlrrr")
 
 
-def render(args, command: str, summaries: list[Summary], corpus_info: dict, machine: str, loads: tuple[str, str],
-           csv_path: Path, png_path: Optional[Path], seeds: list[int], finished: list[str], lrs: list[float]) -> str:
-    base = summaries[0].best if summaries else {}
-    rel = lambda p: os.path.relpath(p, Path(args.output).parent) if args.output not in ("", "-") else str(p)  # noqa: E731
-    parts = [
-        SECTION_BEGIN,
-        f"## Convergence: pre-training a {base.get('parameters', 0) / 1e6:.1f}M-parameter LLaMA "
-        f"(`benchmarks/convergence.py`{', ' + args.tag if args.tag else ''})",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
-        f"Runs finished between {min(finished)} and {max(finished)} on {machine}; {args.parallel} run(s) at a "
-        f"time, {args.threads or 'default'} thread(s) each (finished runs are reused by later invocations: the "
-        f"load average of this last one, {loads[0]} at its start and {loads[1]} at its end, says little about "
-        "theirs). Train time and tokens/s are indicative only: the runs shared the cores with each other and, "
-        "during part of the sweep, with other work.",
-        "",
-        setting_text(args, base, corpus_info),
-        "",
-        "Final eval loss for each peak learning rate of the sweep (bold: the optimizer's best), and the run at "
-        "the best learning rate (perplexity = exp(eval loss); state bytes measured in the trained optimizer; "
-        "train time includes the periodic evals):",
-        "",
-        results_table(summaries, lrs),
-        "",
-    ]
-    noise = noise_table(summaries, seeds)
-    if noise:
-        parts += ["Run-to-run noise: the same optimizer and learning rate with other seeds (init and data order):",
-                  "", noise, ""]
-    targets = target_lines(summaries)
-    if targets:
-        parts += ["Targets:", "", *targets, ""]
-    parts += [f"Curves: [{rel(csv_path)}]({rel(csv_path)}) (eval and train loss of every run, every "
-              f"{args.eval_steps} steps)" + (f"; plot:\n\n![convergence]({rel(png_path)})" if png_path else "."), ""]
-    layerwise = [n for n in LAYERWISE_OF if n in args.optimizer_list]
-    if layerwise and not args.sweep_layerwise:
-        parts += [f"Layer-wise forms ({', '.join(layerwise)}) ran only at their plain form's best learning rate "
-                  "(same update, tested bit for bit; here they differ only by having no global gradient clipping).",
-                  ""]
-    parts.append(SECTION_END)
-    return "\n".join(parts)
+def machine_text(args, machine: str, finished: list[str], loads: tuple[str, str]) -> str:
+    return (f"Runs finished between {min(finished)} and {max(finished)}, {args.parallel} at a time, "
+            f"{args.threads or 'default'} thread(s) each ({'bf16 mixed precision' if args.bf16 else 'fp32'}), on "
+            f"{machine}; load average {loads[0]} / {loads[1]} at the start / end of this invocation.")
+
+
+def link(args, path: Path) -> str:
+    return os.path.relpath(path, Path(args.output).parent) if args.output not in ("", "-") else str(path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -759,7 +608,7 @@ def parse_args(argv=None):
                         help="Sweep the layer-wise forms too (default: their plain form's best lr only).")
     parser.add_argument("--repeat-seeds", default="43", help="Extra seeds for --repeat-optimizers at their best lr "
                         "('' for none): the run-to-run noise.")
-    parser.add_argument("--repeat-optimizers", default="apollo,apollo_adamw")
+    parser.add_argument("--repeat-optimizers", default="apollo,apollo-torch")
     parser.add_argument("--model-config", default=str(ROOT / "configs" / "llama_5m.json"))
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -789,7 +638,7 @@ def parse_args(argv=None):
     args.optimizer_list = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     for name in args.optimizer_list:
         try:
-            optim_args(name, 1, 1)  # unknown names fail here, before any run
+            train_optimizer(name, 1, 1)  # unknown names fail here, before any run
         except ValueError as error:
             raise SystemExit(f"--optimizers: {error}") from None
     for name in args.optimizer_list:
@@ -882,42 +731,39 @@ def main(argv=None) -> int:
     all_lrs = sorted({lr for s in summaries for lr in s.sweep} | set(args.lr_list))
     comparisons = compare_variants(results, variants, best)
 
-    import torch
-
-    machine = (f"{'GPU ' + torch.cuda.get_device_name(0) + ', ' if args.device == 'cuda' else ''}CPU {cpu_model()}, "
-               f"{os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}")
+    machine = machine_line(args.device)
     folder = work if args.output in ("", "-") else Path(args.output).resolve().parent
     loads = (load_start, load_average())
     if "sweep" in args.section_list:
         csv_path, png_path = folder / f"convergence_{args.tag}.csv", folder / f"convergence_{args.tag}.png"
         write_csv(csv_path, results)
-        title = (f"{Path(args.model_config).name}, {args.steps} steps x {args.batch_size * args.block_size} tokens, "
-                 f"{machine}")
-        if not write_plot(png_path, summaries, all_lrs, title):
-            png_path = None
-        print()
-        print(results_table(summaries, all_lrs))
-        for line in target_lines(summaries):
-            print(line)
-        print(f"\nCSV {csv_path}" + (f", plot {png_path}" if png_path else ""))
+        title = f"{Path(args.model_config).name}, {args.steps} steps x {args.batch_size * args.block_size} tokens"
+        plotted = write_plot(png_path, summaries, all_lrs, title)
+        tables = [setting_table(args, summaries[0].best if summaries else {}, corpus_info),
+                  results_table(summaries, all_lrs), noise_table(summaries, [args.seed, *args.seed_list]),
+                  table(TARGET_HEAD, targets(summaries)) if targets(summaries) else "",
+                  f"Curves: [{link(args, csv_path)}]({link(args, csv_path)})"
+                  + (f"\n\n![convergence]({link(args, png_path)})" if plotted else "")]
+        print("\n\n".join(t for t in tables if t))
         if args.output not in ("", "-"):
-            section = render(args, command, summaries, corpus_info, machine, loads, csv_path, png_path,
-                             [args.seed, *args.seed_list], [r["finished"] for r in results.values()], all_lrs)
-            write_section(args.output, section, SECTION_BEGIN, SECTION_END)
+            finished = [r["finished"] for r in results.values()]
+            write_section(args.output, section("convergence", SCRIPT, command,
+                                               machine_text(args, machine, finished, loads), *tables), "convergence")
             print(f"wrote the convergence section of {args.output}")
     if "variants" in args.section_list and comparisons:
         csv_path = folder / f"convergence_{args.tag}_variants.csv"
         write_csv(csv_path, {run_key(r["spec"]["optimizer"], r["spec"]["lr"], r["spec"]["seed"]): r
                              for c in comparisons for r in c.runs})
         precision = "bf16 mixed precision" if args.bf16 else "fp32 weights"
-        print()
-        print(variants_table(comparisons))
-        for line in variant_target_lines(comparisons, precision):
-            print(line)
-        print(f"\nCSV {csv_path}")
+        tables = [setting_table(args, comparisons[0].runs[0], corpus_info), variants_table(comparisons),
+                  table(TARGET_HEAD, variant_targets(comparisons, precision)),
+                  f"Curves: [{link(args, csv_path)}]({link(args, csv_path)})"]
+        print("\n\n".join(tables))
         if args.output not in ("", "-"):
-            write_variants_section(args.output, render_variants(args, command, comparisons, corpus_info, machine,
-                                                                loads, csv_path))
+            finished = [r["finished"] for c in comparisons for r in c.runs]
+            write_section(args.output, section("convergence-variants", SCRIPT, command,
+                                               machine_text(args, machine, finished, loads), *tables),
+                          "convergence-variants")
             print(f"wrote the convergence-variants section of {args.output}")
     return 0
 

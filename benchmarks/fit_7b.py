@@ -1,72 +1,29 @@
 """Does LLaMA-7B really train on one GPU under 48, 24 and 16 GB? Measured peaks next to the estimator's.
 
-    python benchmarks/fit_7b.py                                   # CUDA GPU: LLaMA-7B, caps 48,24,16, six optimizers
+    python benchmarks/fit_7b.py                                   # CUDA GPU: LLaMA-7B, caps 48,24,16
     python benchmarks/fit_7b.py --caps 24 --optims apollo_mini_layerwise --steps 20 --output fit_24.json
     python benchmarks/fit_7b.py --config configs/llama_1b.json --caps 0 --output fit_1b.json   # no cap
     python benchmarks/fit_7b.py --device cpu --config configs/llama_tiny.json --caps 0 --seq-len 64 --steps 2
-                                                                  # CPU: the script itself, and the estimator
-                                                                  # against the peak of live CPU tensor bytes
 
-What one run is, for each cap and optimizer (larger caps first):
+For each cap (largest first) and optimizer: free the previous run, cap PyTorch's allocator with
+``torch.cuda.set_per_process_memory_fraction`` (GB = 10^9 bytes; 0: no cap; the CUDA context lies outside the
+cap), build the model of --config on the device directly in bf16 (no fp32 copy; SDPA, per-layer gradient
+checkpointing; pure bf16, no master weights), build the optimizer (ours by registry name; a baseline of
+``_common.BASELINES``), run --steps steps on one fixed random batch (the loss falls: the updates happen), and
+record the allocator's peaks (model build included), tokens/s (steps after the first), the losses and the
+optimizer-state bytes. Out of memory: again at each --fallback-seq-lens; a smaller cap starts at the longest
+length that fitted a larger one. Next to each run: ``lowrank_opt.memory.estimate`` for the same run (allocated
+peak = total - overhead; reserved = total - the CUDA context).
 
-1. Free everything from the previous run (``del``, ``gc.collect()``, ``torch.cuda.empty_cache()``), reset the
-   peak statistics, and cap what PyTorch's caching allocator may reserve with
-   ``torch.cuda.set_per_process_memory_fraction(cap * 1e9 / total_memory)`` (``--caps 0``: no cap). GB is
-   10^9 bytes, the estimator's unit. The CUDA context (~0.5-1 GB) lives outside the allocator and so outside
-   the cap: a run that fits a 24e9-byte cap needs about 25 GB of card, and a card sold as "24 GB" has
-   24 GiB = 25.8e9 bytes.
-2. Build the model from ``--config`` on the device, random init, directly in bf16 (``with torch.device(...)``,
-   ``dtype=torch.bfloat16``: no fp32 copy is ever made), with Hugging Face's per-decoder-layer gradient
-   checkpointing (non-reentrant) and SDPA attention. Pure bf16 training: no fp32 master weights.
-3. Build the optimizer: ours through ``lowrank_opt.registry.build_optimizer(name, model, lr=...)`` (APOLLO
-   rounds its bf16 writes stochastically; the ``*_layerwise`` ones update each parameter inside backward and
-   free its gradient there), ``torch.optim.AdamW(fused=True)`` for ``adamw_fused`` (``foreach=True`` for
-   ``adamw``), ``bitsandbytes.optim.AdamW8bit`` for ``adamw_8bit`` with the embeddings kept in 32-bit as
-   the HF Trainer does (skipped when bitsandbytes does not import).
-4. ``--steps`` training steps (forward, loss, backward, ``step()``, ``zero_grad(set_to_none=True)``) on one
-   fixed batch of random tokens: the loss falling from the first to the last step shows that the updates
-   happen (the model memorises the batch), not that it learns language.
-5. Record the peaks ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` over the whole run (model
-   build included), tokens/s over the steps after the first (the first one allocates the optimizer state),
-   first and last loss, and the optimizer-state bytes (``lowrank_opt.memory.optimizer_state_bytes``).
-6. Out of memory at ``--seq-len``: the same again at each ``--fallback-seq-lens`` (1024, 512) until one fits;
-   the longest that fits is reported. A smaller cap starts at the longest length that fitted the larger one,
-   and an optimizer that fitted no length under a larger cap is not retried under a smaller one (status
-   ``oom (implied)``).
+Without a CUDA GPU it stops before allocating anything (exit status 3). ``--device cpu`` runs the same code on
+the CPU, the whole run traced by torch.profiler (the CPU allocator's running total of live tensor bytes),
+against ``estimate(..., device="cpu")``: a check of the estimator's tensor model, never GPU numbers. On the CPU,
+``--cpu-matmul layout`` (the default) gives bf16 matrix products one transposed operand
+(:class:`CpuBf16MatmulLayout`): torch's generic CPU bf16 kernel is some 100 times slower otherwise.
 
-Next to every measurement: ``lowrank_opt.memory.estimate`` for the same model, optimizer, batch and length.
-Its ``total`` includes a 0.75 GB CUDA context and 8 % fragmentation; the comparable figures are the estimated
-peak *allocated* (``total - overhead``: weights, gradients, states, activations, step scratch) against
-``max_memory_allocated``, and the estimate without the context (``total - 0.75 GB``) against
-``max_memory_reserved``. The table prints both and the ratio measured / estimated (allocated).
-
-Without a CUDA GPU the script stops before allocating anything, with exit status 3. ``--device cpu`` runs
-the same code on the CPU (any config; no caps; CPU timings): the whole run is traced with torch.profiler
-(``--cpu-peak``: the CPU allocator's running total, or torch's memory timeline; the same peak), its peak of
-live tensor bytes is the "peak alloc" column, and the estimate next to it is ``estimate(..., device="cpu")``
-(torch's CPU code paths, no CUDA context, no fragmentation). It checks the estimator's weights/gradients/
-states/activations/scratch model, not the CUDA overhead; its numbers are never GPU numbers, and the table and
-JSON say ``device: cpu``.
-
-Memory levers (issue 17), for every optimizer of the run and its estimate alike: ``--optim-args`` (e.g.
-``dense_state_bits=8``: the plain-AdamW moments of the embeddings and head in bitsandbytes' 8-bit blockwise
-form), ``--target-modules`` (``all-linear,embed_tokens,lm_head``: low-rank embeddings), ``--lean-loss`` (each
-step's loss is ``lowrank_opt.loss.causal_lm_loss_from_model``: chunked, no tokens x vocabulary tensor) and
-``--weights int8`` (every Linear but the head in int8, ``lowrank_opt.quant.Int8Linear``; the model is
-materialised from the meta device one module at a time, each Linear quantized as soon as it exists, so no
-float copy of the whole model is ever made). The 16 GB and 12 GB settings of docs/memory.md on LLaMA-7B, on
-the CPU (two steps at a short sequence, some 10 minutes a step on 2 cores; run it alone, the bf16 model holds
-15 GB). On the CPU, ``--cpu-matmul layout`` (the default) runs every bf16 matrix product with one operand
-transposed, copying the activation-sized operand where both share a layout: torch's generic CPU bf16 kernel
-is some 100 times slower otherwise (one Linear's input gradient at 7B: 0.2 GFLOPS, hours per step). The
-copies are traced like everything else and recorded (``layout_copies``, ``largest_layout_copy_mb``)::
-
-    python benchmarks/fit_7b.py --device cpu --caps 0 --seq-len 128 --steps 2 \
-        --optims apollo_mini_layerwise --optim-args dense_state_bits=8 --lean-loss \
-        --output fit_7b_cpu_16gb.json
-    python benchmarks/fit_7b.py --device cpu --caps 0 --seq-len 128 --steps 2 \
-        --optims apollo_mini_layerwise --optim-args dense_state_bits=8 --lean-loss --weights int8 \
-        --output fit_7b_cpu_12gb.json
+Memory levers (issue 17), for the run and its estimate alike: ``--optim-args`` (e.g. ``dense_state_bits=8``),
+``--target-modules``, ``--lean-loss`` (``lowrank_opt.loss.causal_lm_loss_from_model``) and ``--weights int8``
+(every Linear but the head in int8, materialised one module at a time: :func:`build_int8_model`).
 """
 
 from __future__ import annotations
@@ -87,11 +44,15 @@ from pathlib import Path
 from typing import Callable, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import GB, build_llama, command_line, environment, utc_now, write_json_atomic  # noqa: E402
+from _common import (  # noqa: E402
+    BASELINES, GB, baseline_missing, build_baseline, build_llama, command_line, environment, split_list, table,
+    utc_now, write_json_atomic)
 
 EXIT_NO_CUDA = 3
 DEFAULT_CONFIG = "configs/llama_7b.json"
-DEFAULT_OPTIMS = "apollo,apollo_mini,apollo_layerwise,apollo_mini_layerwise,adamw_fused,adamw_8bit"
+DEFAULT_OPTIMS = "apollo,apollo_mini,apollo_layerwise,apollo_mini_layerwise,torch-adamw-fused,bnb-adamw8bit"
+BASELINE_LR = 1e-3  # ours take the registry's
+WEIGHT_FORMATS = ("float", "int8")
 NO_CUDA_MESSAGE = (
     "fit_7b.py: error: no CUDA GPU is available (torch.cuda.is_available() is False), and this benchmark "
     "measures GPU memory; nothing was allocated. Run it on a machine with a CUDA GPU and a CUDA build of "
@@ -102,48 +63,52 @@ NO_CUDA_MESSAGE = (
 
 @dataclass(frozen=True)
 class OptimChoice:
-    """How ``--optims NAME`` is built and which estimator name predicts it, with the run's memory levers (the
-    same for the run and its estimate): ``target_modules`` (the low-rank matrices of a lowrank-opt optimizer;
-    None: its default, ``"all-linear"``), ``lean_loss`` (the loss of :func:`lowrank_opt.loss.
-    causal_lm_loss_from_model` instead of the model's own) and ``weights`` (``"int8"``: every Linear but the
-    head in int8, :class:`lowrank_opt.quant.Int8Linear`, updated by APOLLO)."""
+    """``--optims NAME`` (a registry name, or a key of ``_common.BASELINES``) with the run's options and memory
+    levers, the same for the run and its estimate: ``options`` (the constructor's, over the registry's
+    defaults), ``target_modules`` (None: the optimizer's default, ``"all-linear"``), ``lean_loss``, ``weights``."""
 
     name: str
-    kind: str  # "registry" | "torch_adamw" | "bnb8bit"
-    estimator: str  # name for lowrank_opt.memory.estimate
     lr: float
-    options: dict = field(default_factory=dict)
     layerwise: bool = False
-    estimator_args: dict = field(default_factory=dict)  # optim_args for the estimate, where the run sets them
-    target_modules: Optional[object] = None  # None | "all-linear" | regex | list of names (as HF takes them)
+    options: dict = field(default_factory=dict)
+    target_modules: Optional[object] = None
     lean_loss: bool = False
-    weights: str = "float"  # "float" | "int8"
+    weights: str = "float"
+
+    @property
+    def baseline(self) -> bool:
+        return self.name in BASELINES
+
+    @property
+    def estimator(self) -> str:
+        return BASELINES[self.name].estimator if self.baseline else self.name
+
+    @property
+    def estimator_args(self) -> dict:
+        return dict(self.options)
 
 
-CHOICES = {
-    c.name: c
-    for c in [
-        OptimChoice("apollo", "registry", "apollo", 1e-2),
-        OptimChoice("apollo_mini", "registry", "apollo_mini", 1e-2),
-        OptimChoice("apollo_layerwise", "registry", "apollo_layerwise", 1e-2, layerwise=True),
-        OptimChoice("apollo_mini_layerwise", "registry", "apollo_mini_layerwise", 1e-2, layerwise=True),
-        OptimChoice("adamw_fused", "torch_adamw", "adamw_torch_fused", 1e-3, dict(fused=True)),
-        OptimChoice("adamw", "torch_adamw", "adamw", 1e-3, dict(foreach=True), estimator_args=dict(foreach=True)),
-        OptimChoice("adamw_8bit", "bnb8bit", "adamw_8bit", 1e-3),
-    ]
-}
+def resolve_choice(name: str) -> OptimChoice:
+    """A key of ``_common.BASELINES`` or a registry name (ValueError naming both lists otherwise)."""
+    key = name.strip().lower()
+    if key in BASELINES:
+        if BASELINES[key].lowrank is not None:
+            raise ValueError(f"{key!r} projects matrices a model's targets would choose; fit_7b.py runs the dense "
+                             f"baselines only: {', '.join(k for k, b in BASELINES.items() if b.lowrank is None)}")
+        return OptimChoice(key, BASELINE_LR)
+    from lowrank_opt.registry import resolve
 
-
-WEIGHT_FORMATS = ("float", "int8")
+    try:
+        resolved = resolve(key)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; or one of {', '.join(BASELINES)}") from None
+    return OptimChoice(key, float(resolved.options.get("lr", 1e-3)), layerwise=resolved.layerwise)
 
 
 def with_levers(choice: OptimChoice, *, optim_args: Optional[dict] = None, target_modules=None,
                 lean_loss: bool = False, weights: str = "float") -> OptimChoice:
-    """``choice`` with the memory levers of issue 17, each for the run and its estimate alike: ``optim_args``
-    (a dict, e.g. ``{"dense_state_bits": 8}``) go to the optimizer's constructor and the estimate's
-    ``optim_args``; ``target_modules`` (e.g. ``["all-linear", "embed_tokens", "lm_head"]``), ``lean_loss``,
-    ``weights`` (``"float"`` or ``"int8"``). A clear ValueError, before any work, where a lever does not apply:
-    options, targets and int8 weights need a lowrank-opt optimizer (int8 weights are updated by it)."""
+    """``choice`` with the memory levers of issue 17, for the run and its estimate alike. A ValueError, before
+    any work, where a lever does not apply: options, targets and int8 weights need one of our optimizers."""
     from lowrank_opt.registry import normalize_target_modules
 
     optim_args = dict(optim_args or {})
@@ -151,21 +116,25 @@ def with_levers(choice: OptimChoice, *, optim_args: Optional[dict] = None, targe
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
     if not isinstance(lean_loss, bool):
         raise ValueError(f"lean_loss must be True or False, got {lean_loss!r}")
-    ours = choice.kind == "registry"
-    for label, used in (("optimizer options " + ", ".join(f"{k}={v}" for k, v in optim_args.items()),
-                         bool(optim_args)),
+    for label, used in (("optimizer options " + ", ".join(f"{k}={v}" for k, v in optim_args.items()), optim_args),
                         (f"target modules {target_modules!r}", target_modules is not None),
                         ("int8 weights (APOLLO updates them)", weights == "int8")):
-        if used and not ours:
-            raise ValueError(f"{label}: only for a lowrank-opt optimizer, not {choice.name!r} ({choice.kind})")
-    return dataclasses.replace(
-        choice, options={**choice.options, **optim_args}, estimator_args={**choice.estimator_args, **optim_args},
-        target_modules=normalize_target_modules(target_modules), lean_loss=lean_loss, weights=weights)
+        if used and choice.baseline:
+            raise ValueError(f"{label}: only for a lowrank-opt optimizer, not {choice.name!r} "
+                             f"({BASELINES[choice.name].package})")
+    if weights == "int8":
+        from lowrank_opt.registry import lowrank_names
+
+        if choice.name not in lowrank_names():
+            raise ValueError(f"int8 weights (APOLLO updates them): only for {', '.join(lowrank_names())}, not "
+                             f"{choice.name!r}")
+    return dataclasses.replace(choice, options={**choice.options, **optim_args}, lean_loss=lean_loss,
+                               target_modules=normalize_target_modules(target_modules), weights=weights)
 
 
 def describe_levers(choice: OptimChoice) -> str:
     """``"dense_state_bits=8, targets all-linear,embed_tokens,lm_head, lean loss, int8 weights"`` ("" if none)."""
-    parts = [f"{k}={v}" for k, v in choice.estimator_args.items() if k != "foreach"]
+    parts = [f"{k}={v}" for k, v in choice.options.items()]
     if choice.target_modules is not None:
         targets = choice.target_modules
         parts.append("targets " + (targets if isinstance(targets, str) else ",".join(targets)))
@@ -176,118 +145,66 @@ def describe_levers(choice: OptimChoice) -> str:
     return ", ".join(parts)
 
 
-def resolve_choice(name: str) -> OptimChoice:
-    """A name from CHOICES, or any other registry name (``apollo_capped``, ``adamp``, ...) with its own lr."""
-    key = name.strip().lower()
-    if key in CHOICES:
-        return CHOICES[key]
-    from lowrank_opt.registry import parse_name
-
-    spec, _ = parse_name(key)  # ValueError with the known names
-    return OptimChoice(key, "registry", key, float(spec.defaults.get("lr", 1e-3)),
-                       layerwise=bool(spec.defaults.get("layerwise", False)))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Arguments
 
 
-def parse_caps(text: str) -> list[float]:
-    """``"48,24,16"`` -> [48.0, 24.0, 16.0] (GB, largest first); 0 means no cap."""
-    caps = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
+def _numbers(text: str, cast, what: str, low: float) -> list:
+    """``"48,24,16"`` -> [48, 24, 16], each ``cast`` and >= ``low`` (argparse's error otherwise)."""
+    values = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
         try:
-            value = float(item)
+            value = cast(item)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"caps must be numbers of GB separated by commas, got {item!r}") from None
-        if not math.isfinite(value) or value < 0:
-            raise argparse.ArgumentTypeError(f"a cap must be >= 0 GB (0: no cap), got {item!r}")
-        caps.append(value)
+            raise argparse.ArgumentTypeError(f"{what} must be numbers separated by commas, got {item!r}") from None
+        if not (math.isfinite(value) and value >= low):
+            raise argparse.ArgumentTypeError(f"a {what[:-1]} must be >= {low:g}, got {item!r}")
+        values.append(value)
+    return values
+
+
+def parse_caps(text: str) -> list[float]:
+    """``"48,24,16"`` -> [48.0, 24.0, 16.0] (GB, largest first, 0 = no cap first)."""
+    caps = _numbers(text, float, "caps", 0)
     if not caps:
         raise argparse.ArgumentTypeError("--caps needs at least one value (0: no cap)")
     return sorted(caps, key=lambda c: math.inf if c == 0 else c, reverse=True)
 
 
-def parse_ints(text: str) -> list[int]:
-    values = []
-    for item in text.split(","):
-        item = item.strip()
-        if item:
-            try:
-                value = int(item)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {item!r}") from None
-            if value < 1:
-                raise argparse.ArgumentTypeError(f"sequence lengths must be >= 1, got {value}")
-            values.append(value)
-    return values
-
-
-def parse_optims(text: str) -> list[str]:
-    names = [t.strip().lower() for t in text.split(",") if t.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("--optims needs at least one optimizer name")
-    return names
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fit_7b.py",
-        description="Train LLaMA-7B (or --config) for a few real steps on one CUDA GPU under memory caps, per "
-                    "optimizer; print measured peaks, tokens/s and losses next to lowrank_opt.memory.estimate. "
-                    "Needs a CUDA GPU unless --device cpu (a smoke test of the script, no GPU numbers).")
+    parser = argparse.ArgumentParser(prog="fit_7b.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"transformers config JSON (default {DEFAULT_CONFIG})")
     parser.add_argument("--caps", type=parse_caps, default=parse_caps("48,24,16"),
-                        help="memory caps in GB (1e9 bytes) for PyTorch's allocator, comma-separated; 0 = no cap "
-                             "(default 48,24,16)")
-    parser.add_argument("--optims", type=parse_optims, default=parse_optims(DEFAULT_OPTIMS),
-                        help=f"optimizers, comma-separated (default {DEFAULT_OPTIMS}; also adamw and other "
-                             "registry names)")
+                        help="allocator caps in GB (1e9 bytes), comma-separated; 0 = no cap (default 48,24,16)")
+    parser.add_argument("--optims", type=lambda t: split_list(t.lower()), default=DEFAULT_OPTIMS.split(","),
+                        help=f"registry names and dense baselines, comma-separated (default {DEFAULT_OPTIMS})")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence to try first (default 2048)")
-    parser.add_argument("--fallback-seq-lens", type=parse_ints, default=parse_ints("1024,512"),
-                        help="shorter lengths to try, in order, after an out-of-memory (default 1024,512)")
+    parser.add_argument("--fallback-seq-lens", type=lambda t: _numbers(t, int, "lengths", 1), default=[1024, 512],
+                        help="shorter lengths to try after an out-of-memory, in order (default 1024,512)")
     parser.add_argument("--steps", type=int, default=10, help="training steps per run (default 10)")
     parser.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="learning rate for every optimizer (default: 1e-2 for APOLLO, the registry's, "
-                             "1e-3 for AdamW)")
+    parser.add_argument("--lr", type=float, default=None, help="for every optimizer (default: the registry's for "
+                        "ours, 1e-3 for the baselines)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the init and the random batch (default 0)")
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                        help="cuda (default; the point of the benchmark) or cpu (smoke test, no GPU numbers)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: no GPU numbers")
     levers = parser.add_argument_group("memory levers (issue 17), for every run and its estimate")
-    levers.add_argument("--optim-args", default="",
-                        help="options of the lowrank-opt optimizers, HF's k=v,k=v form (e.g. dense_state_bits=8: "
-                             "the plain-AdamW moments in 8-bit blockwise form)")
-    levers.add_argument("--target-modules", default=None,
-                        help="the low-rank matrices, comma-separated names/regexes (e.g. "
-                             "all-linear,embed_tokens,lm_head: low-rank embeddings; default: the optimizer's, "
-                             "all-linear)")
-    levers.add_argument("--lean-loss", action="store_true",
-                        help="the loss of lowrank_opt.loss.causal_lm_loss_from_model (chunked, no tokens x "
-                             "vocabulary tensor) instead of the model's own")
+    levers.add_argument("--optim-args", default="", help="our optimizers' options, k=v,k=v (e.g. dense_state_bits=8)")
+    levers.add_argument("--target-modules", default=None, help="the low-rank matrices, comma-separated names/regexes "
+                        "(e.g. all-linear,embed_tokens,lm_head; default all-linear)")
+    levers.add_argument("--lean-loss", action="store_true", help="lowrank_opt.loss.causal_lm_loss_from_model's loss")
     levers.add_argument("--weights", default="float", choices=list(WEIGHT_FORMATS),
-                        help="int8: every Linear but the head in int8 (lowrank_opt.quant.Int8Linear, group 128), "
-                             "materialised one layer at a time from the meta device (no full float copy ever "
-                             "exists); APOLLO updates them (Q-APOLLO). Default float")
-    parser.add_argument("--cpu-peak", default="allocator", choices=list(CPU_PEAK_METHODS),
-                        help="--device cpu: how the peak of live tensor bytes is traced (torch.profiler): allocator "
-                             "(default; the CPU allocator's running total, cheap) or timeline (torch's memory "
-                             "timeline by category; the same figure, ~30x slower, GBs of host memory)")
+                        help="int8: every Linear but the head in int8, updated by APOLLO (Q-APOLLO)")
     parser.add_argument("--cpu-matmul", default="layout", choices=list(CPU_MATMUL_CHOICES),
-                        help="CPU only: 'layout' (default) copies the smaller operand of a bf16 matrix product "
-                             "whose operands share a layout, which torch's generic CPU kernel runs ~100x slower "
-                             "(see CpuBf16MatmulLayout); 'torch': torch as is")
-    parser.add_argument("--no-estimate", dest="estimate", action="store_false",
-                        help="skip lowrank_opt.memory.estimate next to each measurement")
-    parser.add_argument("--output", type=Path, default=Path("fit_7b_results.json"),
-                        help="JSON file for the results (default fit_7b_results.json)")
+                        help="CPU: 'layout' (default) gives a bf16 matrix product one transposed operand "
+                             "(CpuBf16MatmulLayout); 'torch': torch as is")
+    parser.add_argument("--no-estimate", dest="estimate", action="store_false", help="skip the estimates")
+    parser.add_argument("--output", type=Path, default=Path("fit_7b_results.json"), help="the results' JSON file")
     return parser
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not args.optims:
+        parser.error("--optims needs at least one optimizer name")
     for label, value in (("--seq-len", args.seq_len), ("--steps", args.steps), ("--batch-size", args.batch_size)):
         if value < 1:
             parser.error(f"{label} must be >= 1, got {value}")
@@ -453,38 +370,19 @@ def weight_bytes(model) -> int:
     return total
 
 
-def bitsandbytes_available() -> Optional[str]:
-    """None when ``bitsandbytes.optim.AdamW8bit`` imports, else why not."""
-    try:
-        import bitsandbytes  # noqa: F401
-        from bitsandbytes.optim import AdamW8bit  # noqa: F401
-    except Exception as exc:  # any import failure (missing package, no CUDA libraries) means skip
-        return f"bitsandbytes not importable ({first_line(exc, 120)})"
-    return None
+def bitsandbytes_missing() -> Optional[str]:
+    """Why bitsandbytes (8-bit AdamW, our 8-bit dense states) cannot be used here, or None."""
+    return baseline_missing("bnb-adamw8bit")
 
 
 def build_optim(choice: OptimChoice, model, lr: float):
-    import torch
+    if choice.baseline:
+        return build_baseline(choice.name, model, lr=lr)
+    from lowrank_opt.registry import build_optimizer
 
-    if choice.kind == "registry":
-        from lowrank_opt.registry import build_optimizer
-
-        return build_optimizer(choice.name, model, lr=lr, target_modules=choice.target_modules, **choice.options)
-    if choice.kind == "torch_adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, **choice.options)
-    if choice.kind == "bnb8bit":
-        import bitsandbytes
-
-        optimizer = bitsandbytes.optim.AdamW8bit(model.parameters(), lr=lr, weight_decay=0.0)
-        manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
-        for module in model.modules():  # as the HF Trainer does for adamw_bnb_8bit (and the estimator assumes)
-            if isinstance(module, torch.nn.Embedding):
-                manager.register_module_override(module, "weight", {"optim_bits": 32})
-        return optimizer
-    raise ValueError(f"unknown optimizer kind {choice.kind!r}")
+    return build_optimizer(choice.name, model, lr=lr, target_modules=choice.target_modules, **choice.options)
 
 
-CPU_PEAK_METHODS = ("allocator", "timeline")
 CPU_MATMUL_CHOICES = ("layout", "torch")
 
 
@@ -551,76 +449,49 @@ class CpuBf16MatmulLayout:
 
 
 @contextlib.contextmanager
-def cpu_peak_bytes(method: str = "allocator"):
-    """The peak of live CPU tensor bytes inside the block (model build included), from torch.profiler with
-    ``profile_memory=True``, which sees every allocation and free of torch's CPU allocator. Yields a dict that
-    gets ``"peak_bytes"`` (and ``"method"``, ``"allocation_events"``, ``"baseline_bytes"``) on exit.
-
-    - ``"allocator"`` (the default): the most bytes the allocator had handed out at once while profiling, its
-      own running total as each allocation event carries it (``total_allocated``), less that total just before
-      the block's first allocation (the profiler keeps it across sessions, and a tensor of an earlier traced
-      run freed after that run's session ended stays in it). Counts every allocation made inside the block,
-      nothing from before; records no shapes or stacks, so it stays cheap for LLaMA-7B.
-    - ``"timeline"``: torch's memory timeline (``MemoryProfileTimeline``, private, the reconstruction behind
-      ``profile.export_memory_timeline``; needs shapes and stacks): the sum over its categories at each
-      instant. The same figure on every run compared (tests check it on the tiny model), but some 30 times
-      slower and some GB of host memory even for LLaMA-60M: too much next to LLaMA-7B's weights in 24 GB."""
+def cpu_peak_bytes():
+    """The peak of live CPU tensor bytes inside the block, from torch.profiler with ``profile_memory=True``: the
+    most bytes torch's CPU allocator had handed out at once (its running total, as each allocation event carries
+    it), less that total just before the block's first allocation (the profiler keeps the total across
+    sessions: a tensor of an earlier traced block freed after it stays in it). Yields a dict that gets
+    ``peak_bytes``, ``baseline_bytes``, ``allocation_events`` and ``method`` on exit."""
+    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    if method not in CPU_PEAK_METHODS:
-        raise ValueError(f"method must be one of {CPU_PEAK_METHODS}, got {method!r}")
-    timeline = method == "timeline"
-    result: dict = {"method": method}
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=timeline,
-                 with_stack=timeline) as prof:
+    result: dict = {"method": "allocator"}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         yield result
-    if timeline:
-        from torch.profiler._memory_profiler import MemoryProfileTimeline
-
-        _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
-        result["peak_bytes"] = max((sum(row) for row in sizes), default=0)
-        return
-    from torch._C._profiler import _EventType
-
-    # The running total is the profiler's, kept across profiling sessions of the process: a tensor allocated
-    # while an earlier session was on and freed after it ended is still in it. So the peak is taken from the
-    # total just before the block's first allocation event (its total less its own size).
     peak, count, first = 0, 0, None
     pending = list(prof.profiler.kineto_results.experimental_event_tree())
     while pending:
         event = pending.pop()
         pending.extend(event.children)
-        if event.typed[0] == _EventType.Allocation:
+        if event.typed[0] == _EventType.Allocation and event.typed[1].device.type == "cpu":
             fields = event.typed[1]
-            if fields.device.type == "cpu":
-                count += 1
-                peak = max(peak, fields.total_allocated)
-                if first is None or event.start_time_ns < first[0]:
-                    first = (event.start_time_ns, fields.total_allocated - fields.alloc_size)
+            count += 1
+            peak = max(peak, fields.total_allocated)
+            if first is None or event.start_time_ns < first[0]:
+                first = (event.start_time_ns, fields.total_allocated - fields.alloc_size)
     result["baseline_bytes"] = first[1] if first is not None else 0
     result["peak_bytes"] = peak - result["baseline_bytes"]
     result["allocation_events"] = count
 
 
 def train_run(config_path: str, choice: OptimChoice, *, device: str, seq_len: int, batch_size: int, steps: int,
-              lr: float, seed: int, dtype: str = "bfloat16",
-              on_progress: Optional[Callable[[dict], None]] = None, trace_cpu_peak: bool = True,
-              cpu_peak_method: str = "allocator", cpu_matmul: str = "layout") -> dict:
+              lr: float, seed: int, dtype: str = "bfloat16", trace_cpu_peak: bool = True,
+              cpu_matmul: str = "layout") -> dict:
     """Build model and optimizer, train ``steps`` steps on one random batch; measurements as a dict.
     Everything it allocates is local: gone (after ``gc.collect()``) once it returns or raises. On CPU the
     whole run is traced by torch.profiler for its peak of live tensor bytes (which slows it down; with
-    ``trace_cpu_peak=False`` it is not, and the CPU peak is None; ``cpu_peak_method``: see
-    :func:`cpu_peak_bytes`).
-    ``on_progress`` (if given) gets what is known so far after the model is built and after every step (the
-    losses, step times and, on CUDA, the peaks), so a caller can keep it when the run is cut short."""
+    ``trace_cpu_peak=False`` it is not, and the CPU peak is None)."""
     if cpu_matmul not in CPU_MATMUL_CHOICES:
         raise ValueError(f"cpu_matmul must be one of {CPU_MATMUL_CHOICES}, got {cpu_matmul!r}")
     run = dict(config_path=config_path, choice=choice, device=device, seq_len=seq_len, batch_size=batch_size,
-               steps=steps, lr=lr, seed=seed, dtype=dtype, on_progress=on_progress)
+               steps=steps, lr=lr, seed=seed, dtype=dtype)
     if device == "cuda":
         return _train_run(**run)
     layout = CpuBf16MatmulLayout() if cpu_matmul == "layout" else None
-    with cpu_peak_bytes(cpu_peak_method) if trace_cpu_peak else contextlib.nullcontext() as peak:
+    with cpu_peak_bytes() if trace_cpu_peak else contextlib.nullcontext() as peak:
         with layout if layout is not None else contextlib.nullcontext():
             result = _train_run(**run)
     result.update(layout.summary() if layout is not None else {"cpu_matmul": "torch"})
@@ -639,17 +510,15 @@ def cuda_peaks() -> dict:
 
 
 def _train_run(config_path: str, choice: OptimChoice, *, device: str, seq_len: int, batch_size: int, steps: int,
-               lr: float, seed: int, dtype: str, on_progress: Optional[Callable[[dict], None]]) -> dict:
+               lr: float, seed: int, dtype: str) -> dict:
     import torch
 
     from lowrank_opt.loss import causal_lm_loss_from_model
     from lowrank_opt.memory import optimizer_state_bytes
 
     cuda = device == "cuda"
-    report = on_progress or (lambda partial: None)
     model = build_model(config_path, device, seed, dtype, weights=choice.weights)
     after_model = torch.cuda.memory_allocated() if cuda else None
-    report({"model_built": True, **(cuda_peaks() if cuda else {})})
     optimizer = build_optim(choice, model, lr)
     generator = torch.Generator(device=device).manual_seed(seed)
     vocab = int(model.config.vocab_size)
@@ -672,27 +541,16 @@ def _train_run(config_path: str, choice: OptimChoice, *, device: str, seq_len: i
         seconds.append(time.perf_counter() - started)
         losses.append(value)
         del loss
-        report({"model_built": True, "losses": list(losses), "step_seconds": list(seconds),
-                **(cuda_peaks() if cuda else {})})
     timed = seconds[1:] or seconds  # the first step allocates the state (and draws P / runs nothing else)
     tokens = batch_size * seq_len
     result = {
-        "seq_len": seq_len,
-        "losses": losses,
-        "first_loss": losses[0],
-        "last_loss": losses[-1],
-        "loss_finite": all(math.isfinite(v) for v in losses),
-        "step_seconds": seconds,
-        "tokens_per_s": tokens / statistics.median(timed),
-        "first_step_s": seconds[0],
-        "optimizer_state_gb": optimizer_state_bytes(optimizer) / GB,
-        "weights_gb": weight_bytes(model) / GB,
-        "weights": choice.weights,
-        "lean_loss": choice.lean_loss,
+        "seq_len": seq_len, "losses": losses, "first_loss": losses[0], "last_loss": losses[-1],
+        "loss_finite": all(math.isfinite(v) for v in losses), "step_seconds": seconds,
+        "tokens_per_s": tokens / statistics.median(timed), "first_step_s": seconds[0],
+        "optimizer_state_gb": optimizer_state_bytes(optimizer) / GB, "weights_gb": weight_bytes(model) / GB,
+        "weights": choice.weights, "lean_loss": choice.lean_loss,
         "param_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "peak_allocated_gb": None,
-        "peak_reserved_gb": None,
-        "allocated_after_model_gb": None,
+        "peak_allocated_gb": None, "peak_reserved_gb": None, "allocated_after_model_gb": None,
     }
     if cuda:
         result.update(cuda_peaks())
@@ -729,15 +587,10 @@ def predict(config_path: str, choice: OptimChoice, seq_len: int, batch_size: int
         else:
             context = e.components.get("overhead.cuda context", 0)
             _ESTIMATES[key] = {
-                "total_gb": e.total / GB,
-                "allocated_gb": (e.total - e.overhead) / GB,
+                "total_gb": e.total / GB, "allocated_gb": (e.total - e.overhead) / GB,
                 "reserved_gb": (e.total - context) / GB if device == "cuda" else None,
-                "optimizer_states_gb": e.optimizer_states / GB,
-                "weights_gb": e.weights / GB,
-                "gradients_gb": e.gradients / GB,
-                "activations_gb": e.activations / GB,
-                "layerwise": e.layerwise,
-            }
+                "optimizer_states_gb": e.optimizer_states / GB, "weights_gb": e.weights / GB,
+                "gradients_gb": e.gradients / GB, "activations_gb": e.activations / GB, "layerwise": e.layerwise}
     return _ESTIMATES[key]
 
 
@@ -750,31 +603,23 @@ def _f(value: Optional[float], digits: int = 2) -> str:
 
 
 def markdown_table(records: list[dict], device: str) -> str:
-    lines = []
-    if device != "cuda":
-        lines.append("CPU run: the peak is of live tensor bytes in torch's CPU allocator (traced by torch.profiler), "
-                     "next to the estimate for device cpu; no GPU memory was measured and the timings "
-                     "are CPU timings. These are not GPU numbers.")
-        lines.append("")
-    lines.append("| cap GB | optimizer | seq | status | peak alloc GB | est. alloc GB | meas/est | peak reserved GB "
-                 "| est. reserved GB | est. total GB | states GB (meas / est) | tokens/s | loss first → last |")
-    lines.append("|--:|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|---|")
+    rows = []
     for r in records:
         m, e = r.get("measured") or {}, r.get("estimate") or {}
-        ratio = None
-        if m.get("peak_allocated_gb") and e.get("allocated_gb"):
-            ratio = m["peak_allocated_gb"] / e["allocated_gb"]
-        cap = "none" if not r["cap_gb"] else f"{r['cap_gb']:g}"
-        states = (f"{_f(m.get('optimizer_state_gb'), 3)} / {_f(e.get('optimizer_states_gb'), 3)}"
-                  if m or e else "—")
-        loss = f"{m['first_loss']:.3f} → {m['last_loss']:.3f}" if m else "—"
-        lines.append(
-            f"| {cap} | {r['optimizer']}{f' ({levers})' if (levers := r.get('levers')) else ''} | "
-            f"{r.get('seq_len') or '—'} | {r['status']} | "
-            f"{_f(m.get('peak_allocated_gb'))} | {_f(e.get('allocated_gb'))} | {_f(ratio)} | "
-            f"{_f(m.get('peak_reserved_gb'))} | {_f(e.get('reserved_gb'))} | {_f(e.get('total_gb'))} | {states} | "
-            f"{_f(m.get('tokens_per_s'), 0)} | {loss} |")
-    return "\n".join(lines)
+        ratio = m.get("peak_allocated_gb") and e.get("allocated_gb") and m["peak_allocated_gb"] / e["allocated_gb"]
+        rows.append([f"{r['cap_gb']:g}" if r["cap_gb"] else "none", r["optimizer"] + (f" ({r['levers']})" if
+                     r.get("levers") else ""), r.get("seq_len") or "—", r["status"], _f(m.get("peak_allocated_gb")),
+                     _f(e.get("allocated_gb")), _f(ratio), _f(m.get("peak_reserved_gb")), _f(e.get("reserved_gb")),
+                     _f(e.get("total_gb")),
+                     f"{_f(m.get('optimizer_state_gb'), 3)} / {_f(e.get('optimizer_states_gb'), 3)}",
+                     _f(m.get("tokens_per_s"), 0), f"{m['first_loss']:.3f} → {m['last_loss']:.3f}" if m else "—"])
+    out = table(["cap GB", "optimizer", "seq", "status", "peak alloc GB", "est. alloc GB", "meas/est",
+                 "peak reserved GB", "est. reserved GB", "est. total GB", "states GB (meas / est)", "tokens/s",
+                 "loss first → last"], rows, "rlrlrrrrrrrrl")
+    if device == "cuda":
+        return out
+    return ("CPU run: the peak is of live tensor bytes in torch's CPU allocator (traced by torch.profiler), next to "
+            "the estimate for device cpu; the timings are CPU timings. These are not GPU numbers.\n\n" + out)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -795,7 +640,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         choices = [resolve_choice(n) for n in args.optims]
     except ValueError as exc:
-        parser.error(f"--optims: {exc}; also {', '.join(CHOICES)}")
+        parser.error(f"--optims: {exc}")
     from lowrank_opt.registry import parse_optim_args
 
     try:
@@ -811,7 +656,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if device != "cuda":
         print("device cpu: no GPU memory is measured and timings are CPU timings; the peak of live CPU tensor "
               "bytes is traced (torch.profiler) and compared with the estimate for device cpu")
-    bnb_problem = bitsandbytes_available() if any(c.kind == "bnb8bit" for c in choices) else None
+    bnb_problem = bitsandbytes_missing()
+    settings = {"config": args.config, "caps_gb": args.caps, "optims": args.optims, "seq_len": args.seq_len,
+                "fallback_seq_lens": args.fallback_seq_lens, "steps": args.steps, "batch_size": args.batch_size,
+                "seed": args.seed, "dtype": "bfloat16 (pure, no master)", "optim_args": args.optim_args,
+                "target_modules": args.target_modules, "lean_loss": args.lean_loss, "weights": args.weights,
+                "cpu_matmul": args.cpu_matmul if device == "cpu" else None, "gradient_checkpointing": True,
+                "attention": "sdpa", "gb": 1e9}
 
     records: list[dict] = []
     longest_so_far: dict[str, Optional[int]] = {}  # optimizer -> longest length that fitted a larger cap (0: none)
@@ -825,7 +676,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             lr = args.lr if args.lr is not None else choice.lr
             record["lr"] = lr
             previous = longest_so_far.get(choice.name)
-            if choice.kind == "bnb8bit" and bnb_problem:
+            if bnb_problem and (choice.name == "bnb-adamw8bit" or choice.options.get("dense_state_bits") == 8):
                 record["status"] = f"skipped: {bnb_problem}"
             elif previous == 0:
                 record["status"] = "oom (implied)"
@@ -841,7 +692,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 def run(seq_len: int, choice=choice, lr=lr) -> dict:
                     return train_run(args.config, choice, device=device, seq_len=seq_len,
                                      batch_size=args.batch_size, steps=args.steps, lr=lr, seed=args.seed,
-                                     cpu_peak_method=args.cpu_peak, cpu_matmul=args.cpu_matmul)
+                                     cpu_matmul=args.cpu_matmul)
 
                 measured, attempts = None, []
                 try:
@@ -865,6 +716,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 record["estimate"] = predict(args.config, choice, record["seq_len"] or args.seq_len, args.batch_size,
                                              device)
             records.append(record)
+            table = markdown_table(records, device)  # written after every run: a cut-short call keeps what ran
+            write_json_atomic(args.output, {"command": command, "date": utc_now(), "environment": env,
+                                            "settings": settings, "results": records, "markdown": table})
             m = record["measured"] or {}
             print(f"  -> {record['status']}" + (f", peak allocated {_f(m.get('peak_allocated_gb'))} GB, "
                                                 f"{_f(m.get('tokens_per_s'), 0)} tokens/s, loss "
@@ -873,25 +727,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if device == "cuda":
         torch.cuda.set_per_process_memory_fraction(1.0)
 
-    table = markdown_table(records, device)
     print()
-    print(table)
-    payload = {
-        "command": command,
-        "date": utc_now(),
-        "environment": env,
-        "settings": {"config": args.config, "caps_gb": args.caps, "optims": args.optims, "seq_len": args.seq_len,
-                     "fallback_seq_lens": args.fallback_seq_lens, "steps": args.steps,
-                     "batch_size": args.batch_size, "seed": args.seed, "dtype": "bfloat16 (pure, no master)",
-                     "optim_args": args.optim_args, "target_modules": args.target_modules,
-                     "lean_loss": args.lean_loss, "weights": args.weights,
-                     "cpu_peak": args.cpu_peak if device == "cpu" else None,
-                     "cpu_matmul": args.cpu_matmul if device == "cpu" else None,
-                     "gradient_checkpointing": True, "attention": "sdpa", "gb": 1e9},
-        "results": records,
-        "markdown": table,
-    }
-    write_json_atomic(args.output, payload)
+    print(markdown_table(records, device))
     print(f"\nwrote {args.output}")
     return 0
 

@@ -4,39 +4,12 @@
     python benchmarks/lean_loss.py --cases 512x8000x128:fp32 --paths plain,lean
     python benchmarks/lean_loss.py --cases 2048x32000x4096:bf16 --skip ""  # also the bf16 plain path (minutes)
 
-For each case ``TOKENSxVOCABxHIDDEN:DTYPE`` (T tokens, V vocabulary, H hidden; dtype fp32, bf16 or fp16) and
-each path, one loss + backward on the CPU:
-
-- ``plain``: ``F.cross_entropy(F.linear(h, w).float(), y)``: Hugging Face's ``ForCausalLMLoss`` (the logits in
-  the inputs' dtype, upcast to fp32 before the cross-entropy).
-- ``torch``: ``torch.nn.functional.linear_cross_entropy(h, w, y, options=torch.nn.LinearCrossEntropyOptions())``
-  (torch >= 2.13): its chunked path with the default options (``acc_policy`` and ``chunking_method``
-  ``"auto"``). ``options=None``, the function's default, is its reference path, i.e. the plain one. Where the
-  installed torch lacks the function or the options class, the row says so.
-- ``lean``: ``lowrank_opt.loss.linear_cross_entropy(h, w, y)`` with its default chunks.
-
-What is measured:
-
-1. The inputs (``h`` (T, H) ~ N(0, 1), ``w`` (V, H) ~ N(0, 0.02^2), both in the case's dtype, ``y`` (T,)
-   uniform int64 labels; ``--seed``) are drawn once per case, outside any measurement.
-2. For each path, inside torch.profiler with ``profile_memory=True`` (``fit_7b.cpu_peak_bytes("allocator")``:
-   the CPU allocator's running total as each allocation event carries it): clone the inputs (so they are
-   counted), ``requires_grad_()``, loss, ``backward()``; then free everything made inside, still inside the
-   profiler. The peak is the most live CPU tensor bytes at any instant of that: inputs and their gradients
-   included. The profiler's running total outlives its sessions (what an earlier block allocated and freed
-   after it ended stays in it); ``cpu_peak_bytes`` measures from the total before the block's first
-   allocation, and that baseline (0 when everything was freed inside earlier blocks) is recorded.
-3. ``inputs + grads``: the bytes of ``h``, ``w``, ``y``, ``h.grad`` and ``w.grad``; ``scratch`` = peak minus that.
-   For the lean path, next to it, the scratch formula of ``lowrank_opt/loss.py``'s docstring
-   (:func:`formula_scratch_bytes`). A gradient that does not exist yet at the peak's instant is subtracted all
-   the same: the lean path's bf16 ``h.grad`` (T*H*2 bytes) is made after its loops, from the fp32 accumulator
-   the formula counts, so there the measured scratch is the formula's minus T*H*2 bytes. ``seconds``: wall time of loss + backward (under the profiler; CPU time on
-   a machine that may be shared: not a speed comparison to rely on).
-4. The loss values of the paths of a case are compared: their largest pairwise difference is printed.
-
-MB in the table is 10^6 bytes. ``--skip CASE:PATH`` leaves a path of a case out, with the reason in its row; by
-default the bf16 plain path at LLaMA-7B's head shape (``2048x32000x4096:bf16:plain``), whose bf16 GEMMs take
-minutes on a CPU without bf16 matrix units. ``--skip ""`` runs everything.
+For each case ``TOKENSxVOCABxHIDDEN:DTYPE`` and path (``plain``: ``F.cross_entropy(F.linear(h, w).float(), y)``;
+``torch``: ``F.linear_cross_entropy`` with ``torch.nn.LinearCrossEntropyOptions()``, its chunked path; ``lean``:
+``lowrank_opt.loss.linear_cross_entropy``), one loss + backward inside ``fit_7b.cpu_peak_bytes``, the inputs
+cloned inside so that they and their gradients are counted; scratch = peak - (inputs + gradients), next to the
+lean path's formula (:func:`formula_scratch_bytes`; a bf16 ``h.grad`` is made after its peak, T*H*2 bytes less).
+``--skip CASE:PATH`` leaves a path out, by default the bf16 plain path at LLaMA-7B's head shape (minutes on a CPU).
 """
 
 from __future__ import annotations
@@ -54,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import command_line, environment, machine_line, split_list, utc_now, write_json_atomic  # noqa: E402
+from _common import command_line, environment, machine_line, split_list, table, utc_now, write_json_atomic  # noqa: E402
 from fit_7b import cpu_peak_bytes  # noqa: E402
 
 MB = 1e6
@@ -250,7 +223,7 @@ def measure(fn, inputs) -> dict:
     gc.collect()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with cpu_peak_bytes("allocator") as peak:
+        with cpu_peak_bytes() as peak:
             h = hidden0.clone().requires_grad_()
             w = weight0.clone().requires_grad_()
             y = labels0.clone()
@@ -329,44 +302,21 @@ def _mb(value: Optional[float]) -> str:
 
 
 def markdown_table(rows: list[dict], comparisons: list[dict], command: str, machine: str) -> str:
-    lines = [
-        f"Command: `{command}`  ",
-        f"Machine: {machine}",
-        "",
-        "Peak of live CPU tensor bytes over one loss + backward (torch.profiler, the CPU allocator's running "
-        "total), inputs and their gradients included; scratch = peak − (inputs + gradients); MB = 10^6 bytes; "
-        "seconds are CPU wall time under the profiler. plain = `F.cross_entropy(F.linear(h, w).float(), y)`; "
-        "torch = `F.linear_cross_entropy(h, w, y, options=torch.nn.LinearCrossEntropyOptions())`; lean = "
-        "`lowrank_opt.loss.linear_cross_entropy(h, w, y)` (default chunks), whose scratch formula "
-        "(lowrank_opt/loss.py docstring) is shown next to its measured scratch; in bf16 the measured one is "
-        "T×H×2 bytes less, as the bf16 gradient of h subtracted from the peak is only made after the peak.",
-        "",
-        "| case (T×V×H:dtype) | path | peak MB | inputs + grads MB | scratch MB | loss.py formula MB | loss "
-        "| seconds | note |",
-        "|---|---|--:|--:|--:|--:|--:|--:|---|",
-    ]
-    for r in rows:
-        if r["status"] == "ok":
-            notes = list(r["warnings"])
-            if r["loss_dtype"] != "float32":
-                notes.insert(0, f"loss returned in {r['loss_dtype']}")
-            note = "; ".join(notes)
-            lines.append(
-                f"| {r['case']} | {r['path']} | {_mb(r['peak_bytes'])} | {_mb(r['inputs_bytes'] + r['grad_bytes'])} "
-                f"| {_mb(r['scratch_bytes'])} | {_mb(r.get('formula_scratch_bytes'))} | {r['loss']:.5f} "
-                f"| {r['seconds']:.1f} | {note} |")
-        else:
-            lines.append(f"| {r['case']} | {r['path']} | — | — | — | {_mb(r.get('formula_scratch_bytes'))} | — | — "
-                         f"| {r['status']}: {r['reason']} |")
-    lines.append("")
-    for c in comparisons:
-        if c["max_loss_difference"] is None:
-            lines.append(f"- {c['case']}: fewer than two paths measured, no loss comparison")
-        else:
-            each = ", ".join(f"{p} {d:+.3g}" for p, d in c["differences"].items())
-            lines.append(f"- {c['case']}: loss minus {c['reference']}'s: {each}; largest difference between "
-                         f"paths {c['max_loss_difference']:.3g}")
-    return "\n".join(lines)
+    def cells(r: dict) -> list:
+        if r["status"] != "ok":
+            return ["—"] * 3 + [_mb(r.get("formula_scratch_bytes")), "—", "—", f"{r['status']}: {r['reason']}"]
+        note = "; ".join(([f"loss returned in {r['loss_dtype']}"] if r["loss_dtype"] != "float32" else [])
+                         + list(r["warnings"]))
+        return [_mb(r["peak_bytes"]), _mb(r["inputs_bytes"] + r["grad_bytes"]), _mb(r["scratch_bytes"]),
+                _mb(r.get("formula_scratch_bytes")), f"{r['loss']:.5f}", f"{r['seconds']:.1f}", note]
+
+    losses = table(["case", "loss minus the reference's", "largest difference between paths"],
+                   [[c["case"], ", ".join(f"{p} {d:+.3g}" for p, d in c["differences"].items()) + f" ({c['reference']})",
+                     "—" if c["max_loss_difference"] is None else f"{c['max_loss_difference']:.3g}"]
+                    for c in comparisons], "llr")
+    return "\n\n".join([f"```bash\n{command}\n```", machine, table(
+        ["case (T×V×H:dtype)", "path", "peak MB", "inputs + grads MB", "scratch MB", "loss.py formula MB", "loss",
+         "seconds", "note"], [[r["case"], r["path"], *cells(r)] for r in rows], "llrrrrrrl"), losses])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -392,32 +342,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         case_rows, comparison = run_case(case, args.paths, skip, args.seed, args.skip_given)
         rows += case_rows
         comparisons.append(comparison)
-    table = markdown_table(rows, comparisons, command, machine)
+    table_text = markdown_table(rows, comparisons, command, machine)
     print()
-    print(table)
+    print(table_text)
     total = time.perf_counter() - started
     print(f"\ntotal {total:.0f} s")
     if args.output is not None:
         from lowrank_opt.loss import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK
 
-        payload = {
-            "command": command,
-            "date": utc_now(),
-            "environment": {**environment("cpu"), "threads": torch.get_num_threads()},
-            "settings": {"cases": [c.label for c in args.cases], "paths": args.paths,
-                         "skip": [f"{c}:{p}" for c, p in args.skip], "seed": args.seed,
-                         "threads": args.threads, "weight_std": WEIGHT_STD,
-                         "lean_chunks": {"token_chunk_size": DEFAULT_TOKEN_CHUNK,
-                                         "vocab_chunk_size": DEFAULT_VOCAB_CHUNK},
-                         "torch_options": (repr(torch.nn.LinearCrossEntropyOptions())
-                                           if torch_path_missing() is None else None),
-                         "peak_method": "fit_7b.cpu_peak_bytes('allocator'), from the profiler baseline",
-                         "mb": MB},
-            "results": rows,
-            "loss_comparison": comparisons,
-            "total_seconds": total,
-            "markdown": table,
-        }
+        payload = {"command": command, "date": utc_now(), "total_seconds": total, "markdown": table_text,
+                   "environment": {**environment("cpu"), "threads": torch.get_num_threads()},
+                   "settings": {"cases": [c.label for c in args.cases], "paths": args.paths, "seed": args.seed,
+                                "skip": [f"{c}:{p}" for c, p in args.skip], "threads": args.threads,
+                                "weight_std": WEIGHT_STD, "mb": MB, "peak_method": "fit_7b.cpu_peak_bytes()",
+                                "lean_chunks": {"token_chunk_size": DEFAULT_TOKEN_CHUNK,
+                                                "vocab_chunk_size": DEFAULT_VOCAB_CHUNK},
+                                "torch_options": (repr(torch.nn.LinearCrossEntropyOptions())
+                                                  if torch_path_missing() is None else None)},
+                   "results": rows, "loss_comparison": comparisons}
         write_json_atomic(args.output, payload)
         print(f"wrote {args.output}")
     return 0

@@ -1,237 +1,117 @@
-"""Optimizer step time and optimizer-state memory on the parameter set of the paper's LLaMA models.
+"""Optimizer step time and optimizer-state bytes on the parameters of the paper's LLaMA models.
 
-    python benchmarks/step_time.py                       # 130m and 350m on CPU, writes docs/benchmarks.md
-    python benchmarks/step_time.py --sizes 60m --steps 3 --output /tmp/bench.md
-    python benchmarks/step_time.py --sizes 1b --device cuda
+    python benchmarks/step_time.py --threads 1                   # 130m and 350m, writes docs/benchmarks.md
+    python benchmarks/step_time.py --sizes 130m --optimizers ours,apollo-torch,ours-mini,apollo-torch-mini \\
+        --threads 1 --paired-rounds 12 --output FILE             # the paired ours / apollo-torch ratio
+    python benchmarks/step_time.py --scaling                     # per shape class, 60m..7b, + CSV and PNG
+    python benchmarks/step_time.py --scaling --custom 64,172,2,16 --vocab 256 --output -    # tiny, print only
 
-Only the parameter tensors of a LLaMA model are built (no modules, no forward/backward): per layer
-q/k/v/o (hidden x hidden), gate/up (intermediate x hidden), down (hidden x intermediate) and two RMSNorm
-weights; embed_tokens and lm_head (vocab x hidden) and the final norm. Weights and gradients are fp32 and
-random; the gradients are assigned once and every optimizer gets fresh clones of the same weights and
-gradients, in one process, one optimizer at a time. The attention/MLP matrices form the low-rank group;
-embeddings, lm_head and norms get plain AdamW in every low-rank optimizer (the paper's setup).
-
-Optimizers (all lr 1e-3, betas (0.9, 0.999), weight decay 0):
-  adamw             torch.optim.AdamW(foreach=True)
-  apollo-torch      apollo_torch.APOLLOAdamW: proj random, channel, scale 1, update_proj_gap 200, proj_type std
-  galore            galore_torch.GaLoreAdamW: update_proj_gap 200, scale 0.25, proj_type std (SVD projector)
-  ours              lowrank_opt.Apollo, channel, scale 1, update_proj_gap 200 (P regenerated every step)
-  ours-cached       the same with cache_projection=True (P kept between refreshes, never saved)
-  apollo-torch-mini APOLLOAdamW as APOLLO-Mini: rank 1, tensor, scale 128
-  ours-mini         lowrank_opt.apollo_mini (rank 1, tensor, scale 128)
-  ours-simple       ours with foreach=False: the simple one-tensor-at-a-time reference path the fast path
-                    (foreach and chunked updates of the plain-AdamW tensors) is tested against
-  adamw-fused       torch.optim.AdamW(fused=True); not run unless named in --optimizers
-
-Timing (time.perf_counter, torch.cuda.synchronize around each step on CUDA, Python GC off while timing):
-  first step    the first step() call: allocates the state, draws P (APOLLO) or runs the SVDs (GaLore);
-  steady step   median of --steps step() calls after --warmup untimed ones;
-  refresh step  one step() at a projection-refresh boundary: the step counters in the optimizer state are
-                moved to the next multiple of update_proj_gap (200) so that GaLore recomputes its SVDs and
-                APOLLO draws new P without running 200 steps (the counters only enter the bias correction);
-  paired        (--paired-rounds) ours and apollo-torch alive at once, stepped alternately: the per-round
-                time ratio holds up on a shared machine where other processes come and go.
-State bytes: every tensor in optimizer.state, plus the projection matrices P an optimizer holds between
-steps: apollo-torch and GaLore keep them in state["projector"].ortho_matrix (a pickled object in the state
-dict); ours keeps them only with cache_projection=True (a cache inside Apollo, never saved). Counted by
-lowrank_opt.memory.measure (each storage once, at the size allocated: a view counts its whole storage).
+Only parameter tensors are built, with random gradients assigned once, every optimizer on clones of the same
+ones: ours by registry name (:data:`OURS`), the others from ``_common.BASELINES`` (lr 1e-3, weight decay 0,
+update_proj_gap 200). Default mode: one optimizer at a time, its first step, steady steps, a step at a projection
+refresh and its state; then each of --pairs stepped alternately for --paired-rounds rounds. --scaling: per shape
+class, K tensors of each, every optimizer in rotating rounds, scaled to the whole model by the class counts. What
+is measured, and how to read it: docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import csv
+import io
 import os
 import statistics
 import sys
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Optional
-
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    SIZES,
-    VOCAB,
-    LlamaShape,
-    begin,
-    gc_paused,
-    initial_weight,
-    llama_parameter_shapes,
-    load_average,
-    markers,
-    peak_rss_text,
-    random_tensor,
-    release_memory,
-    round_ratios,
-    split_list,
-    state_bytes,
-    timed,
-    timed_calls,
-    timed_rounds,
-    write_section,
-)
-from _common import mib as _mib  # noqa: E402
-from _common import ms as _ms  # noqa: E402
-from _common import now_text  # noqa: E402
+    BASELINES, SIZES, VOCAB, LlamaShape, baseline_missing, build_baseline, build_ours, command_line, gc_paused,
+    initial_weight, llama_parameter_shapes, load_average, machine_line, mib, ms, now_text, parameter_count,
+    peak_rss_text, pyplot, random_tensor, release_memory, rotations, round_ratios, save_figure, section,
+    shape_classes, split_list, state_bytes, table, timed, timed_calls, timed_rounds, write_json_atomic,
+    write_section, write_text_atomic)
 
-SECTION_BEGIN, SECTION_END = markers("step_time", "benchmarks/step_time.py")
-UPDATE_PROJ_GAP = 200
-LR = 1e-3
-BETAS = (0.9, 0.999)
-
-OPTIMIZERS = ("adamw", "apollo-torch", "galore", "ours", "ours-cached", "apollo-torch-mini", "ours-mini",
-              "ours-simple")
-# Accepted by --optimizers but not run by default: torch's fused AdamW (the baseline of the GPU proof).
-EXTRA_OPTIMIZERS = ("adamw-fused",)
-# (ours, reference) pairs compared in the comparison table and, with --paired-rounds, stepped alternately.
-PAIRS = (("ours", "apollo-torch"), ("ours-cached", "apollo-torch"), ("ours-mini", "apollo-torch-mini"),
-         ("ours", "ours-simple"))
+LR, BETAS, UPDATE_PROJ_GAP = 1e-3, (0.9, 0.999), 200
+# Our variants: (registry name, options). ours-simple is the one-tensor-at-a-time path the fast one is tested
+# against; ours-cached keeps P between refreshes (never saved).
+OURS = {"ours": ("apollo", {}), "ours-cached": ("apollo", {"cache_projection": True}),
+        "ours-mini": ("apollo_mini", {}), "ours-simple": ("apollo", {"foreach": False})}
+KNOWN = (*OURS, *BASELINES)
+DEFAULT_OPTIMIZERS = ("torch-adamw", "apollo-torch", "galore-torch", "ours", "ours-cached", "apollo-torch-mini",
+                      "ours-mini", "ours-simple")
+DEFAULT_PAIRS = "ours/apollo-torch,ours-cached/apollo-torch,ours-mini/apollo-torch-mini,ours/ours-simple"
+DEFAULT_SIZES = {"step": "130m,350m", "scaling": "60m,130m,350m,1b,7b"}
+DENSE_PROXY = {"ours-cached": "ours", "ours-mini": "ours", "ours-simple": "ours", "apollo-torch-mini": "apollo-torch"}
+REFRESH_TARGET = 100.0  # GaLore's refresh cost / ours-cached's
+NOISE_FRACTION, NOISE_FLOOR_MS = 0.02, 1e-3
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The parameter set
+def build(kind: str, low: list, rest: list, rank: int):
+    """Optimizer ``kind`` on the (name, parameter) lists ``low`` (the low-rank matrices) and ``rest``."""
+    if kind in OURS:
+        name, options = OURS[kind]
+        groups = [g for g in ({"params": rest, "rank": None}, {"params": low}) if g["params"]]
+        return build_ours(name, groups, rank=rank, lr=LR, betas=BETAS, weight_decay=0.0,
+                          update_proj_gap=UPDATE_PROJ_GAP, **options)
+    return build_baseline(kind, rest, lowrank_params=low, lr=LR, rank=rank, update_proj_gap=UPDATE_PROJ_GAP,
+                          betas=BETAS)
 
 
-@dataclass
-class ParameterSet:
-    names: list[str]
-    lowrank: list[bool]
-    weights: list[torch.Tensor]
-    grads: list[torch.Tensor]
-
-    @property
-    def numel(self) -> int:
-        return sum(w.numel() for w in self.weights)
-
-    @property
-    def lowrank_numel(self) -> int:
-        return sum(w.numel() for w, low in zip(self.weights, self.lowrank) if low)
-
-    def fresh(self, share_grads: bool = False):
-        """Cloned weights with cloned gradients (or the shared ones: every optimizer here only reads
-        ``p.grad``), split into (low-rank matrices, the rest), as lists of (name, param)."""
-        low, rest = [], []
-        for name, is_low, w, g in zip(self.names, self.lowrank, self.weights, self.grads):
-            p = torch.nn.Parameter(w.clone())
-            p.grad = g if share_grads else g.clone()
-            (low if is_low else rest).append((name, p))
-        return low, rest
+def projects(kind: str) -> bool:
+    return kind in OURS or BASELINES[kind].lowrank is not None
 
 
-def build_parameter_set(shape: LlamaShape, device: torch.device, seed: int = 0,
-                        dtype: torch.dtype = torch.float32, vocab: int = VOCAB) -> ParameterSet:
-    """Every weight of the LLaMA ``shape`` with a random gradient, in ``dtype`` (drawn in fp32)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    names, lowrank, weights, grads = [], [], [], []
-    for name, dims, is_low in llama_parameter_shapes(shape, vocab):
-        names.append(name)
-        lowrank.append(is_low)
-        weights.append(initial_weight(dims, gen, device, dtype))
-        grads.append(random_tensor(dims, gen, device, 1e-3, dtype))
-    return ParameterSet(names, lowrank, weights, grads)
+def move_to_refresh_boundary(optimizer) -> None:
+    """Every step counter to the next multiple of update_proj_gap, so that the next step() refreshes P (the
+    counters only enter the bias correction)."""
+    import torch
 
-
-# ----------------------------------------------------------------------------------------------------------
-# The optimizers under test
-
-
-def _plain(named):
-    return [p for _, p in named]
-
-
-def build_optimizer(kind: str, low, rest, rank: int) -> torch.optim.Optimizer:
-    if kind in ("adamw", "adamw-fused"):
-        fast = dict(foreach=True) if kind == "adamw" else dict(fused=True)
-        return torch.optim.AdamW(_plain(low) + _plain(rest), lr=LR, betas=BETAS, weight_decay=0.0, **fast)
-    if kind in ("apollo-torch", "apollo-torch-mini"):
-        from apollo_torch import APOLLOAdamW
-
-        if kind == "apollo-torch":
-            lowrank = dict(rank=rank, proj="random", scale_type="channel", scale=1.0)
-        else:
-            lowrank = dict(rank=1, proj="random", scale_type="tensor", scale=128.0)
-        lowrank.update(update_proj_gap=UPDATE_PROJ_GAP, proj_type="std")
-        groups = [{"params": _plain(rest)}, {"params": _plain(low), **lowrank}]
-        return APOLLOAdamW(groups, lr=LR, betas=BETAS, weight_decay=0.0)
-    if kind == "galore":
-        from galore_torch import GaLoreAdamW
-
-        lowrank = dict(rank=rank, update_proj_gap=UPDATE_PROJ_GAP, scale=0.25, proj_type="std")
-        groups = [{"params": _plain(rest)}, {"params": _plain(low), **lowrank}]
-        return GaLoreAdamW(groups, lr=LR, betas=BETAS, weight_decay=0.0, no_deprecation_warning=True)
-    if kind in ("ours", "ours-cached", "ours-mini", "ours-simple"):
-        from lowrank_opt import Apollo, apollo_mini
-
-        groups = [{"params": rest, "rank": None}, {"params": low}]
-        cache = kind == "ours-cached"
-        if kind == "ours-mini":
-            return apollo_mini(groups, lr=LR, betas=BETAS, weight_decay=0.0, update_proj_gap=UPDATE_PROJ_GAP)
-        return Apollo(groups, lr=LR, betas=BETAS, weight_decay=0.0, rank=rank, scale_type="channel", scale=1.0,
-                      update_proj_gap=UPDATE_PROJ_GAP, cache_projection=cache, foreach=kind != "ours-simple")
-    raise ValueError(f"unknown optimizer {kind!r}")
-
-
-def has_projection_refresh(kind: str) -> bool:
-    return not kind.startswith("adamw")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Measurements
-
-
-def move_to_refresh_boundary(optimizer: torch.optim.Optimizer, gap: int) -> None:
-    """Set every step counter to the next multiple of ``gap`` so the next step() refreshes the projection."""
     for state in optimizer.state.values():
         step = state.get("step")
-        if step is None:
-            continue
-        current = int(step)
-        target = (current // gap + 1) * gap
-        if isinstance(step, torch.Tensor):
-            step.fill_(target)
-        else:
-            state["step"] = target
+        if step is not None:
+            target = (int(step) // UPDATE_PROJ_GAP + 1) * UPDATE_PROJ_GAP
+            if isinstance(step, torch.Tensor):
+                step.fill_(target)
+            else:
+                state["step"] = target
+
+
+def fresh(named: list, share_grads: bool) -> list:
+    """Clones of (name, weight, gradient) triples as (name, parameter) pairs; gradients shared on request (the
+    optimizers only read them)."""
+    import torch
+
+    out = []
+    for name, w, g in named:
+        p = torch.nn.Parameter(w.clone())
+        p.grad = g if share_grads else g.clone()
+        out.append((name, p))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Default mode: the whole parameter set, one optimizer at a time
 
 
 @dataclass
 class Result:
     optimizer: str
     size: str
-    rank: int
+    rank: Optional[int]  # None: no projection
     first_ms: float
     steady_ms: float
     steady_min_ms: float
     refresh_ms: Optional[float]
     state_bytes: int
     projection_bytes: int
-    steady_all_ms: list[float] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
         return self.state_bytes + self.projection_bytes
-
-
-def run_one(kind: str, size: str, params: ParameterSet, rank: int, steps: int, warmup: int,
-            device: torch.device, share_grads: bool = False) -> Result:
-    """One optimizer on fresh clones of the weights (and of the gradients, unless ``share_grads``): the first
-    step, the median of ``steps`` steady steps after ``warmup`` untimed ones, the state bytes, and one step
-    at a projection-refresh boundary."""
-    low, rest = params.fresh(share_grads=share_grads)
-    optimizer = build_optimizer(kind, low, rest, rank)
-    with gc_paused():
-        first = timed(optimizer.step, device)
-        steady = timed_calls(optimizer.step, steps, warmup, device)
-        tensors, projections = state_bytes(optimizer)
-        refresh = None
-        if has_projection_refresh(kind):
-            move_to_refresh_boundary(optimizer, UPDATE_PROJ_GAP)
-            refresh = timed(optimizer.step, device)
-    result = Result(kind, size, 1 if kind.endswith("mini") else rank, first, statistics.median(steady),
-                    min(steady), refresh, tensors, projections, steady)
-    del optimizer, low, rest
-    release_memory(device)
-    return result
 
 
 @dataclass
@@ -244,275 +124,411 @@ class Paired:
     theirs_ms: list[float]
 
 
-def run_paired(ours: str, theirs: str, size: str, params: ParameterSet, rank: int, rounds: int, warmup: int,
-               device: torch.device) -> Paired:
-    """Both optimizers alive at once, stepped alternately (order swapped every round): background load on a
-    shared machine then hits both alike, and the per-round time ratio stays meaningful when medians do not.
-    Gradients are shared (read only) to halve the memory."""
+def parameter_set(shape: LlamaShape, vocab: int, device, dtype) -> dict[str, list]:
+    """Every weight of ``shape`` with a random gradient: {"low": [(name, w, g)], "rest": [...]}."""
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    out = {"low": [], "rest": []}
+    for name, dims, is_low in llama_parameter_shapes(shape, vocab):
+        w = initial_weight(dims, gen, device, dtype)
+        out["low" if is_low else "rest"].append((name, w, random_tensor(dims, gen, device, 1e-3, dtype)))
+    return out
+
+
+def run_one(kind: str, size: str, params: dict, rank: int, args, device) -> Result:
+    optimizer = build(kind, fresh(params["low"], False), fresh(params["rest"], False), rank)
+    with gc_paused():
+        first = timed(optimizer.step, device)
+        steady = timed_calls(optimizer.step, args.steps, args.warmup, device)
+        state, held = state_bytes(optimizer)
+        refresh = None
+        if projects(kind):
+            move_to_refresh_boundary(optimizer)
+            refresh = timed(optimizer.step, device)
+    del optimizer
+    release_memory(device)
+    return Result(kind, size, (1 if "mini" in kind else rank) if projects(kind) else None, first,
+                  statistics.median(steady), min(steady),
+                  refresh, state, held)
+
+
+def run_paired(ours: str, theirs: str, size: str, params: dict, rank: int, args, device) -> Paired:
+    """Both optimizers alive, stepped alternately (the order swapped every round), gradients shared."""
     optimizers = {}
     for kind in (ours, theirs):
-        low, rest = params.fresh(share_grads=True)
-        optimizers[kind] = build_optimizer(kind, low, rest, rank)
-        for _ in range(1 + warmup):
+        optimizers[kind] = build(kind, fresh(params["low"], True), fresh(params["rest"], True), rank)
+        for _ in range(1 + args.warmup):
             optimizers[kind].step()
     with gc_paused():
-        times = timed_rounds({kind: opt.step for kind, opt in optimizers.items()}, rounds, device)
+        times = timed_rounds({k: o.step for k, o in optimizers.items()}, args.paired_rounds, device)
     del optimizers
     release_memory(device)
     return Paired(size, ours, theirs, round_ratios(times, ours, theirs), times[ours], times[theirs])
 
 
+def step_tables(results: list[Result], paired: list[Paired], pairs) -> list[str]:
+    adamw = {r.size: r.total_bytes for r in results if r.optimizer == "torch-adamw"}
+    main = table(["optimizer", "size", "rank", "first step ms", "steady ms (median)", "steady min ms",
+                  "refresh step ms", "state MiB", "P held MiB", "total MiB", "total % of torch-adamw"],
+                 [[r.optimizer, r.size, r.rank or "—", ms(r.first_ms), ms(r.steady_ms), ms(r.steady_min_ms),
+                   ms(r.refresh_ms), mib(r.state_bytes), mib(r.projection_bytes), mib(r.total_bytes),
+                   f"{100 * r.total_bytes / adamw[r.size]:.1f}%" if r.size in adamw else "—"] for r in results],
+                 "lllrrrrrrrr")
+    by = {(r.size, r.optimizer): r for r in results}
+    rows = []
+    for size in dict.fromkeys(r.size for r in results):
+        for a, b in pairs:
+            x, y = by.get((size, a)), by.get((size, b))
+            if x and y:
+                refresh = f"{x.refresh_ms / y.refresh_ms:.2f}" if x.refresh_ms and y.refresh_ms else "—"
+                rows.append([size, f"{a} / {b}", f"{x.steady_ms / y.steady_ms:.2f}",
+                             f"{x.steady_min_ms / y.steady_min_ms:.2f}", refresh,
+                             f"{x.total_bytes / y.total_bytes:.3f}"])
+    ratios = table(["size", "pair", "steady ratio (median)", "(min)", "refresh ratio", "total state ratio"], rows,
+                   "llrrrr") if rows else ""
+    pair_table = table(["size", "ours vs", "rounds", "per-round step time ratio: median", "min", "max",
+                        "ours median ms", "theirs median ms"],
+                       [[p.size, f"{p.ours} / {p.theirs}", len(p.ratios), f"{statistics.median(p.ratios):.2f}",
+                         f"{min(p.ratios):.2f}", f"{max(p.ratios):.2f}", ms(statistics.median(p.ours_ms)),
+                         ms(statistics.median(p.theirs_ms))] for p in paired], "llrrrrrr") if paired else ""
+    return [main, ratios, pair_table]
+
+
+def sizes_table(shapes: dict[str, LlamaShape], vocab: int) -> str:
+    return table(["size", "hidden", "intermediate", "layers", "rank", "vocab", "parameters"],
+                 [[k, s.hidden, s.intermediate, s.layers, s.rank, vocab, _count(parameter_count(s, vocab))]
+                  for k, s in shapes.items()], "lrrrrrr")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Reporting
+# --scaling: per shape class
 
 
-def results_table(results: list[Result]) -> str:
-    adamw = {r.size: r.total_bytes for r in results if r.optimizer == "adamw"}
-    rows = [
-        "| optimizer | size | rank | first step ms | steady step ms (median) | steady min ms | refresh step ms "
-        "| state MiB | P held MiB | total MiB | total as % of AdamW |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in results:
-        share = f"{100.0 * r.total_bytes / adamw[r.size]:.1f}%" if r.size in adamw else "—"
-        rank = "—" if r.optimizer == "adamw" else str(r.rank)
-        rows.append(
-            f"| {r.optimizer} | {r.size} | {rank} | {_ms(r.first_ms)} | {_ms(r.steady_ms)} | {_ms(r.steady_min_ms)} "
-            f"| {_ms(r.refresh_ms)} "
-            f"| {_mib(r.state_bytes)} | {_mib(r.projection_bytes)} | {_mib(r.total_bytes)} | {share} |"
-        )
-    return "\n".join(rows)
+@dataclass
+class Measurement:
+    """One optimizer on one shape class; times are for stepping all K tensors of the class."""
+
+    optimizer: str
+    first_ms: float
+    steady_ms: list[float]
+    refresh_ms: Optional[float]
+    state_bytes: int
+    held_bytes: int
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.steady_ms)
 
 
-def comparison_table(results: list[Result]) -> str:
-    """Ours against apollo-torch, per size: step-time ratio (< 1 is faster) and total bytes ratio."""
-    by = {(r.size, r.optimizer): r for r in results}
-    rows = ["| size | ours vs | steady step time ratio (median) | (min) | refresh step time ratio "
-            "| total state ratio |",
-            "|---|---|---:|---:|---:|---:|"]
-    for size in dict.fromkeys(r.size for r in results):
-        for ours, theirs in PAIRS:
-            a, b = by.get((size, ours)), by.get((size, theirs))
-            if a is None or b is None:
-                continue
-            refresh = f"{a.refresh_ms / b.refresh_ms:.2f}" if a.refresh_ms and b.refresh_ms else "—"
-            rows.append(f"| {size} | {ours} / {theirs} | {a.steady_ms / b.steady_ms:.2f} "
-                        f"| {a.steady_min_ms / b.steady_min_ms:.2f} | {refresh} "
-                        f"| {a.total_bytes / b.total_bytes:.3f} |")
-    return "\n".join(rows) if len(rows) > 2 else ""
+@dataclass
+class ClassRun:
+    size: str
+    cls: object  # _common.ShapeClass
+    k: int
+    results: dict[str, Measurement]
+    ratios: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+
+    def per_matrix(self, value: Optional[float]) -> Optional[float]:
+        return None if value is None else value / self.k
+
+    def ratio(self, a: str, b: str) -> Optional[float]:
+        r = self.ratios.get((a, b))
+        return statistics.median(r) if r else None
+
+    def get(self, kind: str) -> Optional[Measurement]:
+        """``kind``'s measurement, on a dense class that of the optimizer standing in for it."""
+        return self.results.get(kind) or (None if self.cls.matrix else self.results.get(DENSE_PROXY.get(kind, "")))
+
+    def refresh_cost(self, kind: str) -> tuple[Optional[float], float]:
+        """Per matrix: (refresh step - steady median, the noise it is read against: the steady spread, at least
+        NOISE_FRACTION of the steady step and NOISE_FLOOR_MS)."""
+        m = self.results.get(kind)
+        if m is None or m.refresh_ms is None:
+            return None, 0.0
+        noise = max(max(m.steady_ms) - min(m.steady_ms), NOISE_FRACTION * m.median_ms) / self.k
+        return (m.refresh_ms - m.median_ms) / self.k, max(noise, NOISE_FLOOR_MS)
 
 
-def paired_table(paired: list[Paired]) -> str:
-    rows = ["| size | ours vs | rounds | per-round step time ratio: median | min | max "
-            "| ours median ms | theirs median ms |",
-            "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for p in paired:
-        rows.append(f"| {p.size} | {p.ours} / {p.theirs} | {len(p.ratios)} | {statistics.median(p.ratios):.2f} "
-                    f"| {min(p.ratios):.2f} | {max(p.ratios):.2f} | {_ms(statistics.median(p.ours_ms))} "
-                    f"| {_ms(statistics.median(p.theirs_ms))} |")
-    return "\n".join(rows)
+def run_class(size: str, cls, kinds: list[str], rank: int, args, device, seed: int, pairs) -> ClassRun:
+    import torch
+
+    k = cls.built(args.max_elements)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    named = [(f"{cls.name}.{j}", initial_weight(cls.dims, gen, device, args.torch_dtype),
+              random_tensor(cls.dims, gen, device, 1e-3, args.torch_dtype)) for j in range(k)]
+    optimizers = {}
+    for kind in kinds:
+        params = fresh(named, False)
+        optimizers[kind] = build(kind, params if cls.matrix else [], [] if cls.matrix else params, rank)
+    del named
+    results = {}
+    with gc_paused():
+        first = {kind: timed(opt.step, device) for kind, opt in optimizers.items()}
+        for opt in optimizers.values():  # warm-up round
+            opt.step()
+        steady = timed_rounds({kind: opt.step for kind, opt in optimizers.items()}, args.steps, device)
+        refresh: dict[str, list[float]] = {kind: [] for kind in kinds if cls.matrix and projects(kind)}
+        for order in rotations(list(refresh), args.refresh_steps):
+            for kind in order:
+                move_to_refresh_boundary(optimizers[kind])
+                refresh[kind].append(timed(optimizers[kind].step, device))
+        for kind, opt in optimizers.items():
+            results[kind] = Measurement(kind, first[kind], steady[kind],
+                                        statistics.median(refresh[kind]) if refresh.get(kind) else None,
+                                        *state_bytes(opt))
+    run = ClassRun(size, cls, k, results, {(a, b): round_ratios(steady, a, b) for a, b in pairs
+                                           if a in steady and b in steady})
+    for kind, m in results.items():
+        print(f"#     {kind:18s} steady {ms(run.per_matrix(m.median_ms)):>8s} ms/matrix  refresh "
+              f"{ms(run.per_matrix(m.refresh_ms)):>8s} ms/matrix", flush=True)
+    del optimizers
+    release_memory(device)
+    return run
 
 
-def target_lines(results: list[Result], paired: list[Paired]) -> list[str]:
-    """The issue's targets, checked on this run: our step no slower than apollo-torch's, our state smaller."""
-    by = {(r.size, r.optimizer): r for r in results}
-    by_pair = {(p.size, p.ours, p.theirs): p for p in paired}
-    lines = []
-    for size in dict.fromkeys(r.size for r in results):
-        for ours, theirs in (("ours", "apollo-torch"), ("ours-mini", "apollo-torch-mini")):
-            a, b = by.get((size, ours)), by.get((size, theirs))
-            if a is None or b is None:
-                continue
-            ratio = a.steady_ms / b.steady_ms
-            pair = by_pair.get((size, ours, theirs))
-            paired_ratio = statistics.median(pair.ratios) if pair else None
-            deciding = paired_ratio if paired_ratio is not None else ratio
-            speed = "met" if deciding <= 1.0 else "NOT met"
-            paired_text = f", paired per-round median {paired_ratio:.2f}" if paired_ratio is not None else ""
-            memory = "met" if a.total_bytes < b.total_bytes else "NOT met"
-            lines.append(
-                f"- {size}, {ours} vs {theirs}: step time {speed} (steady median ratio {ratio:.2f}{paired_text}); "
-                f"smaller state {memory} ({_mib(a.total_bytes)} vs {_mib(b.total_bytes)} MiB, "
-                f"{_mib(b.total_bytes - a.total_bytes)} MiB less: the P matrices apollo-torch keeps in its state)."
-            )
-    return lines
+def whole_model(size: str, runs: list[ClassRun], kinds: list[str]) -> dict[str, tuple[float, float]]:
+    """optimizer -> (step ms, state bytes incl. held P) of the whole model: per-matrix figures x count."""
+    out = {}
+    for kind in kinds:
+        found = [(run, run.get(kind)) for run in runs if run.size == size]
+        if found and all(m is not None for _, m in found):
+            out[kind] = (sum(m.median_ms / r.k * r.cls.count for r, m in found),
+                         sum((m.state_bytes + m.held_bytes) / r.k * r.cls.count for r, m in found))
+    return out
 
 
-def sizes_table(sizes: list[str], params_numel: dict[str, tuple[int, int]]) -> str:
-    rows = ["| size | hidden | intermediate | layers | parameters | in low-rank matrices | default rank |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+def scaling_tables(runs: list[ClassRun], sizes: dict, args, pairs) -> list[str]:
+    kinds, out = args.optimizer_list, []
+    pairs = [(a, b) for a, b in pairs if any(run.ratio(a, b) is not None for run in runs)]
     for size in sizes:
-        s = SIZES[size]
-        total, low = params_numel[size]
-        rows.append(f"| {size} | {s.hidden} | {s.intermediate} | {s.layers} | {total / 1e6:.1f} M "
-                    f"| {low / 1e6:.1f} M ({100 * low / total:.0f}%) | {s.rank} |")
-    return "\n".join(rows)
+        rows = [[r.cls.name, str(tuple(r.cls.dims)), r.cls.count, r.k,
+                 *[ms(r.per_matrix(r.results[k].median_ms)) if k in r.results else "—" for k in kinds],
+                 *[f"{r.ratio(a, b):.2f}" if r.ratio(a, b) is not None else "—" for a, b in pairs]]
+                for r in runs if r.size == size]
+        out.append(f"**{size}**, steady step ms per matrix and median per-round ratios:\n\n"
+                   + table(["class", "shape", "count", "K", *kinds, *(f"{a} / {b}" for a, b in pairs)], rows,
+                           "llrr" + "r" * (len(kinds) + len(pairs))))
+    rows = []
+    for size, shape in sizes.items():
+        whole = whole_model(size, runs, kinds)
+        for kind, (step, nbytes) in whole.items():
+            ref = whole.get("apollo-torch-mini" if kind == "ours-mini" else "apollo-torch")
+            adamw = whole.get("torch-adamw")
+            rows.append([size, _count(parameter_count(shape, args.vocab)), kind, ms(step),
+                         f"{step / ref[0]:.2f}" if ref and kind in OURS else "", mib(nbytes),
+                         f"{100 * nbytes / adamw[1]:.1f}%" if adamw else "—"])
+    out.append(table(["size", "parameters", "optimizer", "whole-model step ms", "vs apollo-torch (-mini)",
+                      "state MiB", "% of torch-adamw"], rows, "lrlrrrr"))
+    rows = []
+    for r in runs:
+        galore, galore_noise = r.refresh_cost("galore-torch")
+        ours, ours_noise = r.refresh_cost("ours-cached")
+        if galore is None or ours is None:
+            continue
+        in_noise = ours <= ours_noise
+        ratio = galore / (ours_noise if in_noise else ours)
+        verdict = ("not shown" if galore <= galore_noise or (in_noise and ratio < REFRESH_TARGET)
+                   else "met" if ratio >= REFRESH_TARGET else "NOT met")
+        rows.append([r.size, r.cls.name, ms(galore), ms(ours) + (" (in noise)" if in_noise else ""), ms(ours_noise),
+                     ("≥ " if in_noise else "") + f"{ratio:,.0f}x", verdict])
+    if rows:
+        out.append(table(["size", "class", "GaLore refresh cost ms/matrix", "ours-cached refresh cost",
+                          "ours-cached noise", f"GaLore / ours-cached (target ≥ {REFRESH_TARGET:g}x)", "verdict"],
+                         rows, "llrrrrl"))
+    rows = []
+    for a, b in pairs:
+        judged = [(r, r.ratio(a, b)) for r in runs if r.ratio(a, b) is not None and (a == "ours" or r.cls.matrix)]
+        missed = [f"{r.size} {r.cls.name} {x:.2f}" for r, x in judged if x > 1.0]
+        rows.append([f"{a} ≤ {b} on every class", len(judged), f"{max(x for _, x in judged):.2f}",
+                     ", ".join(missed) or "— (met)"])
+    out.append(table(["target (median per-round ratio)", "cells", "worst", "not met on"], rows, "lrrl"))
+    return out
 
 
-def render_section(command: str, machine: str, args, results: list[Result], sizes_md: str, peak_rss: str,
-                   loads: tuple[str, str], paired: list[Paired]) -> str:
-    comparison = comparison_table(results)
-    notes = [
-        "- Step time is the optimizer's `step()` alone: no forward or backward pass. Gradients are random "
-        "fp32 tensors assigned once, every optimizer gets fresh clones of the same weights and gradients, "
-        "all in one process, one optimizer at a time.",
-        "- Low-rank group: every attention and MLP matrix (q, k, v, o, gate, up, down). Embeddings, lm_head and "
-        "RMSNorm weights get plain AdamW in every optimizer, so at these sizes most of the remaining state is "
-        "the AdamW state of the two vocab x hidden matrices.",
-        f"- *first step*: the first `step()` (allocates state, draws P or, for GaLore, runs the SVDs). "
-        f"*steady*: median (and minimum) of {args.steps} calls after {args.warmup} untimed ones; a median far "
-        f"above the minimum means the machine was busy. *refresh*: one call at a "
-        f"projection-refresh boundary, reached by moving the step counters in the state to the next multiple "
-        f"of update_proj_gap={UPDATE_PROJ_GAP} (they only enter the bias correction): GaLore recomputes its "
-        "SVDs, APOLLO draws new P. Ours without caching draws P on every step, so its refresh step is "
-        "an ordinary step.",
-        "- *state MiB*: all tensors in `optimizer.state` (moments, step and limiter-norm tensors). *P held MiB*: "
-        "projection matrices kept in memory between steps: apollo-torch and GaLore store them in the state "
-        "(`state[p][\"projector\"].ortho_matrix`, a pickled object in the state dict); ours only with "
-        "`cache_projection=True` (a cache inside Apollo, never saved). *total* is the sum; the "
-        "percentage is of AdamW's total for the same size.",
-        "- GaLore is `galore_torch.GaLoreAdamW` (scale 0.25, proj_type std); apollo-torch Mini is "
-        "`APOLLOAdamW` with rank 1, scale_type tensor, scale 128. Learning rate 1e-3, weight decay 0 for all.",
-    ]
-    if peak_rss:
-        notes.append(f"- Peak resident memory of the whole benchmark process: {peak_rss}.")
-    parts = [
-        SECTION_BEGIN,
-        "## Optimizer step time and state memory (`benchmarks/step_time.py`)",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
-        f"Run {now_text()} on {args.device}: {machine}. "
-        f"Load average (1/5/15 min) {loads[0]} at the start, {loads[1]} at the end.",
-        "",
-        "Parameter sets (LLaMA, paper Table 11, vocab 32000, fp32):",
-        "",
-        sizes_md,
-        "",
-        results_table(results),
-        "",
-    ]
-    if comparison:
-        parts += ["Ours relative to apollo-torch, from the table above (below 1 means ours is faster or smaller):",
-                  "", comparison, ""]
-    if paired:
-        parts += ["Paired runs: ours and apollo-torch both alive, stepped alternately, so that load from other "
-                  "processes falls on both (ratio below 1 means ours is faster):", "", paired_table(paired), ""]
-    targets = target_lines(results, paired)
-    if targets:
-        parts += ["Targets (\"our step is no slower than apollo-torch's and our state is smaller, no cached P unless "
-                  "asked\"), judged by the paired ratio where there is one:", "", *targets, ""]
-    parts += ["Notes:", "", *notes, "", SECTION_END]
-    return "\n".join(parts)
+CSV_FIELDS = ["size", "class", "shape", "count", "K", "optimizer", "first_ms_per_matrix",
+              "steady_median_ms_per_matrix", "steady_min_ms_per_matrix", "steady_max_ms_per_matrix",
+              "refresh_ms_per_matrix", "state_bytes_per_matrix", "held_p_bytes_per_matrix"]
+
+
+def csv_text(runs: list[ClassRun]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_FIELDS)
+    for r in runs:
+        for kind, m in r.results.items():
+            refresh = r.per_matrix(m.refresh_ms)
+            writer.writerow([r.size, r.cls.name, "x".join(map(str, r.cls.dims)), r.cls.count, r.k, kind,
+                             f"{m.first_ms / r.k:.6g}", f"{m.median_ms / r.k:.6g}", f"{min(m.steady_ms) / r.k:.6g}",
+                             f"{max(m.steady_ms) / r.k:.6g}", "" if refresh is None else f"{refresh:.6g}",
+                             f"{m.state_bytes / r.k:.10g}", f"{m.held_bytes / r.k:.10g}"])
+    return buf.getvalue()
+
+
+def write_plot(path: Path, runs: list[ClassRun], sizes: dict, args) -> bool:
+    plt = pyplot()
+    if plt is None:
+        return False
+    points = {size: whole_model(size, runs, args.optimizer_list) for size in sizes}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, index, label in ((axes[0], 0, "whole-model optimizer step, ms"),
+                             (axes[1], 1, "whole-model optimizer state incl. held P, bytes")):
+        for kind in args.optimizer_list:
+            xy = sorted((parameter_count(sizes[s], args.vocab), w[kind][index]) for s, w in points.items() if kind in w)
+            if xy:
+                ax.plot(*zip(*xy), "--" if "mini" in kind else "-", marker="o", markersize=4, label=kind)
+        ax.set(xscale="log", yscale="log", xlabel="model parameters", ylabel=label)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="benchmarks/step_time.py",
-        description=__doc__.split("\n\n")[0] + " Writes a markdown table to stdout and to --output.",
-        epilog="Sizes: " + ", ".join(f"{k} (hidden {v.hidden}, intermediate {v.intermediate}, {v.layers} layers, "
-                                      f"rank {v.rank})" for k, v in SIZES.items())
-        + ". Optimizers: " + ", ".join(OPTIMIZERS) + " (also " + ", ".join(EXTRA_OPTIMIZERS)
-        + "). See the module docstring for what is timed and counted.",
-    )
-    parser.add_argument("--sizes", default="130m,350m",
-                        help="comma-separated model sizes from: " + ", ".join(SIZES) + " (default: %(default)s)")
-    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
-                        help="comma-separated optimizers to run, in this order (default: all: %(default)s)")
-    parser.add_argument("--steps", type=int, default=5,
-                        help="timed steady-state steps per optimizer; the median is reported (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=2,
-                        help="untimed steps after the (separately timed) first step (default: %(default)s)")
-    parser.add_argument("--rank", type=int, default=None,
-                        help="rank of the APOLLO/GaLore projection for every size (default: the paper's per size: "
-                             + ", ".join(f"{k} {v.rank}" for k, v in SIZES.items()) + "); Mini always uses 1")
-    parser.add_argument("--paired-rounds", type=int, default=8,
-                        help="after the table, step ours and apollo-torch alternately for this many rounds per "
-                             "pair and report per-round time ratios, which survive a busy machine; 0 skips it "
-                             "(default: %(default)s)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: %(default)s")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's choice, usually the core count)")
+    parser = argparse.ArgumentParser(prog="benchmarks/step_time.py", description=__doc__.split("\n\n")[0],
+                                     epilog="Optimizers: " + ", ".join(KNOWN) + ". See the module docstring.")
+    parser.add_argument("--scaling", action="store_true", help="per shape class, scaled to the whole model")
+    parser.add_argument("--sizes", default=None, help="comma-separated, from " + ", ".join(SIZES)
+                        + f" (default {DEFAULT_SIZES['step']}; --scaling: {DEFAULT_SIZES['scaling']})")
+    parser.add_argument("--custom", default=None, metavar="H,I,L,RANK",
+                        help="also a synthetic size 'custom' of this hidden, intermediate, layers and rank")
+    parser.add_argument("--vocab", type=int, default=VOCAB, help="rows of embed_tokens/lm_head (default %(default)s)")
+    parser.add_argument("--optimizers", default=None, help="comma-separated, in this order (default: "
+                        + ",".join(DEFAULT_OPTIMIZERS) + "; --scaling: the same but ours-simple)")
+    parser.add_argument("--pairs", default=DEFAULT_PAIRS, help="A/B pairs compared (those whose both are run)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per optimizer, --scaling: rounds (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (default 2)")
+    parser.add_argument("--refresh-steps", type=int, default=None,
+                        help="refresh steps timed per optimizer, median used (default 1; --scaling: 3)")
+    parser.add_argument("--paired-rounds", type=int, default=8, help="rounds per pair, 0: none (default 8)")
+    parser.add_argument("--rank", type=int, default=None, help="rank for every size (default: the paper's per size)")
+    parser.add_argument("--max-elements", type=int, default=2**24, help="--scaling: elements built per class")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights and gradients")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--output", default="docs/benchmarks.md",
-                        help="markdown file whose step_time section is created or replaced; '' or '-' to only "
-                             "print (default: %(default)s)")
+                        help="Markdown file whose section is replaced ('-': print only)")
+    parser.add_argument("--json", default="", help="also write the measurements to this JSON file")
     args = parser.parse_args(argv)
-    args.size_list = [s.lower() for s in split_list(args.sizes)]
-    for size in args.size_list:
-        if size not in SIZES:
-            parser.error(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
-    args.optimizer_list = split_list(args.optimizers)
-    for kind in args.optimizer_list:
-        if kind not in OPTIMIZERS + EXTRA_OPTIMIZERS:
-            parser.error(f"unknown optimizer {kind!r}; choose from {', '.join(OPTIMIZERS + EXTRA_OPTIMIZERS)}")
-    if args.steps < 1 or args.warmup < 0 or args.paired_rounds < 0:
-        parser.error("--steps must be >= 1, --warmup and --paired-rounds >= 0")
-    if args.rank is not None and args.rank < 1:
-        parser.error("--rank must be >= 1")
+    mode = "scaling" if args.scaling else "step"
+    sizes = args.sizes if args.sizes is not None else ("" if args.custom else DEFAULT_SIZES[mode])
+    args.shapes = {}
+    for size in split_list(sizes.lower()):
+        if size not in SIZES or size in args.shapes:
+            parser.error(f"--sizes: unknown or repeated size {size!r}; choose from {', '.join(SIZES)}")
+        args.shapes[size] = SIZES[size]
+    if args.custom is not None:
+        try:
+            h, i, layers, rank = (int(x) for x in args.custom.split(","))
+        except ValueError:
+            parser.error(f"--custom: expected four integers H,I,L,RANK, got {args.custom!r}")
+        if min(h, i, layers, rank) < 1 or rank > min(h, i):
+            parser.error(f"--custom: need H, I, L, RANK >= 1 and RANK <= min(H, I), got {args.custom!r}")
+        args.shapes["custom"] = LlamaShape(h, i, layers, rank)
+    if not args.shapes:
+        parser.error("--sizes: no size to run (give --sizes or --custom)")
+    default = [k for k in DEFAULT_OPTIMIZERS if not (args.scaling and k == "ours-simple")]
+    args.optimizer_list = split_list(args.optimizers) if args.optimizers is not None else default
+    unknown = [k for k in args.optimizer_list if k not in KNOWN]
+    if unknown or not args.optimizer_list or len(set(args.optimizer_list)) != len(args.optimizer_list):
+        parser.error(f"--optimizers: unknown, repeated or none in {args.optimizers!r}; choose from {', '.join(KNOWN)}")
+    args.pair_list = []
+    for pair in split_list(args.pairs):
+        a, _, b = pair.partition("/")
+        if a not in KNOWN or b not in KNOWN:
+            parser.error(f"--pairs: {pair!r} is not A/B with A and B from {', '.join(KNOWN)}")
+        args.pair_list.append((a, b))
+    if args.refresh_steps is None:
+        args.refresh_steps = 3 if args.scaling else 1
+    for flag, value, low in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--vocab", args.vocab, 1),
+                             ("--paired-rounds", args.paired_rounds, 0), ("--refresh-steps", args.refresh_steps, 1),
+                             ("--max-elements", args.max_elements, 1),
+                             ("--rank", 1 if args.rank is None else args.rank, 1),
+                             ("--threads", 1 if args.threads is None else args.threads, 1)):
+        if value < low:
+            parser.error(f"{flag} must be >= {low}, got {value}")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    started = begin("step_time.py", args, argv)
-    if started is None:
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(f"step_time.py: --device cuda was asked for, but torch finds no CUDA device (torch {torch.__version__},"
+              f" CUDA build: {torch.version.cuda or 'no'}). Rerun with --device cpu.", file=sys.stderr)
         return 2
-    device, command, machine, load_start = started
-
-    results: list[Result] = []
-    paired: list[Paired] = []
-    numel: dict[str, tuple[int, int]] = {}
-    for size in args.size_list:
-        shape = SIZES[size]
-        rank = args.rank if args.rank is not None else shape.rank
-        params = build_parameter_set(shape, device)
-        numel[size] = (params.numel, params.lowrank_numel)
-        print(f"# {size}: {params.numel / 1e6:.1f} M parameters, rank {rank}", flush=True)
-        for kind in args.optimizer_list:
-            try:
-                result = run_one(kind, size, params, rank, args.steps, args.warmup, device)
-            except ImportError as exc:
-                print(f"#   {kind}: skipped ({exc})", flush=True)
-                continue
-            results.append(result)
-            print(f"#   {kind:18s} first {_ms(result.first_ms):>8s} ms  steady {_ms(result.steady_ms):>8s} ms "
-                  f"(min {_ms(result.steady_min_ms)})  refresh {_ms(result.refresh_ms):>8s} ms  "
-                  f"state {_mib(result.state_bytes)} MiB + P {_mib(result.projection_bytes)} MiB", flush=True)
-        if args.paired_rounds:
-            for ours, theirs in PAIRS:
-                if ours not in args.optimizer_list or theirs not in args.optimizer_list:
-                    continue
-                try:
-                    pair = run_paired(ours, theirs, size, params, rank, args.paired_rounds, args.warmup, device)
-                except ImportError as exc:
-                    print(f"#   paired {ours} / {theirs}: skipped ({exc})", flush=True)
-                    continue
-                paired.append(pair)
-                print(f"#   paired {ours} / {theirs}: per-round ratio median {statistics.median(pair.ratios):.2f} "
-                      f"(min {min(pair.ratios):.2f}, max {max(pair.ratios):.2f})", flush=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, args.torch_dtype = torch.device(args.device), getattr(torch, args.dtype)
+    command, load_start = command_line("step_time.py", argv), load_average()
+    machine = f"{machine_line(device)}; {args.dtype} weights"
+    print(f"# {command}\n# {machine}\n# load average {load_start}", flush=True)
+    usable = [k for k in args.optimizer_list if k in OURS or not baseline_missing(k)]
+    for kind in set(args.optimizer_list) - set(usable):
+        print(f"# {kind}: skipped ({baseline_missing(kind)})", flush=True)
+    args.optimizer_list = usable
+    pairs = [(a, b) for a, b in args.pair_list if a in usable and b in usable]
+    results, paired, runs = [], [], []
+    for index, (size, shape) in enumerate(args.shapes.items()):
+        rank = args.rank or shape.rank
+        print(f"# {size}: {_count(parameter_count(shape, args.vocab))} parameters, rank {rank}", flush=True)
+        if args.scaling:
+            for cls_index, cls in enumerate(shape_classes(shape, args.vocab)):
+                kinds = usable if cls.matrix else list(dict.fromkeys(DENSE_PROXY.get(k, k) for k in usable))
+                print(f"#   {size} {cls.name} {tuple(cls.dims)} x {cls.count}: building "
+                      f"K={cls.built(args.max_elements)}, {len(kinds)} optimizers", flush=True)
+                runs.append(run_class(size, cls, kinds, rank, args, device, 1000 * index + cls_index, pairs))
+            continue
+        params = parameter_set(shape, args.vocab, device, args.torch_dtype)
+        for kind in usable:
+            results.append(run_one(kind, size, params, rank, args, device))
+            r = results[-1]
+            print(f"#   {kind:18s} first {ms(r.first_ms):>8s} ms  steady {ms(r.steady_ms):>8s} ms  refresh "
+                  f"{ms(r.refresh_ms):>8s} ms  state {mib(r.state_bytes)} MiB + P {mib(r.projection_bytes)} MiB",
+                  flush=True)
+        for a, b in pairs if args.paired_rounds else []:
+            paired.append(run_paired(a, b, size, params, rank, args, device))
+            print(f"#   paired {a} / {b}: per-round ratio median {statistics.median(paired[-1].ratios):.2f}",
+                  flush=True)
         del params
-        gc.collect()
+        release_memory(device)
 
-    peak_rss = peak_rss_text()
-    print(f"\n# load average {load_average()}\n")
-    print(results_table(results))
-    comparison = comparison_table(results)
-    if comparison:
-        print()
-        print(comparison)
-    if paired:
-        print()
-        print(paired_table(paired))
-    if args.output not in ("", "-"):
-        write_section(args.output, render_section(command, machine, args, results, sizes_table(args.size_list, numel),
-                                                  peak_rss, (load_start, load_average()), paired),
-                      SECTION_BEGIN, SECTION_END)
-        print(f"\nwrote the step_time section of {args.output}")
+    machine += f"; load average {load_start} at the start, {load_average()} at the end"
+    if peak_rss_text():
+        machine += f"; peak RSS {peak_rss_text()}"
+    printing = args.output in ("", "-")
+    folder = Path(tempfile.gettempdir()) if printing else Path(args.output).resolve().parent
+    if args.scaling:
+        tables = [sizes_table(args.shapes, args.vocab), *scaling_tables(runs, args.shapes, args, pairs)]
+        write_text_atomic(folder / "scaling.csv", csv_text(runs))
+        tables.append("Per-matrix figures: `scaling.csv`.")
+        if write_plot(folder / "scaling.png", runs, args.shapes, args):
+            tables.append("![step time and state bytes against parameter count](scaling.png)")
+        print(f"# wrote {folder / 'scaling.csv'}")
+    else:
+        tables = [sizes_table(args.shapes, args.vocab), *step_tables(results, paired, pairs)]
+    print("\n\n".join(t for t in tables if t))
+    if args.json:
+        write_json_atomic(args.json, {"command": command, "machine": machine,
+                                      "results": [asdict(r) for r in results], "paired": [asdict(p) for p in paired],
+                                      "classes": [{"size": r.size, "class": r.cls.name, "k": r.k,
+                                                   "results": {k: asdict(m) for k, m in r.results.items()}}
+                                                  for r in runs]})
+    if not printing:
+        name = "scaling" if args.scaling else "step_time"
+        write_section(args.output, section(name, "benchmarks/step_time.py", command, f"Run {now_text()} on {machine}.",
+                                              *tables),
+                      name)
+        print(f"# wrote the {name} section of {args.output}")
     return 0
 
 

@@ -1,11 +1,12 @@
-"""The benchmark scripts' command lines: benchmarks/fit_7b.py (GPU only, with a CPU smoke mode) and
-benchmarks/memory_table.py (the estimator table of docs/memory.md)."""
+"""The benchmark scripts' command lines and helpers: benchmarks/fit_7b.py (GPU only, with a CPU mode) and
+benchmarks/memory_table.py (the estimator tables of docs/memory.md); and the links between the docs pages."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,7 @@ def fit_7b():
 # fit_7b.py
 
 
+@pytest.mark.slow
 def test_fit_7b_without_cuda_exits_with_a_clear_message_before_allocating(tmp_path):
     output = tmp_path / "results.json"
     proc = _run(FIT_7B, "--output", output)
@@ -58,6 +60,7 @@ def test_fit_7b_without_cuda_exits_with_a_clear_message_before_allocating(tmp_pa
     assert proc.stdout == ""  # stopped before building or printing anything
 
 
+@pytest.mark.slow
 def test_fit_7b_cpu_refuses_caps_and_bad_arguments():
     proc = _run(FIT_7B, "--device", "cpu", "--config", "configs/llama_tiny.json", "--caps", "24")
     assert proc.returncode == 2 and "--caps 0" in proc.stderr
@@ -67,16 +70,17 @@ def test_fit_7b_cpu_refuses_caps_and_bad_arguments():
     assert proc.returncode == 2 and "no such file" in proc.stderr
 
 
+@pytest.mark.slow
 def test_fit_7b_cpu_smoke_trains_and_reports_no_gpu_numbers(tmp_path):
     output = tmp_path / "smoke.json"
     proc = _run(FIT_7B, "--device", "cpu", "--config", "configs/llama_tiny.json", "--caps", "0", "--seq-len", "32",
-                "--steps", "2", "--optims", "apollo_mini_layerwise,adamw_fused", "--output", output, timeout=300)
+                "--steps", "2", "--optims", "apollo_mini_layerwise,torch-adamw-fused", "--output", output, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "CPU run" in proc.stdout and "not GPU numbers" in proc.stdout
     payload = json.loads(output.read_text())
     assert payload["environment"]["device"] == "cpu"
     assert "gpu" not in payload["environment"]
-    assert [r["optimizer"] for r in payload["results"]] == ["apollo_mini_layerwise", "adamw_fused"]
+    assert [r["optimizer"] for r in payload["results"]] == ["apollo_mini_layerwise", "torch-adamw-fused"]
     for record in payload["results"]:
         assert record["status"] == "ok" and record["seq_len"] == 32
         measured, predicted = record["measured"], record["estimate"]
@@ -133,10 +137,14 @@ def test_fit_7b_ladder_and_caps(fit_7b):
     assert fit_7b.seq_ladder(512, [1024, 512]) == [512]
     assert fit_7b.parse_caps("16,48,24") == [48.0, 24.0, 16.0]
     assert fit_7b.parse_caps("0,24") == [0.0, 24.0]  # no cap first
-    assert fit_7b.resolve_choice("adamw_fused").options == {"fused": True}
-    assert fit_7b.resolve_choice("apollo_mini_layerwise").layerwise
-    assert fit_7b.resolve_choice("adamp").kind == "registry"
-    with pytest.raises(ValueError):
+    fused = fit_7b.resolve_choice("torch-adamw-fused")  # a baseline: _common.BASELINES' settings
+    assert fused.baseline and fused.estimator == "adamw_torch_fused" and fused.lr == 1e-3
+    with pytest.raises(ValueError, match="dense baselines only"):
+        fit_7b.resolve_choice("apollo-torch")
+    mini = fit_7b.resolve_choice("apollo_mini_layerwise")  # ours: the registry's name, lr and layer-wise flag
+    assert mini.layerwise and not mini.baseline and mini.lr == 1e-2 and mini.estimator == "apollo_mini_layerwise"
+    assert not fit_7b.resolve_choice("adamp").baseline
+    with pytest.raises(ValueError, match="torch-adamw-fused"):  # the message names both lists
         fit_7b.resolve_choice("no_such_optimizer")
 
 
@@ -236,19 +244,25 @@ def test_fit_7b_int8_build_never_holds_the_float_model(fit_7b):
 
 
 def test_fit_7b_levers_refused_where_they_do_not_apply(fit_7b):
-    fused = fit_7b.resolve_choice("adamw_fused")
-    with pytest.raises(ValueError, match="dense_state_bits=8: only for a lowrank-opt optimizer, not 'adamw_fused'"):
+    fused = fit_7b.resolve_choice("torch-adamw-fused")
+    with pytest.raises(ValueError, match="dense_state_bits=8: only for a lowrank-opt optimizer, not 'torch-adamw-fused'"):
         fit_7b.with_levers(fused, optim_args={"dense_state_bits": 8})
-    with pytest.raises(ValueError, match="int8 weights .*not 'adamw_fused'"):
+    with pytest.raises(ValueError, match="int8 weights .*not 'torch-adamw-fused'"):
         fit_7b.with_levers(fused, weights="int8")
+    with pytest.raises(ValueError, match="int8 weights .*not 'adamp'"):  # ours, but not APOLLO
+        fit_7b.with_levers(fit_7b.resolve_choice("adamp"), weights="int8")
     with pytest.raises(ValueError, match="target modules"):
         fit_7b.with_levers(fused, target_modules="all-linear")
     with pytest.raises(ValueError, match="weights must be one of"):
         fit_7b.with_levers(fit_7b.resolve_choice("apollo"), weights="int4")
     assert fit_7b.with_levers(fused, lean_loss=True).lean_loss  # the lean loss is for any optimizer
-    proc = _run(FIT_7B, "--device", "cpu", "--config", TINY, "--caps", "0", "--optims", "apollo,adamw",
+
+
+@pytest.mark.slow
+def test_fit_7b_refuses_levers_on_the_command_line():
+    proc = _run(FIT_7B, "--device", "cpu", "--config", TINY, "--caps", "0", "--optims", "apollo,torch-adamw",
                 "--weights", "int8", timeout=120)
-    assert proc.returncode == 2 and "int8 weights" in proc.stderr and "'adamw'" in proc.stderr
+    assert proc.returncode == 2 and "int8 weights" in proc.stderr and "'torch-adamw'" in proc.stderr
     proc = _run(FIT_7B, "--device", "cpu", "--config", TINY, "--caps", "0", "--optim-args", "rank", timeout=120)
     assert proc.returncode == 2 and "'key=value' pairs" in proc.stderr
 
@@ -257,55 +271,66 @@ def test_fit_7b_levers_refused_where_they_do_not_apply(fit_7b):
 # memory_table.py
 
 
-def test_memory_table_help():
+@pytest.mark.slow
+def test_memory_table_help_and_bad_sizes():
     proc = _run(MEMORY_TABLE, "--help", timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert "docs/memory.md" in proc.stdout
+    assert proc.returncode == 0 and "docs/memory.md" in proc.stdout, proc.stderr
     for flag in ("--sizes", "--optims", "--seq-len", "--batch-size", "--output", "--no-plots"):
         assert flag in proc.stdout
-
-
-def test_memory_table_rejects_unknown_size():
     proc = _run(MEMORY_TABLE, "--sizes", "3b", "--no-plots", timeout=60)
     assert proc.returncode == 2 and "unknown size 3b" in proc.stderr
 
 
-def test_memory_table_writes_the_document(tmp_path):
-    table = _load(MEMORY_TABLE, "memory_table_under_test")
-    output = tmp_path / "memory.md"
-    assert table.main(["--sizes", "60m", "--optims", "adamw,apollo_mini", "--seq-len", "256", "--no-plots",
-                       "--output", str(output)]) == 0
-    text = output.read_text()
-    assert "python benchmarks/memory_table.py --sizes 60m --optims adamw,apollo_mini --seq-len 256" in text
-    assert "| LLaMA-60M | 0.058 B |" in text  # the summary line: plain / layer-wise totals
-    assert "| APOLLO-Mini | layer-wise |" in text  # the detail table
-    assert "pending a session with a CUDA GPU" in text and "None of the figures on this page were measured" in text
-    assert "lowrank-opt memory" in text and "--memory_report" in text
-    assert "What the estimator does not know" in text
-    # No fit-7b-cpu block in a new file: the markers with a comment between, nothing visible.
-    begin = text.index("<!-- BEGIN fit-7b-cpu -->\n")
-    end = text.index("<!-- END fit-7b-cpu -->", begin)
-    inside = text[begin:end].splitlines()[1:]
-    assert inside and all(line.startswith("<!--") and line.endswith("-->") for line in inside)
-    assert text.index("## Estimate your own run") < begin < text.index("## The table")
-
-
 @pytest.fixture(scope="module")
 def memory_table():
-    return _load(MEMORY_TABLE, "memory_table_levers_under_test")
+    return _load(MEMORY_TABLE, "memory_table_under_test")
+
+
+@pytest.mark.slow
+def test_memory_table_replaces_its_section_and_keeps_the_page(memory_table, tmp_path):
+    output = tmp_path / "memory.md"
+    block = ("<!-- BEGIN fit-7b-cpu -->\n### Measured: LLaMA-7B on the CPU\n\n| setting | peak |\n|---|--:|\n"
+             "| 16 GB  | 1.23 \u2014 kept as is |  \n\ttab, trailing spaces   \n<!-- END fit-7b-cpu -->")
+    begin, end = "<!-- BEGIN memory-table: generated by benchmarks/memory_table.py, edits inside are overwritten -->", \
+        "<!-- END memory-table -->"
+    page = f"# page\n\nhand-written prose\n\n{block}\n\n## The table\n\n{begin}\nold figures\n{end}\n\nmore prose\n"
+    output.write_bytes(page.encode())
+    argv = ["--sizes", "60m", "--optims", "torch-adamw,apollo_mini", "--seq-len", "256", "--no-plots",
+            "--output", str(output)]
+    assert memory_table.main(argv) == 0
+    text = output.read_text()
+    assert text.startswith(f"# page\n\nhand-written prose\n\n{block}\n\n## The table\n\n{begin}\n```bash\n")
+    assert text.endswith(f"{end}\n\nmore prose\n") and "old figures" not in text
+    assert "python benchmarks/memory_table.py --sizes 60m --optims torch-adamw,apollo_mini --seq-len 256" in text
+    assert "| LLaMA-60M | 0.058 B |" in text  # the summary line: plain / layer-wise totals
+    assert "| APOLLO-Mini | layer-wise |" in text  # the detail table
+    assert "memory-levers" not in text  # LLaMA-7B's levers only with 7b among the sizes
+
+
+def test_memory_table_rows_are_the_estimators_with_the_baselines_settings(memory_table):
+    from lowrank_opt.memory import estimate
+
+    setting, size = memory_table.Setting(seq_len=256), memory_table.SIZES["60m"]
+    base = dict(dtype="bf16", seq_len=256, gradient_checkpointing=True)
+    galore = memory_table.estimate_row(size, memory_table.METHODS["galore-torch"], True, setting).estimate
+    expected = estimate("llama_60m", "galore_adamw_layerwise", target_modules=["attn", "mlp"], **base,
+                        optim_args=dict(rank=128, update_proj_gap=200, scale=0.25))  # GaLore's paper settings
+    assert galore.total == expected.total and galore.optimizer_states == expected.optimizer_states
+    apollo = memory_table.estimate_row(size, memory_table.METHODS["apollo"], False, setting).estimate
+    assert apollo.total == estimate("llama_60m", "apollo", optim_args="rank=128", **base).total
 
 
 @pytest.fixture(scope="module")
-def headline_60m(memory_table):
-    """The headline section's rows for LLaMA-60M at 256 tokens (7B's would cost minutes here)."""
+def levers_60m(memory_table):
+    """The levers' rows for LLaMA-60M at 256 tokens (7B's would cost minutes here)."""
     setting = memory_table.Setting(seq_len=256)
-    return setting, memory_table.headline_rows(memory_table.SIZES["60m"], setting, log=lambda *a: None)
+    return setting, memory_table.lever_rows(memory_table.SIZES["60m"], setting, log=lambda *a: None)
 
 
-def test_memory_table_headline_rows_are_the_estimators(memory_table, headline_60m):
+def test_memory_table_lever_rows_are_the_estimators(memory_table, levers_60m):
     from lowrank_opt.memory import estimate
 
-    setting, rows = headline_60m
+    setting, rows = levers_60m
     base = dict(optimizer="apollo_mini_layerwise", dtype="bf16", seq_len=256, gradient_checkpointing=True)
     head, embed = ["all-linear", "lm_head"], ["all-linear", "embed_tokens", "lm_head"]
     expected = {  # the levers of issue 17, spelled out here rather than taken from the script
@@ -319,7 +344,7 @@ def test_memory_table_headline_rows_are_the_estimators(memory_table, headline_60
                                  weights="int8"),
     }
     assert [r.lever.key for r in rows] == list(expected)
-    table = memory_table.headline_table(rows).splitlines()[2:]
+    table = memory_table.lever_table(rows).splitlines()[2:]
     by_key = {r.lever.key: r for r in rows}
     for r, line in zip(rows, table):
         e = expected[r.lever.key]
@@ -335,59 +360,34 @@ def test_memory_table_headline_rows_are_the_estimators(memory_table, headline_60
     assert all("costly in loss" in table[list(expected).index(key)] for key in ("head", "embed"))
 
 
-def test_memory_table_headline_commands_reproduce_the_rows(memory_table, headline_60m, capsys):
+def test_memory_table_lever_flags_reproduce_the_rows(memory_table, levers_60m, capsys):
+    """docs/memory.md: each row is `lowrank-opt memory CONFIG --optim apollo_mini_layerwise --gradient-checkpointing`
+    plus its flags column."""
     from lowrank_opt.cli import main as cli_main
 
-    setting, rows = headline_60m
+    setting, rows = levers_60m
     for r in rows:
-        argv = memory_table.lever_command(r.size, r.lever, setting)
-        assert argv[:2] == ["lowrank-opt", "memory"]
+        argv = ["memory", "llama_60m", "--optim", "apollo_mini_layerwise", "--gradient-checkpointing", "--seq-len",
+                "256", *memory_table.lever_cli_flags(r.lever)]
         capsys.readouterr()
-        assert cli_main(argv[1:] + ["--json"]) == 0
+        assert cli_main(argv + ["--json"]) == 0
         assert json.loads(capsys.readouterr().out)["total"] == r.estimate.total, argv
-    flags = memory_table.lever_train_flags(next(r.lever for r in rows if r.lever.setting_gb == 16))
-    assert flags == ["--optim", "apollo_mini_layerwise", "--optim_args", "dense_state_bits=8", "--lean_loss"]
-    assert memory_table.lever_train_flags(next(r.lever for r in rows if r.lever.setting_gb == 12))[-2:] == \
-        ["--weights", "int8"]
 
 
-def test_memory_table_headline_section_links_the_measured_loss_cost(memory_table, headline_60m, tmp_path):
-    setting, rows = headline_60m
-    # The anchor GitHub makes of convergence.py's heading, derived by hand: lower case, `.:,() dropped.
-    assert memory_table.github_anchor("Memory levers against plain APOLLO-Mini: what they cost in loss "
-                                      "(`benchmarks/convergence.py`, cpu)") == \
-        "memory-levers-against-plain-apollo-mini-what-they-cost-in-loss-benchmarksconvergencepy-cpu"
-    output = ROOT / "docs" / "memory.md"  # links are relative to the page's folder
-    text = memory_table.render([], [], [], setting, "cmd", {}, output, [], headline=rows)
-    section = text[text.index("## LLaMA-60M in 16 GB and in 12 GB"):text.index("<!-- BEGIN fit-7b-cpu -->")]
-    anchors = {memory_table.github_anchor(line.lstrip("#").strip())
-               for line in (ROOT / "docs" / "benchmarks.md").read_text().splitlines() if line.startswith("#")}
-    links = [a for a in anchors if f"(benchmarks.md#{a})" in section]
-    assert len(links) == 1 and links[0].startswith("memory-levers-against-plain-apollo-mini")
-    assert "%" not in section  # no loss figures typed in: they live in docs/benchmarks.md
-    assert section.count("lowrank-opt memory llama_60m --optim apollo_mini_layerwise") == len(rows)
-    assert "--lean_loss" in section and "--weights int8" in section
-    # The fit-7b-cpu block comes right after the section.
-    assert text.index("<!-- END fit-7b-cpu -->") < text.index("## The table")
+def _anchor(heading: str) -> str:
+    """The fragment GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-def test_memory_table_keeps_the_fit_7b_cpu_block(memory_table, tmp_path):
-    output = tmp_path / "memory.md"
-    block = ("<!-- BEGIN fit-7b-cpu -->\n### Measured: LLaMA-7B on the CPU\n\n| setting | peak |\n|---|--:|\n"
-             "| 16 GB  | 1.23 \u2014 kept as is |  \n\ttab, trailing spaces   \n<!-- END fit-7b-cpu -->")
-    output.write_bytes(("# old page\n\nold text\n\n" + block + "\n\nmore old text\n").encode())
-    argv = ["--sizes", "60m", "--optims", "apollo_mini", "--seq-len", "256", "--no-plots", "--output", str(output)]
-    assert memory_table.main(argv) == 0
-    data = output.read_bytes()
-    assert data.count(block.encode()) == 1 and b"old text" not in data
-    text = data.decode()
-    assert text.index("## Estimate your own run") < text.index(block) < text.index("## The table")
-    # A begin marker without its end: refused before anything is written.
-    broken = "# page\n<!-- BEGIN fit-7b-cpu -->\nhalf a block\n"
-    output.write_text(broken)
-    with pytest.raises(SystemExit) as exc:
-        memory_table.main(argv)
-    assert exc.value.code == 2 and output.read_text() == broken
+def test_docs_links_between_pages_reach_a_heading():
+    docs = ROOT / "docs"
+    anchors = {page.name: {_anchor(line.lstrip("#")) for line in page.read_text().splitlines() if line.startswith("#")}
+               for page in docs.glob("*.md")}
+    links = [(page.name, target, fragment) for page in [*docs.glob("*.md"), *docs.glob("gpu/*.md")]
+             for target, fragment in re.findall(r"\]\((?:\.\./)?([\w_]+\.md)#([\w-]+)\)", page.read_text())]
+    assert len(links) >= 3
+    for page, target, fragment in links:
+        assert fragment in anchors[target], f"{page} links {target}#{fragment}, which has no such heading"
 
 
 def test_fit_7b_cpu_bf16_matmul_layout_same_products_copies_only_the_smaller_operand(fit_7b):

@@ -68,16 +68,43 @@ def test_state_bytes_count_a_projector_object_in_the_state():
     assert _common.state_bytes(opt) == (5 * 5 * 4, 6 * 5 * 4)
 
 
-def test_sections_replace_their_markers_and_files_keep_their_mode(tmp_path):
-    begin, end = _common.markers("demo", "benchmarks/demo.py")
+def test_sections_are_replaced_by_name_and_files_keep_their_mode(tmp_path):
+    old_begin, end = _common.markers("demo", "benchmarks/old_name.py")
     doc = tmp_path / "bench.md"
-    doc.write_text(f"# Title\n\nabove\n\n{begin}\nold\n{end}\n\nbelow\n")
+    doc.write_text(f"# Title\n\nabove\n\n{old_begin}\nold\n{end}\n\nbelow\n")
     os.chmod(doc, 0o640)
-    _common.write_section(doc, f"{begin}\nnew\n{end}", begin, end)
-    assert doc.read_text() == f"# Title\n\nabove\n\n{begin}\nnew\n{end}\n\nbelow\n"
+    new = _common.section("demo", "benchmarks/demo.py", "python benchmarks/demo.py --x 1", "Run on a machine.",
+                          "| a |\n|---|\n| 1 |")
+    _common.write_section(doc, new, "demo")  # the section of the same name, whichever script wrote it
+    assert doc.read_text() == f"# Title\n\nabove\n\n{new}\n\nbelow\n"
+    assert new.startswith(_common.markers("demo", "benchmarks/demo.py")[0] + "\n```bash\npython benchmarks/demo.py")
     assert stat.S_IMODE(doc.stat().st_mode) == 0o640
-    fresh = tmp_path / "benchmarks.md"
-    _common.write_section(fresh, f"{begin}\nx\n{end}", begin, end)
-    assert fresh.read_text().startswith("# Benchmarks\n") and fresh.read_text().endswith(f"{end}\n")
+    _common.write_section(doc, _common.section("other", "b.py", "cmd", "machine"), "other")  # a new one: at the end
+    assert doc.read_text().startswith(f"# Title\n\nabove\n\n{new}\n\nbelow\n\n<!-- BEGIN other:")
+    fresh = tmp_path / "fresh.md"
+    _common.write_section(fresh, new, "demo")
+    assert fresh.read_text() == new + "\n"
     assert stat.S_IMODE(fresh.stat().st_mode) != 0o600  # not mkstemp's private mode
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_ours_get_the_runs_rank_only_where_it_is_not_part_of_the_optimizer():
+    p = [torch.nn.Parameter(torch.randn(16, 8))]
+    assert _common.build_ours("apollo", [{"params": p}], rank=4).param_groups[0]["rank"] == 4
+    assert _common.build_ours("apollo_mini", [{"params": p}], rank=4).param_groups[0]["rank"] == 1
+
+
+def test_baselines_build_and_name_their_train_py_options():
+    assert _common.baseline_train_args("torch-adamw", 64, 200) == ("adamw_torch", None)
+    assert _common.baseline_train_args("apollo-torch", 64, 50) == (
+        "apollo_adamw", "rank=64,update_proj_gap=50,proj=random,scale_type=channel,scale=1,proj_type=std")
+    assert _common.baseline_train_args("apollo-torch-mini", 64, 200)[1].startswith("rank=1,")
+    assert _common.baseline_train_args("galore-torch", 8, 200) == (
+        "galore_adamw", "rank=8,update_proj_gap=200,scale=0.25,proj_type=std")
+    low, rest = [torch.nn.Parameter(torch.randn(16, 8))], [torch.nn.Parameter(torch.randn(8))]
+    fused = _common.build_baseline("torch-adamw-fused", rest, lowrank_params=low, lr=1e-3)
+    assert isinstance(fused, torch.optim.AdamW) and fused.defaults["fused"] and len(fused.param_groups[0]["params"]) == 2
+    for name in ("apollo-torch", "galore-torch"):
+        if _common.baseline_missing(name) is None:
+            opt = _common.build_baseline(name, rest, lowrank_params=low, lr=1e-3, rank=4)
+            assert [len(g["params"]) for g in opt.param_groups] == [1, 1] and opt.param_groups[1]["rank"] == 4

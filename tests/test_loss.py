@@ -285,6 +285,7 @@ def lean_loss_script(monkeypatch):
     return module
 
 
+@pytest.mark.slow
 def test_lean_loss_script_measures_every_path_inputs_and_gradients_included(lean_loss_script, tmp_path, capsys):
     script = lean_loss_script
     output = tmp_path / "lean_loss.json"
@@ -327,6 +328,7 @@ def test_lean_loss_script_measures_every_path_inputs_and_gradients_included(lean
     assert payload["environment"]["torch"] == torch.__version__
 
 
+@pytest.mark.slow
 def test_lean_loss_script_says_why_a_path_is_not_measured(lean_loss_script, tmp_path, capsys, monkeypatch):
     script = lean_loss_script
     monkeypatch.setattr(script, "torch_path_missing", lambda: "absent: no linear_cross_entropy in this torch")
@@ -341,6 +343,7 @@ def test_lean_loss_script_says_why_a_path_is_not_measured(lean_loss_script, tmp_
     assert "| 2048x32000x4096:bf16 | plain | — |" in printed and "skipped by default" in printed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv,named", [
     (["--cases", "64x500:fp32"], "'64x500:fp32'"),
     (["--cases", "64x500x16:int8"], "'int8'"),
