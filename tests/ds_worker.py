@@ -49,6 +49,39 @@ class Net(nn.Module):
         return self.head(h)
 
 
+class Experts(nn.Module):
+    """Fused experts as transformers stores them: (E, out, in) parameters, ``is_transposed=False``."""
+
+    is_transposed = False
+
+    def __init__(self, experts: int = 3, width: int = 6, hidden: int = 11):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(0.3 * torch.randn(experts, hidden, width))  # 11 x 6 each: right
+        self.down_proj = nn.Parameter(0.3 * torch.randn(experts, width, hidden))  # 6 x 11 each: left
+
+    def forward(self, x, weights):
+        h = torch.tanh(torch.einsum("bd,ehd->beh", x, self.gate_up_proj))
+        return (torch.einsum("beh,edh->bed", h, self.down_proj) * weights.unsqueeze(-1)).sum(1)
+
+
+class MoENet(nn.Module):
+    """A router (dense), fused experts (each expert low-rank on its own) and an odd-sized input matrix."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(48, 6)  # 6 x 48: left projection
+        self.gate = nn.Linear(6, 3)  # the router: dense
+        self.experts = Experts()
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x.flatten(1)))
+        return self.head(self.experts(h, torch.softmax(self.gate(h), dim=-1)))
+
+
+MOE_TARGETS = ["inp", "experts"]
+
+
 def batch(step: int, world_size: int):
     gen = torch.Generator().manual_seed(1000 + step)
     x = torch.randn(world_size * MICRO_BATCH, 3, 4, 4, generator=gen)
@@ -88,10 +121,11 @@ def full_fp32(engine, stage: int) -> list[torch.Tensor]:
     return [safe_get_full_fp32_param(p).detach().clone() for p in params]
 
 
-def case_equal(name: str, stage: int, scale_type: str, offload: bool = False, groups: str = "concat") -> dict:
+def case_equal(name: str, stage: int, scale_type: str, offload: bool = False, groups: str = "concat",
+               moe: bool = False) -> dict:
     """Plain Apollo handed to ``deepspeed.initialize`` vs unsharded Apollo, fp32, STEPS steps. ``groups``:
     "concat" (lowrank_param_groups: all matrices in one group, as users build it) or "per_matrix"
-    (deepspeed_param_groups)."""
+    (deepspeed_param_groups). ``moe``: the model with fused experts (their shards cut inside experts)."""
     import deepspeed
     import torch.distributed as dist
 
@@ -102,11 +136,12 @@ def case_equal(name: str, stage: int, scale_type: str, offload: bool = False, gr
     options = dict(rank=3, scale_type=scale_type, update_proj_gap=7)
     if scale_type == "tensor":
         options.update(rank=2, scale=4.0)
+    net, targets = (MoENet, MOE_TARGETS) if moe else (Net, TARGETS)
     torch.manual_seed(1234)
-    model = Net()
+    model = net()
     ref_model = copy.deepcopy(model)
-    ref_opt = Apollo(lowrank_param_groups(ref_model, TARGETS, **options), lr=LR, weight_decay=WEIGHT_DECAY)
-    param_groups = lowrank_param_groups(model, TARGETS, **options)
+    ref_opt = Apollo(lowrank_param_groups(ref_model, targets, **options), lr=LR, weight_decay=WEIGHT_DECAY)
+    param_groups = lowrank_param_groups(model, targets, **options)
     if groups == "per_matrix":
         param_groups = deepspeed_param_groups(param_groups)
     opt = Apollo(param_groups, lr=LR, weight_decay=WEIGHT_DECAY)
@@ -136,13 +171,14 @@ def case_equal(name: str, stage: int, scale_type: str, offload: bool = False, gr
         ref_opt.step()
     got = full_fp32(engine, stage)
     diffs = [float((a - b.detach()).abs().max()) for a, b in zip(got, ref_params)]
-    moved = max(float((b.detach() - a).abs().max()) for a, b in zip(Net().parameters(), ref_params))
+    torch.manual_seed(1234)
+    moved = max(float((b.detach() - a).abs().max()) for a, b in zip(net().parameters(), ref_params))
     grad_bytes = sum(p.numel() * 4 for p in ref_params)
     lowrank_grad_bytes = sum(p.numel() * 4 for n, p in ref_model.named_parameters()
-                             if p.ndim >= 2 and n.split(".")[0] in TARGETS)
+                             if p.ndim >= 2 and n.split(".")[0] in targets)
     # Every matrix kept low-rank moments (never AdamW's full-size ones) wherever DeepSpeed put its elements.
     shard_states = [s for state in opt.state.values() for s in state.get("shard_state", {}).values()]
-    moment_shapes = sorted({tuple(s["exp_avg"].shape) for s in shard_states if s["exp_avg"].ndim == 2})
+    moment_shapes = sorted({tuple(s["exp_avg"].shape) for s in shard_states if s["exp_avg"].ndim >= 2})
     return dict(
         max_diff=max(diffs), diffs=diffs, moved=moved, losses=losses,
         comm_bytes_last_step=opt.comm_bytes_last_step, grad_bytes=grad_bytes, lowrank_grad_bytes=lowrank_grad_bytes,
@@ -345,6 +381,9 @@ CASES = {
     "stage2_per_matrix": lambda: case_equal("stage2_per_matrix", 2, "channel", groups="per_matrix"),
     "stage3_per_matrix": lambda: case_equal("stage3_per_matrix", 3, "tensor", groups="per_matrix"),
     "stage3_offload": lambda: case_equal("stage3_offload", 3, "tensor", offload=True),
+    "moe_stage1": lambda: case_equal("moe_stage1", 1, "channel", moe=True),
+    "moe_stage2": lambda: case_equal("moe_stage2", 2, "tensor", moe=True),
+    "moe_stage3": lambda: case_equal("moe_stage3", 3, "channel", moe=True),
     "bf16_stage0": lambda: case_bf16_stage0("bf16_stage0"),
     "bf16_sharded": lambda: case_bf16_sharded("bf16_sharded"),
     "resume": lambda: case_resume("resume"),

@@ -55,6 +55,39 @@ class Net(nn.Module):
         return self.head(h)
 
 
+class Experts(nn.Module):
+    """Fused experts as transformers stores them: (E, out, in), ``is_transposed=False``."""
+
+    is_transposed = False
+
+    def __init__(self, experts: int = 3, width: int = 6, hidden: int = 11):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(0.3 * torch.randn(experts, hidden, width))  # right, per expert
+        self.down_proj = nn.Parameter(0.3 * torch.randn(experts, width, hidden))  # left, per expert
+
+    def forward(self, x, weights):
+        h = torch.tanh(torch.einsum("bd,ehd->beh", x, self.gate_up_proj))
+        return (torch.einsum("beh,edh->bed", h, self.down_proj) * weights.unsqueeze(-1)).sum(1)
+
+
+class MoENet(nn.Module):
+    """A router (dense) and fused experts, which FSDP2 shards by whole experts (3 -> 2 + 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(75, 6)
+        self.gate = nn.Linear(6, 3)
+        self.blocks = nn.ModuleList([Experts()])
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x.flatten(1)))
+        return self.head(self.blocks[0](h, torch.softmax(self.gate(h), dim=-1)))
+
+
+MOE_TARGETS = ["inp", "blocks"]
+
+
 def batch(step: int, world_size: int, dtype=torch.float32):
     gen = torch.Generator().manual_seed(1000 + step)
     x = torch.randn(world_size * MICRO_BATCH, 3, 5, 5, generator=gen)
@@ -102,7 +135,7 @@ def full(p: torch.Tensor) -> torch.Tensor:
     return p.full_tensor() if isinstance(p, DTensor) else p
 
 
-def case_equal(scale_type: str, mixed_precision: bool = False) -> dict:
+def case_equal(scale_type: str, mixed_precision: bool = False, moe: bool = False) -> dict:
     """Plain Apollo on a fully_shard model == unsharded Apollo fed the same (gathered) gradients."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
     from torch.distributed.tensor import DTensor
@@ -110,14 +143,15 @@ def case_equal(scale_type: str, mixed_precision: bool = False) -> dict:
     from lowrank_opt import Apollo, lowrank_param_groups
 
     options = options_for(scale_type)
+    net, targets = (MoENet, MOE_TARGETS) if moe else (Net, TARGETS)
     torch.manual_seed(1234)
-    model = Net()
+    model = net()
     ref_model = copy.deepcopy(model)
-    ref_opt = Apollo(lowrank_param_groups(ref_model, TARGETS, **options), lr=LR, weight_decay=WEIGHT_DECAY)
+    ref_opt = Apollo(lowrank_param_groups(ref_model, targets, **options), lr=LR, weight_decay=WEIGHT_DECAY)
     kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} \
         if mixed_precision else {}
     shard(model, **kwargs)
-    opt = Apollo(lowrank_param_groups(model, TARGETS, **options), lr=LR, weight_decay=WEIGHT_DECAY)
+    opt = Apollo(lowrank_param_groups(model, targets, **options), lr=LR, weight_decay=WEIGHT_DECAY)
     ref_params = dict(ref_model.named_parameters())
     losses = []
     for step in range(STEPS):
@@ -132,13 +166,15 @@ def case_equal(scale_type: str, mixed_precision: bool = False) -> dict:
         losses.append(float(loss.detach()))
     diffs = {name: float((full(p).detach() - ref_params[name].detach()).abs().max())
              for name, p in model.named_parameters()}
-    moved = max(float((ref_params[n].detach() - p).abs().max()) for n, p in Net().named_parameters())
+    torch.manual_seed(1234)
+    moved = max(float((ref_params[n].detach() - p).abs().max()) for n, p in net().named_parameters())
     kinds = {}
     for name, p in model.named_parameters():
         state = opt.state[p]
         kinds[name] = dict(local_rows=int(p.to_local().shape[0]) if p.ndim else 0,
                            exp_avg=list(state["exp_avg"].shape),
                            exp_avg_dtensor=isinstance(state["exp_avg"], DTensor),
+                           limiter=list(state["limiter_norm"].shape) if "limiter_norm" in state else None,
                            param_dtype=str(p.dtype))
     return dict(max_diff=max(diffs.values()), diffs=diffs, moved=moved, losses=losses, states=kinds,
                 comm_bytes_last_step=opt.comm_bytes_last_step,
@@ -183,7 +219,7 @@ def case_accelerate_swap() -> dict:
     return dict(max_diff=diff, steps=sorted({s["step"] for s in results["swapped_opt"].state.values()}))
 
 
-def case_dcp_resume() -> dict:
+def case_dcp_resume(moe: bool = False) -> dict:
     """torch.distributed.checkpoint: save model and optimizer at step 10, a fresh model and optimizer load
     them, 10 more steps == 20 steps straight (bit for bit)."""
     import torch.distributed as dist
@@ -194,10 +230,12 @@ def case_dcp_resume() -> dict:
 
     options = dict(options_for("channel"), update_proj_gap=4)  # a projection refresh on each side of the save
 
+    net, targets = (MoENet, MOE_TARGETS) if moe else (Net, TARGETS)
+
     def make():
         torch.manual_seed(1234)
-        model = shard(Net())
-        return model, Apollo(lowrank_param_groups(model, TARGETS, **options), lr=LR, weight_decay=WEIGHT_DECAY)
+        model = shard(net())
+        return model, Apollo(lowrank_param_groups(model, targets, **options), lr=LR, weight_decay=WEIGHT_DECAY)
 
     def train(model, opt, steps):
         for step in steps:
@@ -299,6 +337,9 @@ CASES = {
     "mixed_precision": lambda: case_equal("channel", mixed_precision=True),
     "accelerate_swap": case_accelerate_swap,
     "dcp_resume": case_dcp_resume,
+    "moe_channel": lambda: case_equal("channel", moe=True),
+    "moe_tensor": lambda: case_equal("tensor", moe=True),
+    "moe_dcp_resume": lambda: case_dcp_resume(moe=True),
     "pure_bf16": case_pure_bf16,
     "example": case_example,
 }

@@ -491,3 +491,42 @@ def test_layerwise_equals_normal_and_frees_gradients():
     opt_l.remove_hooks()
     forward(layerwise).backward()
     assert all(p.grad is not None for p in layerwise.parameters())
+
+
+@pytest.mark.parametrize("names", ["module.", "_orig_mod.", "unnamed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resume_into_renamed_parameters_keeps_the_projections(names, dtype):
+    """The checkpoint's identities (saved in the state at the first update) seed the projections and rounding
+    bits after load, whatever the new parameters are called: DDP's ``module.``, torch.compile's ``_orig_mod.``,
+    or no names at all."""
+    shapes = {"attn.q.weight": (12, 7), "mlp.up.weight": (6, 15), "experts": (3, 8, 5), "norm.weight": (7,)}
+    torch.manual_seed(0)
+    init = {n: torch.randn(s).to(dtype) for n, s in shapes.items()}
+
+    def build(prefix=""):
+        params = {n: nn.Parameter(t.clone()) for n, t in init.items()}
+        named = [(prefix + n, params[n]) for n in ("attn.q.weight", "mlp.up.weight", "norm.weight")]
+        unnamed = names == "unnamed" and prefix
+        groups = [{"params": [p for _, p in named] if unnamed else named},
+                  {"params": [params["experts"]] if unnamed else [(prefix + "experts", params["experts"])],
+                   "stacked": True}]
+        return params, Apollo(groups, lr=1e-2, rank=2, update_proj_gap=2, weight_decay=0.1)
+
+    straight, opt = build()
+    order = list(shapes)
+    _run(opt, [straight[n] for n in order], 3)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    snapshot = {n: p.detach().clone() for n, p in straight.items()}
+    _run(opt, [straight[n] for n in order], 3, start=3)
+    resumed, opt2 = build(prefix="module." if names == "unnamed" else names)
+    for n, p in resumed.items():
+        p.data.copy_(snapshot[n])
+    opt2.load_state_dict(saved)
+    for n in ("attn.q.weight", "experts"):
+        assert torch.equal(opt2.projection_matrix(resumed[n]), opt.projection_matrix(straight[n], step=3))
+    _run(opt2, [resumed[n] for n in order], 3, start=3)
+    for n in order:
+        assert torch.equal(resumed[n], straight[n]), n

@@ -195,7 +195,7 @@ def _case(ds_run, name):
 
 @pytest.mark.parametrize("name", ["stage1_channel", "stage1_tensor", "stage2_channel", "stage2_tensor",
                                   "stage3_channel", "stage3_tensor", "stage2_offload", "stage3_offload",
-                                  "stage2_per_matrix", "stage3_per_matrix"])
+                                  "stage2_per_matrix", "stage3_per_matrix", "moe_stage1", "moe_stage2", "moe_stage3"])
 def test_deepspeed_zero_equals_unsharded(ds_run, name):
     r = _case(ds_run, name)
     assert r["max_diff"] < TOL, r["diffs"]

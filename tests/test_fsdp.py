@@ -103,3 +103,22 @@ def test_docs_example_trains_saves_and_resumes(two_ranks):
     assert straight["final_loss"] < straight["first_loss"]
     assert resumed["losses"] == straight["losses"][3:]
     assert resumed["weights_digest"] == straight["weights_digest"]
+
+
+@pytest.mark.parametrize("name", ["moe_channel", "moe_tensor"])
+def test_fsdp2_fused_experts_equal_unsharded(two_ranks, name):
+    """Fused experts (3, 11, 6) and (3, 6, 11), sharded by whole experts (2 + 1): each rank updates its own
+    experts with their own projections, moments (DTensors of (E, ...)) and limiter norms."""
+    r = _case(two_ranks, name)
+    assert r["max_diff"] < TOL, r["diffs"]
+    assert r["moved"] > 0.1
+    rank = 3 if name == "moe_channel" else 2
+    up, down = r["states"]["blocks.0.gate_up_proj"], r["states"]["blocks.0.down_proj"]
+    assert up["local_rows"] == down["local_rows"] == 2  # experts 0 and 1 on rank 0
+    assert up["exp_avg"] == [3, 11, rank] and down["exp_avg"] == [3, rank, 11]
+    assert up["exp_avg_dtensor"] and down["exp_avg_dtensor"] and up["limiter"] == down["limiter"] == [3]
+
+
+def test_fsdp2_fused_experts_dcp_resume_is_exact(two_ranks):
+    r = _case(two_ranks, "moe_dcp_resume")
+    assert r["max_diff"] == 0.0 and r["steps"] == [20]
