@@ -11,10 +11,9 @@
 * **Checkpoints**: :func:`load_state_dict_checked` refuses a checkpoint whose hyperparameters or state tensors
   do not fit the optimizer (naming the parameter and both shapes) before anything changes, and keeps the
   saved state dtypes.
-* **Writing back** a low-precision weight (:func:`write_back`): an fp16 weight that would overflow 65504 raises
-  instead of becoming inf.
-* Parameter labels and the older ``check_*`` helpers (kept with their signatures and messages for bad
-  values; a value of the wrong type is now refused too, where ``float()`` used to take a numeric string).
+* **Writing back** a weight computed in a wider dtype (:func:`write_back_`): stochastic rounding into bf16, and
+  an fp16 weight that would overflow 65504 raises instead of becoming inf.
+* Parameter labels.
 
 Nothing here knows about a particular algorithm.
 """
@@ -26,7 +25,7 @@ import math
 import numbers
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -197,49 +196,6 @@ WEIGHT_DECAY = real(0.0, finite=True)
 NONFINITE = choice(*NONFINITE_CHOICES)
 
 
-# -- the earlier helpers, now on top of check_option (same signatures, same messages for bad values) ------
-
-
-def _as_float(value: Any) -> float:
-    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
-
-
-def check_lr(lr: Any, where: str = "") -> None:
-    check_option("lr", lr, LR, where)
-
-
-def check_eps(eps: Any, where: str = "", name: str = "eps") -> None:
-    check_option(name, eps, EPS, where)
-
-
-def check_beta(beta: Any, name: str, where: str = "") -> None:
-    check_option(name, beta, BETA, where)
-
-
-def check_betas(betas: Any, where: str = "") -> None:
-    check_option("betas", betas, BETAS, where)
-
-
-def check_weight_decay(weight_decay: Any, where: str = "") -> None:
-    check_option("weight_decay", weight_decay, WEIGHT_DECAY, where)
-
-
-def check_choice(value: Any, name: str, choices: Iterable[str], where: str = "") -> None:
-    check_option(name, value, choice(*choices), where)
-
-
-def check_positive_int(value: Any, name: str, where: str = "") -> None:
-    check_option(name, value, integer(1), where)
-
-
-def check_finite_positive(value: Any, name: str, where: str = "") -> None:
-    if not _is_real(value) and not (isinstance(value, torch.Tensor) and value.numel() == 1):
-        raise _type_error(name, value, "a finite number > 0", where)
-    v = _as_float(value)
-    if not (math.isfinite(v) and v > 0.0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}{where}")
-
-
 # --------------------------------------------------------------------------------------------------------
 # Labels and parameter checks
 # --------------------------------------------------------------------------------------------------------
@@ -391,12 +347,6 @@ def gradient_fault_message(optimizer: torch.optim.Optimizer, faults: Sequence[tu
     )
 
 
-def nonfinite_message(optimizer: torch.optim.Optimizer, labels: list[str], option: str = "nonfinite='skip'",
-                      effect: str = "skip those tensors' updates") -> str:
-    return gradient_fault_message(optimizer, [(label, "non-finite gradient (inf or nan)") for label in labels],
-                                  option, effect)
-
-
 Entry = tuple  # (group, index in group, parameter)
 
 
@@ -439,24 +389,23 @@ def screen_gradients(
     return set(bad)
 
 
-def write_back(optimizer: torch.optim.Optimizer, group: dict, index: int, p: torch.Tensor,
-               work: torch.Tensor) -> None:
-    """Copy ``work``, the updated weight computed in a wider dtype, into the parameter ``p`` (rounding to
-    nearest). fp16 holds at most 65504, so a weight beyond it would be written as inf: that raises instead,
-    naming the parameter (bf16 has fp32's range, so the fp32 math cannot overflow it). Nothing to do when
-    ``work`` is ``p`` itself."""
-    if work is p:
+def write_back_(target: torch.Tensor, work: torch.Tensor, generator: Optional[torch.Generator] = None,
+                label: str = "a parameter") -> None:
+    """Copy ``work``, the updated value of ``target`` computed in a wider dtype, into ``target``: into bf16 with
+    stochastic rounding when ``generator`` is given, else to nearest. An fp16 result beyond 65504 raises
+    instead of becoming inf (bf16 has fp32's range). Nothing to do when ``work`` is ``target``."""
+    if work is target:
         return
-    if p.dtype == torch.float16 and work.numel() and work.device.type != "meta":
+    if generator is not None:
+        from .rounding import stochastic_round_to_bf16_
+
+        stochastic_round_to_bf16_(work, generator)  # now exact in bf16
+    elif target.dtype == torch.float16 and work.numel() and work.device.type != "meta":
         largest = float(torch.linalg.vector_norm(work, ord=math.inf))
-        limit = torch.finfo(torch.float16).max
-        if not largest <= limit:
-            raise RuntimeError(
-                f"{type(optimizer).__name__}.step(): the updated weight of {param_label(group, index, p)} does "
-                f"not fit float16 (max |w| = {largest:.4g} > {limit:.0f}); the weight was not written (its "
-                "optimizer state was). Lower the learning rate, or keep fp32 master weights."
-            )
-    p.copy_(work)
+        if not largest <= torch.finfo(torch.float16).max:
+            raise RuntimeError(f"the updated weight of {label} does not fit float16 (max |w| = {largest:.4g} > 65504) "
+                               "and was not written: lower the learning rate, or keep fp32 master weights")
+    target.copy_(work)
 
 
 # --------------------------------------------------------------------------------------------------------

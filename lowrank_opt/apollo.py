@@ -648,7 +648,7 @@ class Apollo(Optimizer):
             totals[k] = sqs[id(part)].sum()
         for (_, dtype), ks in dense.items():
             wide = torch.float64 if dtype == torch.float64 else torch.float32
-            for k, norm in zip(ks, F.norms_wide([parts[k].grad for k in ks], wide)):
+            for k, norm in zip(ks, _common.norms_wide([parts[k].grad for k in ks], wide)):
                 totals[k] = norm.square()
         if all(t.device.type == "meta" for t in totals):
             return {id(part): sqs.get(id(part)) for part in parts}  # the estimator's dry run: no values

@@ -31,9 +31,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
-from ._common import norms_wide, vector_norm_wide  # noqa: F401 - norms without a full-size widened copy
+from ._common import compute_dtype, vector_norm_wide, write_back_
 from .projection import LEFT, RIGHT, seeded_generator
-from .rounding import stochastic_round_to_bf16_
 from .sharding import ShardLayout, Tile
 
 SCALING_EPS = 1e-8  # s = ||R~|| / (||R|| + 1e-8)
@@ -45,11 +44,6 @@ LIMITER_EPS = 1e-8  # the limiter divides by (prev + 1e-8)
 CHUNK_CPU = 1 << 20
 CHUNK_ACCELERATOR = 1 << 22
 _NORM_BLOCK = 1 << 18  # elements squared at a time by the CPU column-norm loop (a 1 MiB fp32 block)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The math runs in fp32 for 16-bit weights, else in the weight's own dtype."""
-    return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
 
 
 # The device type meta tensors stand for: the memory estimator's dry run of a step on meta tensors sets it to
@@ -136,19 +130,6 @@ def bias_corrected_step_size(lr: float, beta1: float, beta2: float, step: int, c
 
 # ----------------------------------------------------------------------------------------------------------
 # Writing an update into a weight
-
-
-def write_back_(target: torch.Tensor, work: torch.Tensor, generator: Optional[torch.Generator], label: str) -> None:
-    """Copy ``work`` (the fp32 result for ``target``) into the narrower ``target``: bf16 with stochastic rounding
-    when ``generator`` is given, else to nearest; an fp16 result beyond 65504 raises (it would become inf)."""
-    if generator is not None:
-        stochastic_round_to_bf16_(work, generator)  # now exact in bf16
-    elif target.dtype == torch.float16 and work.numel() and work.device.type != "meta":
-        largest = float(torch.linalg.vector_norm(work, ord=math.inf))
-        if not largest <= torch.finfo(torch.float16).max:
-            raise RuntimeError(f"the updated fp16 weight of {label} does not fit float16 (max |w| = {largest:.4g} > "
-                               "65504) and was not written: lower the learning rate, or keep fp32 master weights")
-    target.copy_(work)
 
 
 def update_pieces_(pieces: Iterable[tuple[torch.Tensor, Any]], update: Callable[[torch.Tensor, Any], None], *,

@@ -86,8 +86,10 @@ def test_fast_path_half_weights_in_row_blocks_equal_reference(monkeypatch, optio
     always rounded to nearest."""
     monkeypatch.setattr(apollo_module, "CHUNK_CPU", 2000)
     calls = []
-    real_round = apollo_module.stochastic_round_to_bf16_
-    monkeypatch.setattr(apollo_module, "stochastic_round_to_bf16_",
+    from lowrank_opt import rounding
+
+    real_round = rounding.stochastic_round_to_bf16_
+    monkeypatch.setattr(rounding, "stochastic_round_to_bf16_",
                         lambda x, g=None: calls.append(x.numel()) or real_round(x, g))
     fast = _run(None, steps=3, dtype=dtype, **options)
     fast_calls, calls[:] = list(calls), []

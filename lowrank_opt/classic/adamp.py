@@ -32,10 +32,11 @@ from lowrank_opt._common import (
     group_where,
     like_param,
     load_state_dict_checked,
+    param_label,
     real,
     screen_gradients,
     validate_group,
-    write_back,
+    write_back_,
 )
 
 __all__ = ["AdamP", "SGDP", "radial_projection", "adamp_update", "sgdp_update"]
@@ -406,7 +407,7 @@ class AdamP(_ProjectedOptimizer):
                 wd_ratio=group["wd_ratio"],
                 nesterov=group["nesterov"],
             )
-            write_back(self, group, index, p, param)
+            write_back_(p, param, label=param_label(group, index, p))
         return loss
 
 
@@ -508,5 +509,5 @@ class SGDP(_ProjectedOptimizer):
                 delta=group["delta"],
                 wd_ratio=group["wd_ratio"],
             )
-            write_back(self, group, index, p, param)
+            write_back_(p, param, label=param_label(group, index, p))
         return loss

@@ -56,10 +56,11 @@ from lowrank_opt._common import (
     integer,
     like_param,
     load_state_dict_checked,
+    param_label,
     real,
     screen_gradients,
     validate_group,
-    write_back,
+    write_back_,
 )
 
 __all__ = ["ApolloDQN", "ApolloW", "apollo_dqn_lr", "apollo_dqn_update_"]
@@ -363,7 +364,7 @@ class ApolloDQN(torch.optim.Optimizer):
                 weight_decay=group["weight_decay"],
                 weight_decay_type=group["weight_decay_type"],
             )
-            write_back(self, group, index, p, param)
+            write_back_(p, param, label=param_label(group, index, p))
         return loss
 
 
