@@ -53,7 +53,8 @@ class Variant:
     base: str  # the optimizer it is compared against (its --optim)
     what: str  # for the report
     optim_args: str = ""  # appended to the base's --optim_args
-    extra_targets: tuple[str, ...] = ()  # low-rank next to TARGET_MODULES
+    extra_targets: tuple[str, ...] = ()  # low-rank next to the run's targets
+    targets: tuple[str, ...] = ()  # low-rank instead of the run's targets
     flags: tuple[str, ...] = ()  # more train.py flags
     max_gap_pct: Optional[float] = None  # target: mean eval loss at most this % above the base's
     within_noise: bool = False  # target: |mean difference| at most the base's seed spread
@@ -82,6 +83,11 @@ VARIANTS = {
         "apollo_mini", "the 12 GB setting: int8 weights as q_apollo_mini, 8-bit AdamW moments of embed_tokens and "
         "lm_head, lean loss (`--weights int8`, `dense_state_bits=8`, `--lean_loss`)",
         optim_args="dense_state_bits=8", flags=("--weights", "int8", "--lean_loss"), max_gap_pct=3.0),
+    # MoE models: the experts left to AdamW (what every other APOLLO implementation does with fused experts).
+    "apollo+dense_experts": Variant("apollo", "fused experts left to AdamW: only the attention matrices low-rank",
+                                    targets=(r".*\.self_attn\.[a-z]+_proj",)),
+    "apollo_mini+dense_experts": Variant("apollo_mini", "fused experts left to AdamW: only the attention matrices "
+                                         "low-rank", targets=(r".*\.self_attn\.[a-z]+_proj",)),
 }
 OURS = ("apollo", "apollo_mini", "apollo_layerwise", "apollo_mini_layerwise")
 ALL_OPTIMIZERS = ("torch-adamw", *OURS, "apollo-torch", "galore-torch", *VARIANTS)
@@ -151,6 +157,7 @@ class RunSpec:
     seed: int
     argv: list[str]
     threads: int
+    targets: list[str]  # the run's low-rank matrices (for AdamW: the same matrices, to compare state bytes)
 
     @property
     def key(self) -> str:
@@ -184,7 +191,7 @@ def worker(spec_path: str, result_path: str) -> int:
             train_losses[int(entry["step"])] = float(entry["loss"])
     model = trainer.model
     breakdown = optimizer_state_breakdown(trainer.optimizer)
-    lowrank = [p for _, p in lowrank_targets(model, TARGET_MODULES)]
+    lowrank = [p for _, p in lowrank_targets(model, spec["targets"])]
     lowrank_ids = {id(p) for p in lowrank}
     inner = type(unwrap_optimizers(trainer.optimizer)[-1])  # the optimizer behind accelerate's wrapper
     result = {
@@ -221,6 +228,13 @@ def weight_bytes(model) -> int:
     return total
 
 
+def run_targets(args, name: str) -> list[str]:
+    """The low-rank targets of a run: --target-modules, or a variant's own, plus a variant's extra ones."""
+    variant = VARIANTS.get(name)
+    base = list(variant.targets) if variant is not None and variant.targets else [args.target_modules]
+    return base + list(variant.extra_targets if variant is not None else ())
+
+
 def train_argv(args, name: str, lr: float, seed: int, corpus: Path, output_dir: Path) -> list[str]:
     optim, optim_args = train_optimizer(name, args.rank, args.update_proj_gap)
     argv = [
@@ -228,7 +242,7 @@ def train_argv(args, name: str, lr: float, seed: int, corpus: Path, output_dir: 
         "--model_config", str(args.model_config),
         "--data_files", str(corpus),
         "--optim", optim,
-        "--optim_target_modules", TARGET_MODULES, *(VARIANTS[name].extra_targets if name in VARIANTS else ()),
+        "--optim_target_modules", *run_targets(args, name),
         "--learning_rate", f"{lr:g}",
         "--lr_scheduler_type", "cosine_with_min_lr",
         "--lr_scheduler_kwargs", json.dumps({"min_lr_rate": 0.1}),
@@ -610,6 +624,8 @@ def parse_args(argv=None):
                         "('' for none): the run-to-run noise.")
     parser.add_argument("--repeat-optimizers", default="apollo,apollo-torch")
     parser.add_argument("--model-config", default=str(ROOT / "configs" / "llama_5m.json"))
+    parser.add_argument("--target-modules", default=TARGET_MODULES, help="The low-rank matrices of every run (a "
+                        "regex, or all-linear: attention, MLP and MoE experts); default: %(default)s")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=128)
@@ -688,7 +704,8 @@ def main(argv=None) -> int:
 
     def spec(name: str, lr: float, seed: int) -> RunSpec:
         output_dir = work / "train" / run_key(name, lr, seed)
-        return RunSpec(name, lr, seed, train_argv(args, name, lr, seed, corpus, output_dir), args.threads)
+        return RunSpec(name, lr, seed, train_argv(args, name, lr, seed, corpus, output_dir), args.threads,
+                       run_targets(args, name))
 
     # 1. The sweep (plain forms; layer-wise forms too with --sweep-layerwise; variants never).
     swept = [n for n in args.optimizer_list
@@ -747,8 +764,9 @@ def main(argv=None) -> int:
         print("\n\n".join(t for t in tables if t))
         if args.output not in ("", "-"):
             finished = [r["finished"] for r in results.values()]
-            write_section(args.output, section("convergence", SCRIPT, command,
-                                               machine_text(args, machine, finished, loads), *tables), "convergence")
+            name = "convergence" + ("" if args.tag == "cpu" else f"-{args.tag}")
+            write_section(args.output, section(name, SCRIPT, command, machine_text(args, machine, finished, loads),
+                                               *tables), name)
             print(f"wrote the convergence section of {args.output}")
     if "variants" in args.section_list and comparisons:
         csv_path = folder / f"convergence_{args.tag}_variants.csv"
@@ -761,9 +779,9 @@ def main(argv=None) -> int:
         print("\n\n".join(tables))
         if args.output not in ("", "-"):
             finished = [r["finished"] for c in comparisons for r in c.runs]
-            write_section(args.output, section("convergence-variants", SCRIPT, command,
-                                               machine_text(args, machine, finished, loads), *tables),
-                          "convergence-variants")
+            name = "convergence" + ("" if args.tag == "cpu" else f"-{args.tag}") + "-variants"
+            write_section(args.output, section(name, SCRIPT, command, machine_text(args, machine, finished, loads),
+                                               *tables), name)
             print(f"wrote the convergence-variants section of {args.output}")
     return 0
 

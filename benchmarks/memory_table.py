@@ -244,6 +244,58 @@ def lever_table(rows: list[LeverRow]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# MoE models: fused experts, per-expert APOLLO
+
+
+MOE_CONFIGS = {"mixtral_8x7b": "Mixtral-8x7B", "qwen3_30b_a3b": "Qwen3-30B-A3B"}
+
+
+@dataclass(frozen=True)
+class MoeRow:
+    label: str
+    optimizer: str
+    optim_args: Optional[str] = None
+    layerwise: bool = False
+    lean_loss: bool = False
+    weights: str = "float"
+
+    def flags(self) -> str:
+        flags = [f"--optim {self.optimizer}"] + ([f"--optim-args {self.optim_args}"] if self.optim_args else [])
+        flags += ["--lean-loss"] if self.lean_loss else []
+        return " ".join(flags + ([f"--weights {self.weights}"] if self.weights != "float" else []))
+
+
+MOE_ROWS = [
+    MoeRow("AdamW", BASELINES["torch-adamw"].estimator),
+    MoeRow("APOLLO, rank 256 per expert", "apollo", "rank=256"),
+    MoeRow("APOLLO-Mini", "apollo_mini"),
+    MoeRow("APOLLO-Mini, layer-wise", "apollo_mini_layerwise"),
+    MoeRow("+ 8-bit dense states + lean loss", "apollo_mini_layerwise", "dense_state_bits=8", lean_loss=True),
+    MoeRow("+ int8 weights (nn.Linear only)", "apollo_mini_layerwise", "dense_state_bits=8", lean_loss=True,
+           weights="int8"),
+]
+
+
+def moe_table(configs: list[str], setting: Setting, log=print) -> str:
+    from lowrank_opt.memory import estimate
+
+    out = []
+    for config in configs:
+        for row in MOE_ROWS:
+            started = time.perf_counter()
+            e = estimate(config, row.optimizer, optim_args=row.optim_args, lean_loss=row.lean_loss,
+                         weights=row.weights, **setting.estimate_args())
+            log(f"  {config:14s} {row.label:36s} {e.total / GB:7.2f} GB ({time.perf_counter() - started:.0f} s)")
+            out.append([f"{MOE_CONFIGS.get(config, config)} ({e.n_params / 1e9:.2f} B)", row.label, f"`{row.flags()}`",
+                        _gb(e.weights), _gb(e.optimizer_states), _gb(e.activations - e.freed_during_backward),
+                        _gb(e.gradients + e.step_temporaries + e.overhead), f"**{_gb(e.total)}**",
+                        smallest_card(e.total)])
+    return table(["model", "optimizer", "`lowrank-opt memory CONFIG` flags", "weights", "optimizer states",
+                  "activations and loss (net)", "gradient, step scratch, overhead", "**total**", "smallest card"],
+                 out, "lllrrrrrl")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Plots
 
 
@@ -314,6 +366,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--plots-dir", type=Path, default=None, help="where memory_<size>.png go (default: beside "
                         "--output)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs (no matplotlib needed)")
+    parser.add_argument("--moe-configs", default=",".join(MOE_CONFIGS), help="MoE configs of the memory-moe section, "
+                        "comma-separated ('' skips it; about a minute per estimate); default %(default)s")
     args = parser.parse_args(argv)
     if min(args.batch_size, args.seq_len) < 1:
         parser.error(f"--batch-size and --seq-len must be >= 1, got {args.batch_size} and {args.seq_len}")
@@ -358,6 +412,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         write_section(args.output, section("memory-levers", SCRIPT, command, machine,
                                            lever_table(lever_rows(seven, setting))), "memory-levers")
     write_section(args.output, section("memory-table", SCRIPT, command, machine, *tables), "memory-table")
+    moe_configs = split_list(args.moe_configs)
+    if moe_configs:
+        print("estimating the MoE models ...", flush=True)
+        write_section(args.output, section("memory-moe", SCRIPT, command, machine, moe_table(moe_configs, setting)),
+                      "memory-moe")
     print(f"wrote {args.output}")
     print(tables[0])
     return 0

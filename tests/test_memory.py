@@ -630,3 +630,32 @@ def test_external_integer_options_say_which_option():
         estimate(TINY, "galore", optim_args="rank=x")
     with pytest.raises(ValueError, match="optim_args min_8bit_size must be an integer for adamw_bnb_8bit, got 'big'"):
         estimate(TINY, "adamw_8bit", optim_args="min_8bit_size=big")
+
+
+@pytest.mark.parametrize("mode", ["bf16", "fp32"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_moe_activation_formula_matches_saved_tensors(mode, family):
+    """MoE layers: the router, the routed tokens' copies and the experts' activations (transformers' grouped
+    experts), per layer, byte-exact against what autograd saves."""
+    from transformers import MixtralConfig, Qwen3MoeConfig
+
+    common = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                  vocab_size=320, max_position_embeddings=64)
+    if family == "mixtral":
+        config = MixtralConfig(intermediate_size=40, num_local_experts=6, num_experts_per_tok=2, **common)
+    else:
+        config = Qwen3MoeConfig(intermediate_size=88, moe_intermediate_size=40, head_dim=16, num_experts=6,
+                                num_experts_per_tok=3, norm_topk_prob=True, **common)
+    batch, seq = 2, 24
+    measured = _saved_bytes(config, batch=batch, seq=seq, mode=mode)
+    act = activation_bytes(config, batch_size=batch, seq_len=seq, dtype=mode)
+    assert act.base + act.layers * act.per_layer + act.head == measured
+
+
+def test_moe_layouts_the_activation_formula_does_not_model_are_refused():
+    from transformers import DeepseekV3Config, Qwen2MoeConfig
+
+    with pytest.raises(NotImplementedError, match="shared experts.*dense layers"):
+        activation_bytes(DeepseekV3Config(n_shared_experts=1, first_k_dense_replace=1), batch_size=1, seq_len=8)
+    with pytest.raises(NotImplementedError, match="shared experts"):
+        activation_bytes(Qwen2MoeConfig(), batch_size=1, seq_len=8)

@@ -13,7 +13,13 @@ stream (2 for pure 16-bit, 4 for fp32 or autocast):
 - attention, SDPA/flash: q ``eT·ad``, k and v ``eT·kd`` each, log-sum-exp ``4aT`` (the output is the o_proj
   input); eager: q, k, v at all heads ``3eT·ad`` plus the fp32 softmax ``4as²b`` and probabilities ``eas²b``
   (in fp32 they are the same tensor);
-- SwiGLU MLP: gate output, SiLU output, up output and down-projection input, ``4eTi``.
+- SwiGLU MLP: gate output, SiLU output, up output and down-projection input, ``4eTi``;
+- a MoE block instead (E experts of intermediate I, each token routed to k; transformers' grouped experts):
+  the router input ``eTh``, its fp32 probabilities ``4TE``, the top-k weights and indices ``12Tk`` and their
+  normaliser ``4T``, per routed token (kT of them) three index vectors ``24`` and its weight (fp32 in Mixtral,
+  else ``e``), its gathered input and its expert output ``2eh``, the gate/up output, the activation and the down
+  input ``4eI``, and the experts' offsets ``4E``: for Mixtral ``eTh + T(4E + 12k + 4) + kT(28 + 2eh + 4eI) + 4E``;
+- Qwen3's per-head RMSNorm of q and k: ``(4 + e)T(a + k')d + 4T(a + k')`` (k' kv-heads).
 
 So a pure-bf16 SDPA layer with k = a saves ``T(24h + 8i + 4a + 8)`` bytes: for LLaMA-7B at 2,048 tokens,
 ~0.38 GB per layer. The head adds the final norm, the lm_head input and the fp32 log-probabilities of the
@@ -57,6 +63,27 @@ class ActivationBreakdown:
             self.head + max(self.logits_forward, self.logits_backward), self.recompute)
 
 
+def _moe(text) -> "tuple[int, int, int] | None":
+    """(experts, experts per token, expert intermediate size) of a MoE config whose every layer is sparse, None for
+    a dense one; other MoE layouts are refused rather than estimated as something else."""
+    experts = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None) \
+        or getattr(text, "n_routed_experts", None)
+    if not experts:
+        return None
+    unsupported = [name for name, value in (
+        ("shared experts", getattr(text, "n_shared_experts", None) or getattr(text, "shared_expert_intermediate_size", None)),
+        ("dense layers (mlp_only_layers)", getattr(text, "mlp_only_layers", None)),
+        ("dense layers (first_k_dense_replace)", getattr(text, "first_k_dense_replace", None)),
+        ("sparse every n-th layer (decoder_sparse_step)", (getattr(text, "decoder_sparse_step", 1) or 1) != 1),
+    ) if value]
+    if unsupported:
+        raise NotImplementedError(f"activation memory of {type(text).__name__} with {', '.join(unsupported)} is not "
+                                  "modelled: the estimator models MoE models whose every layer routes to experts "
+                                  "without shared ones (Mixtral, Qwen3-MoE)")
+    inter = getattr(text, "moe_intermediate_size", None) or text.intermediate_size
+    return int(experts), int(text.num_experts_per_tok), int(inter)
+
+
 def activation_bytes(config, *, batch_size: int, seq_len: int, dtype: str = "bf16", autocast: bool = False,
                      gradient_checkpointing: bool = False, attn_implementation: str = "sdpa",
                      lean_loss: bool = False, loss_chunks: tuple[int, int] = (2048, 2048)) -> ActivationBreakdown:
@@ -88,8 +115,17 @@ def activation_bytes(config, *, batch_size: int, seq_len: int, dtype: str = "bf1
     else:
         raise ValueError(f"attn_implementation must be sdpa, eager or flash_attention_2, got {attn_implementation!r}")
     o_in = e * tokens * a * d
-    mlp = 4 * e * tokens * i
-    per_layer = 2 * norm + attn_in + core + o_in + mlp_in + mlp
+    moe = _moe(text)
+    if moe is None:
+        mlp = mlp_in + 4 * e * tokens * i
+    else:
+        experts, k, inter = moe
+        weight = 4 if getattr(text, "model_type", "") == "mixtral" else e  # Mixtral keeps the routing weights fp32
+        mlp = e * tokens * h + tokens * (4 * experts + 12 * k + 4) + k * tokens * (24 + weight + 2 * e * h + 4 * e * inter) \
+            + 4 * experts
+    per_layer = 2 * norm + attn_in + core + o_in + mlp
+    if getattr(text, "model_type", "") in ("qwen3", "qwen3_moe"):  # RMSNorm of every head of q and k
+        per_layer += (4 + e) * tokens * (a + kv) * d + 4 * tokens * (a + kv)
     head = norm + e * tokens * h + 4 * tokens * vocab
     base = 2 * s * d * r + 16 * tokens + 4
     upcast = 4 * tokens * vocab if e != 4 else 0

@@ -504,10 +504,15 @@ def estimate(
         notes.append("int8 weights (Q-APOLLO): Linear weights but the head in int8 + fp32 scales per %d columns "
                      "(%.2f GB saved); one layer's weight is dequantized while it runs (%.2f GB, in the "
                      "activations)" % (int8_group_size, int8_saved / GB, dequant_transient / GB))
+        stacked = sum(p.numel() for m in model.modules() if "Experts" in type(m).__name__
+                      for p in m.parameters(recurse=False) if p.ndim >= 3)
+        if stacked:
+            notes.append("int8 weights apply to nn.Linear layers: the %.2f B parameters of fused experts stay %s"
+                         % (stacked / 1e9, dtype))
     if lean_loss:
         notes.append("lean loss: cross-entropy in fp32 tiles, no tokens x vocabulary tensor")
     cfg_type = getattr(resolved, "model_type", "")
-    if cfg_type not in ("llama", "mistral", "qwen2", "qwen3"):
+    if cfg_type not in ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe"):
         notes.append(f"activations use the LLaMA decoder-layer formula; model_type {cfg_type!r} is approximated")
 
     return MemoryEstimate(
