@@ -36,9 +36,17 @@ def module_matches(targets: TargetModules, module_name: str) -> bool:
 
 
 def _output_embedding(model: nn.Module) -> Any:
-    getter = getattr(model, "get_output_embeddings", None)
+    """The model's output embedding (``lm_head``), also through the wrappers that hide it: DDP's ``.module`` and
+    ``torch.compile``'s ``._orig_mod``."""
+    while not callable(getattr(model, "get_output_embeddings", None)):
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return None
+        model = inner
     try:
-        return getter() if callable(getter) else None
+        return model.get_output_embeddings()
     except (NotImplementedError, AttributeError):
         return None
 
