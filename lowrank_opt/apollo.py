@@ -1527,9 +1527,10 @@ class Apollo(Optimizer):
         return seeded_generator(piece.weight.device, seed)
 
 
+APOLLO_MINI = dict(rank=1, scale_type="tensor", scale=128.0)  # APOLLO-Mini's settings (the registry's too)
+
+
 def apollo_mini(params: Iterable[Any], lr: float = 1e-3, **kwargs: Any) -> Apollo:
     """APOLLO-Mini: rank 1, one tensor-wise scaling factor, scale 128 (alpha = sqrt(128)); any other
     :class:`Apollo` option may be given. Optimizer state is about 2 x max(m, n) numbers per matrix."""
-    options = dict(rank=1, scale_type="tensor", scale=128.0)
-    options.update(kwargs)
-    return Apollo(params, lr=lr, **options)
+    return Apollo(params, lr=lr, **{**APOLLO_MINI, **kwargs})
