@@ -76,7 +76,7 @@ class Method:
     plain: str  # estimator name, plain mode
     layerwise: str  # estimator name, layer-wise mode
     optim_args: Callable[[ModelSize], dict] = lambda size: {}
-    target_modules: Any = "all-linear"
+    target_modules: Any = None  # low-rank methods only (None: the optimizer's default, all-linear)
     master_weights: Optional[bool] = None
     what: str = ""
 
