@@ -198,7 +198,9 @@ class LowRankTrainerMixin:
     * the gradient norm logged for a layer-wise optimizer is the norm of the gradients it consumed (not 0);
     * ``log``: ``perplexity``/``eval_perplexity`` next to every loss;
     * checkpoints are written to a staging folder and renamed into place when complete, so a run killed while
-      saving leaves every earlier checkpoint loadable and no half-written ``checkpoint-N``.
+      saving leaves every earlier checkpoint loadable and no half-written ``checkpoint-N``;
+    * resuming (and loading the best model) loads every tensor of the model from the checkpoint, or stops naming
+      those it could not load (:func:`load_checkpoint_weights`), where HF would warn and train on.
     """
 
     def __init__(self, *args, build_optimizer: bool = False, **kwargs):
@@ -406,6 +408,104 @@ class LowRankTrainerMixin:
             dist.barrier()
 
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
+        """HF's, except that a plain model's weights load through :func:`load_checkpoint_weights`: every tensor,
+        or an error naming those that did not load (HF warns and trains on their initial values)."""
+        model = self.model if model is None else model
+        if self._hf_loads_weights(model, resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        logger.info("Loading model from %s.", resume_from_checkpoint)
+        load_checkpoint_weights(model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        """HF's, except that a plain model's weights load through :func:`load_checkpoint_weights`."""
+        folder = self.state.best_model_checkpoint
+        if self.is_deepspeed_enabled or self._hf_loads_weights(self.model, folder):
+            return super()._load_best_model()
+        logger.info("Loading best model from %s (score: %s).", folder, self.state.best_metric)
+        load_checkpoint_weights(self.model, folder)
+
+    def _hf_loads_weights(self, model: nn.Module, folder: str) -> bool:
+        """FSDP, SageMaker model parallelism and PEFT adapters keep HF's loading; so does a folder without a
+        model weights file (HF's error names it)."""
+        from transformers.utils import is_sagemaker_mp_enabled
+
+        peft = getattr(model, "peft_config", None) is not None or getattr(model, "_hf_peft_config_loaded", False)
+        return bool(self.is_fsdp_enabled or is_sagemaker_mp_enabled() or peft or not _weights_files(folder))
+
+
+def load_checkpoint_weights(model: nn.Module, folder: str) -> None:
+    """Load the model weights of checkpoint ``folder`` into ``model``'s own tensors (an optimizer built on them
+    keeps its references): every tensor of the model, or a ValueError naming those that could not be loaded.
+
+    ``save_pretrained`` (transformers 5) writes some tensors under other names or in another layout than the
+    model holds them (gpt_neox's ``lm_head`` as ``embed_out``; MoE experts, one tensor in the model, as one
+    tensor per expert) and ``from_pretrained`` converts them back. When the folder's names are the model's own
+    (a tied weight saved once counts as loaded), they are copied directly; otherwise the folder is loaded with
+    ``from_pretrained`` (the model's class, the folder's config), which applies those conversions, and that
+    model's tensors are copied."""
+    import safetensors.torch
+    import torch
+
+    state = {}
+    for path in _weights_files(folder):
+        state.update(safetensors.torch.load_file(path, device="cpu") if path.endswith(".safetensors")
+                     else torch.load(path, map_location="cpu", weights_only=True))
+    if not state:
+        raise ValueError(f"checkpoint {folder} has no model weights file ({', '.join(_WEIGHTS)}); resume from a "
+                         "checkpoint folder the Trainer wrote")
+    result = model.load_state_dict(state, strict=False)
+    del state
+    missing, unexpected = _untied(model, result.missing_keys), list(result.unexpected_keys)
+    if not missing and not unexpected:
+        return
+    from_pretrained = getattr(type(model), "from_pretrained", None)
+    if from_pretrained is not None and os.path.isfile(os.path.join(folder, "config.json")):
+        # The names differ: transformers' own loading converts the folder's tensors to the model's layout.
+        loaded, info = from_pretrained(folder, dtype="auto", output_loading_info=True)
+        result = model.load_state_dict(loaded.state_dict(), strict=False)
+        del loaded
+        missing = sorted(set(_untied(model, result.missing_keys)) | set(info.get("missing_keys", ())))
+        unexpected = sorted(set(result.unexpected_keys) | set(info.get("unexpected_keys", ()))
+                            | {str(m[0]) if isinstance(m, tuple) else str(m) for m in info.get("mismatched_keys", ())})
+        if not missing and not unexpected:
+            return
+    details = "; ".join(f"{what}: {', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''}" for what, keys in (
+        ("not in it", sorted(missing)), ("in it but not in the model", sorted(unexpected))) if keys)
+    raise ValueError(f"checkpoint {folder} does not hold every weight of the {type(model).__name__} ({details}), and "
+                     "resuming would train those from their initial values; resume from a checkpoint of this model")
+
+
+_WEIGHTS = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors", "pytorch_model.bin")
+
+
+def _weights_files(folder: Optional[str]) -> list[str]:
+    """The model weights files of a checkpoint folder: the shards its index names, or its single file."""
+    import json
+
+    if not folder or not os.path.isdir(folder):
+        return []
+    for name in _WEIGHTS:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        if name.endswith(".index.json"):
+            with open(path) as handle:
+                shards = sorted(set(json.load(handle)["weight_map"].values()))
+            return [os.path.join(folder, shard) for shard in shards]
+        return [path]
+    return []
+
+
+def _untied(model: nn.Module, keys: list[str]) -> list[str]:
+    """``keys`` of ``model``'s state dict less those whose tensor is also held under a key that is not in
+    ``keys`` (a tied weight: saved, and loaded, once)."""
+    held = model.state_dict(keep_vars=True)
+    absent = set(keys)
+    loaded = {id(t) for k, t in held.items() if k not in absent}
+    return [k for k in keys if k not in held or id(held[k]) not in loaded]
+
+
 def _callback_base() -> type:
     try:
         from transformers import TrainerCallback
@@ -531,6 +631,7 @@ __all__ = [
     "check_layerwise_arguments",
     "check_optim_name",
     "hf_optimizer_names",
+    "load_checkpoint_weights",
     "lowrank_arguments_class",
     "lowrank_trainer_class",
     "optimizer_cls_and_kwargs",
