@@ -91,7 +91,8 @@ def parse_args(argv: list[str]):
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(defaults) - known)
     if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(unknown)} in {config_path}")
+        raise ValueError(f"unknown key(s) {', '.join(unknown)} in {config_path}; use the options of "
+                         "`python train.py --help`")
     if _given(argv, "--model_name_or_path"):
         defaults.pop("model_config", None)  # fine-tuning a given model overrides the config's random-init model
     cli_optim = _flag_value(argv, "--optim")
@@ -183,8 +184,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     if training_args.fsdp and _runs_on_cpu(training_args):
         raise ValueError(
             "--fsdp on CPU: accelerate runs FSDP only on GPUs and would silently train with plain data parallelism "
-            "(DDP) instead. For FSDP2 on CPU use torch directly (docs/examples/fsdp2.py runs on CPU ranks with "
-            "gloo); on GPUs --fsdp works with every --optim name")
+            "(DDP) instead; for FSDP2 on CPU use torch directly (docs/examples/fsdp2.py runs on CPU ranks with "
+            "gloo), on GPUs --fsdp works with every non-layer-wise --optim name")
     if training_args.deepspeed:
         from lowrank_opt.integrations.deepspeed import check_deepspeed_config
 

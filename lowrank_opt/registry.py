@@ -193,7 +193,7 @@ def parse_optim_args(optim_args: Union[None, str, dict]) -> dict:
             raise ValueError(f"optim_args must be 'key=value' pairs separated by commas, got {item!r} in {optim_args!r}")
         key, value = item.split("=", 1)
         if not key:
-            raise ValueError(f"optim_args has an empty key in {optim_args!r}")
+            raise ValueError(f"optim_args has an empty key in {optim_args!r}; write key=value pairs")
         options[key] = _typed(value)
     return options
 
@@ -206,7 +206,8 @@ def _translate_hf_apollo_keys(options: dict) -> dict:
     options = dict(options)
     proj = options.pop("proj", "random")
     if proj != "random":
-        raise ValueError(f"optim_args proj={proj!r} is not supported: lowrank-opt's APOLLO uses proj=random")
+        raise ValueError(f"optim_args proj={proj!r} is not supported by lowrank-opt's APOLLO, which projects at "
+                         "random; drop proj or set proj=random")
     proj_type = options.pop("proj_type", None)
     if proj_type is not None:
         if proj_type not in ("std", "left"):
@@ -446,7 +447,8 @@ def resolve(
     explicit_cap = _cap_options(norm_growth_cap)
     if explicit_cap is not None:
         if spec.cls is None:
-            raise ValueError(f"norm_growth_cap wraps lowrank-opt's optimizers only, not Hugging Face's {spec.name}")
+            raise ValueError(f"norm_growth_cap wraps lowrank-opt's optimizers only, not Hugging Face's {spec.name}; "
+                             "drop it")
         capped = True
         cap = {**explicit_cap, **cap}
     valid = spec.options()
@@ -457,7 +459,8 @@ def resolve(
         cap_keys = sorted(CAP_PREFIX + k for k in _CAP_KEYS) if capped else []
         raise ValueError(f"unknown {what}; valid: {', '.join(sorted(valid) + cap_keys)}")
     if cap and not capped:
-        raise ValueError(f"optim_args {', '.join(CAP_PREFIX + k for k in cap)} need a *{CAPPED_SUFFIX} optimizer name")
+        raise ValueError(f"optim_args {', '.join(CAP_PREFIX + k for k in cap)} need a *{CAPPED_SUFFIX} optimizer name: "
+                         f"use {spec.name}{CAPPED_SUFFIX}")
     bad_cap = sorted(set(cap) - _CAP_KEYS)
     if bad_cap:
         raise ValueError(f"unknown NormGrowthCap option(s) {', '.join(map(repr, bad_cap))}; valid: "

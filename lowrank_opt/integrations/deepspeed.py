@@ -108,26 +108,26 @@ def check_deepspeed_config(config: Union[str, Path, dict]) -> dict:
     cfg = _load_config(config)
     zero = cfg.get("zero_optimization") or {}
     if "optimizer" in cfg:
+        kind = cfg["optimizer"].get("type", "?") if isinstance(cfg["optimizer"], dict) else "?"
         raise ValueError(
-            "the DeepSpeed config has an \"optimizer\" section: DeepSpeed (and the HF Trainer) would build that "
-            f"optimizer ({cfg['optimizer'].get('type', '?') if isinstance(cfg['optimizer'], dict) else '?'}) and never "
-            "call APOLLO. Remove the \"optimizer\" section and pass the optimizer in code (--optim apollo)")
+            f"the DeepSpeed config has an \"optimizer\" section ({kind}), which DeepSpeed (and the HF Trainer) would "
+            "build and train instead of lowrank-opt's optimizer; remove the section and name the optimizer in code "
+            "(--optim apollo)")
     device = _offload_device(zero.get("offload_optimizer"))
     if device is not None:
         force = cfg.get("zero_force_ds_cpu_optimizer", True)
         if force is not False and str(force).lower() != "false":
             raise ValueError(
                 f"the DeepSpeed config offloads the optimizer (zero_optimization.offload_optimizer.device="
-                f"{device!r}) without \"zero_force_ds_cpu_optimizer\": false. With it left at its default (true) "
-                "accelerate and the HF Trainer silently replace APOLLO with DeepSpeedCPUAdam (plain AdamW on the "
-                "full gradients; APOLLO is never called), and deepspeed.initialize refuses the client optimizer. "
-                "Set \"zero_force_ds_cpu_optimizer\": false at the top level of the config: APOLLO then runs on "
-                "the offloaded CPU shards (see configs/deepspeed/zero2-offload.json)")
+                f"{device!r}) without \"zero_force_ds_cpu_optimizer\": false, so accelerate and the HF Trainer would "
+                "silently replace APOLLO with DeepSpeedCPUAdam (plain AdamW; deepspeed.initialize refuses the "
+                "client optimizer instead); set \"zero_force_ds_cpu_optimizer\": false at the top level of the "
+                "config, and APOLLO runs on the offloaded CPU shards (configs/deepspeed/zero2-offload.json)")
         if device == "nvme":
             raise ValueError(
-                "offload_optimizer.device=\"nvme\" is not supported with APOLLO: DeepSpeed's optimizer swapper "
-                "assumes state tensors shaped like the flat shard, and APOLLO's low-rank moments are not. Use "
-                "\"device\": \"cpu\" (APOLLO's state is small)")
+                "offload_optimizer.device=\"nvme\" is not supported with APOLLO, whose low-rank moments are not "
+                "shaped like the flat shard DeepSpeed's optimizer swapper assumes; use \"device\": \"cpu\" "
+                "(APOLLO's state is small)")
     return cfg
 
 
@@ -148,7 +148,8 @@ def _split_named(items: Sequence[Any]) -> list[tuple[Optional[str], torch.Tensor
 def _rebuild(named: list[tuple[Optional[str], torch.Tensor]], options: dict) -> dict:
     if any(name is not None for name, _ in named):
         if not all(name is not None for name, _ in named):
-            raise ValueError("a param group mixes named and unnamed parameters")
+            raise ValueError("a param group mixes named and unnamed parameters; give (name, parameter) pairs for all "
+                             "of them, or for none")
         params: list = [(name, p) for name, p in named]
     else:
         params = [p for _, p in named]

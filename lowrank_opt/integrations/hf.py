@@ -571,7 +571,7 @@ def check_layerwise_arguments(name: str, args: Any) -> None:
     if args.world_size > 1:
         raise ValueError(
             f"--optim {name} cannot run data parallel ({args.world_size} processes): its updates run before "
-            "gradients are all-reduced. Use the non-layer-wise optimizer (or DeepSpeed/FSDP) for several GPUs")
+            "gradients are all-reduced; use the non-layer-wise optimizer (or DeepSpeed/FSDP) for several GPUs")
     if args.max_grad_norm and args.max_grad_norm > 0:
         logger.warning("layer-wise updates leave no gradients to clip: --max_grad_norm %s is turned off; the "
                        "optimizer's norm_growth_limit (per tensor) replaces it", args.max_grad_norm)

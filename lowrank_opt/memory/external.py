@@ -49,7 +49,8 @@ def _hf_targets(model: nn.Module, target_modules: Optional[TargetModules]) -> li
         if isinstance(module, nn.Linear) and (all_linear or module_matches(targets, name)):
             chosen.append((name + ".weight", module.weight))
     if not chosen:
-        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear module")
+        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear module; give names or regexes of "
+                         "nn.Linear modules, or 'all-linear'")
     return chosen
 
 
