@@ -69,7 +69,8 @@ _MINI = {**_APOLLO, **APOLLO_MINI}
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     spec.name: spec
     for spec in [
-        OptimizerSpec("apollo", Apollo, _APOLLO, lowrank=True, description="APOLLO, channel-wise scaling (arXiv 2412.05270)"),
+        OptimizerSpec("apollo", Apollo, _APOLLO, lowrank=True,
+                      description="APOLLO, channel-wise scaling (arXiv 2412.05270)"),
         OptimizerSpec("apollo_mini", Apollo, _MINI, lowrank=True,
                       description="APOLLO-Mini: rank 1, tensor-wise scaling, scale 128"),
         OptimizerSpec("apollo_layerwise", Apollo, {**_APOLLO, "layerwise": True}, lowrank=True,
@@ -132,8 +133,9 @@ def known_optimizers() -> list[str]:
 
 
 def _unknown(name: Any) -> ValueError:
+    estimated = sorted(set(known_optimizers()) - set(OPTIMIZERS))
     return ValueError(f"unknown optimizer {name!r}; known: {', '.join(available())} (each also as "
-                      f"NAME{CAPPED_SUFFIX}), and for memory estimates {', '.join(sorted(set(known_optimizers()) - set(OPTIMIZERS)))}")
+                      f"NAME{CAPPED_SUFFIX}), and for memory estimates {', '.join(estimated)}")
 
 
 def parse_name(name: str) -> tuple[OptimizerSpec, bool]:
@@ -218,8 +220,9 @@ def _translate_hf_apollo_keys(options: dict) -> dict:
 
 
 def split_targets(text: str) -> list[str]:
-    """``text`` split at the commas that separate names or regexes (``"attn,mlp"``), not at those inside a regex's
-    ``{m,n}``, ``[...]`` or ``(...)`` (``"layers\\.\\d{1,2}\\.q_proj"`` stays whole); pieces stripped, empty ones dropped."""
+    """``text`` split at the commas that separate names or regexes (``"attn,mlp"``), not at those inside a
+    regex's ``{m,n}``, ``[...]`` or ``(...)`` (``"layers\\.\\d{1,2}\\.q_proj"`` stays whole); pieces stripped, empty
+    ones dropped."""
     pieces, start, depth, in_class, class_start, i = [], 0, 0, False, 0, 0
     while i < len(text):
         char = text[i]

@@ -169,14 +169,15 @@ def test_arguments_refuse_bad_names_and_options_at_once(tmp_path):
 
 def test_target_regexes_reach_the_optimizer_whole_and_hf_names_keep_theirs(tmp_path, tiny):
     regex = r"model\.layers\.\d{1,2}\.self_attn\.q_proj"  # its {1,2} holds a comma
-    args = hf.TrainingArguments(output_dir=str(tmp_path / "out"), optim="apollo", optim_target_modules=[regex], **COMMON)
+    args = hf.TrainingArguments(output_dir=str(tmp_path / "out"), optim="apollo", optim_target_modules=[regex],
+                                **COMMON)
     assert args.optim_target_modules == [regex]
     trainer = hf.Trainer(model=copy.deepcopy(tiny[0]), args=args, train_dataset=_lm_rows(tiny[1]))
     low = [n for g in trainer.create_optimizer().param_groups if g.get("rank") is not None for n in g["param_names"]]
     assert low == [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(tiny[0].config.num_hidden_layers)]
     for given in ([regex, "attn,mlp"], "attn,mlp"):  # Hugging Face's names: the targets as HF takes them
-        hf_args = hf.TrainingArguments(output_dir=str(tmp_path / "hf"), optim="galore_adamw", optim_target_modules=given,
-                                       use_cpu=True)
+        hf_args = hf.TrainingArguments(output_dir=str(tmp_path / "hf"), optim="galore_adamw",
+                                       optim_target_modules=given, use_cpu=True)
         assert hf_args.optim_target_modules == given
 
 

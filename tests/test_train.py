@@ -145,7 +145,8 @@ def test_a_run_resolves_its_optimizer_once_and_builds_it_once(tmp_path, monkeypa
     monkeypatch.setattr(Apollo, "__init__", functools.wraps(apollo_init)(
         lambda self, *a, **k: (built.append(self), apollo_init(self, *a, **k))[1]))
     common = ["--optim", optim, "--optim_args", "rank=4", "--save_strategy", "steps", "--save_steps", "2"]
-    for extra in (["--max_steps", "2"], ["--max_steps", "3", "--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-2")]):
+    resume = ["--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-2")]
+    for extra in (["--max_steps", "2"], ["--max_steps", "3", *resume]):
         resolved.clear()
         built.clear()
         trainer, _ = _run(tmp_path, *common, *extra, name="run" if len(extra) == 2 else "resumed")

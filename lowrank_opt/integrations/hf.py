@@ -115,7 +115,8 @@ def lowrank_arguments_class(base: type, name: Optional[str] = None, module: Opti
     for it.
 
     A lowrank-opt name is resolved here, once (``lowrank_resolved``: an unknown option or misplaced targets fail
-    now, not at the first step), and kept in ``optim`` as a plain string, so a *stock* ``transformers.Trainer`` handed these arguments stops with
+    now, not at the first step), and kept in ``optim`` as a plain string, so a *stock* ``transformers.Trainer``
+    handed these arguments stops with
     "Trainer cannot instantiate unsupported optimizer" instead of training something else; use the matching
     :func:`lowrank_trainer_class` Trainer. Hugging Face's own names behave exactly as in ``base``."""
     import inspect
@@ -331,10 +332,10 @@ class LowRankTrainerMixin:
         unused = sorted(set(given) - used)
         if unused:
             them = "it" if len(unused) == 1 else "them"
+            hf_name = getattr(self.args.optim, "value", self.args.optim)
             raise ValueError(
-                f"--optim_args {', '.join(unused)}: Hugging Face's {getattr(self.args.optim, 'value', self.args.optim)} "
-                f"does not read {them} (it would ignore {them} silently); it reads "
-                f"{', '.join(sorted(used)) or 'no optim_args at all'}: drop {them}")
+                f"--optim_args {', '.join(unused)}: Hugging Face's {hf_name} does not read {them} (it would ignore "
+                f"{them} silently); it reads {', '.join(sorted(used)) or 'no optim_args at all'}: drop {them}")
         return optimizer
 
     def _get_grad_norm(self, model, grad_norm=None):

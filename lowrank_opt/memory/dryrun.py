@@ -110,7 +110,8 @@ def _dry_run_key(config, optimizer: ResolvedOptimizer, code_path: dict, dtype: t
     cls = optimizer.spec.cls
     return json.dumps([config.to_json_string(use_diff=False), f"{cls.__module__}.{cls.__qualname__}",
                        optimizer.capped, sorted((k, repr(v)) for k, v in effective.items()),
-                       sorted((k, repr(v)) for k, v in optimizer.cap.items()), str(dtype), repr(optimizer.target_modules) if optimizer.spec.lowrank else None])
+                       sorted((k, repr(v)) for k, v in optimizer.cap.items()), str(dtype),
+                       repr(optimizer.target_modules) if optimizer.spec.lowrank else None])
 
 
 def _remember_dry_run(key: str, value: DryRun) -> None:
