@@ -91,7 +91,8 @@ def parse_args(argv: list[str]):
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(defaults) - known)
     if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(unknown)} in {config_path}")
+        raise ValueError(f"unknown key(s) {', '.join(unknown)} in {config_path}; use the options of "
+                         "`python train.py --help`")
     if _given(argv, "--model_name_or_path"):
         defaults.pop("model_config", None)  # fine-tuning a given model overrides the config's random-init model
     cli_optim = _flag_value(argv, "--optim")
@@ -152,9 +153,8 @@ def _flag_value(argv: list[str], flag: str) -> Optional[str]:
 
 
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
-    """Everything that can be checked without building anything, before any file is written."""
-    from lowrank_opt.integrations.hf import check_layerwise_arguments, is_layerwise
-
+    """Everything that can be checked without building anything, before any file is written (a lowrank-opt
+    name and its options were resolved when the arguments were parsed)."""
     if model_args.model_name_or_path and model_args.model_config:
         raise ValueError("give --model_name_or_path (fine-tune) or --model_config (random init), not both")
     if not model_args.model_name_or_path and not model_args.model_config:
@@ -184,8 +184,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     if training_args.fsdp and _runs_on_cpu(training_args):
         raise ValueError(
             "--fsdp on CPU: accelerate runs FSDP only on GPUs and would silently train with plain data parallelism "
-            "(DDP) instead. For FSDP2 on CPU use torch directly (docs/examples/fsdp2.py runs on CPU ranks with "
-            "gloo); on GPUs --fsdp works with every --optim name")
+            "(DDP) instead; for FSDP2 on CPU use torch directly (docs/examples/fsdp2.py runs on CPU ranks with "
+            "gloo), on GPUs --fsdp works with every non-layer-wise --optim name")
     if training_args.deepspeed:
         from lowrank_opt.integrations.deepspeed import check_deepspeed_config
 
@@ -194,8 +194,6 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
             any(k in name for k in ("galore", "apollo_adamw")):
         training_args.optim_target_modules = "all-linear"  # HF's low-rank optimizers need targets; as ours default
         logger.info("--optim %s: --optim_target_modules all-linear (the default of lowrank-opt's names)", name)
-    if is_layerwise(name, training_args):
-        check_layerwise_arguments(name, training_args)
 
 
 def optimizer_name(training_args) -> str:
@@ -231,22 +229,6 @@ def build_model(model_args: ModelArguments, tokenizer):
     return AutoModelForCausalLM.from_config(config).to(dtype)
 
 
-def check_optimizer(training_args, model) -> None:
-    """Build the optimizer the name asks for once, on the real model, without side effects (no layer-wise
-    hooks), so that a bad option or target fails before the Trainer writes anything. Under DeepSpeed what ZeRO
-    cannot run is refused; for Hugging Face names an optim_args key their optimizer does not read is refused."""
-    from lowrank_opt.integrations.hf import check_hf_optim_args, validate
-
-    if training_args.lowrank_optim is None:
-        check_hf_optim_args(training_args, model)
-        return
-    if training_args.deepspeed:
-        from lowrank_opt.integrations.deepspeed import hf_optimizer_cls_and_kwargs
-
-        hf_optimizer_cls_and_kwargs(training_args.lowrank_optim, model, training_args)
-    validate(training_args.lowrank_optim, model, training_args)
-
-
 def memory_callbacks(data_args: DataArguments, training_args, model) -> list:
     """[MemoryCallback] with this run's estimate when --memory_report is on (no estimate for optimizers the
     estimator does not know; the measurement is still logged)."""
@@ -256,15 +238,16 @@ def memory_callbacks(data_args: DataArguments, training_args, model) -> list:
 
     from lowrank_opt.memory import MemoryCallback, estimate
 
-    name = optimizer_name(training_args)
-    weight_dtype = next(model.parameters()).dtype
     from lowrank_opt.quant import Int8Linear
 
+    name = optimizer_name(training_args)
+    resolved = training_args.lowrank_resolved  # None for a Hugging Face name: the estimator resolves it
+    weight_dtype = next(model.parameters()).dtype
     int8 = any(isinstance(m, Int8Linear) for m in model.modules())
     try:
         predicted = estimate(
-            model.config, name, optim_args=training_args.optim_args,
-            target_modules=training_args.optim_target_modules or "all-linear",
+            model.config, resolved or name, optim_args=None if resolved else training_args.optim_args,
+            target_modules=None if resolved else training_args.optim_target_modules,
             dtype="bf16" if weight_dtype == torch.bfloat16 else "fp32",
             batch_size=training_args.per_device_train_batch_size, seq_len=data_args.block_size,
             gradient_checkpointing=training_args.gradient_checkpointing,
@@ -277,8 +260,9 @@ def memory_callbacks(data_args: DataArguments, training_args, model) -> list:
 
 
 def build(argv: list[str]):
-    """Steps 1-2 of :func:`main`: parse, check, build tokenizer, data, model and the Trainer (which builds the
-    optimizer the ``--optim`` name stands for when training starts). Returns (trainer, data_args, training_args)."""
+    """Steps 1-2 of :func:`main`: parse, check, build tokenizer, data, model and the Trainer, which builds the
+    optimizer the ``--optim`` name stands for while it is constructed (so a bad option, target or rank fails
+    before anything is written) and trains with it. Returns (trainer, data_args, training_args)."""
     from transformers import set_seed
 
     from lowrank_opt.data import build_datasets, collator_for
@@ -292,7 +276,7 @@ def build(argv: list[str]):
 
         deepspeed.init_distributed()
     set_seed(training_args.seed)
-    # 2. Build tokenizer, data, model, and check the optimizer on it (still nothing written).
+    # 2. Build tokenizer, data, model, and the Trainer with its optimizer (still nothing written).
     tokenizer = build_tokenizer(model_args)
     train_ds, eval_ds = build_datasets(
         tokenizer, data_files=data_args.data_files, dataset_name=data_args.dataset_name,
@@ -306,16 +290,15 @@ def build(argv: list[str]):
 
         quantized = quantize_model_(model, group_size=model_args.int8_group_size)
         logger.info("--weights int8: %d Linear weights in int8 (group %d)", len(quantized), model_args.int8_group_size)
-    check_optimizer(training_args, model)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model %.2fM parameters, optimizer %s, %d train / %d eval sequences of %d tokens", n_params / 1e6,
                 optimizer_name(training_args), len(train_ds), len(eval_ds) if eval_ds is not None else 0,
                 data_args.block_size)
-    # lowrank-opt's Trainer builds the optimizer the --optim name stands for, ours or Hugging Face's.
+    # lowrank-opt's Trainer builds the optimizer the --optim name stands for, ours or Hugging Face's, now.
     trainer = Trainer(
         model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=collator_for(data_args.task, tokenizer), processing_class=tokenizer,
-        callbacks=memory_callbacks(data_args, training_args, model),
+        callbacks=memory_callbacks(data_args, training_args, model), build_optimizer=True,
     )
     return trainer, data_args, training_args
 

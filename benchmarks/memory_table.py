@@ -41,7 +41,7 @@ class Method:
     name: str = ""
     baseline: str = ""
     optim_args: Callable[[LlamaShape], dict] = lambda size: {}
-    target_modules: Any = "all-linear"
+    target_modules: Any = None  # low-rank methods only (None: the optimizer's default, all-linear)
     master_weights: Optional[bool] = None
 
     def estimate_args(self, size: LlamaShape) -> dict:

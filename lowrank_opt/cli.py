@@ -19,9 +19,10 @@ PROG = "lowrank-opt"
 
 
 def _target_modules(text: Optional[str]):
+    """The command line's names separated by commas, for every optimizer (Hugging Face's included)."""
     from .registry import normalize_target_modules
 
-    return "all-linear" if text is None else normalize_target_modules(text)
+    return normalize_target_modules(text)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -40,7 +41,8 @@ def _build_parser() -> argparse.ArgumentParser:
                           "see `lowrank-opt optimizers`")
     mem.add_argument("--optim-args", default=None, help='options, HF style: "rank=256,scale_type=channel"')
     mem.add_argument("--target-modules", default=None,
-                     help="low-rank targets: all-linear (default), a regex, or names separated by commas")
+                     help="low-rank targets of low-rank optimizers: all-linear (default), a regex, or names separated "
+                          "by commas")
     mem.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weight dtype (default bf16)")
     mem.add_argument("--batch-size", type=int, default=1, help="per-GPU micro-batch (default 1)")
     mem.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
@@ -110,16 +112,14 @@ def _memory(args: argparse.Namespace) -> int:
 
 
 def _optimizers() -> int:
-    from .memory.external import EXTERNAL_OPTIMIZERS
-    from .memory.resolve import ALIASES
-    from .registry import OPTIMIZERS
+    from .registry import ALIASES, HF_OPTIMIZERS, OPTIMIZERS
 
     print("lowrank-opt registry (train.py --optim, build_optimizer; each also as NAME_capped):")
     for name in sorted(OPTIMIZERS):
         print(f"  {name:26s}{OPTIMIZERS[name].description}")
     print("Hugging Face names the memory estimator also knows:")
-    for name in sorted(EXTERNAL_OPTIMIZERS):
-        print(f"  {name:26s}{EXTERNAL_OPTIMIZERS[name].description}")
+    for name in sorted(HF_OPTIMIZERS):
+        print(f"  {name:26s}{HF_OPTIMIZERS[name].description}")
     print("aliases: " + ", ".join(f"{a} -> {b}" + (f" ({', '.join(f'{k}={v}' for k, v in o.items())})" if o else "")
                                   for a, (b, o) in sorted(ALIASES.items())))
     return 0

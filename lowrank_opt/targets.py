@@ -66,6 +66,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def output_embedding(model: nn.Module) -> Any:
+    """The model's output embedding (``lm_head``), also through the wrappers that hide it."""
     getter = getattr(unwrap(model), "get_output_embeddings", None)
     try:
         return getter() if callable(getter) else None

@@ -339,13 +339,13 @@ def case_hf_zero3(name: str) -> dict:
         return {"skipped": f"transformers not available: {exc}"}
     import tempfile
 
-    from lowrank_opt.integrations.deepspeed import check_deepspeed_config, hf_optimizer_cls_and_kwargs
-    from lowrank_opt.integrations.hf import LowRankTrainingArguments
+    from lowrank_opt.integrations.deepspeed import check_deepspeed_config
+    from lowrank_opt.integrations.hf import TrainingArguments, optimizer_cls_and_kwargs
 
     config_path = Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero3.json"
     check_deepspeed_config(config_path)
     with tempfile.TemporaryDirectory() as out_dir:
-        args = LowRankTrainingArguments(
+        args = TrainingArguments(
             output_dir=out_dir, optim="apollo", optim_args="rank=8,update_proj_gap=200",
             optim_target_modules="all-linear", learning_rate=1e-2, max_steps=3, per_device_train_batch_size=2,
             logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, deepspeed=str(config_path),
@@ -358,7 +358,7 @@ def case_hf_zero3(name: str) -> dict:
         ids = torch.randint(3, 250, (16, 16), generator=torch.Generator().manual_seed(0))
         data = [{"input_ids": row, "labels": row} for row in ids]
         trainer = Trainer(model=model, args=args, train_dataset=data,
-                          optimizer_cls_and_kwargs=hf_optimizer_cls_and_kwargs(args.lowrank_optim, model, args))
+                          optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args.lowrank_optim, model, args))
         trainer.train()
         opt = trainer.optimizer
         while hasattr(opt, "optimizer"):

@@ -4,6 +4,7 @@ equals the uninterrupted run bit for bit. And a regular (non-editable) install w
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -68,6 +69,65 @@ def test_killed_while_saving_leaves_earlier_checkpoints_and_resume_is_exact(tmp_
 def test_save_total_limit_rotates_only_complete_checkpoints(tmp_path):
     trainer, _ = train.main([*COMMON, "--output_dir", str(tmp_path / "out"), "--save_total_limit", "1"])
     assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-6"]
+
+
+GPT_NEOX = dict(model_type="gpt_neox", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def test_resume_loads_weights_that_transformers_saves_under_other_names(tmp_path):
+    """transformers 5 saves gpt_neox's lm_head as ``embed_out`` and renames it back only in from_pretrained; the
+    stock Trainer's resume leaves it at its initial values. Resuming equals the uninterrupted run bit for bit."""
+    from safetensors import safe_open
+
+    config = tmp_path / "gpt_neox.json"
+    config.write_text(json.dumps(GPT_NEOX))
+    args = [*COMMON, "--model_config", str(config)]
+    straight, _ = train.main([*args, "--output_dir", str(tmp_path / "straight")])
+    checkpoint = tmp_path / "straight" / "checkpoint-2"
+    with safe_open(checkpoint / "model.safetensors", "pt") as saved:
+        assert "embed_out.weight" in saved.keys() and "lm_head.weight" not in saved.keys()
+    resumed, _ = train.main([*args, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint",
+                             str(checkpoint)])
+    for (n, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_resume_from_a_checkpoint_without_a_weight_stops_naming_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    train.main([*COMMON, "--max_steps", "2", "--output_dir", str(tmp_path / "first")])
+    weights = tmp_path / "first" / "checkpoint-2" / "model.safetensors"
+    state = load_file(weights)
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"does not hold every weight of the LlamaForCausalLM \(not in it: "
+                                         r"model\.layers\.1\.mlp\.up_proj\.weight\)"):
+        train.main([*COMMON, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint",
+                    str(tmp_path / "first" / "checkpoint-2")])
+
+
+def test_checkpoint_weights_load_into_the_models_own_tensors_through_transformers_conversions(tmp_path):
+    """A MoE model holds its experts as one tensor each for gate/up and down; save_pretrained writes one tensor per
+    expert. load_checkpoint_weights converts them back (transformers' own loading) into the same tensors."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from lowrank_opt.integrations.hf import load_checkpoint_weights
+
+    config = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=2,
+                           max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path)
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tensors = {n: p for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    load_checkpoint_weights(model, str(tmp_path))
+    for name, p in model.named_parameters():
+        assert p is tensors[name] and torch.equal(p, expected[name]), name
 
 
 @pytest.mark.slow

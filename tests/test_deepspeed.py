@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import deepspeed  # noqa: F401  (a test dependency: fail, do not skip, when it is missing)
@@ -27,7 +26,6 @@ from torch import nn
 
 from lowrank_opt import AdamP, Apollo, NormGrowthCap, lowrank_param_groups
 from lowrank_opt.integrations.deepspeed import (
-    ZeroApollo,
     check_deepspeed_config,
     deepspeed_param_groups,
     initialize,
@@ -87,18 +85,6 @@ def test_param_groups_see_zero_init_shapes():
         Apollo([{"params": [("w", w)], "rank": 0.01}])
 
 
-def test_zero_apollo_is_a_deprecated_name_for_apollo():
-    model = Tiny()
-    with pytest.warns(DeprecationWarning, match="use Apollo"):
-        opt = ZeroApollo(deepspeed_param_groups(model, ["up", "down"], rank=2))
-    assert isinstance(opt, Apollo) and type(opt).__dict__.keys() <= {"__init__", "__doc__", "__module__",
-                                                                          "__qualname__", "__firstlineno__",
-                                                                          "__static_attributes__"}
-    with pytest.raises(ValueError, match="layer-wise"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ZeroApollo(model.parameters(), layerwise=True)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Config checks: the offload trap
 
@@ -150,10 +136,10 @@ def test_shipped_configs(name):
 # The HF glue
 
 
-def test_hf_optimizer_cls_and_kwargs_builds_apollo_and_refuses_what_zero_cannot_run():
+def test_optimizer_cls_and_kwargs_builds_apollo_and_refuses_what_zero_cannot_run():
     from types import SimpleNamespace
 
-    from lowrank_opt.integrations.deepspeed import hf_optimizer_cls_and_kwargs
+    from lowrank_opt.integrations.hf import optimizer_cls_and_kwargs as hf_optimizer_cls_and_kwargs
 
     args = SimpleNamespace(optim_args="rank=2", learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.999,
                            adam_epsilon=1e-6, weight_decay=0.0, optim_target_modules=["up", "down"],

@@ -167,6 +167,20 @@ def test_arguments_refuse_bad_names_and_options_at_once(tmp_path):
     assert "lowrank_optim" not in help_text and "cap_tau" in help_text
 
 
+def test_target_regexes_reach_the_optimizer_whole_and_hf_names_keep_theirs(tmp_path, tiny):
+    regex = r"model\.layers\.\d{1,2}\.self_attn\.q_proj"  # its {1,2} holds a comma
+    args = hf.TrainingArguments(output_dir=str(tmp_path / "out"), optim="apollo", optim_target_modules=[regex],
+                                **COMMON)
+    assert args.optim_target_modules == [regex]
+    trainer = hf.Trainer(model=copy.deepcopy(tiny[0]), args=args, train_dataset=_lm_rows(tiny[1]))
+    low = [n for g in trainer.create_optimizer().param_groups if g.get("rank") is not None for n in g["param_names"]]
+    assert low == [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(tiny[0].config.num_hidden_layers)]
+    for given in ([regex, "attn,mlp"], "attn,mlp"):  # Hugging Face's names: the targets as HF takes them
+        hf_args = hf.TrainingArguments(output_dir=str(tmp_path / "hf"), optim="galore_adamw",
+                                       optim_target_modules=given, use_cpu=True)
+        assert hf_args.optim_target_modules == given
+
+
 def test_hf_names_refuse_optim_args_their_optimizer_does_not_read(tmp_path, tiny):
     args = hf.TrainingArguments(output_dir=str(tmp_path / "out"), optim="adamw_torch", optim_args="rnak=4", **COMMON)
     trainer = hf.Trainer(model=copy.deepcopy(tiny[0]), args=args, train_dataset=_lm_rows(tiny[1]))
@@ -175,6 +189,22 @@ def test_hf_names_refuse_optim_args_their_optimizer_does_not_read(tmp_path, tiny
     args = hf.TrainingArguments(output_dir=str(tmp_path / "out"), optim="sgd", optim_args="momentum=0.5", **COMMON)
     trainer = hf.Trainer(model=copy.deepcopy(tiny[0]), args=args, train_dataset=_lm_rows(tiny[1]))
     assert trainer.create_optimizer().param_groups[0]["momentum"] == 0.5  # a key HF does read
+
+
+def test_hf_layerwise_name_with_optim_args_hooks_each_parameter_once(tmp_path, tiny, monkeypatch):
+    """HF's layer-wise optimizers register their update hooks while HF looks the optimizer up: checking which
+    optim_args it reads must not look it up a second time (every parameter would be updated twice a step)."""
+    hooked = []
+    register = torch.Tensor.register_post_accumulate_grad_hook
+    monkeypatch.setattr(torch.Tensor, "register_post_accumulate_grad_hook",
+                        lambda self, hook: (hooked.append(id(self)), register(self, hook))[1])
+    model = copy.deepcopy(tiny[0])
+    args = hf.TrainingArguments(output_dir=str(tmp_path / "out"), optim="galore_adamw_layerwise", optim_args="rank=4",
+                                optim_target_modules="all-linear", **COMMON)
+    trainer = hf.Trainer(model=model, args=args, train_dataset=_lm_rows(tiny[1]))
+    trainer.create_optimizer()
+    trainable = [id(p) for p in model.parameters() if p.requires_grad]
+    assert sorted(hooked) == sorted(trainable)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -574,24 +574,23 @@ def test_llama_7b_layerwise_and_zero(seven_b):
 # Resolution of names and options, and readable errors for bad configs and targets
 
 
-def test_resolve_optimizer_gives_the_dry_run_what_it_needs():
-    from lowrank_opt.memory.resolve import resolve_optimizer
-
-    fused = resolve_optimizer("adamw_torch_fused")
+def test_resolve_gives_the_dry_run_what_it_needs():
     from lowrank_opt.classic import AdamW
+    from lowrank_opt.registry import resolve
 
-    assert (fused.name, fused.options, fused.cls, fused.external) == ("adamw", {"fused": True}, AdamW, None)
-    assert issubclass(fused.cls, torch.optim.AdamW)  # torch's math under the package's policy
-    assert {"foreach", "fused"} <= fused.option_names and not fused.lowrank and not fused.capped
-    capped = resolve_optimizer(" APOLLO_capped ", "rank=4,cap_tau=1.1", ["q_proj"])
-    assert capped.name == "apollo_capped" and capped.capped and capped.lowrank
-    assert capped.options == {"rank": 4, "cap_tau": 1.1} and capped.target_modules == ["q_proj"]
-    assert capped.defaults == OPTIMIZERS["apollo"].defaults and not capped.layerwise
-    assert resolve_optimizer("apollo_mini_layerwise").layerwise
-    assert resolve_optimizer("apollo", "layerwise=True").layerwise
-    galore = resolve_optimizer("galore_layerwise", {"rank": 8})
-    assert galore.name == "galore_adamw_layerwise" and galore.external.layout == "galore" and galore.layerwise
-    assert galore.options == {"rank": 8} and galore.defaults["rank"] == 128
+    fused = resolve("adamw_torch_fused")
+    assert (fused.name, fused.given, fused.spec.cls, fused.spec.layout) == ("adamw", {"fused": True}, AdamW, None)
+    assert issubclass(fused.spec.cls, torch.optim.AdamW)  # torch's math under the package's policy
+    assert {"foreach", "fused"} <= fused.spec.options() and not fused.spec.lowrank and not fused.capped
+    capped = resolve(" APOLLO_capped ", "rank=4,cap_tau=1.1", ["q_proj"])
+    assert capped.name == "apollo_capped" and capped.capped and capped.spec.lowrank
+    assert capped.given == {"rank": 4, "cap_tau": 1.1} and capped.target_modules == ["q_proj"]
+    assert capped.spec.defaults == OPTIMIZERS["apollo"].defaults and not capped.layerwise
+    assert resolve("apollo_mini_layerwise").layerwise
+    assert resolve("apollo", "layerwise=True").layerwise
+    galore = resolve("galore_layerwise", {"rank": 8})
+    assert galore.name == "galore_adamw_layerwise" and galore.spec.layout == "galore" and galore.layerwise
+    assert galore.given == {"rank": 8} and galore.spec.defaults["rank"] == 128
     with pytest.raises(TypeError, match="not built"):
         galore.build(torch.nn.Linear(2, 2))
 

@@ -213,3 +213,57 @@ def test_amsgrad_takes_max_of_raw_second_moment():
     assert first == pytest.approx(0.1 / (1 + 1e-8), abs=1e-9)
     assert second == pytest.approx(expected, rel=1e-9)
     assert second == pytest.approx(0.0669723, abs=5e-8)  # the reference's number; plain Adam gives 0.0670058
+
+
+class _TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 16)
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_all_linear_leaves_the_output_embedding_dense_through_ddp_and_compile(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lowrank_opt import lowrank_param_groups, lowrank_targets
+
+    model = _TinyLM()
+    assert [n for n, _ in lowrank_targets(model)] == ["body.weight"]
+    compiled = torch.compile(model)  # an OptimizedModule around it (_orig_mod); nothing is compiled here
+    assert [n for n, _ in lowrank_targets(compiled)] == ["_orig_mod.body.weight"]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for wrapped, prefix in ((DistributedDataParallel(model), "module."),
+                                (DistributedDataParallel(compiled), "module._orig_mod.")):
+            assert [n for n, _ in lowrank_targets(wrapped)] == [prefix + "body.weight"]
+            dense = next(g for g in lowrank_param_groups(wrapped) if g["rank"] is None)
+            assert prefix + "head.weight" in [n for n, _ in dense["params"]]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("given,expected", [
+    ("attn,mlp", ["attn", "mlp"]),
+    (["attn,mlp"], ["attn", "mlp"]),
+    ([r"model\.layers\.\d{1,2}\.self_attn\.q_proj"], [r"model\.layers\.\d{1,2}\.self_attn\.q_proj"]),
+    (r"layers\.\d{1,2}\.(q|k)_proj,mlp", [r"layers\.\d{1,2}\.(q|k)_proj", "mlp"]),
+    (r"layers\.[0,1]\.q_proj", r"layers\.[0,1]\.q_proj"),
+    (["all-linear"], "all-linear"),
+])
+def test_target_modules_split_only_at_commas_between_names(given, expected):
+    from lowrank_opt.registry import normalize_target_modules
+
+    assert normalize_target_modules(given) == expected
+
+
+def test_a_regex_with_a_quantifier_selects_its_matrices():
+    model = nn.Sequential(nn.Sequential(*[nn.Linear(4, 4) for _ in range(12)]))
+    opt = build_optimizer("apollo", model, target_modules=[r"0\.\d{1,1}"], rank=2)  # layers 0-9, not 10 and 11
+    assert opt.param_groups[-1]["param_names"] == [f"0.{i}.weight" for i in range(10)]

@@ -129,6 +129,31 @@ def test_resume_equals_straight_run(tmp_path):
     assert len(_losses(resumed)) == 8 and _losses(straight) == _losses(resumed)
 
 
+@pytest.mark.parametrize("optim", ["apollo_mini", "apollo_layerwise"])
+def test_a_run_resolves_its_optimizer_once_and_builds_it_once(tmp_path, monkeypatch, optim):
+    """One resolution of the name (registry.resolve, when the arguments are parsed) and one optimizer, built with
+    the Trainer and trained, in a run and in the run resuming from its checkpoint."""
+    import functools
+
+    from lowrank_opt import registry
+    from lowrank_opt.apollo import Apollo
+
+    resolved, built = [], []
+    resolved_init, apollo_init = registry.ResolvedOptimizer.__init__, Apollo.__init__
+    monkeypatch.setattr(registry.ResolvedOptimizer, "__init__", functools.wraps(resolved_init)(
+        lambda self, *a, **k: (resolved.append(a[0]), resolved_init(self, *a, **k))[1]))
+    monkeypatch.setattr(Apollo, "__init__", functools.wraps(apollo_init)(
+        lambda self, *a, **k: (built.append(self), apollo_init(self, *a, **k))[1]))
+    common = ["--optim", optim, "--optim_args", "rank=4", "--save_strategy", "steps", "--save_steps", "2"]
+    resume = ["--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-2")]
+    for extra in (["--max_steps", "2"], ["--max_steps", "3", *resume]):
+        resolved.clear()
+        built.clear()
+        trainer, _ = _run(tmp_path, *common, *extra, name="run" if len(extra) == 2 else "resumed")
+        assert resolved == [optim] and len(built) == 1
+        assert getattr(trainer.optimizer, "optimizer", trainer.optimizer) is built[0]
+
+
 @pytest.mark.slow
 def test_default_run_matches_golden_loss(tmp_path):
     trainer, metrics = train.main(["--output_dir", str(tmp_path / "default"), "--disable_tqdm", "true"])

@@ -1,10 +1,12 @@
 """train.py --deepspeed on 2 CPU ranks (gloo): ZeRO-2 and ZeRO-3 train the tiny config with falling loss,
-and resuming from a checkpoint reproduces the uninterrupted run's losses."""
+resuming from a checkpoint reproduces the uninterrupted run's losses, and each rank resolves the optimizer
+name once and builds the optimizer once (the one DeepSpeed trains)."""
 
 import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -18,12 +20,35 @@ ARGS = ["--max_steps", "8", "--block_size", "64", "--per_device_train_batch_size
         "--optim", "apollo", "--optim_args", "rank=8", "--save_strategy", "steps", "--save_steps", "4"]
 
 
+# train.py, counting on each rank the names resolved (ResolvedOptimizer made) and the Apollo optimizers built.
+COUNTING = textwrap.dedent("""
+    import functools, sys
+    sys.path.insert(0, {repo!r})
+    from lowrank_opt import registry
+    from lowrank_opt.apollo import Apollo
+    import train
+
+    counts = {{}}
+    for cls in (registry.ResolvedOptimizer, Apollo):
+        def wrapped(self, *args, _init=cls.__init__, _name=cls.__name__, **kwargs):
+            counts[_name] = counts.get(_name, 0) + 1
+            _init(self, *args, **kwargs)
+        cls.__init__ = functools.wraps(cls.__init__)(wrapped)
+    train.main(sys.argv[1:])
+    print("COUNTS", counts.get("ResolvedOptimizer", 0), counts.get("Apollo", 0), flush=True)
+""")
+
+
 def _torchrun(out, *extra):
+    script = out.parent / f"{out.name}_counting.py"
+    script.write_text(COUNTING.format(repo=str(REPO)))
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "train.py"), *ARGS,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *ARGS,
            "--output_dir", str(out), *extra]
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    counts = [line for line in run.stdout.splitlines() if line.startswith("COUNTS")]
+    assert counts == ["COUNTS 1 1", "COUNTS 1 1"], counts  # per rank: one resolution, one optimizer
     state = json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())
     return [e["loss"] for e in state["log_history"] if "loss" in e]
 

@@ -26,11 +26,11 @@ This module adds what is DeepSpeed-specific and holds no math:
   ``zero_force_ds_cpu_optimizer`` not false silently swaps any client optimizer for DeepSpeedCPUAdam in
   accelerate / the HF Trainer), on an ``"optimizer"`` section (the Trainer would then ignore ours) and on
   NVMe optimizer offload (its swapper assumes state tensors shaped like the flat shard);
-* :func:`check_optimizer_for_zero` refuses optimizers whose update needs whole tensors (AdamP, SGDP,
-  ApolloDQN, NormGrowthCap) at stages 1-3;
-* :func:`initialize` runs both checks, puts Apollo on DeepSpeed's data-parallel group and checks the layout
-  against DeepSpeed's own bookkeeping (:func:`check_partition_layout`);
-* :func:`hf_optimizer_cls_and_kwargs` for the HF Trainer with ``--deepspeed``.
+* :func:`check_optimizer_for_zero` refuses built optimizers whose update needs whole tensors (AdamP, SGDP,
+  ApolloDQN, NormGrowthCap) at stages 1-3, and :func:`check_deepspeed_optimizer` the same (and layer-wise
+  updates) for an optimizer resolved by name, before it is built (the HF glue calls it under ``--deepspeed``);
+* :func:`initialize` runs the checks, puts Apollo on DeepSpeed's data-parallel group and checks the layout
+  against DeepSpeed's own bookkeeping (:func:`check_partition_layout`).
 
 bf16/fp16 at stage 0 (DeepSpeed's ``FP16_UnfusedOptimizer``) calls ``step()`` once with all-zero gradients on
 fp32 copies of the parameters inside ``deepspeed.initialize``; Apollo recognises that set-up call and changes
@@ -45,23 +45,25 @@ Typical use::
     engine, optimizer, _, _ = initialize(model, optimizer, "configs/deepspeed/zero2.json")
 
 With the Hugging Face Trainer: ``--deepspeed configs/deepspeed/zero2.json`` with any of our ``--optim``
-names (train.py, or ``hf_optimizer_cls_and_kwargs(name, model, args)``).
+names (train.py, lowrank-opt's Trainer, or ``lowrank_opt.integrations.hf.optimizer_cls_and_kwargs``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import warnings
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..apollo import Apollo
-from ..sharding import Block, ShardLayout, TorchDistComm, full_shape, zero_flat_pieces
-from ..targets import ALL_LINEAR, TargetModules, lowrank_param_groups, lowrank_targets
+from ..sharding import full_shape, zero_flat_pieces
+from ..targets import ALL_LINEAR, TargetModules, lowrank_param_groups
+
+if TYPE_CHECKING:
+    from ..registry import ResolvedOptimizer
 
 logger = logging.getLogger(__name__)
 
@@ -106,26 +108,26 @@ def check_deepspeed_config(config: Union[str, Path, dict]) -> dict:
     cfg = _load_config(config)
     zero = cfg.get("zero_optimization") or {}
     if "optimizer" in cfg:
+        kind = cfg["optimizer"].get("type", "?") if isinstance(cfg["optimizer"], dict) else "?"
         raise ValueError(
-            "the DeepSpeed config has an \"optimizer\" section: DeepSpeed (and the HF Trainer) would build that "
-            f"optimizer ({cfg['optimizer'].get('type', '?') if isinstance(cfg['optimizer'], dict) else '?'}) and never "
-            "call APOLLO. Remove the \"optimizer\" section and pass the optimizer in code (--optim apollo)")
+            f"the DeepSpeed config has an \"optimizer\" section ({kind}), which DeepSpeed (and the HF Trainer) would "
+            "build and train instead of lowrank-opt's optimizer; remove the section and name the optimizer in code "
+            "(--optim apollo)")
     device = _offload_device(zero.get("offload_optimizer"))
     if device is not None:
         force = cfg.get("zero_force_ds_cpu_optimizer", True)
         if force is not False and str(force).lower() != "false":
             raise ValueError(
                 f"the DeepSpeed config offloads the optimizer (zero_optimization.offload_optimizer.device="
-                f"{device!r}) without \"zero_force_ds_cpu_optimizer\": false. With it left at its default (true) "
-                "accelerate and the HF Trainer silently replace APOLLO with DeepSpeedCPUAdam (plain AdamW on the "
-                "full gradients; APOLLO is never called), and deepspeed.initialize refuses the client optimizer. "
-                "Set \"zero_force_ds_cpu_optimizer\": false at the top level of the config: APOLLO then runs on "
-                "the offloaded CPU shards (see configs/deepspeed/zero2-offload.json)")
+                f"{device!r}) without \"zero_force_ds_cpu_optimizer\": false, so accelerate and the HF Trainer would "
+                "silently replace APOLLO with DeepSpeedCPUAdam (plain AdamW; deepspeed.initialize refuses the "
+                "client optimizer instead); set \"zero_force_ds_cpu_optimizer\": false at the top level of the "
+                "config, and APOLLO runs on the offloaded CPU shards (configs/deepspeed/zero2-offload.json)")
         if device == "nvme":
             raise ValueError(
-                "offload_optimizer.device=\"nvme\" is not supported with APOLLO: DeepSpeed's optimizer swapper "
-                "assumes state tensors shaped like the flat shard, and APOLLO's low-rank moments are not. Use "
-                "\"device\": \"cpu\" (APOLLO's state is small)")
+                "offload_optimizer.device=\"nvme\" is not supported with APOLLO, whose low-rank moments are not "
+                "shaped like the flat shard DeepSpeed's optimizer swapper assumes; use \"device\": \"cpu\" "
+                "(APOLLO's state is small)")
     return cfg
 
 
@@ -146,7 +148,8 @@ def _split_named(items: Sequence[Any]) -> list[tuple[Optional[str], torch.Tensor
 def _rebuild(named: list[tuple[Optional[str], torch.Tensor]], options: dict) -> dict:
     if any(name is not None for name, _ in named):
         if not all(name is not None for name, _ in named):
-            raise ValueError("a param group mixes named and unnamed parameters")
+            raise ValueError("a param group mixes named and unnamed parameters; give (name, parameter) pairs for all "
+                             "of them, or for none")
         params: list = [(name, p) for name, p in named]
     else:
         params = [p for _, p in named]
@@ -204,25 +207,6 @@ def deepspeed_param_groups(
         if run:
             out.append(_rebuild(run, options))
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The optimizer
-
-
-class ZeroApollo(Apollo):
-    """Kept for code written before :class:`~lowrank_opt.Apollo` learned DeepSpeed's flat shards: it *is*
-    ``Apollo`` (no math of its own). Use ``Apollo`` directly. ``skip_zero_init_step`` is accepted and ignored:
-    ``Apollo`` always recognises DeepSpeed's stage-0 set-up call."""
-
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.0, *, skip_zero_init_step: bool = True, **options: Any):
-        warnings.warn("ZeroApollo is deprecated: lowrank_opt.Apollo trains exactly as unsharded under DeepSpeed "
-                      "ZeRO 0-3 by itself; use Apollo", DeprecationWarning, stacklevel=2)
-        if options.get("layerwise"):
-            raise ValueError("Apollo cannot be layer-wise under DeepSpeed: DeepSpeed owns the gradients (reduction, "
-                             "partitioning, offload) and calls step() itself")
-        super().__init__(params, lr, betas, eps, weight_decay, **options)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -303,54 +287,33 @@ def check_optimizer_for_zero(optimizer: Any, zero_stage: int) -> None:
                          "Apollo / AdamW")
 
 
-def _zero_init_partitioned(model: nn.Module) -> bool:
-    return any(getattr(p, "ds_shape", None) is not None and tuple(p.shape) != tuple(p.ds_shape)
-               for p in model.parameters())
-
-
-def partitioned_lowrank_targets(model: nn.Module, target_modules: TargetModules = ALL_LINEAR
-                                ) -> list[tuple[str, torch.nn.Parameter]]:
-    """:func:`~lowrank_opt.lowrank_targets`, which reads each parameter's real shape from ``ds_shape`` and so
-    also works on a model zero.Init has already partitioned."""
-    return lowrank_targets(model, target_modules)
-
-
-def hf_optimizer_cls_and_kwargs(name: str, model: nn.Module, args: Any, optim_args: Union[None, str, dict] = None,
-                                target_modules: Optional[TargetModules] = None):
-    """:func:`lowrank_opt.integrations.hf.optimizer_cls_and_kwargs` for a DeepSpeed run of the HF Trainer: the
-    same optimizer (Apollo recognises DeepSpeed's flat shards; matrices of a model built under ZeRO-3's
-    zero.Init are recognised by ``ds_shape``), with what DeepSpeed cannot run refused before anything is built:
-    layer-wise updates, NormGrowthCap (``*_capped``) and whole-tensor optimizers at ZeRO stages 1-3."""
-    from .hf import optimizer_cls_and_kwargs, resolve_for_args
-
-    resolved = resolve_for_args(name, args, optim_args, target_modules)
-    spec, capped = resolved.spec, resolved.capped
+def check_deepspeed_optimizer(resolved: "ResolvedOptimizer", config: Union[str, Path, dict]) -> dict:
+    """Refuse, before it is built, an optimizer resolved by name (:func:`lowrank_opt.registry.resolve`) that
+    DeepSpeed cannot run with ``config``: layer-wise updates (DeepSpeed owns the gradients), and at ZeRO stages
+    1-3 (flat shards) NormGrowthCap and optimizers whose update needs whole tensors. Also checks the config
+    (:func:`check_deepspeed_config`) and returns it as a dict."""
+    cfg = check_deepspeed_config(config)
+    stage = _zero_stage(cfg)
     if resolved.layerwise:
-        raise ValueError(f"--optim {name} is layer-wise, which DeepSpeed cannot run (DeepSpeed owns the gradients); "
-                         "use the non-layer-wise name")
-    stage = _zero_stage(check_deepspeed_config(args.deepspeed)) if getattr(args, "deepspeed", None) else 1
-    if capped and stage >= 1:
-        raise ValueError(f"--optim {name}: NormGrowthCap limits per-tensor norms, which ZeRO stages 1-3 do not hand "
-                         "the optimizer; use the name without _capped (Apollo keeps its per-matrix "
+        raise ValueError(f"--optim {resolved.name} is layer-wise, which DeepSpeed cannot run (DeepSpeed owns the "
+                         "gradients); use the name without _layerwise")
+    if resolved.capped and stage >= 1:
+        raise ValueError(f"--optim {resolved.name}: NormGrowthCap limits per-tensor norms, which ZeRO stage {stage} "
+                         "does not hand the optimizer; use the name without _capped (Apollo keeps its per-matrix "
                          "norm_growth_limit) or ZeRO stage 0")
-    if stage >= 1 and not spec.elementwise:
-        raise ValueError(f"--optim {name}: its update depends on whole tensors, which ZeRO stages 1-3 do not hand "
-                         "the optimizer; use ZeRO stage 0, or apollo / adamw")
-    return optimizer_cls_and_kwargs(name, model, args, optim_args, target_modules)
+    if stage >= 1 and not resolved.spec.elementwise:
+        raise ValueError(f"--optim {resolved.name}: its update depends on whole tensors, which ZeRO stage {stage} does "
+                         "not hand the optimizer; use ZeRO stage 0, or apollo / adamw")
+    return cfg
 
 
 __all__ = [
-    "Block",
-    "ShardLayout",
-    "TorchDistComm",
-    "ZeroApollo",
     "check_deepspeed_config",
+    "check_deepspeed_optimizer",
     "check_optimizer_for_zero",
     "check_partition_layout",
     "deepspeed_param_groups",
-    "hf_optimizer_cls_and_kwargs",
     "initialize",
-    "partitioned_lowrank_targets",
 ]
 
 

@@ -10,10 +10,10 @@ sources are in :mod:`lowrank_opt.memory.estimate`, which points to the module of
 (a ``transformers.TrainerCallback``) records the real numbers during training; :func:`optimizer_state_bytes`
 counts an optimizer's state.
 
-Modules, one job each:
+Optimizer names and options are resolved by :func:`lowrank_opt.registry.resolve`, as everywhere else. Modules, one
+job each:
 
 - ``estimate``: :func:`estimate`: weights, gradients, the backward walk, ZeRO and overhead, put together.
-- ``resolve``: optimizer names, aliases and options, resolved once (:func:`~.resolve.resolve_optimizer`).
 - ``dryrun``: registry optimizers' state and step scratch from one ``step()`` on the meta device.
 - ``shadow``: the dispatch mode that answers host reads of meta tensors during that step.
 - ``external``: state layouts of optimizers from other packages (bitsandbytes, GaLore, apollo-torch).
@@ -23,23 +23,15 @@ Modules, one job each:
 - ``measure``: measured numbers (:class:`MemoryCallback`, :func:`optimizer_state_bytes`).
 """
 
-from .estimate import (
-    CUDA_CONTEXT_BYTES,
-    EXTERNAL_OPTIMIZERS,
-    FRAGMENTATION,
-    MemoryEstimate,
-    activation_bytes,
-    compare_table,
-    estimate,
-    known_configs,
-    known_optimizers,
-    resolve_config,
-)
+from ..registry import known_optimizers
+from .activations import activation_bytes
+from .configs import known_configs, resolve_config
+from .estimate import CUDA_CONTEXT_BYTES, FRAGMENTATION, estimate
 from .measure import MemoryCallback, optimizer_state_breakdown, optimizer_state_bytes, peak_rss_bytes
+from .report import MemoryEstimate, compare_table
 
 __all__ = [
     "CUDA_CONTEXT_BYTES",
-    "EXTERNAL_OPTIMIZERS",
     "FRAGMENTATION",
     "MemoryCallback",
     "MemoryEstimate",

@@ -19,6 +19,7 @@ path, device), so comparing several set-ups of one model dry-runs each optimizer
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 from dataclasses import dataclass
@@ -27,8 +28,8 @@ import torch
 from torch import nn
 
 from ..functional import META_STANDS_FOR
+from ..registry import ResolvedOptimizer
 from .measure import optimizer_state_breakdown
-from .resolve import ResolvedOptimizer
 from .shadow import meta_dry_run
 
 
@@ -48,7 +49,7 @@ def dry_run(optimizer: ResolvedOptimizer, model: nn.Module, config, names: dict[
             dtype: torch.dtype, foreach: bool, device: str) -> DryRun:
     """One step of the registry ``optimizer`` on the meta ``model`` (parameters of ``dtype``; ``config`` is its
     transformers config), as run on ``device``; ``names`` maps ``id(parameter)`` to its name. Cached."""
-    key = _dry_run_key(config, optimizer, {**optimizer.options, "_foreach": foreach, "_device": device}, dtype)
+    key = _dry_run_key(config, optimizer, {"_foreach": foreach, "_device": device}, dtype)
     cached = _DRY_RUNS.get(key)
     if cached is None:
         by_id, unattributed, sources, built, temporaries = _registry_states(optimizer, model, foreach=foreach,
@@ -64,7 +65,7 @@ def _registry_states(optimizer: ResolvedOptimizer, model: nn.Module, foreach: bo
     """Per-parameter state bytes of a registry optimizer after one dry-run step on meta tensors (standing for
     ``device``), and the most bytes of that step's scratch tensors alive at once."""
     options = dict(optimizer.options)
-    valid = optimizer.option_names
+    valid = optimizer.spec.options()
     if "layerwise" in valid:
         options["layerwise"] = False  # same state; no backward hooks needed for a dry run
     if "foreach" in valid and "fused" in valid:
@@ -77,7 +78,7 @@ def _registry_states(optimizer: ResolvedOptimizer, model: nn.Module, foreach: bo
             options["foreach"] = False
         else:
             options.setdefault("foreach", foreach)
-    built = optimizer.build(model, options)  # cap_* options go to NormGrowthCap
+    built = dataclasses.replace(optimizer, options=options).build(model)
     for p in model.parameters():
         if p.requires_grad:
             p.grad = torch.empty_like(p)
@@ -101,15 +102,16 @@ _DRY_RUNS: dict = {}  # dry-run results per (config, optimizer, options, dtype, 
 _DRY_RUNS_MAX = 32
 
 
-def _dry_run_key(config, optimizer: ResolvedOptimizer, options: dict, dtype: torch.dtype) -> str:
-    """What a dry run's result depends on: the model, the optimizer class and its effective options (the
-    layer-wise flag aside: same state), the parameters' dtype and the low-rank targets."""
-    effective = {**optimizer.defaults, **options}
+def _dry_run_key(config, optimizer: ResolvedOptimizer, code_path: dict, dtype: torch.dtype) -> str:
+    """What a dry run's result depends on: the model, the optimizer class and its options (the layer-wise flag
+    aside: same state), NormGrowthCap's, the code path, the parameters' dtype and the low-rank targets."""
+    effective = {**optimizer.options, **code_path}
     effective.pop("layerwise", None)
-    return json.dumps([config.to_json_string(use_diff=False),
-                       f"{optimizer.cls.__module__}.{optimizer.cls.__qualname__}", optimizer.capped,
-                       sorted((k, repr(v)) for k, v in effective.items()), str(dtype),
-                       repr(optimizer.target_modules) if optimizer.lowrank else None])
+    cls = optimizer.spec.cls
+    return json.dumps([config.to_json_string(use_diff=False), f"{cls.__module__}.{cls.__qualname__}",
+                       optimizer.capped, sorted((k, repr(v)) for k, v in effective.items()),
+                       sorted((k, repr(v)) for k, v in optimizer.cap.items()), str(dtype),
+                       repr(optimizer.target_modules) if optimizer.spec.lowrank else None])
 
 
 def _remember_dry_run(key: str, value: DryRun) -> None:

@@ -17,7 +17,7 @@ updated inside backward and its gradient freed at once) only the largest single 
 **optimizer states** -- registry optimizers from their own code, one ``step()`` dry-run on the meta device
 (:mod:`.dryrun`, with host reads answered by :mod:`.shadow`); Hugging Face optimizers backed by packages the
 library must not import (bitsandbytes 8-bit AdamW, GaLore, apollo-torch) from their published state layouts
-(:mod:`.external`). Names and options are resolved once, in :mod:`.resolve`.
+(:mod:`.external`). Names and options are resolved once, by :func:`lowrank_opt.registry.resolve`.
 
 **activations** -- per LLaMA decoder layer, term by term, in :mod:`.activations`.
 
@@ -57,8 +57,6 @@ boundary is replicated: at most r numbers per boundary, not counted); left-proje
 their full r x n moments on every rank, so they are not divided.
 
 All sizes are bytes; the tables (:mod:`.report`) print GB = 1e9 bytes.
-
-The names this module had before the estimator was split are still importable from it.
 """
 
 from __future__ import annotations
@@ -71,35 +69,16 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from ..registry import ResolvedOptimizer, resolve
 from ..targets import ALL_LINEAR, TargetModules, lowrank_targets
 from .activations import activation_bytes
-from .configs import _config_label, _meta_model, known_configs, resolve_config
+from .configs import _config_label, _meta_model, resolve_config
 from .dryrun import DryRun, dry_run
 from .dtypes import _DTYPES, _TORCH_DTYPES, GB, _canonical_dtype
-from .external import EXTERNAL_OPTIMIZERS, _external_states, _unique_params
+from .external import _external_states, _unique_params
 from .report import KindDetail, MemoryEstimate
-from .resolve import ResolvedOptimizer, known_optimizers, resolve_optimizer
 
-# Importable from here as before the estimator was split into modules (cli.py, benchmarks and users do).
-from .activations import ActivationBreakdown  # noqa: E402,F401
-from .configs import CONFIG_DIRS  # noqa: E402,F401
-from .external import BNB_BLOCK_SIZE, BNB_MIN_8BIT_SIZE, BNB_QMAP_BYTES, ExternalOptimizer  # noqa: E402,F401
-from .report import compare_table  # noqa: E402,F401
-from .resolve import ALIASES  # noqa: E402,F401
-from .shadow import meta_dry_run  # noqa: E402,F401
-
-__all__ = [
-    "CUDA_CONTEXT_BYTES",
-    "FRAGMENTATION",
-    "EXTERNAL_OPTIMIZERS",
-    "KindDetail",
-    "MemoryEstimate",
-    "activation_bytes",
-    "estimate",
-    "known_configs",
-    "known_optimizers",
-    "resolve_config",
-]
+__all__ = ["CUDA_CONTEXT_BYTES", "FRAGMENTATION", "estimate"]
 
 CUDA_CONTEXT_BYTES = 750_000_000
 FRAGMENTATION = 0.08
@@ -160,18 +139,14 @@ def _optimizer_states(chosen: ResolvedOptimizer, model: nn.Module, config, names
     the step's temporaries, the options to show and notes."""
     params = _unique_params(model)
     notes: list[str] = []
-    if chosen.external is not None:
-        external = chosen.external
+    spec = chosen.spec
+    if spec.layout is not None:
         state_by_param, unattributed, sources, treatment, step_temp = _external_states(
-            external, model, chosen.options, chosen.target_modules)
-        shown_args = {k: v for k, v in {**chosen.defaults, **chosen.options}.items()}
-        if external.layout in ("galore", "apollo_torch") and (chosen.target_modules or ALL_LINEAR) == ALL_LINEAR:
+            spec, model, chosen.options, chosen.target_modules)
+        if spec.lowrank and chosen.target_modules == ALL_LINEAR:
             notes.append(f"{chosen.name}: HF's all-linear targets every nn.Linear, lm_head included")
-        return state_by_param, unattributed, sources, treatment, step_temp, shown_args, notes
-    if chosen.lowrank:
-        lowrank = {id(p) for _, p in lowrank_targets(model, chosen.target_modules or ALL_LINEAR)}
-    else:
-        lowrank = set()
+        return state_by_param, unattributed, sources, treatment, step_temp, dict(chosen.options), notes
+    lowrank = {id(p) for _, p in lowrank_targets(model, chosen.target_modules)} if spec.lowrank else set()
     # torch's optimizers default to foreach on CUDA, to their single-tensor loop on CPU.
     foreach = not layerwise and device == "cuda"
     run: DryRun = dry_run(chosen, model, config, names, dtype=dtype, foreach=foreach, device=device)
@@ -181,16 +156,16 @@ def _optimizer_states(chosen: ResolvedOptimizer, model: nn.Module, config, names
         rank = run.ranks.get(names[id(p)])
         if id(p) in lowrank and p.ndim >= 2 and rank is not None:
             treatment[id(p)] = f"low-rank rank={rank}"
-        elif chosen.lowrank:
+        elif spec.lowrank:
             treatment[id(p)] = "AdamW"
         else:
-            treatment[id(p)] = chosen.cls.__name__
+            treatment[id(p)] = spec.cls.__name__
     if chosen.capped:
         treatment = {k: v + " + NormGrowthCap" for k, v in treatment.items()}
-    shown_args = dict(chosen.options)
-    if chosen.lowrank and "rank" not in shown_args:
-        shown_args = {"rank": chosen.defaults.get("rank"), **shown_args}
-    if chosen.cls is not None and issubclass(chosen.cls, torch.optim.AdamW) and dtype != torch.float32:
+    shown_args = dict(chosen.given)
+    if spec.lowrank and "rank" not in shown_args:
+        shown_args = {"rank": chosen.options["rank"], **shown_args}
+    if issubclass(spec.cls, torch.optim.AdamW) and dtype != torch.float32:
         notes.append("torch.optim.AdamW keeps its moments in the parameter dtype; with fp32 master weights "
                      "(master_weights=True) they are fp32 (8 bytes/param)")
     return state_by_param, run.unattributed, run.sources, treatment, run.temporaries, shown_args, notes
@@ -198,9 +173,9 @@ def _optimizer_states(chosen: ResolvedOptimizer, model: nn.Module, config, names
 
 def estimate(
     config: Any,
-    optimizer: str = "apollo",
+    optimizer: Union[str, ResolvedOptimizer] = "apollo",
     optim_args: Union[None, str, dict] = None,
-    target_modules: Optional[TargetModules] = ALL_LINEAR,
+    target_modules: Optional[TargetModules] = None,
     dtype: str = "bf16",
     batch_size: int = 1,
     seq_len: int = 2048,
@@ -226,10 +201,12 @@ def estimate(
         optimizer: a registry name (``lowrank_opt.registry.available()``, optionally ``_capped``) or one of
             Hugging Face's ``adamw_bnb_8bit`` (alias ``adamw_8bit``), ``paged_adamw_8bit``, ``galore_adamw``
             (alias ``galore``), ``apollo_adamw`` and their ``_layerwise`` variants; ``adamw_torch`` is
-            ``adamw``. See :func:`known_optimizers`.
+            ``adamw`` (:func:`lowrank_opt.registry.known_optimizers`); or a
+            :class:`~lowrank_opt.registry.ResolvedOptimizer` (then without ``optim_args`` and ``target_modules``).
         optim_args: the optimizer's options over its defaults, as a dict or HF's "k=v,k=v" string
             (``"rank=256,state_dtype=bfloat16"``); ``cap_*`` keys go to NormGrowthCap for ``*_capped``.
-        target_modules: the low-rank matrices (names, regexes, ``"all-linear"``) of low-rank optimizers.
+        target_modules: the low-rank matrices (names, regexes, ``"all-linear"``) of low-rank optimizers only
+            (default ``"all-linear"``).
         dtype: ``"bf16"``, ``"fp16"`` or ``"fp32"``: weights (and activations).
         batch_size, seq_len: the per-GPU micro-batch.
         gradient_checkpointing: HF's per-decoder-layer activation checkpointing.
@@ -258,7 +235,13 @@ def estimate(
     """
     started = time.perf_counter()
     dtype = _canonical_dtype(dtype)
-    chosen = resolve_optimizer(optimizer, optim_args, target_modules)
+    if isinstance(optimizer, ResolvedOptimizer):
+        if optim_args is not None or target_modules is not None:
+            raise ValueError(f"optimizer {optimizer.name!r} is already resolved with its options and targets; "
+                             "drop optim_args and target_modules")
+        chosen = optimizer
+    else:
+        chosen = resolve(optimizer, optim_args, target_modules)
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
     if cuda_context_bytes is None:
@@ -348,10 +331,10 @@ def estimate(
     # ZeRO partitions optimizer state by N, except the r x n moments of a left-projected (wide) matrix, which
     # every rank holding a part of it keeps in full (counted as on every rank: an upper bound).
     replicated: set[int] = set()
-    if n1 > 1 and chosen.external is None and chosen.lowrank:
+    if n1 > 1 and chosen.spec.layout is None and chosen.spec.lowrank:
         from ..projection import LEFT, matrix_shape, orientation
 
-        sort_dims = bool({**chosen.defaults, **chosen.options}.get("sort_dims", True))
+        sort_dims = bool(chosen.options.get("sort_dims", True))
         for p in params:
             if treatment.get(id(p), "").startswith("low-rank") and orientation(matrix_shape(p.shape), sort_dims) == LEFT:
                 replicated.add(id(p))
@@ -489,7 +472,7 @@ def estimate(
             row[f] = int(row[f])
         kind_list.append(asdict(KindDetail(**row)))
 
-    if zero_stage and chosen.external is None and chosen.lowrank:
+    if zero_stage and chosen.spec.layout is None and chosen.spec.lowrank:
         notes.append("ZeRO (Apollo on DeepSpeed's flat shards, counted as if every matrix were split over all ranks): "
                      "moments of right-projected (tall/square) matrices are partitioned by row; left-projected "
                      "(wide) matrices keep their full r x n moments on every rank"

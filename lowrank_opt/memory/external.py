@@ -1,7 +1,8 @@
 """Optimizer states of optimizers from other packages, from their published state layouts.
 
 The library must not import these packages, so their states are computed, not dry-run (Hugging Face's
-``adamw_bnb_8bit``, ``galore_adamw``, ``apollo_adamw``):
+``adamw_bnb_8bit``, ``galore_adamw``, ``apollo_adamw``; their names, defaults and options are
+:data:`lowrank_opt.registry.HF_OPTIMIZERS`):
 
 - bitsandbytes 8-bit AdamW (bitsandbytes 0.45-0.50 ``Optimizer2State.init_state``): per tensor with at
   least ``min_8bit_size = 4096`` elements two uint8 moments (``2n`` bytes) plus two fp32 absmax vectors of
@@ -24,52 +25,16 @@ largest parameter, GaLore the larger of that and an SVD refresh of the largest t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
+from ..registry import OptimizerSpec
 from ..targets import ALL_LINEAR, TargetModules, module_matches
 
 BNB_BLOCK_SIZE = 256  # bitsandbytes Optimizer2State.init_state: blocksize = 256 for the 8-bit absmax
-BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes default: smaller tensors keep 32-bit state
 BNB_QMAP_BYTES = 2 * 256 * 4  # the "dynamic" and "udynamic" quantisation maps, shared by all tensors
-
-
-@dataclass(frozen=True)
-class ExternalOptimizer:
-    """A Hugging Face optimizer name backed by another package: its state layout and default options."""
-
-    name: str
-    layout: str  # "bnb8bit" | "galore" | "apollo_torch"
-    defaults: dict
-    layerwise: bool = False
-    description: str = ""
-
-
-EXTERNAL_OPTIMIZERS: dict[str, ExternalOptimizer] = {
-    o.name: o
-    for o in [
-        ExternalOptimizer("adamw_bnb_8bit", "bnb8bit", dict(min_8bit_size=BNB_MIN_8BIT_SIZE, embeddings_32bit=True),
-                          description="bitsandbytes 8-bit AdamW (HF adamw_bnb_8bit; embeddings kept 32-bit)"),
-        ExternalOptimizer("paged_adamw_8bit", "bnb8bit", dict(min_8bit_size=BNB_MIN_8BIT_SIZE, embeddings_32bit=True),
-                          description="paged bitsandbytes 8-bit AdamW (same bytes, pageable to host)"),
-        ExternalOptimizer("galore_adamw", "galore", dict(rank=128, update_proj_gap=200, scale=0.25, proj_type="std"),
-                          description="GaLore AdamW (galore-torch, HF galore_adamw; SVD projection)"),
-        ExternalOptimizer("galore_adamw_layerwise", "galore",
-                          dict(rank=128, update_proj_gap=200, scale=0.25, proj_type="std"), layerwise=True,
-                          description="GaLore AdamW, HF layer-wise variant"),
-        ExternalOptimizer("apollo_adamw", "apollo_torch",
-                          dict(rank=128, proj="random", scale_type="channel", update_proj_gap=200, scale=1.0,
-                               proj_type="std"),
-                          description="apollo-torch APOLLOAdamW (HF apollo_adamw; caches P)"),
-        ExternalOptimizer("apollo_adamw_layerwise", "apollo_torch",
-                          dict(rank=128, proj="random", scale_type="channel", update_proj_gap=200, scale=1.0,
-                               proj_type="std"), layerwise=True,
-                          description="apollo-torch APOLLOAdamW, HF layer-wise variant"),
-    ]
-}
 
 
 def _hf_targets(model: nn.Module, target_modules: Optional[TargetModules]) -> list[tuple[str, nn.Parameter]]:
@@ -84,30 +49,24 @@ def _hf_targets(model: nn.Module, target_modules: Optional[TargetModules]) -> li
         if isinstance(module, nn.Linear) and (all_linear or module_matches(targets, name)):
             chosen.append((name + ".weight", module.weight))
     if not chosen:
-        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear module")
+        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear module; give names or regexes of "
+                         "nn.Linear modules, or 'all-linear'")
     return chosen
 
 
-_EXTERNAL_KEYS = {  # the options each layout takes
-    "bnb8bit": {"min_8bit_size", "embeddings_32bit", "optim_bits", "is_paged"},
-    "galore": {"rank", "update_proj_gap", "scale", "proj_type"},
-    "apollo_torch": {"rank", "proj", "scale_type", "update_proj_gap", "scale", "proj_type"},
-}
-
-
-def _external_states(ext: ExternalOptimizer, model: nn.Module, options: dict,
+def _external_states(ext: OptimizerSpec, model: nn.Module, opts: dict,
                      target_modules: Optional[TargetModules]) -> tuple[dict, int, dict, dict, int]:
     """Analytic state bytes per parameter (see the module docstring), shared bytes, bytes per source,
-    treatment per parameter, and the step's temporaries (largest at once). ``options`` hold only keys of
-    ``_EXTERNAL_KEYS[ext.layout]`` (checked by the resolver)."""
-    opts = {**ext.defaults, **options}
+    treatment per parameter, and the step's temporaries (largest at once), for the Hugging Face optimizer
+    ``ext`` (a :data:`lowrank_opt.registry.HF_OPTIMIZERS` spec) with its resolved options ``opts``."""
     per_param: dict[int, int] = {}
     treatment: dict[int, str] = {}
     shared = 0
     sources: dict[str, int] = {}
     if ext.layout == "bnb8bit":
-        if _integer(opts.get("optim_bits", 8), "optim_bits", ext) != 8:
-            raise ValueError("adamw_bnb_8bit: optim_bits must be 8 (use adamw for 32-bit states)")
+        if _integer(opts["optim_bits"], "optim_bits", ext) != 8:
+            raise ValueError(f"optim_args optim_bits={opts['optim_bits']!r} for {ext.name} must be 8; for 32-bit "
+                             "states estimate adamw")
         min_8bit_size = _integer(opts["min_8bit_size"], "min_8bit_size", ext)
         embeddings = set()
         if opts["embeddings_32bit"]:
@@ -169,7 +128,7 @@ def _external_states(ext: ExternalOptimizer, model: nn.Module, options: dict,
     return per_param, shared, sources, treatment, temporaries
 
 
-def _integer(value, name: str, ext: ExternalOptimizer) -> int:
+def _integer(value, name: str, ext: OptimizerSpec) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
