@@ -158,7 +158,6 @@ def classify(model: nn.Module, target_modules: TargetModules = ALL_LINEAR, *, in
         if how not in STACK_LAYOUTS:
             raise ValueError(f"stacked[{pattern!r}] must be one of {', '.join(STACK_LAYOUTS)}, got {how!r}")
     all_linear, named = _entries(target_modules)
-    model = unwrap(model)
     head = output_embedding(model)
     seen: set[int] = set()
     selected, routers_only = [], []
@@ -226,7 +225,7 @@ def lowrank_param_groups(model: nn.Module, target_modules: TargetModules = ALL_L
                       stacked=stacked)
     views = {id(p): view for _, p, view in chosen}
     rest, seen = [], set()
-    for name, p in unwrap(model).named_parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in views and id(p) not in seen:
             seen.add(id(p))
             rest.append((name, p))
