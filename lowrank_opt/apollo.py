@@ -108,53 +108,44 @@ class Apollo(Optimizer):
     does not recognise raises; a matrix is never updated as something else because of how it was stored.
 
     Args:
-        params: parameters, ``(name, parameter)`` pairs (``model.named_parameters()``), or param-group dicts
+        params: parameters, ``(name, parameter)`` pairs (``model.named_parameters()``) or param-group dicts
             overriding any option below.
         lr (float): learning rate. Default 1e-3.
         betas (tuple[float, float]): moment decay rates. Default (0.9, 0.999).
-        eps (float): added to sqrt(v). Default 1e-6 (the published APOLLO's).
+        eps (float): added to sqrt(v); > 0. Default 1e-6 (the published APOLLO's).
         weight_decay (float): decoupled weight decay. Default 0.
-        rank (int | float | callable | None): projection rank: an int (clipped to the compressed dimension),
-            a fraction in (0, 1] of it, or ``dim -> int`` (saved as per-parameter integers); ``None`` makes the
-            group plain AdamW. Default 256.
+        rank (int | float | callable | None): an int (clipped to the compressed dimension), a fraction in (0, 1]
+            of it, or ``dim -> int`` (saved as the integers it gives); ``None``: plain AdamW. Default 256.
         scale_type (str): ``"channel"`` (APOLLO) or ``"tensor"`` (APOLLO-Mini). Default "channel".
         scale (float): the update is multiplied by sqrt(scale); APOLLO-Mini uses 128. Default 1.
         update_proj_gap (int): steps between projection redraws (T). Default 200.
         sort_dims (bool): compress the smaller dimension; else always the rows. Default True.
-        transposed (bool): the group's matrices are stored transposed (in x out, as ``transformers``' Conv1D
-            and some MoE experts keep them): orientation and channels are those of the out x in matrix.
-        stacked (bool): the leading axis of the group's 3-D (and higher) weights indexes independent matrices
-            (MoE experts stored as (E, out, in)): each gets its own projection, moments (stored as
-            (E, *moment shape)), scaling and limiter, computed together. Default False (N-D weights are one
-            ``shape[0] x prod(shape[1:])`` matrix, as conv kernels are).
-        norm_growth_limit (float | None): gamma of the limiter; ``None`` turns it off. Default 1.01.
+        transposed (bool): matrices stored in x out (``transformers``' Conv1D, some experts): oriented as the out x
+            in matrix they stand for. Default False.
+        stacked (bool): a >= 3-D weight is E matrices along its first axis (MoE experts (E, out, in)), each with its
+            own projection, moments (stored (E, ...)), scaling and limiter, computed together; a 2-D one is E
+            vectors (AdamW). Default False: N-D weights are one ``shape[0] x prod(shape[1:])`` matrix (conv kernels).
+        norm_growth_limit (float | None): gamma of the limiter; ``None``: off. Default 1.01.
         seed (int): seed of every projection and of the stochastic-rounding bits. Default 0.
-        cache_projection (bool): keep each P between redraws (costs r x min(m, n) per matrix, never saved).
-        state_dtype (None | str | torch.dtype): dtype of the moments; ``None`` is fp32 (fp64 for fp64 weights);
-            ``torch.bfloat16`` halves them. The math is always fp32 or wider.
-        dense_state_bits (int): ``8`` keeps the AdamW moments of plain tensors of >= 4,096 elements in
-            bitsandbytes' blockwise 8-bit form (2 bytes per element instead of 8). Needs bitsandbytes; not
-            with FSDP2/ZeRO shards. Default 32.
+        cache_projection (bool): keep P between redraws (r x min(m, n) per matrix, never saved). Default False.
+        state_dtype (None | str | torch.dtype): dtype of the moments; ``None``: fp32 (fp64 for fp64 weights).
+        dense_state_bits (int): 8 keeps the AdamW moments of plain tensors of >= 4,096 elements in bitsandbytes'
+            blockwise 8-bit form (2 bytes per element instead of 8; not with FSDP2/ZeRO shards). Default 32.
         correct_bias (bool): fold Adam's bias correction into the step size. Default True.
-        nonfinite (str): a gradient with inf/nan (or too large for the math) makes ``step()`` raise before
-            anything changes (``"raise"``), or that tensor's update is skipped and counted in
-            ``skipped_tensors`` (``"skip"``).
-        layerwise (bool): update each parameter inside backward as soon as its gradient is accumulated and free
-            it, so about one matrix of gradients is alive at a time; ``step()`` then has nothing left to do. No
-            gradient accumulation, data-parallel all-reduce, sharding or global clipping.
-        stochastic_rounding (bool): write bf16 weights back with stochastic rounding, its bits a pure function
-            of (seed, identity, step, first local element). Default True.
-        foreach (bool | None): the fast path (``None``/``True``): plain tensors batched with foreach ops or in
-            pieces of 2^20 (CPU) / 2^22 (GPU) elements, narrower weights through fp32 pieces. ``False``: one
-            whole tensor at a time; the same numbers.
+        nonfinite (str): a gradient with inf/nan (or too large for the math) raises before anything changes
+            (``"raise"``), or that tensor is skipped and counted in ``skipped_tensors`` (``"skip"``).
+        layerwise (bool): update each parameter inside backward as soon as its gradient exists and free it (no
+            gradient accumulation, data-parallel all-reduce, sharding or global clipping). Default False.
+        stochastic_rounding (bool): write bf16 weights back with stochastic rounding. Default True.
+        foreach (bool | None): ``None``/``True``: plain tensors batched with foreach ops or in pieces of 2^20 (CPU)
+            / 2^22 (GPU) elements, narrower weights through fp32 pieces; ``False``: whole tensors, the same numbers.
         process_group: the group DeepSpeed's flat shards are split over (default: the world).
-        comm: an object with ``rank``, ``world_size`` and ``all_reduce_(tensor)`` to use instead of
-            torch.distributed for flat shards (tests, custom transports).
+        comm: ``rank``, ``world_size`` and ``all_reduce_(tensor)`` to use instead of torch.distributed (tests).
 
     Attributes:
         skipped_tensors: tensor updates skipped for a non-finite gradient.
-        comm_bytes_last_step / comm_bytes_total: bytes all-reduced in the latest ``step()`` and in all.
-        comm_bytes_by_param: each shared parameter's share of the latest step's all-reduces, by label.
+        comm_bytes_last_step / comm_bytes_total / comm_bytes_by_param: bytes all-reduced in the latest step, in
+            all, and per shared parameter in the latest step.
         init_steps_skipped: DeepSpeed set-up calls recognised and skipped.
 
     Example:
@@ -245,21 +236,7 @@ class Apollo(Optimizer):
                 raise ValueError(f"transposed=True is for matrices stored as in x out ({'(E, in, out) stacks' if group['stacked'] else '2-D weights'}), "
                                  f"got shape {shape} for {label}")
             if _matrix_view(group, shape) is not None:
-                self._resolve_rank(group, shape, label)
-
-    @staticmethod
-    def _side(group: dict, shape2d: tuple[int, int]) -> str:
-        """Which side of the stored matrix is projected; a ``transposed`` matrix is oriented as the out x in
-        matrix it stands for, so a Conv1D weight gets the Linear's channels and P."""
-        if not group.get("transposed", False):
-            return orientation(shape2d, group["sort_dims"])
-        return LEFT if orientation((shape2d[1], shape2d[0]), group["sort_dims"]) == RIGHT else RIGHT
-
-    @classmethod
-    def _resolve_rank(cls, group: dict, shape: tuple[int, ...], label: str) -> int:
-        _, shape2d = _matrix_view(group, shape)
-        dim = shape2d[1] if cls._side(group, shape2d) == RIGHT else shape2d[0]
-        return resolve_rank(group["rank"], dim, label)
+                _resolve_rank(group, shape, label)
 
     # -- records, plans, projections -------------------------------------------------------------------
 
@@ -293,9 +270,9 @@ class Apollo(Optimizer):
         if cached is not None and cached[0] == key:
             return cached[1]
         count, shape2d = view
-        side = self._side(group, shape2d)
+        side = _side(group, shape2d)
         label = self._label(group, record)
-        rank = self._resolve_rank(group, record.shape, label)
+        rank = _resolve_rank(group, record.shape, label)
         plan = ProjectionPlan(shape2d, side, rank, count, stacked=group.get("stacked", False) and len(record.shape) >= 3)
         compressed = shape2d[1] if side == RIGHT else shape2d[0]
         if rank >= compressed and not self._warned_full_rank:
@@ -405,7 +382,7 @@ class Apollo(Optimizer):
         sd = super().state_dict()
         for saved, group, records in zip(sd["param_groups"], self.param_groups, self._records):
             if callable(group["rank"]):
-                saved["rank"] = [self._resolve_rank(group, r.shape, self._label(group, r))
+                saved["rank"] = [_resolve_rank(group, r.shape, self._label(group, r))
                                  if _matrix_view(group, r.shape) is not None else None for r in records]
         return sd
 
@@ -424,7 +401,7 @@ class Apollo(Optimizer):
             for i, (want, r) in enumerate(zip(saved["rank"], records)):
                 if want is None or _matrix_view({**self.defaults, **saved}, r.shape) is None:
                     continue
-                got = self._resolve_rank({**self.defaults, **saved, "rank": rule}, r.shape, self._label(group, r)) \
+                got = _resolve_rank({**self.defaults, **saved, "rank": rule}, r.shape, self._label(group, r)) \
                     if rule is not None else None
                 if got != want:
                     raise ValueError(f"the checkpoint has rank {want} for {self._label(group, r)} in param_groups["
@@ -437,25 +414,8 @@ class Apollo(Optimizer):
             records = self._records[gi]
             if len(group["params"]) != len(records) or tuple(p.shape) != records[i].shape:
                 return {}  # a flat shard (DeepSpeed) or a copy: its pieces' shapes depend on the layout
-            saved, record = {**self.defaults, **saved_groups[gi]}, records[i]
-            keys = {"step": _common.StateKey(_common.COUNT), "identity": _common.StateKey(_common.COUNT, required=False),
-                    "limiter_norm": _common.StateKey(_limiter_shape(saved, record.shape), required=False)}
-            view = _matrix_view(saved, record.shape) if saved["rank"] is not None else None
-            if view is not None:
-                count, shape2d = view
-                rank = self._resolve_rank(saved, record.shape, self._label(group, record))
-                moments = ProjectionPlan(shape2d, self._side(saved, shape2d), rank, count,
-                                         saved.get("stacked", False) and len(record.shape) >= 3).moment_shape
-            else:
-                moments = record.shape
-                if saved.get("dense_state_bits", 32) == 8 and math.prod(record.shape) >= MIN_8BIT_SIZE:
-                    blocks = (-(-math.prod(record.shape) // 256),)
-                    keys.update(exp_avg_codes=_common.StateKey(record.shape, dtype=torch.uint8),
-                                exp_avg_sq_codes=_common.StateKey(record.shape, dtype=torch.uint8),
-                                exp_avg_absmax=_common.StateKey(blocks), exp_avg_sq_absmax=_common.StateKey(blocks))
-                    return keys
-            keys.update(exp_avg=_common.StateKey(tuple(moments)), exp_avg_sq=_common.StateKey(tuple(moments)))
-            return keys
+            saved = {**self.defaults, **saved_groups[gi]}
+            return _state_layout(saved, records[i], self._label(group, records[i]))
 
         self._projection_cache.clear()
         _common.load_state_dict_checked(self, state_dict, check_group=self._validate_group, layout=layout)
@@ -472,19 +432,6 @@ class Apollo(Optimizer):
             self.state[part.key] = state
         else:
             self.state[part.key].setdefault(SHARD_STATE_KEY, {})[part.shard_index] = state
-
-    def _new_tensor(self, part: Part, local_shape: tuple[int, ...], dtype: torch.dtype,
-                    global_shape: Optional[tuple[int, ...]]) -> torch.Tensor:
-        """Zeros on the part's device; under FSDP2 a DTensor sharded like the parameter when its leading axis is
-        the parameter's (so ``torch.distributed.checkpoint`` saves and reshards it)."""
-        local = torch.zeros(local_shape, dtype=dtype, device=part.weight.device)
-        if part.dtensor is None or global_shape is None:
-            return local
-        from torch.distributed.tensor import DTensor
-
-        stride = tuple(math.prod(global_shape[d + 1:]) for d in range(len(global_shape)))
-        return DTensor.from_local(local, part.dtensor.device_mesh, part.dtensor.placements, run_check=False,
-                                  shape=torch.Size(global_shape), stride=stride)
 
     def _init_state(self, part: Part, plan: Optional[ProjectionPlan]) -> dict:
         """The part's state, with zero moments on its first update."""
@@ -505,7 +452,7 @@ class Apollo(Optimizer):
             shape = (part.layout.num_matrices, plan.rank, plan.shape2d[1]) if plan.stacked else plan.moment_shape
             global_shape = plan.moment_shape if plan.stacked else None
         for key in ("exp_avg", "exp_avg_sq"):
-            state[key] = self._new_tensor(part, shape, dtype, global_shape)
+            state[key] = part.zeros(shape, dtype, global_shape)
         self._register_state(part, state)
         return state
 
@@ -626,91 +573,35 @@ class Apollo(Optimizer):
     def _part_label(self, part: Part) -> str:
         return self._label(part.group, part.record)
 
-    # -- screening: finiteness decided on every process alike, before anything changes ------------------
-
     def _screen(self, parts: list[Part], plans: dict) -> dict[int, Optional[torch.Tensor]]:
-        """Squared gradient norms (per channel or matrix, as step 6 needs them; None for plain tensors) of the
-        parts to update, keyed by ``id(part)``. A gradient is faulty when a sum of its squares is not finite
-        (inf/nan, or too large for the math); parts shared with other processes decide through their comm.
-        Faulty parts are left out (``nonfinite="skip"``) or make the step raise."""
-        sqs: dict[int, torch.Tensor] = {}
-        totals: list[torch.Tensor] = []
-        dense: dict[tuple, list[int]] = {}
-        for k, part in enumerate(parts):
-            plan = plans[id(part)]
-            totals.append(None)  # type: ignore[arg-type]
-            if plan is None:
-                dense.setdefault((part.grad.device, part.grad.dtype), []).append(k)
-                continue
-            compute = F.compute_dtype(part.weight.dtype)
-            sqs[id(part)] = F.grad_sq(part.grad, part.layout, plan.side, part.group["scale_type"] == "tensor", compute,
-                                      F.chunk_elements(part.weight.device))
-            totals[k] = sqs[id(part)].sum()
-        for (_, dtype), ks in dense.items():
-            wide = torch.float64 if dtype == torch.float64 else torch.float32
-            for k, norm in zip(ks, _common.norms_wide([parts[k].grad for k in ks], wide)):
-                totals[k] = norm.square()
+        """Before anything changes: the squared gradient norms step 6 needs (:func:`_squared_norms`) and, from
+        them, the parts whose gradient is faulty (a sum of squares that is not finite: inf/nan, or too large for
+        the math), decided alike on every process. Faulty parts raise (``nonfinite="raise"``, the default) or
+        are left out and counted. Returns the norms of the parts to update, by ``id(part)``."""
+        sqs, totals = _squared_norms(parts, plans)
         if all(t.device.type == "meta" for t in totals):
-            return {id(part): sqs.get(id(part)) for part in parts}  # the estimator's dry run: no values
+            return sqs  # the estimator's dry run: no values to check
         if self.layerwise:  # what gradient clipping would have seen
             for t in totals:
                 self._seen_sq = t.double() if self._seen_sq is None else self._seen_sq + t.double().to(self._seen_sq.device)
         flags = [not f for f in _host_bools([torch.isfinite(t) for t in totals])]
         raise_here = any(flag and part.group["nonfinite"] == "raise" for flag, part in zip(flags, parts))
-        elsewhere = self._share_flags(parts, plans, sqs, flags, raise_here)
+        elsewhere = _share_faults(parts, plans, sqs, flags, raise_here, self._counter, self._part_label)
         bad = [k for k, flag in enumerate(flags) if flag]
-        if bad or elsewhere:
-            if raise_here or elsewhere or any(parts[k].group["nonfinite"] == "raise" for k in bad):
-                faults = [(self._part_label(parts[k]), _fault_reason(parts[k])) for k in bad] or [
-                    ("a parameter held by another process", "non-finite gradient (inf or nan)")]
-                changed = "no parameter or optimizer state was changed"
-                if any(part.shared for part in parts):
-                    changed += " on any process"
-                elif self.layerwise:
-                    changed = "nothing of these tensors was changed (parameters updated earlier in this backward keep their update)"
-                raise RuntimeError(_common.gradient_fault_message(self, faults, changed=changed))
+        if bad and not (raise_here or elsewhere):
             self.skipped_tensors += len(bad)
             logger.warning("Apollo: skipped the update of %s (non-finite gradient)",
                            ", ".join(self._part_label(parts[k]) for k in bad))
-        return {id(part): sqs.get(id(part)) for k, part in enumerate(parts) if not flags[k]}
-
-    def _share_flags(self, parts: list[Part], plans: dict, sqs: dict, flags: list[bool], raise_here: bool) -> bool:
-        """One all-reduce per comm: "some process raises", each shared part's flag, and the squared norms other
-        processes add to. Updates ``flags`` and the shared ``sqs`` in place; returns whether another process
-        raises."""
-        elsewhere = False
-        by_comm: dict[int, list[int]] = {}
-        for k, part in enumerate(parts):
-            if part.shared:
-                by_comm.setdefault(id(part.comm), []).append(k)
-        for ks in by_comm.values():
-            comm, device = parts[ks[0]].comm, parts[ks[0]].weight.device
-            dtype = torch.float64 if any(parts[k].weight.dtype == torch.float64 for k in ks) else torch.float32
-            buf_parts = [torch.tensor([float(raise_here)], dtype=dtype, device=device)]
-            summed = {}
-            for k in ks:
-                part, plan = parts[k], plans[id(parts[k])]
-                buf_parts.append(torch.tensor([float(flags[k])], dtype=dtype, device=device))
-                extra = F.reduced_sq_parts(sqs[id(part)], part.layout, plan.side,
-                                           part.group["scale_type"] == "tensor") if plan is not None else []
-                summed[k] = extra
-                buf_parts.extend(t.reshape(-1).to(device, dtype) for t in extra)
-                self._counter.attribute(self._part_label(part), comm,
-                                        (1 + sum(t.numel() for t in extra)) * buf_parts[0].element_size())
-            buf = torch.cat(buf_parts)
-            self._counter.all_reduce_(comm, buf, ("check",) + tuple(id(parts[k].key) for k in ks))
-            values = buf.cpu()
-            elsewhere = elsewhere or float(values[0]) > 0
-            pos = 1
-            for k in ks:
-                flags[k] = float(values[pos]) > 0
-                pos += 1
-                for t in summed[k]:
-                    t.copy_(buf[pos:pos + t.numel()].view(t.shape))
-                    pos += t.numel()
-                if summed[k]:
-                    F.scatter_reduced_sq(sqs[id(parts[k])], summed[k], parts[k].layout)
-        return elsewhere
+        elif bad or elsewhere:
+            faults = [(self._part_label(parts[k]), _fault_reason(parts[k])) for k in bad] or [
+                ("a parameter held by another process", "non-finite gradient (inf or nan)")]
+            changed = "no parameter or optimizer state was changed"
+            if any(part.shared for part in parts):
+                changed += " on any process"
+            elif self.layerwise:
+                changed = "nothing of these tensors was changed (parameters updated earlier in this backward keep their update)"
+            raise RuntimeError(_common.gradient_fault_message(self, faults, changed=changed))
+        return {id(part): sqs[id(part)] for k, part in enumerate(parts) if not flags[k]}
 
     # -- low-rank and plain updates ---------------------------------------------------------------------
 
@@ -772,10 +663,8 @@ class Apollo(Optimizer):
             if limiter is not None:
                 old = state.get("limiter_norm")
                 if old is None:
-                    shape = _limiter_shape(part.group, part.record.shape)
-                    global_shape = shape if plan.stacked and part.dtensor is not None else None
-                    state["limiter_norm"] = self._new_tensor(part, limiter.shape if shape else (), limiter.dtype,
-                                                             global_shape)
+                    stacked = _limiter_shape(part.group, part.record.shape)  # (E,) for a stack, () for a matrix
+                    state["limiter_norm"] = part.zeros(limiter.shape if stacked else (), limiter.dtype, stacked or None)
                 _local(state["limiter_norm"]).copy_(limiter.view(_local(state["limiter_norm"]).shape))
 
     def _dense_update(self, parts: list[Part]) -> None:
@@ -785,7 +674,7 @@ class Apollo(Optimizer):
         for part in parts:
             group = part.group
             beta1, beta2 = group["betas"]
-            eight_bit = self._uses_8bit(part)
+            eight_bit = _uses_8bit(part, self._part_label(part))
             state = self._state(part)
             if "step" not in state:
                 if eight_bit:
@@ -810,30 +699,125 @@ class Apollo(Optimizer):
                 label=self._part_label(part)))
         F.dense_update_(steps)
 
-    def _uses_8bit(self, part: Part) -> bool:
-        """Whether a plain tensor keeps 8-bit moments (its group asks, and it is large enough)."""
-        if part.group.get("dense_state_bits", 32) != 8 or part.weight.numel() < MIN_8BIT_SIZE:
-            return False
-        label = self._part_label(part)
-        if part.dtensor is not None or part.shard_index is not None:
-            raise NotImplementedError(f"dense_state_bits=8 for the sharded {label}: its 256-element blocks would cross "
-                                      "shard boundaries; use dense_state_bits=32 with FSDP2/ZeRO")
-        if int8_module_of(part.weight) is not None:
-            raise NotImplementedError(f"dense_state_bits=8 for the int8 weight {label}: give it a low-rank group or "
-                                      "dense_state_bits=32")
-        return True
-
     def _rounding_seed(self, part: Part, state: dict) -> Optional[int]:
-        """The seed of this step's rounding bits (bf16 stochastic rounding; int8 re-quantization): a pure function
+        """The seed of this step's rounding bits (bf16 stochastic rounding, int8 re-quantization), a pure function
         of (seed, identity, step, first local element); None to round to nearest."""
-        int8 = int8_module_of(part.weight) is not None
-        if not int8 and (part.weight.dtype != torch.bfloat16 or not part.group["stochastic_rounding"]):
+        if int8_module_of(part.weight) is None and (part.weight.dtype != torch.bfloat16
+                                                    or not part.group["stochastic_rounding"]):
             return None
         return rounding_seed(part.group["seed"], self._identity(state, part.record), state["step"], part.round_offset)
 
     def math_dtype(self, p: torch.Tensor) -> torch.dtype:
         """The dtype this optimizer computes in for ``p`` (what NormGrowthCap holds gradients to)."""
         return F.compute_dtype(p.dtype)
+
+
+def _state_layout(group: dict, record: Record, label: str) -> dict:
+    """What each state key of a whole parameter must hold under the options of ``group`` (load_state_dict's
+    checks): its step count and identity, the limiter norm, and moments of the projection's shape (low-rank),
+    the parameter's (AdamW) or 8-bit codes and block maxima."""
+    keys = {"step": _common.StateKey(_common.COUNT), "identity": _common.StateKey(_common.COUNT, required=False),
+            "limiter_norm": _common.StateKey(_limiter_shape(group, record.shape), required=False)}
+    view = _matrix_view(group, record.shape) if group["rank"] is not None else None
+    if view is not None:
+        count, shape2d = view
+        rank = _resolve_rank(group, record.shape, label)
+        moments = ProjectionPlan(shape2d, _side(group, shape2d), rank, count,
+                                 group.get("stacked", False) and len(record.shape) >= 3).moment_shape
+    elif group.get("dense_state_bits", 32) == 8 and math.prod(record.shape) >= MIN_8BIT_SIZE:
+        blocks = (-(-math.prod(record.shape) // 256),)
+        return {**keys, "exp_avg_codes": _common.StateKey(record.shape, dtype=torch.uint8),
+                "exp_avg_sq_codes": _common.StateKey(record.shape, dtype=torch.uint8),
+                "exp_avg_absmax": _common.StateKey(blocks), "exp_avg_sq_absmax": _common.StateKey(blocks)}
+    else:
+        moments = record.shape
+    return {**keys, "exp_avg": _common.StateKey(tuple(moments)), "exp_avg_sq": _common.StateKey(tuple(moments))}
+
+
+def _squared_norms(parts: list[Part], plans: dict) -> tuple[dict, list[torch.Tensor]]:
+    """The squared gradient norms step 6 needs (per channel or matrix, :func:`lowrank_opt.functional.grad_sq`;
+    None for plain tensors), by ``id(part)``, and each part's total (plain tensors: one batched norm each)."""
+    sqs: dict[int, Optional[torch.Tensor]] = {}
+    totals: list[torch.Tensor] = [None] * len(parts)  # type: ignore[list-item]
+    dense: dict[tuple, list[int]] = {}
+    for k, part in enumerate(parts):
+        plan = plans[id(part)]
+        sqs[id(part)] = None
+        if plan is None:
+            dense.setdefault((part.grad.device, part.grad.dtype), []).append(k)
+            continue
+        sqs[id(part)] = F.grad_sq(part.grad, part.layout, plan.side, part.group["scale_type"] == "tensor",
+                                  F.compute_dtype(part.weight.dtype), F.chunk_elements(part.weight.device))
+        totals[k] = sqs[id(part)].sum()
+    for (_, dtype), ks in dense.items():
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        for k, norm in zip(ks, _common.norms_wide([parts[k].grad for k in ks], wide)):
+            totals[k] = norm.square()
+    return sqs, totals
+
+
+def _share_faults(parts: list[Part], plans: dict, sqs: dict, flags: list[bool], raise_here: bool,
+                  counter: CountingComm, label_of: Callable[[Part], str]) -> bool:
+    """One all-reduce per comm: "some process raises", each shared part's flag, and the squared norms other
+    processes add to (left projections, tensor-wise). Updates ``flags`` and ``sqs`` in place; returns whether
+    another process raises."""
+    elsewhere = False
+    by_comm: dict[int, list[int]] = {}
+    for k, part in enumerate(parts):
+        if part.shared:
+            by_comm.setdefault(id(part.comm), []).append(k)
+    for ks in by_comm.values():
+        comm, device = parts[ks[0]].comm, parts[ks[0]].weight.device
+        dtype = torch.float64 if any(parts[k].weight.dtype == torch.float64 for k in ks) else torch.float32
+        buf_parts = [torch.tensor([float(raise_here)], dtype=dtype, device=device)]
+        summed = {}
+        for k in ks:
+            part, plan = parts[k], plans[id(parts[k])]
+            buf_parts.append(torch.tensor([float(flags[k])], dtype=dtype, device=device))
+            summed[k] = F.reduced_sq_parts(sqs[id(part)], part.layout, plan.side,
+                                           part.group["scale_type"] == "tensor") if plan is not None else []
+            buf_parts.extend(t.reshape(-1).to(device, dtype) for t in summed[k])
+            counter.attribute(label_of(part), comm, (1 + sum(t.numel() for t in summed[k])) * buf_parts[0].element_size())
+        buf = torch.cat(buf_parts)
+        counter.all_reduce_(comm, buf, ("check",) + tuple(id(parts[k].key) for k in ks))
+        values = buf.cpu()
+        elsewhere = elsewhere or float(values[0]) > 0
+        pos = 1
+        for k in ks:
+            flags[k] = float(values[pos]) > 0
+            pos += 1
+            for t in summed[k]:
+                t.copy_(buf[pos:pos + t.numel()].view(t.shape))
+                pos += t.numel()
+            if summed[k]:
+                F.scatter_reduced_sq(sqs[id(parts[k])], summed[k], parts[k].layout)
+    return elsewhere
+
+
+def _side(group: dict, shape2d: tuple[int, int]) -> str:
+    """Which side of the stored matrix is projected; a ``transposed`` matrix is oriented as the out x in matrix
+    it stands for, so a Conv1D weight gets the Linear's channels and P."""
+    if not group.get("transposed", False):
+        return orientation(shape2d, group["sort_dims"])
+    return LEFT if orientation((shape2d[1], shape2d[0]), group["sort_dims"]) == RIGHT else RIGHT
+
+
+def _resolve_rank(group: dict, shape: tuple[int, ...], label: str) -> int:
+    _, shape2d = _matrix_view(group, shape)
+    return resolve_rank(group["rank"], shape2d[1] if _side(group, shape2d) == RIGHT else shape2d[0], label)
+
+
+def _uses_8bit(part: Part, label: str) -> bool:
+    """Whether a plain tensor keeps 8-bit moments (its group asks, and it is large enough)."""
+    if part.group.get("dense_state_bits", 32) != 8 or part.weight.numel() < MIN_8BIT_SIZE:
+        return False
+    if part.dtensor is not None or part.shard_index is not None:
+        raise NotImplementedError(f"dense_state_bits=8 for the sharded {label}: its 256-element blocks would cross "
+                                  "shard boundaries; use dense_state_bits=32 with FSDP2/ZeRO")
+    if int8_module_of(part.weight) is not None:
+        raise NotImplementedError(f"dense_state_bits=8 for the int8 weight {label}: give it a low-rank group or "
+                                  "dense_state_bits=32")
+    return True
 
 
 def _matrix_view(group: dict, shape: tuple[int, ...]) -> Optional[tuple[int, tuple[int, int]]]:

@@ -458,6 +458,19 @@ class Part:
         """Other processes hold elements of this parameter: decisions and sums go through ``comm``."""
         return self.comm is not None
 
+    def zeros(self, local_shape: tuple[int, ...], dtype: torch.dtype,
+              global_shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+        """Zeros on the part's device; under FSDP2 with ``global_shape``, a DTensor sharded like the parameter (its
+        leading axis is the parameter's), so ``torch.distributed.checkpoint`` saves and reshards it."""
+        local = torch.zeros(local_shape, dtype=dtype, device=self.weight.device)
+        if self.dtensor is None or global_shape is None:
+            return local
+        from torch.distributed.tensor import DTensor
+
+        stride = tuple(math.prod(global_shape[d + 1:]) for d in range(len(global_shape)))
+        return DTensor.from_local(local, self.dtensor.device_mesh, self.dtensor.placements, run_check=False,
+                                  shape=torch.Size(global_shape), stride=stride)
+
 
 # (record) -> (E, m, n) of a low-rank parameter's stack in storage orientation, or None for plain AdamW
 StackOf = Callable[[Record], Optional[tuple[int, int, int]]]

@@ -179,6 +179,7 @@ def _case(ds_run, name):
     return result
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", ["stage1_channel", "stage1_tensor", "stage2_channel", "stage2_tensor",
                                   "stage3_channel", "stage3_tensor", "stage2_offload", "stage3_offload",
                                   "stage2_per_matrix", "stage3_per_matrix", "moe_stage1", "moe_stage2", "moe_stage3"])
@@ -193,12 +194,14 @@ def test_deepspeed_zero_equals_unsharded(ds_run, name):
     assert 0 < r["comm_bytes_last_step"] < r["lowrank_grad_bytes"] < r["grad_bytes"]
 
 
+@pytest.mark.distributed
 def test_deepspeed_stage0_is_apollo(ds_run):
     r = _case(ds_run, "stage0_channel")
     assert r["max_diff"] == 0.0
     assert r["flat_pieces"] == 0 and r["comm_bytes_last_step"] == 0
 
 
+@pytest.mark.distributed
 def test_deepspeed_bf16_stage0_setup_step(ds_run):
     r = _case(ds_run, "bf16_stage0")
     for entry in (r["plain"], r["wrapped"]):
@@ -210,6 +213,7 @@ def test_deepspeed_bf16_stage0_setup_step(ds_run):
     assert r["plain"]["losses"] == r["wrapped"]["losses"]
 
 
+@pytest.mark.distributed
 def test_deepspeed_bf16_sharded_match_stage0(ds_run):
     r = _case(ds_run, "bf16_sharded")
     assert r["stage1_fp32_accum"]["wrapper"] == "BF16_Optimizer"
@@ -219,11 +223,13 @@ def test_deepspeed_bf16_sharded_match_stage0(ds_run):
         assert r[key]["diff_vs_stage0"] < TOL
 
 
+@pytest.mark.distributed
 def test_deepspeed_checkpoint_resume_is_exact(ds_run):
     r = _case(ds_run, "resume")
     assert r["stage1"] == r["stage2"] == r["stage3"] == 0.0
 
 
+@pytest.mark.distributed
 def test_hf_trainer_zero3_zero_init(ds_run):
     r = _case(ds_run, "hf_zero3")
     assert r["optimizer"] == "Apollo" and r["partitioned_at_build"] and r["flat"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.distributed  # every test here reads a torchrun launch
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-6
 

@@ -53,6 +53,7 @@ def _torchrun(out, *extra):
     return [e["loss"] for e in state["log_history"] if "loss" in e]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_stage_trains_and_resumes(tmp_path, stage):
     config = str(REPO / "configs" / "deepspeed" / f"zero{stage}.json")
