@@ -54,6 +54,7 @@ FIT_SMOKE = ["--device", "cpu", "--config", "configs/llama_tiny.json", "--caps",
 STEP_SMOKE = ["--device", "cpu", "--sizes", "", "--custom", "64,172,2,16", "--vocab", "256", "--steps", "2",
               "--warmup", "1", "--paired-rounds", "2"]
 SETTING_16GB = ["--optim-args", "dense_state_bits=8", "--lean-loss"]  # docs/memory.md's two settings
+MOE_SMOKE = [a if a != "configs/llama_tiny.json" else "configs/mixtral_12m.json" for a in FIT_SMOKE]
 
 
 def fit(key: str, cap: int, optim: str, *extra: str, max_s: float = 150, expect: str = "fit") -> Unit:
@@ -85,6 +86,11 @@ def plan() -> list[Unit]:
                   "ours,ours-mini,torch-adamw-fused,apollo-torch,apollo-torch-mini,galore-torch",
                   "ours/torch-adamw-fused,ours-mini/torch-adamw-fused,ours/apollo-torch,ours-mini/apollo-torch-mini"),
         Unit("cuda_tests", "cuda_tests", ["-m", "pytest", "tests/test_cuda.py", "-q", "-p", "no:cacheprovider"], 120),
+        # Fused experts: Qwen3-30B-A3B's shapes (128 experts of 768 x 2048 per matrix), 4 of its 48 layers, 3.1 B
+        # parameters: per-expert APOLLO's peak and tokens/s next to fused AdamW's.
+        Unit("moe@qwen3-4-layers", "fit_7b", ["benchmarks/fit_7b.py", "--config", "configs/qwen3_moe_3b.json", "--caps",
+                                              "0", "--optims", "apollo,apollo_mini_layerwise,torch-adamw-fused",
+                                              "--steps", "5", "--fallback-seq-lens", ""], 150, smoke=MOE_SMOKE),
         step_time("step_time@7b-bf16", "7b", "bfloat16", "ours,ours-mini,apollo-torch,apollo-torch-mini",
                   "ours/apollo-torch,ours-mini/apollo-torch-mini"),
         *[estimator(size) for size in ("60m", "130m", "350m", "1b")],
@@ -97,7 +103,8 @@ def plan() -> list[Unit]:
     return units
 
 
-SMOKE_KEYS = ("apollo@48GB", "16GB-setting", "12GB-setting", "step_time@1b-fp32", "cuda_tests", "estimator@60m")
+SMOKE_KEYS = ("apollo@48GB", "16GB-setting", "12GB-setting", "step_time@1b-fp32", "cuda_tests", "moe@qwen3-4-layers",
+              "estimator@60m")
 
 
 # ----------------------------------------------------------------------------------------------------------

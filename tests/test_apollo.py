@@ -279,6 +279,7 @@ def test_projection_is_a_pure_function_of_seed_identity_and_refresh():
     assert abs(proj.var().item() * 64 - 1.0) < 0.02
 
 
+@pytest.mark.slow
 def test_projection_is_identical_in_another_process():
     code = (
         "import torch; from torch import nn; from lowrank_opt import Apollo\n"

@@ -161,6 +161,7 @@ TINY = str(ROOT / "configs" / "llama_tiny.json")
 EMBEDDING_TARGETS = ["all-linear", "embed_tokens", "lm_head"]
 
 
+@pytest.mark.slow
 def test_fit_7b_levers_reach_the_run_and_the_estimate(fit_7b, monkeypatch):
     """Issue 17's 16 GB setting on the tiny model: 8-bit dense states, low-rank embeddings, the lean loss."""
     import lowrank_opt.loss
@@ -243,6 +244,7 @@ def test_fit_7b_int8_build_never_holds_the_float_model(fit_7b):
     assert fit_7b.weight_bytes(model) < peak["peak_bytes"] < float_bytes
 
 
+@pytest.mark.slow
 def test_fit_7b_levers_refused_where_they_do_not_apply(fit_7b):
     fused = fit_7b.resolve_choice("torch-adamw-fused")
     with pytest.raises(ValueError, match="dense_state_bits=8: only for a lowrank-opt optimizer, not 'torch-adamw-fused'"):
@@ -430,6 +432,7 @@ def test_fit_7b_cpu_matmul_choice_is_recorded_and_checked(fit_7b):
         fit_7b.train_run(TINY, choice, cpu_matmul="fast", **run)
 
 
+@pytest.mark.slow
 def test_fit_7b_cpu_peak_of_a_lean_layerwise_bf16_run_matches_the_estimate(fit_7b, tmp_path):
     """Issue 17's 16 GB setting on a model shaped like its peak: a large vocabulary next to small layers, so that
     the peak is the lean loss's backward, where the lm_head gradient (allocated first, filled a vocabulary block

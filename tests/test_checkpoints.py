@@ -42,6 +42,7 @@ KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_killed_while_saving_leaves_earlier_checkpoints_and_resume_is_exact(tmp_path):
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -75,6 +76,7 @@ GPT_NEOX = dict(model_type="gpt_neox", hidden_size=32, num_hidden_layers=2, num_
                 max_position_embeddings=64, tie_word_embeddings=False)
 
 
+@pytest.mark.slow
 def test_resume_loads_weights_that_transformers_saves_under_other_names(tmp_path):
     """transformers 5 saves gpt_neox's lm_head as ``embed_out`` and renames it back only in from_pretrained; the
     stock Trainer's resume leaves it at its initial values. Resuming equals the uninterrupted run bit for bit."""

@@ -5,6 +5,7 @@ for every optimizer. Stated factors: APOLLO within 10% of AdamW's eval loss, APO
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -44,6 +45,7 @@ def _best(make_optimizer):
     return min(_eval_loss(make_optimizer, lr) for lr in LRS)
 
 
+@pytest.mark.slow
 def test_apollo_reaches_adamw_eval_loss():
     adamw = _best(lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0))
     apollo = _best(lambda m, lr: Apollo(lowrank_param_groups(m, "all-linear", rank=16), lr=lr))

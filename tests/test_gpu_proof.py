@@ -102,12 +102,12 @@ def test_bad_arguments_fail_before_any_work(tmp_path):
 
 
 @pytest.mark.slow
-def test_too_little_budget_skips_every_unit_and_says_so(tmp_path):
+def test_too_little_budget_skips_every_unit_and_says_so(tmp_path, proof):
     results = tmp_path / "results.json"
     proc = _run("--smoke", "--budget-s", "1", "--results", results, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     units = json.loads(results.read_text())["units"]
-    assert len(units) == 6 and all(u["status"].startswith("skipped: budget") for u in units.values())
+    assert set(units) == set(proof.SMOKE_KEYS) and all(u["status"].startswith("skipped: budget") for u in units.values())
     assert "| cuda_tests | skipped: budget" in (tmp_path / "memory.md").read_text()
 
 
@@ -135,7 +135,7 @@ def test_smoke_runs_every_stage_and_merges_into_the_file(tmp_path):
     assert [c["command"] for c in data["commands"]] == ["earlier", f"python benchmarks/gpu_proof.py --smoke --results {results}"]
     units = data["units"]
     assert set(units) == {"older_run@99GB", "apollo@48GB", "16GB-setting", "12GB-setting", "step_time@1b-fp32",
-                          "cuda_tests", "estimator@60m"}  # the earlier record is kept
+                          "cuda_tests", "moe@qwen3-4-layers", "estimator@60m"}  # the earlier record is kept
     assert all(u["status"] == "ok" for u in units.values()), {k: u["status"] for k, u in units.items()}
     for key, levers in (("apollo@48GB", None), ("16GB-setting", "dense_state_bits=8, lean loss"),
                         ("12GB-setting", "dense_state_bits=8, lean loss, int8 weights")):
@@ -146,6 +146,11 @@ def test_smoke_runs_every_stage_and_merges_into_the_file(tmp_path):
         assert m["optimizer_state_gb"] == pytest.approx(e["optimizer_states_gb"], rel=1e-9)  # run and estimate alike
     assert [r["optimizer"] for r in units["estimator@60m"]["output"]["results"]] == ["apollo", "apollo_mini",
                                                                                     "torch-adamw"]
+    # The fused-expert row: per-expert APOLLO's peak next to its estimate (the smoke runs a 12M Mixtral).
+    moe = {r["optimizer"]: r for r in units["moe@qwen3-4-layers"]["output"]["results"]}
+    assert set(moe) == {"apollo", "apollo_mini_layerwise", "torch-adamw-fused"}
+    assert moe["apollo"]["measured"]["optimizer_state_gb"] == pytest.approx(
+        moe["apollo"]["estimate"]["optimizer_states_gb"], rel=1e-9)
     paired = units["step_time@1b-fp32"]["output"]["paired"]
     assert [(p["ours"], p["theirs"]) for p in paired] == [("ours", "torch-adamw-fused"), ("ours-mini", "torch-adamw-fused"),
                                                            ("ours", "apollo-torch"), ("ours-mini", "apollo-torch-mini")]

@@ -287,6 +287,7 @@ def test_conv1d_step_equals_the_equivalent_linear_step(shape, scale_type):
                                rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_gpt2_model_directory_finetunes_with_default_targets(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -320,6 +321,7 @@ def test_gpt2_model_directory_finetunes_with_default_targets(tmp_path):
 # Logging
 
 
+@pytest.mark.slow
 def test_settings_perplexity_and_memory_reach_log_history_and_tensorboard(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))  # transformers 5: where TensorBoard writes
@@ -341,6 +343,7 @@ def test_settings_perplexity_and_memory_reach_log_history_and_tensorboard(tmp_pa
     assert "lowrank_opt/optimizer" in " ".join(events.Tags().get("tensors", []))
 
 
+@pytest.mark.slow
 def test_layerwise_logs_the_gradient_norm_it_saw(tmp_path):
     common = ["--max_steps", "1", "--block_size", "32", "--max_train_samples", "64", "--eval_strategy", "no",
               "--disable_tqdm", "true", "--logging_steps", "1", "--optim_args", "rank=8", "--max_grad_norm", "0"]
@@ -382,6 +385,7 @@ def test_config_paths_and_outputs_relative_to_the_working_directory(tmp_path, mo
     assert args.max_steps == 3 and Path(args.output_dir) == tmp_path / "outputs" / "mine"
 
 
+@pytest.mark.slow
 def test_apollo_mini_checkpoint_shows_rank_one_tensor_scale_128(tmp_path):
     train.main(["--optim", "apollo_mini", "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
                 "--block_size", "32", "--max_train_samples", "32", "--eval_strategy", "no", "--disable_tqdm", "true",

@@ -150,6 +150,7 @@ def _check_options(result, resolved):
         assert got == value or (isinstance(value, tuple) and tuple(got) == value), (key, got, value)
 
 
+@pytest.mark.slow
 def test_stock_trainer_script_trains_apollo_mini(tmp_path, capfd, launched_env):
     import torch
 
@@ -172,6 +173,7 @@ def test_stock_trainer_script_trains_apollo_mini(tmp_path, capfd, launched_env):
     assert len(low[0]["params"]) == 14  # 2 layers x (q, k, v, o, gate, up, down): every decoder matrix
 
 
+@pytest.mark.slow
 def test_stock_trl_script_trains_a_capped_name_with_hf_style_targets(tmp_path, capfd, launched_env):
     from lowrank_opt.resources import tokenizer_dir
 
@@ -191,6 +193,7 @@ def test_stock_trl_script_trains_a_capped_name_with_hf_style_targets(tmp_path, c
     _check_options(result, resolved)
 
 
+@pytest.mark.slow
 def test_hugging_face_names_are_unchanged(tmp_path, capfd, launched_env):
     script = _write(tmp_path, "stock_hf.py", STOCK_HF)
     code, result, text = _launch(capfd, [script, "--output_dir", str(tmp_path / "out"), "--optim", "adamw_torch",
@@ -201,6 +204,7 @@ def test_hugging_face_names_are_unchanged(tmp_path, capfd, launched_env):
     assert all(g["lr"] == 3e-3 for g in result["groups"])
 
 
+@pytest.mark.slow
 def test_an_unknown_name_fails(tmp_path, capfd, launched_env):
     from lowrank_opt import cli
 
@@ -213,6 +217,7 @@ def test_an_unknown_name_fails(tmp_path, capfd, launched_env):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_scripts_own_optimizer_is_refused_for_our_names(tmp_path, capfd, launched_env):
     script = _write(tmp_path, "stock_hf.py", STOCK_HF)
     code, result, text = _launch(capfd, [script, "--output_dir", str(tmp_path / "out"), "--optim", "apollo",

@@ -199,6 +199,7 @@ def test_optimizer_step_temporaries_are_measured():
     assert foreach.total > fused.total
 
 
+@pytest.mark.slow
 def test_pure_bf16_step_scratch_is_bounded_by_a_chunk_not_the_embedding():
     """bf16 weights are updated through fp32 copies a block of rows at a time: LLaMA-1B's 65.5M-element
     embedding and lm_head (AdamW under APOLLO) would need 16 bytes per element of scratch at once (the fp32
@@ -465,6 +466,7 @@ def test_cli_errors(capsys):
         cli.main(["memory"])
 
 
+@pytest.mark.slow
 def test_console_script():
     exe = shutil.which("lowrank-opt")
     if exe is None:

@@ -115,6 +115,7 @@ def _losses(trainer):
     return [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
 
+@pytest.mark.slow
 def test_int8_weights_train_save_and_resume_exactly(tmp_path):
     from lowrank_opt.quant import Int8Linear
 
@@ -142,6 +143,7 @@ def test_int8_weights_refuse_what_cannot_update_them(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_lean_loss_trains_like_the_plain_loss(tmp_path):
     common = [*FAST, "--optim", "apollo", "--optim_args", "rank=8", "--learning_rate", "1e-2"]
     plain, _ = train.main([*common, "--output_dir", str(tmp_path / "plain")])
@@ -173,6 +175,7 @@ def test_lean_loss_is_refused_where_it_cannot_apply(tmp_path):
 # The headline settings (docs/memory.md)
 
 
+@pytest.mark.slow
 def test_llama_7b_headline_settings_fit_16_and_12_gb():
     """The two settings docs/memory.md recommends: bf16 weights with 8-bit AdamW moments for embed_tokens and
     lm_head (low-rank ones cost too much loss, docs/benchmarks.md), and int8 weights."""

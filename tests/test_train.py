@@ -29,6 +29,7 @@ def _run(tmp_path, *extra, name="run"):
     return train.main([*FAST, "--output_dir", str(tmp_path / name), *extra])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "optim,optim_args",
     [
@@ -58,6 +59,7 @@ def test_optimizers_train_with_falling_loss(tmp_path, optim, optim_args):
         assert built.layerwise and all(p.grad is None for p in trainer.model.parameters())
 
 
+@pytest.mark.slow
 def test_pure_bf16_training_keeps_bf16_weights(tmp_path):
     trainer, _ = _run(tmp_path, "--optim", "apollo", "--optim_args", "rank=8", "--learning_rate", "1e-2",
                       "--model_dtype", "bfloat16")
@@ -67,6 +69,7 @@ def test_pure_bf16_training_keeps_bf16_weights(tmp_path):
     assert sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses
 
 
+@pytest.mark.slow
 def test_memory_report_measures_optimizer_state_equal_to_estimate(tmp_path, capsys):
     from lowrank_opt.memory import MemoryCallback, optimizer_state_bytes
 
@@ -77,6 +80,7 @@ def test_memory_report_measures_optimizer_state_equal_to_estimate(tmp_path, caps
     assert "optimizer" in capsys.readouterr().out.lower()
 
 
+@pytest.mark.slow
 def test_finetune_saved_model_on_prompt_response_jsonl(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -117,6 +121,7 @@ def test_finetune_saved_model_on_prompt_response_jsonl(tmp_path):
         assert model(input_ids=ids, labels=labels).loss.item() == pytest.approx(manual.item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_equals_straight_run(tmp_path):
     common = ["--optim", "apollo", "--optim_args", "rank=8,update_proj_gap=4", "--max_steps", "8",
               "--save_strategy", "steps", "--save_steps", "4", "--seed", "3", "--data_seed", "3"]
@@ -129,6 +134,7 @@ def test_resume_equals_straight_run(tmp_path):
     assert len(_losses(resumed)) == 8 and _losses(straight) == _losses(resumed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optim", ["apollo_mini", "apollo_layerwise"])
 def test_a_run_resolves_its_optimizer_once_and_builds_it_once(tmp_path, monkeypatch, optim):
     """One resolution of the name (registry.resolve, when the arguments are parsed) and one optimizer, built with
