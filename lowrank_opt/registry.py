@@ -126,6 +126,11 @@ def available() -> list[str]:
     return sorted(OPTIMIZERS)
 
 
+def lowrank_names() -> list[str]:
+    """The registry names whose optimizer takes low-rank targets (APOLLO and its forms)."""
+    return sorted(name for name, spec in OPTIMIZERS.items() if spec.lowrank)
+
+
 def known_optimizers() -> list[str]:
     """Every name :func:`resolve` takes: :func:`available` (also as ``NAME_capped``), the Hugging Face names the
     memory estimator counts, and the aliases."""

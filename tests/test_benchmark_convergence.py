@@ -119,7 +119,7 @@ def test_bad_input_fails_before_any_run(tmp_path, args, message):
 
 
 def _args(module, *extra):
-    return module.parse_args(["--optimizers", "apollo_mini," + ",".join(module.VARIANTS), *extra])
+    return module.parse_args(["--optimizers", "apollo,apollo_mini," + ",".join(module.VARIANTS), *extra])
 
 
 def _flag(argv, flag):
@@ -143,15 +143,19 @@ def test_variant_names_build_their_train_flags(tmp_path):
         "apollo_mini+16gb_setting": {"--optim_args", "--lean_loss"},
         "apollo_mini+lowrank_head": {"--optim_args", "--optim_target_modules", "--lean_loss"},
         "q_apollo_mini+12gb_setting": {"--optim_args", "--weights", "--lean_loss"},
+        "apollo+dense_experts": {"--optim_target_modules"},  # MoE: the experts left to AdamW
+        "apollo_mini+dense_experts": {"--optim_target_modules"},
     }
     assert set(module.VARIANTS) == set(levers)
     assert all(name in module.ALL_OPTIMIZERS for name in module.VARIANTS)
-    plain = module.train_argv(args, "apollo_mini", 3e-3, 42, tmp_path / "c.jsonl", tmp_path / "o")
+    plains = {base: module.train_argv(args, base, 3e-3, 42, tmp_path / "c.jsonl", tmp_path / "o")
+              for base in ("apollo", "apollo_mini")}
+    plain = plains["apollo_mini"]
     argvs = {name: module.train_argv(args, name, 3e-3, 42, tmp_path / "c.jsonl", tmp_path / "o")
              for name in module.VARIANTS}
     mini_args = "update_proj_gap=200"  # the registry's apollo_mini otherwise
     for name, argv in argvs.items():
-        assert _flag(argv, "--optim") == ["apollo_mini"], name  # every variant is apollo_mini underneath
+        assert _flag(argv, "--optim") == [module.VARIANTS[name].base], name  # the variant's base underneath
         assert _flag(argv, "--learning_rate") == ["0.003"] and _flag(argv, "--seed") == ["42"]
     assert _flag(argvs["apollo_mini+8bit_states"], "--optim_args") == [mini_args + ",dense_state_bits=8"]
     assert _flag(argvs["apollo_mini+lowrank_embeddings"], "--optim_target_modules") == [
@@ -164,9 +168,12 @@ def test_variant_names_build_their_train_flags(tmp_path):
     assert _flag(argvs["apollo_mini+lowrank_head"], "--optim_target_modules") == [module.TARGET_MODULES, "lm_head"]
     assert _flag(argvs["q_apollo_mini+12gb_setting"], "--weights") == ["int8"]
     assert _flag(argvs["q_apollo_mini+12gb_setting"], "--optim_args") == [mini_args + ",dense_state_bits=8"]
-    # Apart from its own levers, each variant's argv is plain apollo_mini's, flag for flag.
-    plain_flags = [a for a in plain if a.startswith("--")]
+    for name in ("apollo+dense_experts", "apollo_mini+dense_experts"):  # only the attention matrices low-rank
+        assert _flag(argvs[name], "--optim_target_modules") == [r".*\.self_attn\.[a-z]+_proj"]
+    # Apart from its own levers, each variant's argv is its plain base's, flag for flag.
     for name, argv in argvs.items():
+        plain = plains[module.VARIANTS[name].base]
+        plain_flags = [a for a in plain if a.startswith("--")]
         assert "--weights" not in plain and "--lean_loss" not in plain and len(argv) >= len(plain)
         flags = [a for a in argv if a.startswith("--")]
         assert flags[: len(plain_flags)] == plain_flags
@@ -193,14 +200,16 @@ def test_variant_argv_is_what_train_py_parses(tmp_path):
     parsed = {name: train.parse_args(module.train_argv(args, name, 3e-3, 42, corpus, tmp_path / "o"))
               for name in ("apollo_mini", *module.VARIANTS)}
     for name, (model_args, _, training_args) in parsed.items():
-        assert training_args.lowrank_optim == "apollo_mini", name
+        base = module.VARIANTS[name].base if name in module.VARIANTS else name
+        assert training_args.lowrank_optim == base, name
         assert model_args.weights == ("int8" if name.startswith("q_apollo_mini") else "float"), name
         assert training_args.lean_loss == name.endswith(("_setting", "lowrank_head")), name
         assert ("dense_state_bits=8" in training_args.optim_args) == (
             name.endswith(("8bit_states", "_setting", "lowrank_head"))), name
-        options = resolve("apollo_mini", training_args.optim_args).options  # the registry's Mini, the run's gap
-        assert (options["rank"], options["scale_type"], options["scale"], options["update_proj_gap"]) == \
-            (1, "tensor", 128.0, 200), name
+        if base == "apollo_mini":
+            options = resolve("apollo_mini", training_args.optim_args).options  # the registry's Mini, the run's gap
+            assert (options["rank"], options["scale_type"], options["scale"], options["update_proj_gap"]) == \
+                (1, "tensor", 128.0, 200), name
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model_config))
@@ -211,6 +220,8 @@ def test_variant_argv_is_what_train_py_parses(tmp_path):
     assert wide - plain == {"model.embed_tokens.weight", "lm_head.weight"}
     head = {n for n, _ in lowrank_targets(model, parsed["apollo_mini+lowrank_head"][2].optim_target_modules)}
     assert head - plain == {"lm_head.weight"}
+    attention = {n for n, _ in lowrank_targets(model, parsed["apollo+dense_experts"][2].optim_target_modules)}
+    assert len(attention) == 4 * layers and attention < plain
 
 
 def _result(name, lr, seed, loss, state=1000, runtime=10.0):

@@ -67,6 +67,7 @@ def test_killed_while_saving_leaves_earlier_checkpoints_and_resume_is_exact(tmp_
     assert (out / "checkpoint-6").is_dir()
 
 
+@pytest.mark.slow
 def test_save_total_limit_rotates_only_complete_checkpoints(tmp_path):
     trainer, _ = train.main([*COMMON, "--output_dir", str(tmp_path / "out"), "--save_total_limit", "1"])
     assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-6"]
@@ -95,6 +96,7 @@ def test_resume_loads_weights_that_transformers_saves_under_other_names(tmp_path
         assert torch.equal(a, b), n
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_without_a_weight_stops_naming_it(tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -109,6 +111,7 @@ def test_resume_from_a_checkpoint_without_a_weight_stops_naming_it(tmp_path):
                     str(tmp_path / "first" / "checkpoint-2")])
 
 
+@pytest.mark.slow
 def test_checkpoint_weights_load_into_the_models_own_tensors_through_transformers_conversions(tmp_path):
     """A MoE model holds its experts as one tensor each for gate/up and down; save_pretrained writes one tensor per
     expert. load_checkpoint_weights converts them back (transformers' own loading) into the same tensors."""

@@ -225,6 +225,7 @@ def _script_args(out, optim, *extra):
             "--seed", "7", "--data_seed", "7", *extra]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["hf_trainer", "trl_sft"])
 @pytest.mark.parametrize("optim", ["apollo", "apollo_mini", "apollo_capped", "apollo_layerwise", "adamw_torch"])
 def test_example_scripts_build_the_named_optimizer(script, optim, tmp_path):
@@ -240,6 +241,7 @@ def test_example_scripts_build_the_named_optimizer(script, optim, tmp_path):
     assert len(losses) == 4 and all(map(lambda x: x == x, losses))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["hf_trainer", "trl_sft"])
 def test_example_scripts_resume_bit_exactly(script, tmp_path):
     module = _example(script)

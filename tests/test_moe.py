@@ -166,3 +166,50 @@ def test_routers_are_dense_unless_asked_for():
         lowrank_param_groups(model, ["all-linear", "shared_expert_gate"])
     groups = lowrank_param_groups(model, ["shared_expert_gate"], include_routers=True)
     assert {n for n, _ in groups[-1]["params"]} == {f"model.layers.{i}.mlp.shared_expert_gate.weight" for i in range(2)}
+
+
+MODES = {
+    "layerwise": dict(name="apollo_layerwise"),
+    "bf16-stochastic-rounding": dict(dtype=torch.bfloat16),
+    "8bit-dense-states": dict(options=dict(dense_state_bits=8)),
+    "int8-linear-weights": dict(int8=True),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(MODES))
+def test_experts_train_and_resume_exactly_in_every_mode(mode):
+    """Layer-wise updates, bf16 weights with stochastic rounding, 8-bit dense states and int8 Linear weights (the
+    experts, not nn.Linear, stay in float) with fused experts: training moves the loss and a weights-only
+    checkpoint resumes bit for bit; layer-wise equals the normal step."""
+    pytest.importorskip("bitsandbytes")
+    from lowrank_opt.quant import quantize_model_
+
+    spec = MODES[mode]
+    dtype, name, options = spec.get("dtype", torch.float32), spec.get("name", "apollo"), spec.get("options", {})
+
+    def make():
+        model = build("qwen3_moe", dtype=dtype)
+        if spec.get("int8"):
+            assert quantize_model_(model)  # the attention matrices
+        return model, build_optimizer(name, model, lr=1e-2, rank=4, **options)
+
+    straight, opt = make()
+    losses = _train(straight, opt, 3)
+    buffer = io.BytesIO()
+    torch.save({"model": straight.state_dict(), "optimizer": opt.state_dict()}, buffer)
+    losses += _train(straight, opt, 3, seed=1)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed, opt2 = make()
+    resumed.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["optimizer"])
+    assert _train(resumed, opt2, 3, seed=1) == losses[3:]
+    assert losses[2] < losses[0]
+    for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n
+    experts = straight.model.layers[0].mlp.experts.gate_up_proj
+    assert experts.dtype == dtype and opt.state[experts]["exp_avg"].shape == (4, 48, 4)  # (E, 2I, r): tall experts
+    if mode == "layerwise":
+        normal = build("qwen3_moe")
+        assert _train(normal, build_optimizer("apollo", normal, lr=1e-2, rank=4), 3) == losses[:3]

@@ -339,6 +339,7 @@ def _train_int8(model, ids, steps, lr, stochastic=True):
     return losses
 
 
+@pytest.mark.slow
 def test_tiny_llama_trains_through_the_int8_path():
     model = _tiny_llama()
     quantize_model_(model)

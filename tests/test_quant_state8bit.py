@@ -245,6 +245,7 @@ def _regression_run(seed: int, eight_bit: bool, steps: int = 150) -> float:
     return ((features @ w - targets) ** 2).mean().item()
 
 
+@pytest.mark.slow
 def test_8bit_adam_converges_within_the_seed_noise_of_fp32_adam():
     seeds = range(4)
     fp32 = [_regression_run(s, eight_bit=False) for s in seeds]

@@ -65,6 +65,7 @@ def test_converges_on_a_quadratic(name):
     assert loss_fn().item() < 0.05 * start
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_converges_on_a_tiny_mlp(name):
     g = torch.Generator().manual_seed(0)

@@ -143,6 +143,7 @@ def _run_dense(dtype, steps, lr, **kwargs):
     return p.detach()
 
 
+@pytest.mark.slow
 def test_apollo_dense_path_tiny_updates_accumulate_with_stochastic_rounding():
     steps, lr = 400, 2.5e-4  # each update far below half of bf16's spacing at 1.0 (2^-9)
     exact = _run_dense(torch.float32, steps, lr)
@@ -158,6 +159,7 @@ def test_apollo_dense_path_tiny_updates_accumulate_with_stochastic_rounding():
     assert 0.9 * std < moved.std().item() < 1.1 * std  # independent bits per element and per step
 
 
+@pytest.mark.slow
 def test_apollo_lowrank_path_tiny_updates_accumulate_with_stochastic_rounding():
     # APOLLO's update depends on the gradients only (no weight decay), so an fp32 run with the same gradients
     # gives each element's exact total movement; constant gradients keep each element's direction fixed.
