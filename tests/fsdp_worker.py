@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tiny_models import Experts  # noqa: E402
 
 STEPS = 20
 MICRO_BATCH = 4
@@ -53,21 +54,6 @@ class Net(nn.Module):
         for block in self.blocks:
             h = block(h)
         return self.head(h)
-
-
-class Experts(nn.Module):
-    """Fused experts as transformers stores them: (E, out, in), ``is_transposed=False``."""
-
-    is_transposed = False
-
-    def __init__(self, experts: int = 3, width: int = 6, hidden: int = 11):
-        super().__init__()
-        self.gate_up_proj = nn.Parameter(0.3 * torch.randn(experts, hidden, width))  # right, per expert
-        self.down_proj = nn.Parameter(0.3 * torch.randn(experts, width, hidden))  # left, per expert
-
-    def forward(self, x, weights):
-        h = torch.tanh(torch.einsum("bd,ehd->beh", x, self.gate_up_proj))
-        return (torch.einsum("beh,edh->bed", h, self.down_proj) * weights.unsqueeze(-1)).sum(1)
 
 
 class MoENet(nn.Module):

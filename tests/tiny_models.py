@@ -56,3 +56,19 @@ def build(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     torch.manual_seed(seed)
     config = AutoConfig.for_model(model_type, **FAMILIES[model_type][0])
     return AutoModelForCausalLM.from_config(config).to(dtype)
+
+
+class Experts(torch.nn.Module):
+    """Fused experts as transformers stores them: (E, out, in) parameters, ``is_transposed=False``; a token's output
+    is the mixture of every expert's by the router's ``weights`` (soft routing: the tests' gradients stay smooth)."""
+
+    is_transposed = False
+
+    def __init__(self, experts: int = 3, width: int = 6, hidden: int = 11):
+        super().__init__()
+        self.gate_up_proj = torch.nn.Parameter(0.3 * torch.randn(experts, hidden, width))  # 11 x 6 each: right
+        self.down_proj = torch.nn.Parameter(0.3 * torch.randn(experts, width, hidden))  # 6 x 11 each: left
+
+    def forward(self, x, weights):
+        h = torch.tanh(torch.einsum("bd,ehd->beh", x, self.gate_up_proj))
+        return (torch.einsum("beh,edh->bed", h, self.down_proj) * weights.unsqueeze(-1)).sum(1)
