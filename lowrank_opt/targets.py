@@ -25,6 +25,8 @@ ROUTER_NAMES = frozenset({"gate", "router", "shared_expert_gate", "router_gate"}
 # Expert modules without transformers' ``is_transposed`` attribute, and how they store each expert.
 _EXPERTS_WITHOUT_FLAG = {"Llama4TextExperts": "in_out", "LongcatFlashExperts": "out_in",
                          "JetMoeParallelExperts": "out_in", "InklingSharedExperts": "out_in"}
+# Experts kept as 2-D (E * F, H) weights, which cannot be told from one matrix without the model's config.
+_FLATTENED_EXPERTS = {"DbrxExpertGLU"}
 STACK_LAYOUTS = ("out_in", "in_out")
 
 # How a selected parameter is viewed: one matrix; a matrix stored in x out (Conv1D); E stacked matrices stored
@@ -162,6 +164,10 @@ def classify(model: nn.Module, target_modules: TargetModules = ALL_LINEAR, *, in
     seen: set[int] = set()
     selected, routers_only = [], []
     for module_name, module in model.named_modules():
+        if type(module).__name__ in _FLATTENED_EXPERTS and (all_linear or (named and module_matches(named, module_name))):
+            raise ValueError(f"{module_name} ({type(module).__name__}) keeps its experts as 2-D (E * F, H) weights, "
+                             "which lowrank-opt cannot split into experts: leave it out of the targets (name the "
+                             "matrices to train low-rank, e.g. ['attn']; the experts then get AdamW)")
         embedding = isinstance(module, nn.Embedding)
         router = is_router(module_name)
         by_name = named is not None and module_matches(named, module_name)

@@ -213,3 +213,19 @@ def test_experts_train_and_resume_exactly_in_every_mode(mode):
     if mode == "layerwise":
         normal = build("qwen3_moe")
         assert _train(normal, build_optimizer("apollo", normal, lr=1e-2, rank=4), 3) == losses[:3]
+
+
+def test_experts_kept_flattened_are_refused_with_the_fix_not_trained_as_something_else():
+    """dbrx keeps each layer's experts as 2-D (E * F, H) weights: all-linear refuses them by name (they would
+    otherwise be one big matrix, or silently AdamW), and targets that leave them out work."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("dbrx", d_model=32, n_heads=4, n_layers=1, max_seq_len=64, vocab_size=128,
+                                  attn_config={"kv_n_heads": 2, "rope_theta": 1e4, "clip_qkv": 8},
+                                  ffn_config={"ffn_hidden_size": 24, "moe_num_experts": 4, "moe_top_k": 2})
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match=r"ffn\.experts\.mlp \(DbrxExpertGLU\).*leave it out"):
+        lowrank_param_groups(model)
+    groups = lowrank_param_groups(model, ["attn"])
+    assert {n for n, _ in groups[-1]["params"]} == {"transformer.blocks.0.norm_attn_norm.attn.Wqkv.weight",
+                                                     "transformer.blocks.0.norm_attn_norm.attn.out_proj.weight"}
