@@ -40,8 +40,7 @@ rounded up to 2 MiB, so each wastes what its size falls short of the next 2 MiB;
 weights, as half of 2 MiB on average per state tensor of 10 MB or more); plus ``fragmentation`` = 8 % of the
 *transient* peak (activations, gradients, the loss, step scratch: the memory that is freed and re-allocated
 every step, where fragmentation happens; 5-10 % is usual); plus, for ZeRO-3, DeepSpeed's gathered largest
-layer ``4 x largest-layer params``. Earlier versions took 8 % of everything, weights included (about 1.1 GB
-more at 7B); neither model has been measured on a GPU yet: benchmarks/gpu_proof.py measures peak reserved
+layer ``4 x largest-layer params``. Not yet measured on a GPU: benchmarks/gpu_proof.py measures peak reserved
 memory next to these figures.
 
 **ZeRO** (``zero_stage``, ``num_gpus`` = N; same structure as DeepSpeed's
