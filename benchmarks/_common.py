@@ -302,38 +302,64 @@ def round_ratios(times: dict[str, list[float]], a: str, b: str) -> list[float]:
 
 
 def release_memory(device) -> None:
+    """Collect garbage; on CUDA also return the cache and start the allocator's peaks afresh."""
     import torch
 
     gc.collect()
     if getattr(device, "type", device) == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+@contextlib.contextmanager
+def cpu_peak_bytes():
+    """The peak of live CPU tensor bytes inside the block, from torch.profiler with ``profile_memory=True``: the
+    most bytes torch's CPU allocator had handed out at once (its running total, as each allocation event carries
+    it), less that total just before the block's first allocation (the profiler keeps the total across
+    sessions: a tensor of an earlier traced block freed after it stays in it). Yields a dict that gets
+    ``peak_bytes``, ``baseline_bytes``, ``allocation_events`` and ``method`` on exit."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    result: dict = {"method": "allocator"}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        yield result
+    peak, count, first = 0, 0, None
+    pending = list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        pending.extend(event.children)
+        if event.typed[0] == _EventType.Allocation and event.typed[1].device.type == "cpu":
+            fields = event.typed[1]
+            count += 1
+            peak = max(peak, fields.total_allocated)
+            if first is None or event.start_time_ns < first[0]:
+                first = (event.start_time_ns, fields.total_allocated - fields.alloc_size)
+    result["baseline_bytes"] = first[1] if first is not None else 0
+    result["peak_bytes"] = peak - result["baseline_bytes"]
+    result["allocation_events"] = count
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Optimizer-state bytes, counted by the library
 
 
-class _Projectors:
-    """The projector objects in an optimizer's state (apollo-torch's and GaLore's ``state[p]["projector"]``,
-    which hold P as ``ortho_matrix``), shaped like an optimizer so that the library's counter counts them."""
-
-    def __init__(self, optimizer):
-        import torch
-
-        self.param_groups = optimizer.param_groups
-        self.state = {p: {k: v for k, v in s.items() if not isinstance(v, (torch.Tensor, int, float, bool))}
-                      for p, s in optimizer.state.items()}
-
-
 def state_bytes(optimizer) -> tuple[int, int]:
     """(optimizer-state bytes, bytes of projection matrices P held between steps), both counted by
     ``lowrank_opt.memory.measure.optimizer_state_breakdown``. Held P: apollo-torch's and GaLore's projector
-    objects in the state, and what an optimizer keeps beside its state (ours' P cache with
-    ``cache_projection=True``)."""
+    objects in the state (``state[p]["projector"].ortho_matrix``), and what an optimizer keeps beside its state
+    (ours' P cache with ``cache_projection=True``)."""
+    import types
+
+    import torch
     from lowrank_opt.memory.measure import optimizer_state_breakdown, optimizer_state_bytes
 
     breakdown = optimizer_state_breakdown(optimizer)
-    held = breakdown.total - breakdown.by_source.get("state", 0) + optimizer_state_bytes(_Projectors(optimizer))
+    projectors = types.SimpleNamespace(param_groups=optimizer.param_groups, state={  # counted as an optimizer's
+        p: {k: v for k, v in s.items() if not isinstance(v, (torch.Tensor, int, float, bool))}
+        for p, s in optimizer.state.items()})
+    held = breakdown.total - breakdown.by_source.get("state", 0) + optimizer_state_bytes(projectors)
     return breakdown.total - held, held
 
 
@@ -450,6 +476,25 @@ def ms(value: Optional[float]) -> str:
 def split_list(text: str) -> list[str]:
     """``"a, b,,c"`` -> ``["a", "b", "c"]``."""
     return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def check_at_least(fail: Callable[[str], object], *checks: tuple[str, float, float]) -> None:
+    """``fail("FLAG must be >= LOW, got VALUE")`` (argparse's ``parser.error``, ``sys.exit``) for the first
+    ``(FLAG, VALUE, LOW)`` with VALUE below LOW."""
+    for flag, value, low in checks:
+        if value < low:
+            fail(f"{flag} must be >= {low}, got {value}")
+
+
+def csv_text(head: Sequence[str], rows: Iterable[Sequence[Any]], lineterminator: str = "\n") -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator=lineterminator)
+    writer.writerow(head)
+    writer.writerows(rows)
+    return buf.getvalue()
 
 
 def table(head: Sequence[str], rows: Iterable[Sequence[Any]], align: str = "") -> str:
