@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import ast
-import csv
 import datetime
 import hashlib
-import io
 import json
 import math
 import os
@@ -39,8 +37,8 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    BASELINES, baseline_train_args, command_line, load_average, machine_line, mib, pyplot, save_figure, section, table,
-    write_section, write_text_atomic)
+    BASELINES, baseline_train_args, check_at_least, command_line, csv_text, load_average, machine_line, mib, pyplot,
+    save_figure, section, split_list, table, write_section, write_text_atomic)
 
 SCRIPT = "benchmarks/convergence.py"
 SECTIONS = ("sweep", "variants")
@@ -274,8 +272,10 @@ def train_argv(args, name: str, lr: float, seed: int, corpus: Path, output_dir: 
     return argv
 
 
-def _mtime(path: Path) -> str:
-    return datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+def _utc(timestamp: Optional[float] = None) -> str:
+    """``timestamp`` (default: now) as ``2026-01-31 12:00 UTC``."""
+    when = datetime.datetime.fromtimestamp(time.time() if timestamp is None else timestamp, datetime.timezone.utc)
+    return when.strftime("%Y-%m-%d %H:%M UTC")
 
 
 def run_all(specs: list[RunSpec], args) -> dict[str, dict]:
@@ -289,7 +289,7 @@ def run_all(specs: list[RunSpec], args) -> dict[str, dict]:
         if path.exists() and not args.force:
             cached = json.loads(path.read_text())
             if cached.get("digest") == spec.digest():
-                cached.setdefault("finished", _mtime(path))
+                cached.setdefault("finished", _utc(path.stat().st_mtime))
                 results[spec.key] = cached
                 continue
         todo.append(spec)
@@ -315,7 +315,7 @@ def run_all(specs: list[RunSpec], args) -> dict[str, dict]:
             raise RuntimeError(f"run {spec.key} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
         result = json.loads(Path(str(result_path) + ".tmp").read_text())
         result["digest"] = spec.digest()
-        result["finished"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        result["finished"] = _utc()
         write_text_atomic(result_path, json.dumps(result, indent=1))
         os.unlink(str(result_path) + ".tmp")
         print(f"[{index + 1}/{len(todo)}] {spec.key}: final eval loss {result['final_eval_loss']:.4f} "
@@ -359,10 +359,6 @@ def summarize(results: dict[str, dict], optimizers: list[str], args) -> list[Sum
     return summaries
 
 
-def _mib(n: float) -> str:
-    return mib(n, 2)
-
-
 def results_table(summaries: list[Summary], lrs: list[float]) -> str:
     base = next((s for s in summaries if s.optimizer == BASELINE), None)
     rows = []
@@ -374,8 +370,8 @@ def results_table(summaries: list[Summary], lrs: list[float]) -> str:
                  else f"{100 * best['lowrank_state_bytes'] / base.best['lowrank_state_bytes']:.2f}%")
         rows.append([s.optimizer, *[f"**{s.sweep[lr]:.4f}**" if lr == s.best_lr else (
             f"{s.sweep[lr]:.4f}" if lr in s.sweep else "—") for lr in lrs], f"{s.best_lr:g}",
-            f"{best['final_eval_loss']:.4f}", f"{best['final_perplexity']:.2f}", versus, _mib(best["state_bytes"]),
-            _mib(best["lowrank_state_bytes"]), share, f"{best['train_runtime_s']:.0f}",
+            f"{best['final_eval_loss']:.4f}", f"{best['final_perplexity']:.2f}", versus, mib(best["state_bytes"], 2),
+            mib(best["lowrank_state_bytes"], 2), share, f"{best['train_runtime_s']:.0f}",
             f"{best['tokens'] / best['train_runtime_s']:,.0f}"])
     return table(["optimizer", *[f"lr {lr:g}" for lr in lrs], "best lr", "final eval loss", "perplexity",
                   f"vs {BASELINE}", "state MiB", "state of low-rank matrices MiB", f"(% of {BASELINE}'s)",
@@ -491,8 +487,8 @@ def variants_table(comparisons: list[VariantComparison]) -> str:
                      *[f"{c.losses[s]:.4f}" if s in c.seeds else "—" for s in seeds], f"{c.mean:.4f}",
                      "—" if own else f"{c.mean - c.base_mean:+.4f} ({100 * (c.mean / c.base_mean - 1):+.2f}%)",
                      "—" if own else ", ".join(f"{c.losses[s] - c.base_losses[s]:+.4f}" for s in c.seeds),
-                     f"{c.spread:.4f}", _mib(first["state_bytes"]),
-                     "—" if first.get("weight_bytes") is None else _mib(first["weight_bytes"]),
+                     f"{c.spread:.4f}", mib(first["state_bytes"], 2),
+                     "—" if first.get("weight_bytes") is None else mib(first["weight_bytes"], 2),
                      f"{sum(r['train_runtime_s'] for r in c.runs) / len(c.runs):.0f}"])
     return table(["run", "what changes", "lr", *[f"seed {s}" for s in seeds], "mean", "vs plain (mean)",
                   "vs plain, per seed", "seed spread (max - min)", "state MiB", "weights MiB", "train time s (mean)"],
@@ -530,11 +526,7 @@ def write_csv(path: Path, results: dict[str, dict]) -> None:
         for step, loss in r["eval_loss"]:
             rows.append([r["spec"]["optimizer"], f"{r['spec']['lr']:g}", r["spec"]["seed"], step, f"{loss:.6f}",
                          f"{train[step]:.6f}" if step in train else ""])
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["optimizer", "lr", "seed", "step", "eval_loss", "train_loss"])
-    writer.writerows(rows)
-    write_text_atomic(path, buf.getvalue())
+    write_text_atomic(path, csv_text(["optimizer", "lr", "seed", "step", "eval_loss", "train_loss"], rows, "\r\n"))
 
 
 def write_plot(path: Path, summaries: list[Summary], lrs: list[float], title: str) -> bool:
@@ -551,18 +543,12 @@ def write_plot(path: Path, summaries: list[Summary], lrs: list[float], title: st
     finals = [s.best["final_eval_loss"] for s in summaries]
     if finals:
         curves.set_ylim(min(finals) - 0.2, min(finals) + 2.5)
-    curves.set_xlabel("step")
-    curves.set_ylabel("eval loss")
-    curves.set_title("eval loss, best lr of each optimizer")
-    curves.grid(alpha=0.3)
-    curves.legend(fontsize=8)
-    sweep.set_xscale("log")
+    curves.set(xlabel="step", ylabel="eval loss", title="eval loss, best lr of each optimizer")
+    sweep.set(xscale="log", xlabel="peak learning rate", ylabel="final eval loss", title="learning-rate sweep")
     sweep.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
-    sweep.set_xlabel("peak learning rate")
-    sweep.set_ylabel("final eval loss")
-    sweep.set_title("learning-rate sweep")
-    sweep.grid(alpha=0.3)
-    sweep.legend(fontsize=8)
+    for ax in (curves, sweep):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
@@ -651,7 +637,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.worker:
         return args
-    args.optimizer_list = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    args.optimizer_list = split_list(args.optimizers)
     for name in args.optimizer_list:
         try:
             train_optimizer(name, 1, 1)  # unknown names fail here, before any run
@@ -661,19 +647,15 @@ def parse_args(argv=None):
         if name in VARIANTS and VARIANTS[name].base not in args.optimizer_list:
             raise SystemExit(f"--optimizers: {name} is measured against {VARIANTS[name].base}; "
                              f"list {VARIANTS[name].base} too")
-    args.section_list = [x.strip() for x in args.sections.split(",") if x.strip()]
+    args.section_list = split_list(args.sections)
     if not args.section_list or any(x not in SECTIONS for x in args.section_list):
         raise SystemExit(f"--sections must be a comma-separated list from {', '.join(SECTIONS)}, got {args.sections!r}")
     args.lr_list = sorted(_float_list(args.lrs, "--lrs"))
     args.seed_list = [int(x) for x in args.repeat_seeds.split(",") if x.strip()]
-    args.repeat_list = [n.strip() for n in args.repeat_optimizers.split(",") if n.strip()]
-    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--block-size", args.block_size),
-                        ("--eval-steps", args.eval_steps), ("--rank", args.rank),
-                        ("--update-proj-gap", args.update_proj_gap), ("--parallel", args.parallel)):
-        if value < 1:
-            raise SystemExit(f"{flag} must be >= 1, got {value}")
-    if args.threads < 0:
-        raise SystemExit(f"--threads must be >= 0, got {args.threads}")
+    args.repeat_list = split_list(args.repeat_optimizers)
+    check_at_least(sys.exit, *((f"--{k.replace('_', '-')}", getattr(args, k), 1) for k in (
+        "steps", "batch_size", "block_size", "eval_steps", "rank", "update_proj_gap", "parallel")),
+        ("--threads", args.threads, 0))
     if not Path(args.model_config).is_file():
         raise SystemExit(f"--model-config {args.model_config} does not exist")
     if args.data_files and not Path(args.data_files).is_file():
@@ -751,6 +733,17 @@ def main(argv=None) -> int:
     machine = machine_line(args.device)
     folder = work if args.output in ("", "-") else Path(args.output).resolve().parent
     loads = (load_start, load_average())
+
+    def report(suffix: str, tables: list[str], finished: list[str]) -> None:
+        """Print ``tables``; write them as the section convergence[-TAG]SUFFIX of --output."""
+        tables = [t for t in tables if t]
+        print("\n\n".join(tables))
+        if args.output not in ("", "-"):
+            name = "convergence" + ("" if args.tag == "cpu" else f"-{args.tag}") + suffix
+            text = section(name, SCRIPT, command, machine_text(args, machine, finished, loads), *tables)
+            write_section(args.output, text, name)
+            print(f"wrote the convergence{suffix} section of {args.output}")
+
     if "sweep" in args.section_list:
         csv_path, png_path = folder / f"convergence_{args.tag}.csv", folder / f"convergence_{args.tag}.png"
         write_csv(csv_path, results)
@@ -761,13 +754,7 @@ def main(argv=None) -> int:
                   table(TARGET_HEAD, targets(summaries)) if targets(summaries) else "",
                   f"Curves: [{link(args, csv_path)}]({link(args, csv_path)})"
                   + (f"\n\n![convergence]({link(args, png_path)})" if plotted else "")]
-        print("\n\n".join(t for t in tables if t))
-        if args.output not in ("", "-"):
-            finished = [r["finished"] for r in results.values()]
-            name = "convergence" + ("" if args.tag == "cpu" else f"-{args.tag}")
-            write_section(args.output, section(name, SCRIPT, command, machine_text(args, machine, finished, loads),
-                                               *tables), name)
-            print(f"wrote the convergence section of {args.output}")
+        report("", tables, [r["finished"] for r in results.values()])
     if "variants" in args.section_list and comparisons:
         csv_path = folder / f"convergence_{args.tag}_variants.csv"
         write_csv(csv_path, {run_key(r["spec"]["optimizer"], r["spec"]["lr"], r["spec"]["seed"]): r
@@ -776,13 +763,7 @@ def main(argv=None) -> int:
         tables = [setting_table(args, comparisons[0].runs[0], corpus_info), variants_table(comparisons),
                   table(TARGET_HEAD, variant_targets(comparisons, precision)),
                   f"Curves: [{link(args, csv_path)}]({link(args, csv_path)})"]
-        print("\n\n".join(tables))
-        if args.output not in ("", "-"):
-            finished = [r["finished"] for c in comparisons for r in c.runs]
-            name = "convergence" + ("" if args.tag == "cpu" else f"-{args.tag}") + "-variants"
-            write_section(args.output, section(name, SCRIPT, command, machine_text(args, machine, finished, loads),
-                                               *tables), name)
-            print(f"wrote the convergence-variants section of {args.output}")
+        report("-variants", tables, [r["finished"] for c in comparisons for r in c.runs])
     return 0
 
 

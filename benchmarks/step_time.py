@@ -17,8 +17,6 @@ is measured, and how to read it: docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import statistics
 import sys
@@ -29,10 +27,10 @@ from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    BASELINES, SIZES, VOCAB, LlamaShape, baseline_missing, build_baseline, build_ours, command_line, gc_paused,
-    initial_weight, llama_parameter_shapes, load_average, machine_line, mib, ms, now_text, parameter_count,
-    peak_rss_text, pyplot, random_tensor, release_memory, rotations, round_ratios, save_figure, section,
-    shape_classes, split_list, state_bytes, table, timed, timed_calls, timed_rounds, write_json_atomic,
+    BASELINES, SIZES, VOCAB, LlamaShape, baseline_missing, build_baseline, build_ours, check_at_least, command_line,
+    csv_text, gc_paused, initial_weight, llama_parameter_shapes, load_average, machine_line, mib, ms, now_text,
+    parameter_count, peak_rss_text, pyplot, random_tensor, release_memory, rotations, round_ratios, save_figure,
+    section, shape_classes, split_list, state_bytes, table, timed, timed_calls, timed_rounds, write_json_atomic,
     write_section, write_text_atomic)
 
 LR, BETAS, UPDATE_PROJ_GAP = 1e-3, (0.9, 0.999), 200
@@ -355,18 +353,12 @@ CSV_FIELDS = ["size", "class", "shape", "count", "K", "optimizer", "first_ms_per
               "refresh_ms_per_matrix", "state_bytes_per_matrix", "held_p_bytes_per_matrix"]
 
 
-def csv_text(runs: list[ClassRun]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_FIELDS)
-    for r in runs:
-        for kind, m in r.results.items():
-            refresh = r.per_matrix(m.refresh_ms)
-            writer.writerow([r.size, r.cls.name, "x".join(map(str, r.cls.dims)), r.cls.count, r.k, kind,
-                             f"{m.first_ms / r.k:.6g}", f"{m.median_ms / r.k:.6g}", f"{min(m.steady_ms) / r.k:.6g}",
-                             f"{max(m.steady_ms) / r.k:.6g}", "" if refresh is None else f"{refresh:.6g}",
-                             f"{m.state_bytes / r.k:.10g}", f"{m.held_bytes / r.k:.10g}"])
-    return buf.getvalue()
+def scaling_csv(runs: list[ClassRun]) -> str:
+    return csv_text(CSV_FIELDS, [
+        [r.size, r.cls.name, "x".join(map(str, r.cls.dims)), r.cls.count, r.k, kind, f"{m.first_ms / r.k:.6g}",
+         f"{m.median_ms / r.k:.6g}", f"{min(m.steady_ms) / r.k:.6g}", f"{max(m.steady_ms) / r.k:.6g}",
+         "" if m.refresh_ms is None else f"{m.refresh_ms / r.k:.6g}", f"{m.state_bytes / r.k:.10g}",
+         f"{m.held_bytes / r.k:.10g}"] for r in runs for kind, m in r.results.items()])
 
 
 def write_plot(path: Path, runs: list[ClassRun], sizes: dict, args) -> bool:
@@ -448,13 +440,10 @@ def parse_args(argv=None):
         args.pair_list.append((a, b))
     if args.refresh_steps is None:
         args.refresh_steps = 3 if args.scaling else 1
-    for flag, value, low in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--vocab", args.vocab, 1),
-                             ("--paired-rounds", args.paired_rounds, 0), ("--refresh-steps", args.refresh_steps, 1),
-                             ("--max-elements", args.max_elements, 1),
-                             ("--rank", 1 if args.rank is None else args.rank, 1),
-                             ("--threads", 1 if args.threads is None else args.threads, 1)):
-        if value < low:
-            parser.error(f"{flag} must be >= {low}, got {value}")
+    check_at_least(parser.error, ("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--vocab", args.vocab, 1),
+                   ("--paired-rounds", args.paired_rounds, 0), ("--refresh-steps", args.refresh_steps, 1),
+                   ("--max-elements", args.max_elements, 1), ("--rank", 1 if args.rank is None else args.rank, 1),
+                   ("--threads", 1 if args.threads is None else args.threads, 1))
     return args
 
 
@@ -509,7 +498,7 @@ def main(argv=None) -> int:
     folder = Path(tempfile.gettempdir()) if printing else Path(args.output).resolve().parent
     if args.scaling:
         tables = [sizes_table(args.shapes, args.vocab), *scaling_tables(runs, args.shapes, args, pairs)]
-        write_text_atomic(folder / "scaling.csv", csv_text(runs))
+        write_text_atomic(folder / "scaling.csv", scaling_csv(runs))
         tables.append("Per-matrix figures: `scaling.csv`.")
         if write_plot(folder / "scaling.png", runs, args.shapes, args):
             tables.append("![step time and state bytes against parameter count](scaling.png)")
