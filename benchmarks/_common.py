@@ -14,7 +14,11 @@ Nothing here imports torch at import time: the scripts answer ``--help`` and bad
 from __future__ import annotations
 
 import contextlib
+import csv
+import datetime
 import gc
+import io
+import json
 import math
 import os
 import platform
@@ -24,6 +28,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -369,10 +374,8 @@ def tensor_bytes(obj: Any) -> int:
 
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
+    if isinstance(obj, (dict, list, tuple)):
+        return sum(map(tensor_bytes, obj.values() if isinstance(obj, dict) else obj))
     return 0
 
 
@@ -398,21 +401,10 @@ def load_average() -> str:
 
 
 def package_version(name: str) -> Optional[str]:
-    from importlib import metadata
-
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
-
-
-def peak_rss_text() -> str:
-    """The process's peak resident memory in GiB ('' off Linux, where getrusage's unit differs)."""
-    if not sys.platform.startswith("linux"):
-        return ""
-    from lowrank_opt.memory.measure import peak_rss_bytes
-
-    return f"{peak_rss_bytes() / 2**30:.1f} GiB"
 
 
 def environment(device: str = "cpu") -> dict:
@@ -448,14 +440,10 @@ def machine_line(device) -> str:
 
 
 def now_text() -> str:
-    import datetime
-
     return datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
 
 
 def utc_now() -> str:
-    import datetime
-
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -487,9 +475,6 @@ def check_at_least(fail: Callable[[str], object], *checks: tuple[str, float, flo
 
 
 def csv_text(head: Sequence[str], rows: Iterable[Sequence[Any]], lineterminator: str = "\n") -> str:
-    import csv
-    import io
-
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator=lineterminator)
     writer.writerow(head)
@@ -561,8 +546,6 @@ def write_text_atomic(path, text: str) -> None:
 
 
 def write_json_atomic(path, payload: Any, indent: Optional[int] = 2) -> None:
-    import json
-
     write_text_atomic(path, json.dumps(payload, indent=indent) + "\n")
 
 

@@ -578,9 +578,6 @@ def link(args, path: Path) -> str:
     return os.path.relpath(path, Path(args.output).parent) if args.output not in ("", "-") else str(path)
 
 
-# ----------------------------------------------------------------------------------------------------------
-
-
 def _round_lr(lr: float) -> float:
     """1e-3 * 1e-3 / 3e-3 -> 3e-4 (not 3.333e-4): two significant digits, like the grid's own points."""
     return float(f"{lr:.1g}") if abs(float(f"{lr:.1g}") / lr - 1) < 0.2 else float(f"{lr:.2g}")

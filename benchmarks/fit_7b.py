@@ -526,10 +526,6 @@ def markdown_table(records: list[dict], device: str) -> str:
             "the estimate for device cpu; the timings are CPU timings. These are not GPU numbers.\n\n" + out)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Main
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -5,12 +5,10 @@ apollo-torch, the memory estimator against measured peaks, and the CUDA-only tes
     python benchmarks/gpu_proof.py --smoke                               # CPU, tiny configs, every stage
     python benchmarks/gpu_proof.py --render                              # docs/memory.md's "gpu" section again
 
-Every unit of :func:`plan` is one command of another script (benchmarks/fit_7b.py, benchmarks/step_time.py,
-pytest on tests/test_cuda.py) in a process of its own, limited to its own time and to what is left of
---budget-s; the units run in order of importance, so a short budget cuts the least important ones. A unit past
-its limit is killed (what its script had written so far is kept). After every unit, --results is written
-(merged by unit key into what it holds, so a later run with --only can finish what an earlier one missed; a run
-on another device is refused) and --doc's generated "gpu" section is rendered from it.
+Every unit of :func:`plan` is one command of another script (fit_7b.py, step_time.py, pytest on tests/test_cuda.py)
+in a process of its own, most important first, limited to its own time and to what is left of --budget-s (a unit
+past it is killed; what it wrote is kept). After every unit, --results is written (merged by unit key, so --only
+can finish what a cut run missed; another device's results are refused) and --doc's "gpu" section rendered from it.
 """
 
 from __future__ import annotations
@@ -206,9 +204,6 @@ def render(results: Optional[dict]) -> str:
                          "llrrrr") if steps else "",
                    table(head, estimates, "lrllllrrrrrrl") if estimates else "",
                    table(["unit", "status", "wall s", "summary"], status, "llrl"))
-
-
-# ----------------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -311,10 +311,6 @@ def markdown_table(rows: list[dict], comparisons: list[dict], command: str, mach
          "seconds", "note"], [[r["case"], r["path"], *cells(r)] for r in rows], "llrrrrrrl"), losses])
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Main
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     BASELINES, SIZES, VOCAB, LlamaShape, baseline_missing, build_baseline, build_ours, check_at_least, command_line,
     csv_text, gc_paused, initial_weight, llama_parameter_shapes, load_average, machine_line, mib, ms, now_text,
-    parameter_count, peak_rss_text, pyplot, random_tensor, release_memory, rotations, round_ratios, save_figure,
+    parameter_count, pyplot, random_tensor, release_memory, rotations, round_ratios, save_figure,
     section, shape_classes, split_list, state_bytes, table, timed, timed_calls, timed_rounds, write_json_atomic,
     write_section, write_text_atomic)
 
@@ -381,9 +381,6 @@ def write_plot(path: Path, runs: list[ClassRun], sizes: dict, args) -> bool:
     return True
 
 
-# ----------------------------------------------------------------------------------------------------------
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="benchmarks/step_time.py", description=__doc__.split("\n\n")[0],
                                      epilog="Optimizers: " + ", ".join(KNOWN) + ". See the module docstring.")
@@ -492,8 +489,10 @@ def main(argv=None) -> int:
         release_memory(device)
 
     machine += f"; load average {load_start} at the start, {load_average()} at the end"
-    if peak_rss_text():
-        machine += f"; peak RSS {peak_rss_text()}"
+    if sys.platform.startswith("linux"):  # getrusage's unit differs elsewhere
+        from lowrank_opt.memory.measure import peak_rss_bytes
+
+        machine += f"; peak RSS {peak_rss_bytes() / 2**30:.1f} GiB"
     printing = args.output in ("", "-")
     folder = Path(tempfile.gettempdir()) if printing else Path(args.output).resolve().parent
     if args.scaling:
