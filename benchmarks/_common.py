@@ -27,6 +27,7 @@ import shlex
 import sys
 import tempfile
 import time
+import types
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -153,7 +154,7 @@ def build_llama(config_path, seed: int, dtype, device: Optional[str] = None,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Optimizers: ours from the registry, the baselines from one table
+# Optimizers: ours from the registry, the baselines from one table; their state bytes
 
 
 def build_ours(name: str, params, *, rank: Optional[int] = None, **options):
@@ -247,6 +248,33 @@ def baseline_train_args(name: str, rank: int, update_proj_gap: int) -> tuple[str
         return spec.hf_name, None
     options = spec.lowrank_options(rank, update_proj_gap)
     return spec.hf_name, ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items())
+
+
+def state_bytes(optimizer) -> tuple[int, int]:
+    """(optimizer-state bytes, bytes of projection matrices P held between steps), both counted by
+    ``lowrank_opt.memory.measure.optimizer_state_breakdown``. Held P: apollo-torch's and GaLore's projector
+    objects in the state (``state[p]["projector"].ortho_matrix``), and what an optimizer keeps beside its state
+    (ours' P cache with ``cache_projection=True``)."""
+    import torch
+    from lowrank_opt.memory.measure import optimizer_state_breakdown, optimizer_state_bytes
+
+    breakdown = optimizer_state_breakdown(optimizer)
+    projectors = types.SimpleNamespace(param_groups=optimizer.param_groups, state={  # counted as an optimizer's
+        p: {k: v for k, v in s.items() if not isinstance(v, (torch.Tensor, int, float, bool))}
+        for p, s in optimizer.state.items()})
+    held = breakdown.total - breakdown.by_source.get("state", 0) + optimizer_state_bytes(projectors)
+    return breakdown.total - held, held
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in ``obj`` (a tensor, or dicts/lists/tuples of them)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (dict, list, tuple)):
+        return sum(map(tensor_bytes, obj.values() if isinstance(obj, dict) else obj))
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -344,39 +372,6 @@ def cpu_peak_bytes():
     result["baseline_bytes"] = first[1] if first is not None else 0
     result["peak_bytes"] = peak - result["baseline_bytes"]
     result["allocation_events"] = count
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Optimizer-state bytes, counted by the library
-
-
-def state_bytes(optimizer) -> tuple[int, int]:
-    """(optimizer-state bytes, bytes of projection matrices P held between steps), both counted by
-    ``lowrank_opt.memory.measure.optimizer_state_breakdown``. Held P: apollo-torch's and GaLore's projector
-    objects in the state (``state[p]["projector"].ortho_matrix``), and what an optimizer keeps beside its state
-    (ours' P cache with ``cache_projection=True``)."""
-    import types
-
-    import torch
-    from lowrank_opt.memory.measure import optimizer_state_breakdown, optimizer_state_bytes
-
-    breakdown = optimizer_state_breakdown(optimizer)
-    projectors = types.SimpleNamespace(param_groups=optimizer.param_groups, state={  # counted as an optimizer's
-        p: {k: v for k, v in s.items() if not isinstance(v, (torch.Tensor, int, float, bool))}
-        for p, s in optimizer.state.items()})
-    held = breakdown.total - breakdown.by_source.get("state", 0) + optimizer_state_bytes(projectors)
-    return breakdown.total - held, held
-
-
-def tensor_bytes(obj: Any) -> int:
-    """Bytes of the tensors in ``obj`` (a tensor, or dicts/lists/tuples of them)."""
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, (dict, list, tuple)):
-        return sum(map(tensor_bytes, obj.values() if isinstance(obj, dict) else obj))
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -108,10 +108,6 @@ def train_optimizer(name: str, rank: int, gap: int) -> tuple[str, Optional[str]]
     raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(ALL_OPTIMIZERS)}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The corpus
-
-
 def build_corpus(path: Path, min_chars: int = 200) -> dict:
     """A JSONL corpus of English text that every CPython installation has: the pydoc topics (the default
     corpus of train.py) and the docstrings of the standard library's modules, classes and functions
@@ -192,24 +188,15 @@ def worker(spec_path: str, result_path: str) -> int:
     lowrank = [p for _, p in lowrank_targets(model, spec["targets"])]
     lowrank_ids = {id(p) for p in lowrank}
     inner = type(unwrap_optimizers(trainer.optimizer)[-1])  # the optimizer behind accelerate's wrapper
-    result = {
-        "spec": spec,
-        "eval_loss": sorted(evals.items()),
-        "train_loss": sorted(train_losses.items()),
-        "final_eval_loss": float(metrics["eval_loss"]),
-        "final_perplexity": float(metrics["eval_perplexity"]),
-        "train_runtime_s": float(metrics["train_runtime"]),
-        "wall_s": wall,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "lowrank_parameters": sum(p.numel() for p in lowrank),
-        "state_bytes": breakdown.total,
-        "lowrank_state_bytes": sum(b for k, b in breakdown.items() if k in lowrank_ids),
-        "peak_rss_bytes": peak_rss_bytes(),
-        "weight_bytes": weight_bytes(model),
-        "tokens": int(trainer.state.global_step) * trainer.args.per_device_train_batch_size * spec["block_size"],
-        "optimizer_class": f"{inner.__module__}.{inner.__name__}",
-        "torch": torch.__version__,
-    }
+    result = dict(
+        spec=spec, eval_loss=sorted(evals.items()), train_loss=sorted(train_losses.items()),
+        final_eval_loss=float(metrics["eval_loss"]), final_perplexity=float(metrics["eval_perplexity"]),
+        train_runtime_s=float(metrics["train_runtime"]), wall_s=wall,
+        parameters=sum(p.numel() for p in model.parameters()), lowrank_parameters=sum(p.numel() for p in lowrank),
+        state_bytes=breakdown.total, lowrank_state_bytes=sum(b for k, b in breakdown.items() if k in lowrank_ids),
+        peak_rss_bytes=peak_rss_bytes(), weight_bytes=weight_bytes(model),
+        tokens=int(trainer.state.global_step) * trainer.args.per_device_train_batch_size * spec["block_size"],
+        optimizer_class=f"{inner.__module__}.{inner.__name__}", torch=torch.__version__)
     write_text_atomic(result_path, json.dumps(result, indent=1))
     return 0
 
@@ -298,9 +285,8 @@ def run_all(specs: list[RunSpec], args) -> dict[str, dict]:
 
     def one(index_spec):
         index, spec = index_spec
-        spec_path = runs_dir / f"{spec.key}.spec.json"
-        result_path = runs_dir / f"{spec.key}.json"
-        log_path = runs_dir / f"{spec.key}.log"
+        spec_path, result_path, log_path = (runs_dir / f"{spec.key}{ext}" for ext in (".spec.json", ".json", ".log"))
+        tmp_path = Path(f"{result_path}.tmp")
         spec_path.write_text(json.dumps({**asdict(spec), "block_size": args.block_size}))
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
         if spec.threads > 0:
@@ -308,23 +294,20 @@ def run_all(specs: list[RunSpec], args) -> dict[str, dict]:
         started = time.time()
         with open(log_path, "w") as log:
             proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path),
-                                   str(result_path) + ".tmp"], cwd=ROOT, env=env, stdout=log,
+                                   str(tmp_path)], cwd=ROOT, env=env, stdout=log,
                                   stderr=subprocess.STDOUT, check=False)
         if proc.returncode != 0:
             tail = log_path.read_text()[-2000:]
             raise RuntimeError(f"run {spec.key} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
-        result = json.loads(Path(str(result_path) + ".tmp").read_text())
-        result["digest"] = spec.digest()
-        result["finished"] = _utc()
+        result = {**json.loads(tmp_path.read_text()), "digest": spec.digest(), "finished": _utc()}
         write_text_atomic(result_path, json.dumps(result, indent=1))
-        os.unlink(str(result_path) + ".tmp")
+        tmp_path.unlink()
         print(f"[{index + 1}/{len(todo)}] {spec.key}: final eval loss {result['final_eval_loss']:.4f} "
               f"({time.time() - started:.0f} s)", flush=True)
         return spec.key, result
 
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-        for key, result in pool.map(one, enumerate(todo)):
-            results[key] = result
+        results.update(pool.map(one, enumerate(todo)))
     return results
 
 
@@ -344,11 +327,8 @@ class Summary:
 def summarize(results: dict[str, dict], optimizers: list[str], args) -> list[Summary]:
     summaries = []
     for name in optimizers:
-        sweep = {}
-        for key, result in results.items():
-            spec = result["spec"]
-            if spec["optimizer"] == name and spec["seed"] == args.seed:
-                sweep[spec["lr"]] = result["final_eval_loss"]
+        sweep = {r["spec"]["lr"]: r["final_eval_loss"] for r in results.values()
+                 if r["spec"]["optimizer"] == name and r["spec"]["seed"] == args.seed}
         if not sweep:
             continue
         best_lr = min(sweep, key=lambda lr: (sweep[lr], lr))
@@ -464,8 +444,7 @@ def compare_variants(results: dict[str, dict], names: list[str], best_lr: dict[s
     for name in names:
         if name not in VARIANTS or VARIANTS[name].base not in best_lr:
             continue
-        base = VARIANTS[name].base
-        lr = best_lr[base]
+        base, lr = VARIANTS[name].base, best_lr[VARIANTS[name].base]
         base_losses, base_runs = losses(base, lr)
         mine, runs = losses(name, lr)
         paired = set(mine) & set(base_losses)
@@ -640,7 +619,6 @@ def parse_args(argv=None):
             train_optimizer(name, 1, 1)  # unknown names fail here, before any run
         except ValueError as error:
             raise SystemExit(f"--optimizers: {error}") from None
-    for name in args.optimizer_list:
         if name in VARIANTS and VARIANTS[name].base not in args.optimizer_list:
             raise SystemExit(f"--optimizers: {name} is measured against {VARIANTS[name].base}; "
                              f"list {VARIANTS[name].base} too")
@@ -695,12 +673,9 @@ def main(argv=None) -> int:
         extra = []
         for summary in summarize(results, swept, args):
             lrs = sorted(summary.sweep)
-            if len(lrs) < 2:
-                continue
-            if summary.best_lr == lrs[0]:
-                extra.append(spec(summary.optimizer, _round_lr(lrs[0] * lrs[0] / lrs[1]), args.seed))
-            elif summary.best_lr == lrs[-1]:
-                extra.append(spec(summary.optimizer, _round_lr(lrs[-1] * lrs[-1] / lrs[-2]), args.seed))
+            if len(lrs) >= 2 and summary.best_lr in (lrs[0], lrs[-1]):
+                end, next_in = (lrs[0], lrs[1]) if summary.best_lr == lrs[0] else (lrs[-1], lrs[-2])
+                extra.append(spec(summary.optimizer, _round_lr(end * end / next_in), args.seed))
         if not extra:
             break
         print("best lr at an end of the grid for " + ", ".join(f"{x.optimizer} (adding {x.lr:g})" for x in extra),

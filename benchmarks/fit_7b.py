@@ -206,10 +206,6 @@ def seq_ladder(seq_len: int, fallbacks: list[int], start_at: Optional[int] = Non
     return ladder
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Out of memory
-
-
 def first_line(exc: BaseException, limit: int = 240) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -462,10 +458,6 @@ def _train_run(config_path: str, choice: OptimChoice, *, device: str, seq_len: i
     if hasattr(optimizer, "remove_hooks"):  # layer-wise APOLLO: drop the hooks' references to the optimizer
         optimizer.remove_hooks()
     return result
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The estimate
 
 
 _ESTIMATES: dict = {}

@@ -144,10 +144,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--output {str(args.output)!r} is a directory; give a file path")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The loss.py formula
-
-
 def formula_scratch_bytes(tokens: int, vocab: int, hidden: int, dtype: str, token_chunk: int,
                           vocab_chunk: int) -> int:
     """Bytes the lean loss needs beyond its inputs and gradients, by ``lowrank_opt/loss.py``'s docstring:
