@@ -92,10 +92,7 @@ class ShapeClass:
     dims: tuple[int, ...]
     count: int
     matrix: bool
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.dims)
+    numel = property(lambda self: math.prod(self.dims))
 
     def built(self, max_elements: int) -> int:
         """K: how many tensors of this class are built when at most ``max_elements`` may be (at least one)."""

@@ -5,13 +5,9 @@
     python benchmarks/convergence.py --device cuda --model-config configs/llama_60m.json --rank 128 \\
         --steps 2000 --batch-size 64 --block-size 256 --parallel 1 --threads 0 --tag gpu
 
-Every run is ``train.py`` in its own process (finished runs under --work-dir are reused while their settings are
-unchanged); only the optimizer and the learning rate change between runs. Optimizers: ours by registry name, the
-baselines of ``_common.BASELINES`` through their Hugging Face names, and :data:`VARIANTS` (apollo_mini with issue
-17's memory levers, compared with plain apollo_mini at its best lr with the same seeds). The lr grid is extended
-past an end where an optimum sits there (--extend); layer-wise forms run at their plain form's best lr;
---repeat-seeds gives the run-to-run noise. Writes CSVs, a PNG and the sections of --output; the setting and how
-to read the tables: docs/benchmarks.md.
+Every run is ``train.py`` in its own process; finished runs under --work-dir are reused while their settings are
+unchanged. Optimizers: ours by registry name, ``_common.BASELINES`` by their Hugging Face names, and
+:data:`VARIANTS` (apollo_mini with a memory lever). The setting and how to read the tables: docs/benchmarks.md.
 """
 
 from __future__ import annotations

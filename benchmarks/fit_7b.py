@@ -57,17 +57,9 @@ class OptimChoice:
     lean_loss: bool = False
     weights: str = "float"
 
-    @property
-    def baseline(self) -> bool:
-        return self.name in BASELINES
-
-    @property
-    def estimator(self) -> str:
-        return BASELINES[self.name].estimator if self.baseline else self.name
-
-    @property
-    def estimator_args(self) -> dict:
-        return dict(self.options)
+    baseline = property(lambda self: self.name in BASELINES)
+    estimator = property(lambda self: BASELINES[self.name].estimator if self.baseline else self.name)
+    estimator_args = property(lambda self: dict(self.options))
 
 
 def resolve_choice(name: str) -> OptimChoice:

@@ -48,10 +48,7 @@ class Case:
     vocab: int
     hidden: int
     dtype: str  # "fp32" | "bf16" | "fp16"
-
-    @property
-    def label(self) -> str:
-        return f"{self.tokens}x{self.vocab}x{self.hidden}:{self.dtype}"
+    label = property(lambda self: f"{self.tokens}x{self.vocab}x{self.hidden}:{self.dtype}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -212,9 +209,7 @@ def measure(fn, inputs) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with cpu_peak_bytes() as peak:
-            h = hidden0.clone().requires_grad_()
-            w = weight0.clone().requires_grad_()
-            y = labels0.clone()
+            h, w, y = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_(), labels0.clone()
             start = time.perf_counter()
             loss = fn(h, w, y)
             loss.backward()
@@ -247,11 +242,9 @@ def run_case(case: Case, paths: list[str], skip: set, seed: int, skip_given: boo
                                                                  DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK)
         missing = torch_path_missing() if path == "torch" else None
         if (case.label, path) in skip:
-            row["status"] = "skipped"
-            row["reason"] = "skipped by --skip" if skip_given else DEFAULT_SKIP_REASON
+            row.update(status="skipped", reason="skipped by --skip" if skip_given else DEFAULT_SKIP_REASON)
         elif missing:
-            row["status"] = "absent"
-            row["reason"] = missing
+            row.update(status="absent", reason=missing)
         else:
             try:
                 if inputs is None:
@@ -259,14 +252,11 @@ def run_case(case: Case, paths: list[str], skip: set, seed: int, skip_given: boo
                 row.update(measure(loss_function(path), inputs))
             except Exception as exc:  # one failing path must not lose the others
                 traceback.print_exc()
-                row["status"] = "error"
-                row["reason"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                row.update(status="error", reason=f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
             gc.collect()
-        if row["status"] == "ok":
-            print(f"{case.label} {path}: peak {row['peak_bytes'] / MB:,.1f} MB, loss {row['loss']:.6f}, "
-                  f"{row['seconds']:.1f} s", flush=True)
-        else:
-            print(f"{case.label} {path}: {row['status']}: {row['reason']}", flush=True)
+        print(f"{case.label} {path}: " + (f"peak {row['peak_bytes'] / MB:,.1f} MB, loss {row['loss']:.6f}, "
+                                          f"{row['seconds']:.1f} s" if row["status"] == "ok"
+                                          else f"{row['status']}: {row['reason']}"), flush=True)
         rows.append(row)
     return rows, compare_losses(case.label, {r["path"]: r["loss"] for r in rows if r["status"] == "ok"})
 

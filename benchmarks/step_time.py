@@ -6,12 +6,10 @@
     python benchmarks/step_time.py --scaling                     # per shape class, 60m..7b, + CSV and PNG
     python benchmarks/step_time.py --scaling --custom 64,172,2,16 --vocab 256 --output -    # tiny, print only
 
-Only parameter tensors are built, with random gradients assigned once, every optimizer on clones of the same
-ones: ours by registry name (:data:`OURS`), the others from ``_common.BASELINES`` (lr 1e-3, weight decay 0,
-update_proj_gap 200). Default mode: one optimizer at a time, its first step, steady steps, a step at a projection
-refresh and its state; then each of --pairs stepped alternately for --paired-rounds rounds. --scaling: per shape
-class, K tensors of each, every optimizer in rotating rounds, scaled to the whole model by the class counts. What
-is measured, and how to read it: docs/benchmarks.md.
+Only parameter tensors are built, random gradients assigned once, every optimizer on clones of the same ones: ours
+by registry name (:data:`OURS`), the others from ``_common.BASELINES``. Default mode: one optimizer at a time, then
+each of --pairs stepped alternately; --scaling: per shape class, scaled to the whole model. What is measured and
+how to read it: docs/benchmarks.md ("Optimizer step time and state memory", "Step time and state memory against model size").
 """
 
 from __future__ import annotations
@@ -106,10 +104,7 @@ class Result:
     refresh_ms: Optional[float]
     state_bytes: int
     projection_bytes: int
-
-    @property
-    def total_bytes(self) -> int:
-        return self.state_bytes + self.projection_bytes
+    total_bytes = property(lambda self: self.state_bytes + self.projection_bytes)
 
 
 @dataclass
@@ -217,10 +212,7 @@ class Measurement:
     refresh_ms: Optional[float]
     state_bytes: int
     held_bytes: int
-
-    @property
-    def median_ms(self) -> float:
-        return statistics.median(self.steady_ms)
+    median_ms = property(lambda self: statistics.median(self.steady_ms))
 
 
 @dataclass
