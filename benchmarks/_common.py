@@ -2,11 +2,12 @@
 
 - **Shapes**: the paper's LLaMA sizes (:data:`SIZES`), their parameter tensors and shape classes.
 - **Optimizers**: ours by registry name (:func:`build_ours`); the baselines from other packages in one table
-  (:data:`BASELINES`, :func:`build_baseline`).
+  (:data:`BASELINES`, :func:`build_baseline`); their state bytes (:func:`state_bytes`).
 - **Timing**: one timed call, calls after a warm-up, and rounds in which several steppers take turns in a
-  rotating order (:func:`timed_rounds`), so that load from other processes falls on all of them alike.
-- **The machine** (:func:`machine_line`), the command line, and generated Markdown sections between two marker
-  lines (:func:`write_section`), every file written atomically.
+  rotating order (:func:`timed_rounds`), so that load from other processes falls on all of them alike; the peak
+  of live CPU tensor bytes (:func:`cpu_peak_bytes`).
+- **The machine** (:func:`machine_line`), the command line, table and CSV text, and generated Markdown sections
+  between two marker lines (:func:`write_section`), every file written atomically.
 
 Nothing here imports torch at import time: the scripts answer ``--help`` and bad flags before torch loads.
 """
@@ -37,10 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9
 MIB = 2**20
 VOCAB = 32000
-
-# ----------------------------------------------------------------------------------------------------------
-# LLaMA shapes
-
 
 @dataclass(frozen=True)
 class LlamaShape:
@@ -148,10 +145,6 @@ def build_llama(config_path, seed: int, dtype, device: Optional[str] = None,
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Optimizers: ours from the registry, the baselines from one table; their state bytes
 
 
 def build_ours(name: str, params, *, rank: Optional[int] = None, **options):
@@ -274,10 +267,6 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Timing
-
-
 def timed(fn: Callable[[], object], device) -> float:
     """Milliseconds of one call of ``fn`` (on CUDA the device is synchronised before and after)."""
     import torch
@@ -369,10 +358,6 @@ def cpu_peak_bytes():
     result["baseline_bytes"] = first[1] if first is not None else 0
     result["peak_bytes"] = peak - result["baseline_bytes"]
     result["allocation_events"] = count
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The machine and the command
 
 
 def cpu_model() -> str:
@@ -479,10 +464,6 @@ def table(head: Sequence[str], rows: Iterable[Sequence[Any]], align: str = "") -
     marks = ["---:" if (align[i:i + 1] == "r") else "---" for i in range(len(head))]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(marks) + "|"]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Generated Markdown sections and atomic files
 
 
 def markers(name: str, script: str) -> tuple[str, str]:

@@ -119,9 +119,8 @@ def run_unit(unit: Unit, smoke: bool, budget_left: float, log) -> dict:
     elif unit.stage != "cuda_tests":
         argv += ["--output", str(out_file)]
     limit = min(unit.max_s, budget_left)
-    record = {"key": unit.key, "stage": unit.stage, "command": shlex.join(["python", *argv]), "date": utc_now()}
-    if unit.stage == "fit_7b":
-        record["expected"] = unit.expect
+    record = {"key": unit.key, "stage": unit.stage, "command": shlex.join(["python", *argv]), "date": utc_now(),
+              **({"expected": unit.expect} if unit.stage == "fit_7b" else {})}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     started = time.time()
     proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,

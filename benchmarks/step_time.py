@@ -8,8 +8,8 @@
 
 Only parameter tensors are built, random gradients assigned once, every optimizer on clones of the same ones: ours
 by registry name (:data:`OURS`), the others from ``_common.BASELINES``. Default mode: one optimizer at a time, then
-each of --pairs stepped alternately; --scaling: per shape class, scaled to the whole model. What is measured and
-how to read it: docs/benchmarks.md ("Optimizer step time and state memory", "Step time and state memory against model size").
+each of --pairs stepped alternately; --scaling: per shape class, scaled to the whole model. What is measured, and
+how to read it: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -468,8 +468,7 @@ def main(argv=None) -> int:
             continue
         params = parameter_set(shape, args.vocab, device, args.torch_dtype)
         for kind in usable:
-            results.append(run_one(kind, size, params, rank, args, device))
-            r = results[-1]
+            results.append(r := run_one(kind, size, params, rank, args, device))
             print(f"#   {kind:18s} first {ms(r.first_ms):>8s} ms  steady {ms(r.steady_ms):>8s} ms  refresh "
                   f"{ms(r.refresh_ms):>8s} ms  state {mib(r.state_bytes)} MiB + P {mib(r.projection_bytes)} MiB",
                   flush=True)
@@ -488,9 +487,9 @@ def main(argv=None) -> int:
     printing = args.output in ("", "-")
     folder = Path(tempfile.gettempdir()) if printing else Path(args.output).resolve().parent
     if args.scaling:
-        tables = [sizes_table(args.shapes, args.vocab), *scaling_tables(runs, args.shapes, args, pairs)]
+        tables = [sizes_table(args.shapes, args.vocab), *scaling_tables(runs, args.shapes, args, pairs),
+                  "Per-matrix figures: `scaling.csv`."]
         write_text_atomic(folder / "scaling.csv", scaling_csv(runs))
-        tables.append("Per-matrix figures: `scaling.csv`.")
         if write_plot(folder / "scaling.png", runs, args.shapes, args):
             tables.append("![step time and state bytes against parameter count](scaling.png)")
         print(f"# wrote {folder / 'scaling.csv'}")
@@ -505,9 +504,8 @@ def main(argv=None) -> int:
                                                   for r in runs]})
     if not printing:
         name = "scaling" if args.scaling else "step_time"
-        write_section(args.output, section(name, "benchmarks/step_time.py", command, f"Run {now_text()} on {machine}.",
-                                              *tables),
-                      name)
+        text = section(name, "benchmarks/step_time.py", command, f"Run {now_text()} on {machine}.", *tables)
+        write_section(args.output, text, name)
         print(f"# wrote the {name} section of {args.output}")
     return 0
 
