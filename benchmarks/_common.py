@@ -256,6 +256,11 @@ def state_bytes(optimizer) -> tuple[int, int]:
     return breakdown.total - held, held
 
 
+def storage_bytes(tensors: Iterable) -> int:
+    """Bytes of the storages behind ``tensors``, each storage once (views and tied weights share one)."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
 def tensor_bytes(obj: Any) -> int:
     """Bytes of the tensors in ``obj`` (a tensor, or dicts/lists/tuples of them)."""
     import torch

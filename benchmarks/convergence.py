@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     BASELINES, baseline_train_args, check_at_least, command_line, csv_text, load_average, machine_line, mib, pyplot,
-    save_figure, section, split_list, table, write_section, write_text_atomic)
+    save_figure, section, split_list, storage_bytes, table, write_section, write_text_atomic)
 
 SCRIPT = "benchmarks/convergence.py"
 SECTIONS = ("sweep", "variants")
@@ -200,13 +200,7 @@ def worker(spec_path: str, result_path: str) -> int:
 def weight_bytes(model) -> int:
     """Bytes of the model's parameters and buffers as stored (each storage once): int8 weights count their
     int8 codes and scales, not the one-element float carrier their gradient flows through."""
-    seen, total = set(), 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
+    return storage_bytes([*model.parameters(), *model.buffers()])
 
 
 def run_targets(args, name: str) -> list[str]:
@@ -308,96 +302,6 @@ def run_all(specs: list[RunSpec], args) -> dict[str, dict]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The report
-
-
-@dataclass
-class Summary:
-    optimizer: str
-    sweep: dict[float, float]  # lr -> final eval loss (seed --seed)
-    best_lr: float
-    best: dict
-    repeats: list[float] = field(default_factory=list)  # final eval losses at best_lr, every seed
-
-
-def summarize(results: dict[str, dict], optimizers: list[str], args) -> list[Summary]:
-    summaries = []
-    for name in optimizers:
-        sweep = {r["spec"]["lr"]: r["final_eval_loss"] for r in results.values()
-                 if r["spec"]["optimizer"] == name and r["spec"]["seed"] == args.seed}
-        if not sweep:
-            continue
-        best_lr = min(sweep, key=lambda lr: (sweep[lr], lr))
-        best = results[run_key(name, best_lr, args.seed)]
-        repeats = sorted(r["final_eval_loss"] for r in results.values()
-                         if r["spec"]["optimizer"] == name and r["spec"]["lr"] == best_lr)
-        summaries.append(Summary(name, dict(sorted(sweep.items())), best_lr, best, repeats))
-    return summaries
-
-
-def results_table(summaries: list[Summary], lrs: list[float]) -> str:
-    base = next((s for s in summaries if s.optimizer == BASELINE), None)
-    rows = []
-    for s in summaries:
-        best = s.best
-        versus = ("—" if base is None
-                  else f"{100 * (best['final_eval_loss'] / base.best['final_eval_loss'] - 1):+.2f}%")
-        share = ("—" if base is None or not base.best["lowrank_state_bytes"]
-                 else f"{100 * best['lowrank_state_bytes'] / base.best['lowrank_state_bytes']:.2f}%")
-        rows.append([s.optimizer, *[f"**{s.sweep[lr]:.4f}**" if lr == s.best_lr else (
-            f"{s.sweep[lr]:.4f}" if lr in s.sweep else "—") for lr in lrs], f"{s.best_lr:g}",
-            f"{best['final_eval_loss']:.4f}", f"{best['final_perplexity']:.2f}", versus, mib(best["state_bytes"], 2),
-            mib(best["lowrank_state_bytes"], 2), share, f"{best['train_runtime_s']:.0f}",
-            f"{best['tokens'] / best['train_runtime_s']:,.0f}"])
-    return table(["optimizer", *[f"lr {lr:g}" for lr in lrs], "best lr", "final eval loss", "perplexity",
-                  f"vs {BASELINE}", "state MiB", "state of low-rank matrices MiB", f"(% of {BASELINE}'s)",
-                  "train time s", "tokens/s"], rows, "l" + "r" * (len(lrs) + 9))
-
-
-def noise_table(summaries: list[Summary], seeds: list[int]) -> str:
-    rows = [[s.optimizer, f"{s.best_lr:g}", ", ".join(f"{x:.4f}" for x in s.repeats),
-             f"{sum(s.repeats) / len(s.repeats):.4f}", f"{max(s.repeats) - min(s.repeats):.4f}"]
-            for s in summaries if len(s.repeats) > 1]
-    return table(["optimizer", "lr", f"final eval loss per seed ({', '.join(map(str, seeds))})", "mean",
-                  "spread (max - min)"], rows, "lrlrr") if rows else ""
-
-
-TARGET_HEAD = ["target", "measured", "bound", "verdict"]
-
-
-def targets(summaries: list[Summary]) -> list[list[str]]:
-    """The issue's targets, judged from the numbers: one row each."""
-    by_name = {s.optimizer: s for s in summaries}
-    base = by_name.get(BASELINE)
-    rows = []
-    spreads = [max(s.repeats) - min(s.repeats) for s in summaries if len(s.repeats) > 1]
-    noise = max(spreads) if spreads else None
-    for name, bound in (("apollo", 2.0), ("apollo_mini", 3.0), ("apollo_layerwise", 2.0),
-                        ("apollo_mini_layerwise", 3.0)):
-        if base is not None and name in by_name:
-            ours, theirs = by_name[name].best["final_eval_loss"], base.best["final_eval_loss"]
-            gap = 100 * (ours / theirs - 1)
-            rows.append([f"{name} vs {BASELINE}, final eval loss at each one's best lr",
-                         f"{ours:.4f} vs {theirs:.4f} = {gap:+.2f}%", f"within {bound:g}% (lower is better)",
-                         f"**{'met' if gap <= bound else 'missed'}**"])
-    if "apollo" in by_name and "apollo-torch" in by_name:
-        mean = lambda s: sum(s.repeats) / len(s.repeats)  # noqa: E731
-        diff = mean(by_name["apollo"]) - mean(by_name["apollo-torch"])
-        rows.append(["apollo vs apollo-torch (the published implementation), mean over seeds at each one's best lr",
-                     f"{mean(by_name['apollo']):.4f} vs {mean(by_name['apollo-torch']):.4f}, difference {diff:+.4f}",
-                     "no noise estimate (give --repeat-seeds)" if noise is None else
-                     f"the largest seed spread of one optimizer, {noise:.4f}", "—" if noise is None else
-                     f"**{'equal within noise' if abs(diff) <= noise else 'differs by more than the noise'}**"])
-    for name in ("apollo_mini", "apollo_mini_layerwise"):
-        if base is not None and name in by_name and base.best["lowrank_state_bytes"]:
-            share = 100 * by_name[name].best["lowrank_state_bytes"] / base.best["lowrank_state_bytes"]
-            whole = 100 * by_name[name].best["state_bytes"] / base.best["state_bytes"]
-            rows.append([f"{name} optimizer state on the low-rank matrices, vs {BASELINE}'s on them",
-                         f"{share:.3f}% (whole model {whole:.1f}%)", "< 1%", f"**{'met' if share < 1 else 'missed'}**"])
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The variants against their base
 
 
@@ -493,6 +397,96 @@ def variant_targets(comparisons: list[VariantComparison], precision: str) -> lis
     return rows
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The report
+
+
+@dataclass
+class Summary:
+    optimizer: str
+    sweep: dict[float, float]  # lr -> final eval loss (seed --seed)
+    best_lr: float
+    best: dict
+    repeats: list[float] = field(default_factory=list)  # final eval losses at best_lr, every seed
+
+
+def summarize(results: dict[str, dict], optimizers: list[str], args) -> list[Summary]:
+    summaries = []
+    for name in optimizers:
+        sweep = {r["spec"]["lr"]: r["final_eval_loss"] for r in results.values()
+                 if r["spec"]["optimizer"] == name and r["spec"]["seed"] == args.seed}
+        if not sweep:
+            continue
+        best_lr = min(sweep, key=lambda lr: (sweep[lr], lr))
+        best = results[run_key(name, best_lr, args.seed)]
+        repeats = sorted(r["final_eval_loss"] for r in results.values()
+                         if r["spec"]["optimizer"] == name and r["spec"]["lr"] == best_lr)
+        summaries.append(Summary(name, dict(sorted(sweep.items())), best_lr, best, repeats))
+    return summaries
+
+
+def results_table(summaries: list[Summary], lrs: list[float]) -> str:
+    base = next((s for s in summaries if s.optimizer == BASELINE), None)
+    rows = []
+    for s in summaries:
+        best = s.best
+        versus = ("—" if base is None
+                  else f"{100 * (best['final_eval_loss'] / base.best['final_eval_loss'] - 1):+.2f}%")
+        share = ("—" if base is None or not base.best["lowrank_state_bytes"]
+                 else f"{100 * best['lowrank_state_bytes'] / base.best['lowrank_state_bytes']:.2f}%")
+        rows.append([s.optimizer, *[f"**{s.sweep[lr]:.4f}**" if lr == s.best_lr else (
+            f"{s.sweep[lr]:.4f}" if lr in s.sweep else "—") for lr in lrs], f"{s.best_lr:g}",
+            f"{best['final_eval_loss']:.4f}", f"{best['final_perplexity']:.2f}", versus, mib(best["state_bytes"], 2),
+            mib(best["lowrank_state_bytes"], 2), share, f"{best['train_runtime_s']:.0f}",
+            f"{best['tokens'] / best['train_runtime_s']:,.0f}"])
+    return table(["optimizer", *[f"lr {lr:g}" for lr in lrs], "best lr", "final eval loss", "perplexity",
+                  f"vs {BASELINE}", "state MiB", "state of low-rank matrices MiB", f"(% of {BASELINE}'s)",
+                  "train time s", "tokens/s"], rows, "l" + "r" * (len(lrs) + 9))
+
+
+def noise_table(summaries: list[Summary], seeds: list[int]) -> str:
+    rows = [[s.optimizer, f"{s.best_lr:g}", ", ".join(f"{x:.4f}" for x in s.repeats),
+             f"{sum(s.repeats) / len(s.repeats):.4f}", f"{max(s.repeats) - min(s.repeats):.4f}"]
+            for s in summaries if len(s.repeats) > 1]
+    return table(["optimizer", "lr", f"final eval loss per seed ({', '.join(map(str, seeds))})", "mean",
+                  "spread (max - min)"], rows, "lrlrr") if rows else ""
+
+
+TARGET_HEAD = ["target", "measured", "bound", "verdict"]
+
+
+def targets(summaries: list[Summary]) -> list[list[str]]:
+    """The issue's targets, judged from the numbers: one row each."""
+    by_name = {s.optimizer: s for s in summaries}
+    base = by_name.get(BASELINE)
+    rows = []
+    spreads = [max(s.repeats) - min(s.repeats) for s in summaries if len(s.repeats) > 1]
+    noise = max(spreads) if spreads else None
+    for name, bound in (("apollo", 2.0), ("apollo_mini", 3.0), ("apollo_layerwise", 2.0),
+                        ("apollo_mini_layerwise", 3.0)):
+        if base is not None and name in by_name:
+            ours, theirs = by_name[name].best["final_eval_loss"], base.best["final_eval_loss"]
+            gap = 100 * (ours / theirs - 1)
+            rows.append([f"{name} vs {BASELINE}, final eval loss at each one's best lr",
+                         f"{ours:.4f} vs {theirs:.4f} = {gap:+.2f}%", f"within {bound:g}% (lower is better)",
+                         f"**{'met' if gap <= bound else 'missed'}**"])
+    if "apollo" in by_name and "apollo-torch" in by_name:
+        mean = lambda s: sum(s.repeats) / len(s.repeats)  # noqa: E731
+        diff = mean(by_name["apollo"]) - mean(by_name["apollo-torch"])
+        rows.append(["apollo vs apollo-torch (the published implementation), mean over seeds at each one's best lr",
+                     f"{mean(by_name['apollo']):.4f} vs {mean(by_name['apollo-torch']):.4f}, difference {diff:+.4f}",
+                     "no noise estimate (give --repeat-seeds)" if noise is None else
+                     f"the largest seed spread of one optimizer, {noise:.4f}", "—" if noise is None else
+                     f"**{'equal within noise' if abs(diff) <= noise else 'differs by more than the noise'}**"])
+    for name in ("apollo_mini", "apollo_mini_layerwise"):
+        if base is not None and name in by_name and base.best["lowrank_state_bytes"]:
+            share = 100 * by_name[name].best["lowrank_state_bytes"] / base.best["lowrank_state_bytes"]
+            whole = 100 * by_name[name].best["state_bytes"] / base.best["state_bytes"]
+            rows.append([f"{name} optimizer state on the low-rank matrices, vs {BASELINE}'s on them",
+                         f"{share:.3f}% (whole model {whole:.1f}%)", "< 1%", f"**{'met' if share < 1 else 'missed'}**"])
+    return rows
+
+
 def write_csv(path: Path, results: dict[str, dict]) -> None:
     rows = []
     for key in sorted(results):
@@ -551,6 +545,10 @@ def machine_text(args, machine: str, finished: list[str], loads: tuple[str, str]
 
 def link(args, path: Path) -> str:
     return os.path.relpath(path, Path(args.output).parent) if args.output not in ("", "-") else str(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The command line
 
 
 def _round_lr(lr: float) -> float:

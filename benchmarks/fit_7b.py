@@ -34,7 +34,7 @@ from typing import Callable, Optional
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     BASELINES, GB, baseline_missing, build_baseline, build_llama, check_at_least, command_line, cpu_peak_bytes,
-    environment, release_memory, split_list, table, utc_now, write_json_atomic)
+    environment, release_memory, split_list, storage_bytes, table, utc_now, write_json_atomic)
 
 EXIT_NO_CUDA = 3
 DEFAULT_CONFIG = "configs/llama_7b.json"
@@ -108,15 +108,11 @@ def with_levers(choice: OptimChoice, *, optim_args: Optional[dict] = None, targe
 
 def describe_levers(choice: OptimChoice) -> str:
     """``"dense_state_bits=8, targets all-linear,embed_tokens,lm_head, lean loss, int8 weights"`` ("" if none)."""
+    targets = choice.target_modules
     parts = [f"{k}={v}" for k, v in choice.options.items()]
-    if choice.target_modules is not None:
-        targets = choice.target_modules
-        parts.append("targets " + (targets if isinstance(targets, str) else ",".join(targets)))
-    if choice.lean_loss:
-        parts.append("lean loss")
-    if choice.weights != "float":
-        parts.append(f"{choice.weights} weights")
-    return ", ".join(parts)
+    parts += [] if targets is None else ["targets " + (targets if isinstance(targets, str) else ",".join(targets))]
+    parts += ["lean loss"] if choice.lean_loss else []
+    return ", ".join(parts + ([f"{choice.weights} weights"] if choice.weights != "float" else []))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -126,7 +122,7 @@ def describe_levers(choice: OptimChoice) -> str:
 def _numbers(text: str, cast, what: str, low: float) -> list:
     """``"48,24,16"`` -> [48, 24, 16], each ``cast`` and >= ``low`` (argparse's error otherwise)."""
     values = []
-    for item in (t.strip() for t in text.split(",") if t.strip()):
+    for item in split_list(text):
         try:
             value = cast(item)
         except ValueError:
@@ -193,9 +189,7 @@ def seq_ladder(seq_len: int, fallbacks: list[int], start_at: Optional[int] = Non
     """The lengths to try in order: ``seq_len``, then the shorter fallbacks, longest first, none above
     ``start_at`` (the longest length that fitted a larger cap)."""
     ladder = [seq_len] + sorted({s for s in fallbacks if s < seq_len}, reverse=True)
-    if start_at is not None:
-        ladder = [s for s in ladder if s <= start_at]
-    return ladder
+    return [s for s in ladder if start_at is None or s <= start_at]
 
 
 def first_line(exc: BaseException, limit: int = 240) -> str:
@@ -310,24 +304,15 @@ def weight_bytes(model) -> int:
     holds one element), and an int8 layer's codes and scales (its buffers)."""
     from lowrank_opt.quant import Int8Linear
 
-    seen, total = set(), 0
-    tensors = list(model.parameters())
-    tensors += [b for m in model.modules() if isinstance(m, Int8Linear) for b in (m.weight_int8, m.weight_scale)]
-    for t in tensors:
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
+    return storage_bytes([*model.parameters(), *(b for m in model.modules() if isinstance(m, Int8Linear)
+                                                 for b in (m.weight_int8, m.weight_scale))])
 
 
 def _mm_layout(x) -> Optional[str]:
     """``"row"`` for a row-major 2-D operand, ``"col"`` for a column-major one (a transposed view), else None."""
-    if x.dim() != 2:
-        return None
-    if x.stride(1) == 1 and x.size(1) > 1:
+    if x.dim() == 2 and x.stride(1) == 1 and x.size(1) > 1:
         return "row"
-    if x.stride(0) == 1 and x.size(0) > 1:
+    if x.dim() == 2 and x.stride(0) == 1 and x.size(0) > 1:
         return "col"
     return None
 

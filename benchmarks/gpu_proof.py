@@ -105,10 +105,6 @@ SMOKE_KEYS = ("apollo@48GB", "16GB-setting", "12GB-setting", "step_time@1b-fp32"
               "estimator@60m")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Running the units
-
-
 def run_unit(unit: Unit, smoke: bool, budget_left: float, log) -> dict:
     """The unit's record: its command, status, wall time and what its script wrote (fit_7b's or step_time's
     JSON; pytest's last line)."""
@@ -156,10 +152,6 @@ def merge(old: Optional[dict], new: dict) -> dict:
             units[key] = record
     return {**old, **{k: v for k, v in new.items() if k != "units"}, "units": units,
             "commands": old.get("commands", []) + [c for c in new["commands"] if c not in old.get("commands", [])]}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The docs section, from results.json
 
 
 def _f(value, digits: int = 2) -> str:

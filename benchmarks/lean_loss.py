@@ -51,10 +51,6 @@ class Case:
     label = property(lambda self: f"{self.tokens}x{self.vocab}x{self.hidden}:{self.dtype}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Arguments
-
-
 def parse_case(text: str) -> Case:
     """``"2048x32000x256:bf16"`` -> Case(2048, 32000, 256, "bf16")."""
     match = _CASE.fullmatch(text.strip())
@@ -154,10 +150,6 @@ def formula_scratch_bytes(tokens: int, vocab: int, hidden: int, dtype: str, toke
     if dtype != "fp32":
         scratch += 4 * ct * hidden + 8 * cv * hidden
     return scratch
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Measuring
 
 
 def torch_path_missing() -> Optional[str]:
@@ -269,10 +261,6 @@ def compare_losses(label: str, losses: dict[str, float]) -> dict:
     return {"case": label, "losses": losses, "reference": reference,
             "differences": {p: v - losses[reference] for p, v in losses.items() if p != reference},
             "max_loss_difference": (max(values) - min(values)) if len(values) > 1 else None}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Report
 
 
 def _mb(value: Optional[float]) -> str:

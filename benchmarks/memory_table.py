@@ -164,10 +164,6 @@ def state_split_table(rows: list[Row]) -> str:
                   for r in rows if not r.layerwise], "lrl")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# LLaMA-7B with the memory levers
-
-
 @dataclass(frozen=True)
 class Lever:
     """A row of the levers table: layer-wise APOLLO-Mini on bf16 weights with some of issue 17's levers. ``after``:
@@ -248,10 +244,6 @@ def lever_table(rows: list[LeverRow]) -> str:
     return table(["#", "levers", "`lowrank-opt memory` flags", *NET_HEAD, "saved", "smallest card"], out, "rllrrrrrrl")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# MoE models: fused experts, per-expert APOLLO
-
-
 MOE_CONFIGS = {"mixtral_8x7b": "Mixtral-8x7B", "qwen3_30b_a3b": "Qwen3-30B-A3B"}
 
 
@@ -294,10 +286,6 @@ def moe_table(configs: list[str], setting: Setting, log=print) -> str:
                         *net_parts(e), smallest_card(e.total)])
     return table(["model", "optimizer", "`lowrank-opt memory CONFIG` flags", *NET_HEAD, "smallest card"], out,
                  "lllrrrrrl")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Plots
 
 
 COLORS = {"weights": "#4c72b0", "gradients": "#dd8452", "optimizer states": "#c44e52", "activations": "#55a868",

@@ -373,6 +373,10 @@ def write_plot(path: Path, runs: list[ClassRun], sizes: dict, args) -> bool:
     return True
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The command line
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="benchmarks/step_time.py", description=__doc__.split("\n\n")[0],
                                      epilog="Optimizers: " + ", ".join(KNOWN) + ". See the module docstring.")
