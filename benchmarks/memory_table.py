@@ -2,7 +2,7 @@
 LLaMA-7B with the memory levers of issue 17 (the 16 GB and 12 GB settings).
 
     pip install -e ".[hf,bench]"          # transformers for the configs, matplotlib for the plots
-    python benchmarks/memory_table.py     # docs/memory.md's two sections and docs/memory_{60m,...,7b}.png
+    python benchmarks/memory_table.py     # docs/memory.md's sections and docs/memory_{60m,...,7b}.png
     python benchmarks/memory_table.py --sizes 7b --seq-len 4096 --output /tmp/memory.md --plots-dir /tmp
 
 Every number is :func:`lowrank_opt.memory.estimate`'s (meta device: nothing allocated, no GPU); the setting and
