@@ -2,11 +2,12 @@
 
 - **Shapes**: the paper's LLaMA sizes (:data:`SIZES`), their parameter tensors and shape classes.
 - **Optimizers**: ours by registry name (:func:`build_ours`); the baselines from other packages in one table
-  (:data:`BASELINES`, :func:`build_baseline`).
+  (:data:`BASELINES`, :func:`build_baseline`); their state bytes (:func:`state_bytes`).
 - **Timing**: one timed call, calls after a warm-up, and rounds in which several steppers take turns in a
-  rotating order (:func:`timed_rounds`), so that load from other processes falls on all of them alike.
-- **The machine** (:func:`machine_line`), the command line, and generated Markdown sections between two marker
-  lines (:func:`write_section`), every file written atomically.
+  rotating order (:func:`timed_rounds`), so that load from other processes falls on all of them alike; the peak
+  of live CPU tensor bytes (:func:`cpu_peak_bytes`).
+- **The machine** (:func:`machine_line`), the command line, table and CSV text, and generated Markdown sections
+  between two marker lines (:func:`write_section`), every file written atomically.
 
 Nothing here imports torch at import time: the scripts answer ``--help`` and bad flags before torch loads.
 """
@@ -14,7 +15,11 @@ Nothing here imports torch at import time: the scripts answer ``--help`` and bad
 from __future__ import annotations
 
 import contextlib
+import csv
+import datetime
 import gc
+import io
+import json
 import math
 import os
 import platform
@@ -23,7 +28,9 @@ import shlex
 import sys
 import tempfile
 import time
+import types
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -31,10 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9
 MIB = 2**20
 VOCAB = 32000
-
-# ----------------------------------------------------------------------------------------------------------
-# LLaMA shapes
-
 
 @dataclass(frozen=True)
 class LlamaShape:
@@ -86,10 +89,7 @@ class ShapeClass:
     dims: tuple[int, ...]
     count: int
     matrix: bool
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.dims)
+    numel = property(lambda self: math.prod(self.dims))
 
     def built(self, max_elements: int) -> int:
         """K: how many tensors of this class are built when at most ``max_elements`` may be (at least one)."""
@@ -145,10 +145,6 @@ def build_llama(config_path, seed: int, dtype, device: Optional[str] = None,
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Optimizers: ours from the registry, the baselines from one table
 
 
 def build_ours(name: str, params, *, rank: Optional[int] = None, **options):
@@ -244,8 +240,36 @@ def baseline_train_args(name: str, rank: int, update_proj_gap: int) -> tuple[str
     return spec.hf_name, ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items())
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Timing
+def state_bytes(optimizer) -> tuple[int, int]:
+    """(optimizer-state bytes, bytes of projection matrices P held between steps), both counted by
+    ``lowrank_opt.memory.measure.optimizer_state_breakdown``. Held P: apollo-torch's and GaLore's projector
+    objects in the state (``state[p]["projector"].ortho_matrix``), and what an optimizer keeps beside its state
+    (ours' P cache with ``cache_projection=True``)."""
+    import torch
+    from lowrank_opt.memory.measure import optimizer_state_breakdown, optimizer_state_bytes
+
+    breakdown = optimizer_state_breakdown(optimizer)
+    projectors = types.SimpleNamespace(param_groups=optimizer.param_groups, state={  # counted as an optimizer's
+        p: {k: v for k, v in s.items() if not isinstance(v, (torch.Tensor, int, float, bool))}
+        for p, s in optimizer.state.items()})
+    held = breakdown.total - breakdown.by_source.get("state", 0) + optimizer_state_bytes(projectors)
+    return breakdown.total - held, held
+
+
+def storage_bytes(tensors: Iterable) -> int:
+    """Bytes of the storages behind ``tensors``, each storage once (views and tied weights share one)."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in ``obj`` (a tensor, or dicts/lists/tuples of them)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (dict, list, tuple)):
+        return sum(map(tensor_bytes, obj.values() if isinstance(obj, dict) else obj))
+    return 0
 
 
 def timed(fn: Callable[[], object], device) -> float:
@@ -302,56 +326,43 @@ def round_ratios(times: dict[str, list[float]], a: str, b: str) -> list[float]:
 
 
 def release_memory(device) -> None:
+    """Collect garbage; on CUDA also return the cache and start the allocator's peaks afresh."""
     import torch
 
     gc.collect()
     if getattr(device, "type", device) == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Optimizer-state bytes, counted by the library
+@contextlib.contextmanager
+def cpu_peak_bytes():
+    """The peak of live CPU tensor bytes inside the block, from torch.profiler with ``profile_memory=True``: the
+    most bytes torch's CPU allocator had handed out at once (its running total, as each allocation event carries
+    it), less that total just before the block's first allocation (the profiler keeps the total across
+    sessions: a tensor of an earlier traced block freed after it stays in it). Yields a dict that gets
+    ``peak_bytes``, ``baseline_bytes``, ``allocation_events`` and ``method`` on exit."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
 
-
-class _Projectors:
-    """The projector objects in an optimizer's state (apollo-torch's and GaLore's ``state[p]["projector"]``,
-    which hold P as ``ortho_matrix``), shaped like an optimizer so that the library's counter counts them."""
-
-    def __init__(self, optimizer):
-        import torch
-
-        self.param_groups = optimizer.param_groups
-        self.state = {p: {k: v for k, v in s.items() if not isinstance(v, (torch.Tensor, int, float, bool))}
-                      for p, s in optimizer.state.items()}
-
-
-def state_bytes(optimizer) -> tuple[int, int]:
-    """(optimizer-state bytes, bytes of projection matrices P held between steps), both counted by
-    ``lowrank_opt.memory.measure.optimizer_state_breakdown``. Held P: apollo-torch's and GaLore's projector
-    objects in the state, and what an optimizer keeps beside its state (ours' P cache with
-    ``cache_projection=True``)."""
-    from lowrank_opt.memory.measure import optimizer_state_breakdown, optimizer_state_bytes
-
-    breakdown = optimizer_state_breakdown(optimizer)
-    held = breakdown.total - breakdown.by_source.get("state", 0) + optimizer_state_bytes(_Projectors(optimizer))
-    return breakdown.total - held, held
-
-
-def tensor_bytes(obj: Any) -> int:
-    """Bytes of the tensors in ``obj`` (a tensor, or dicts/lists/tuples of them)."""
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The machine and the command
+    result: dict = {"method": "allocator"}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        yield result
+    peak, count, first = 0, 0, None
+    pending = list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        pending.extend(event.children)
+        if event.typed[0] == _EventType.Allocation and event.typed[1].device.type == "cpu":
+            fields = event.typed[1]
+            count += 1
+            peak = max(peak, fields.total_allocated)
+            if first is None or event.start_time_ns < first[0]:
+                first = (event.start_time_ns, fields.total_allocated - fields.alloc_size)
+    result["baseline_bytes"] = first[1] if first is not None else 0
+    result["peak_bytes"] = peak - result["baseline_bytes"]
+    result["allocation_events"] = count
 
 
 def cpu_model() -> str:
@@ -372,21 +383,10 @@ def load_average() -> str:
 
 
 def package_version(name: str) -> Optional[str]:
-    from importlib import metadata
-
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
-
-
-def peak_rss_text() -> str:
-    """The process's peak resident memory in GiB ('' off Linux, where getrusage's unit differs)."""
-    if not sys.platform.startswith("linux"):
-        return ""
-    from lowrank_opt.memory.measure import peak_rss_bytes
-
-    return f"{peak_rss_bytes() / 2**30:.1f} GiB"
 
 
 def environment(device: str = "cpu") -> dict:
@@ -422,14 +422,10 @@ def machine_line(device) -> str:
 
 
 def now_text() -> str:
-    import datetime
-
     return datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
 
 
 def utc_now() -> str:
-    import datetime
-
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -452,15 +448,27 @@ def split_list(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
+def check_at_least(fail: Callable[[str], object], *checks: tuple[str, float, float]) -> None:
+    """``fail("FLAG must be >= LOW, got VALUE")`` (argparse's ``parser.error``, ``sys.exit``) for the first
+    ``(FLAG, VALUE, LOW)`` with VALUE below LOW."""
+    for flag, value, low in checks:
+        if value < low:
+            fail(f"{flag} must be >= {low}, got {value}")
+
+
+def csv_text(head: Sequence[str], rows: Iterable[Sequence[Any]], lineterminator: str = "\n") -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator=lineterminator)
+    writer.writerow(head)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
 def table(head: Sequence[str], rows: Iterable[Sequence[Any]], align: str = "") -> str:
     """A Markdown table; ``align`` has one letter per column, ``l`` (default) or ``r``."""
     marks = ["---:" if (align[i:i + 1] == "r") else "---" for i in range(len(head))]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(marks) + "|"]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Generated Markdown sections and atomic files
 
 
 def markers(name: str, script: str) -> tuple[str, str]:
@@ -516,8 +524,6 @@ def write_text_atomic(path, text: str) -> None:
 
 
 def write_json_atomic(path, payload: Any, indent: Optional[int] = 2) -> None:
-    import json
-
     write_text_atomic(path, json.dumps(payload, indent=indent) + "\n")
 
 

@@ -5,23 +5,17 @@
     python benchmarks/convergence.py --device cuda --model-config configs/llama_60m.json --rank 128 \\
         --steps 2000 --batch-size 64 --block-size 256 --parallel 1 --threads 0 --tag gpu
 
-Every run is ``train.py`` in its own process (finished runs under --work-dir are reused while their settings are
-unchanged); only the optimizer and the learning rate change between runs. Optimizers: ours by registry name, the
-baselines of ``_common.BASELINES`` through their Hugging Face names, and :data:`VARIANTS` (apollo_mini with issue
-17's memory levers, compared with plain apollo_mini at its best lr with the same seeds). The lr grid is extended
-past an end where an optimum sits there (--extend); layer-wise forms run at their plain form's best lr;
---repeat-seeds gives the run-to-run noise. Writes CSVs, a PNG and the sections of --output; the setting and how
-to read the tables: docs/benchmarks.md.
+Every run is ``train.py`` in its own process; finished runs under --work-dir are reused while their settings are
+unchanged. Optimizers: ours by registry name, ``_common.BASELINES`` by their Hugging Face names, and
+:data:`VARIANTS` (apollo_mini with a memory lever). The setting and how to read the tables: docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import csv
 import datetime
 import hashlib
-import io
 import json
 import math
 import os
@@ -39,8 +33,8 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    BASELINES, baseline_train_args, command_line, load_average, machine_line, mib, pyplot, save_figure, section, table,
-    write_section, write_text_atomic)
+    BASELINES, baseline_train_args, check_at_least, command_line, csv_text, load_average, machine_line, mib, pyplot,
+    save_figure, section, split_list, storage_bytes, table, write_section, write_text_atomic)
 
 SCRIPT = "benchmarks/convergence.py"
 SECTIONS = ("sweep", "variants")
@@ -108,10 +102,6 @@ def train_optimizer(name: str, rank: int, gap: int) -> tuple[str, Optional[str]]
     if name in OURS:  # the registry's options but for the run's rank (channel-wise only) and gap
         return name, (f"rank={rank}," if "mini" not in name else "") + f"update_proj_gap={gap}"
     raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(ALL_OPTIMIZERS)}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The corpus
 
 
 def build_corpus(path: Path, min_chars: int = 200) -> dict:
@@ -194,24 +184,15 @@ def worker(spec_path: str, result_path: str) -> int:
     lowrank = [p for _, p in lowrank_targets(model, spec["targets"])]
     lowrank_ids = {id(p) for p in lowrank}
     inner = type(unwrap_optimizers(trainer.optimizer)[-1])  # the optimizer behind accelerate's wrapper
-    result = {
-        "spec": spec,
-        "eval_loss": sorted(evals.items()),
-        "train_loss": sorted(train_losses.items()),
-        "final_eval_loss": float(metrics["eval_loss"]),
-        "final_perplexity": float(metrics["eval_perplexity"]),
-        "train_runtime_s": float(metrics["train_runtime"]),
-        "wall_s": wall,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "lowrank_parameters": sum(p.numel() for p in lowrank),
-        "state_bytes": breakdown.total,
-        "lowrank_state_bytes": sum(b for k, b in breakdown.items() if k in lowrank_ids),
-        "peak_rss_bytes": peak_rss_bytes(),
-        "weight_bytes": weight_bytes(model),
-        "tokens": int(trainer.state.global_step) * trainer.args.per_device_train_batch_size * spec["block_size"],
-        "optimizer_class": f"{inner.__module__}.{inner.__name__}",
-        "torch": torch.__version__,
-    }
+    result = dict(
+        spec=spec, eval_loss=sorted(evals.items()), train_loss=sorted(train_losses.items()),
+        final_eval_loss=float(metrics["eval_loss"]), final_perplexity=float(metrics["eval_perplexity"]),
+        train_runtime_s=float(metrics["train_runtime"]), wall_s=wall,
+        parameters=sum(p.numel() for p in model.parameters()), lowrank_parameters=sum(p.numel() for p in lowrank),
+        state_bytes=breakdown.total, lowrank_state_bytes=sum(b for k, b in breakdown.items() if k in lowrank_ids),
+        peak_rss_bytes=peak_rss_bytes(), weight_bytes=weight_bytes(model),
+        tokens=int(trainer.state.global_step) * trainer.args.per_device_train_batch_size * spec["block_size"],
+        optimizer_class=f"{inner.__module__}.{inner.__name__}", torch=torch.__version__)
     write_text_atomic(result_path, json.dumps(result, indent=1))
     return 0
 
@@ -219,13 +200,7 @@ def worker(spec_path: str, result_path: str) -> int:
 def weight_bytes(model) -> int:
     """Bytes of the model's parameters and buffers as stored (each storage once): int8 weights count their
     int8 codes and scales, not the one-element float carrier their gradient flows through."""
-    seen, total = set(), 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
+    return storage_bytes([*model.parameters(), *model.buffers()])
 
 
 def run_targets(args, name: str) -> list[str]:
@@ -274,8 +249,10 @@ def train_argv(args, name: str, lr: float, seed: int, corpus: Path, output_dir: 
     return argv
 
 
-def _mtime(path: Path) -> str:
-    return datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+def _utc(timestamp: Optional[float] = None) -> str:
+    """``timestamp`` (default: now) as ``2026-01-31 12:00 UTC``."""
+    when = datetime.datetime.fromtimestamp(time.time() if timestamp is None else timestamp, datetime.timezone.utc)
+    return when.strftime("%Y-%m-%d %H:%M UTC")
 
 
 def run_all(specs: list[RunSpec], args) -> dict[str, dict]:
@@ -289,7 +266,7 @@ def run_all(specs: list[RunSpec], args) -> dict[str, dict]:
         if path.exists() and not args.force:
             cached = json.loads(path.read_text())
             if cached.get("digest") == spec.digest():
-                cached.setdefault("finished", _mtime(path))
+                cached.setdefault("finished", _utc(path.stat().st_mtime))
                 results[spec.key] = cached
                 continue
         todo.append(spec)
@@ -298,9 +275,8 @@ def run_all(specs: list[RunSpec], args) -> dict[str, dict]:
 
     def one(index_spec):
         index, spec = index_spec
-        spec_path = runs_dir / f"{spec.key}.spec.json"
-        result_path = runs_dir / f"{spec.key}.json"
-        log_path = runs_dir / f"{spec.key}.log"
+        spec_path, result_path, log_path = (runs_dir / f"{spec.key}{ext}" for ext in (".spec.json", ".json", ".log"))
+        tmp_path = Path(f"{result_path}.tmp")
         spec_path.write_text(json.dumps({**asdict(spec), "block_size": args.block_size}))
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
         if spec.threads > 0:
@@ -308,24 +284,117 @@ def run_all(specs: list[RunSpec], args) -> dict[str, dict]:
         started = time.time()
         with open(log_path, "w") as log:
             proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path),
-                                   str(result_path) + ".tmp"], cwd=ROOT, env=env, stdout=log,
+                                   str(tmp_path)], cwd=ROOT, env=env, stdout=log,
                                   stderr=subprocess.STDOUT, check=False)
         if proc.returncode != 0:
             tail = log_path.read_text()[-2000:]
             raise RuntimeError(f"run {spec.key} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
-        result = json.loads(Path(str(result_path) + ".tmp").read_text())
-        result["digest"] = spec.digest()
-        result["finished"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        result = {**json.loads(tmp_path.read_text()), "digest": spec.digest(), "finished": _utc()}
         write_text_atomic(result_path, json.dumps(result, indent=1))
-        os.unlink(str(result_path) + ".tmp")
+        tmp_path.unlink()
         print(f"[{index + 1}/{len(todo)}] {spec.key}: final eval loss {result['final_eval_loss']:.4f} "
               f"({time.time() - started:.0f} s)", flush=True)
         return spec.key, result
 
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-        for key, result in pool.map(one, enumerate(todo)):
-            results[key] = result
+        results.update(pool.map(one, enumerate(todo)))
     return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The variants against their base
+
+
+@dataclass
+class VariantComparison:
+    name: str  # a VARIANTS name, or the base itself (its own row)
+    base: str
+    lr: float
+    losses: dict[int, float]  # seed -> final eval loss
+    base_losses: dict[int, float]  # seed -> the base's final eval loss at the same lr
+    runs: list[dict]  # the variant's runs, by seed
+
+    @property
+    def seeds(self) -> list[int]:
+        """The seeds both have: the comparison is paired (same init and data order)."""
+        return sorted(set(self.losses) & set(self.base_losses))
+
+    def _over_seeds(self, losses: dict[int, float]) -> list[float]:
+        return [losses[s] for s in self.seeds]
+
+    mean = property(lambda self: statistics.fmean(self._over_seeds(self.losses)))
+    base_mean = property(lambda self: statistics.fmean(self._over_seeds(self.base_losses)))
+    spread = property(lambda self: _range(self._over_seeds(self.losses)))
+    base_spread = property(lambda self: _range(self._over_seeds(self.base_losses)))
+
+
+def _range(values: list[float]) -> float:
+    return max(values) - min(values)
+
+
+def compare_variants(results: dict[str, dict], names: list[str], best_lr: dict[str, float]) -> list[VariantComparison]:
+    """For each variant in ``names`` whose base has a best lr: its final eval loss per seed at that lr and the
+    base's at the same lr and seeds. Each base comes first, compared with itself (its row of the table)."""
+    def losses(name: str, lr: float) -> tuple[dict[int, float], list[dict]]:
+        runs = sorted((r for r in results.values() if r["spec"]["optimizer"] == name and r["spec"]["lr"] == lr),
+                      key=lambda r: r["spec"]["seed"])
+        return {r["spec"]["seed"]: r["final_eval_loss"] for r in runs}, runs
+
+    out: list[VariantComparison] = []
+    for name in names:
+        if name not in VARIANTS or VARIANTS[name].base not in best_lr:
+            continue
+        base, lr = VARIANTS[name].base, best_lr[VARIANTS[name].base]
+        base_losses, base_runs = losses(base, lr)
+        mine, runs = losses(name, lr)
+        paired = set(mine) & set(base_losses)
+        if not paired:
+            continue
+        runs = [r for r in runs if r["spec"]["seed"] in paired]
+        if not any(c.name == base for c in out):
+            out.append(VariantComparison(base, base, lr, base_losses, base_losses, base_runs))
+        out.append(VariantComparison(name, base, lr, mine, base_losses, runs))
+    return out
+
+
+def variants_table(comparisons: list[VariantComparison]) -> str:
+    seeds = sorted({s for c in comparisons for s in c.seeds})
+    rows = []
+    for c in comparisons:
+        own, first = c.name == c.base, c.runs[0]
+        rows.append([c.name, "— (the baseline)" if own else VARIANTS[c.name].what, f"{c.lr:g}",
+                     *[f"{c.losses[s]:.4f}" if s in c.seeds else "—" for s in seeds], f"{c.mean:.4f}",
+                     "—" if own else f"{c.mean - c.base_mean:+.4f} ({100 * (c.mean / c.base_mean - 1):+.2f}%)",
+                     "—" if own else ", ".join(f"{c.losses[s] - c.base_losses[s]:+.4f}" for s in c.seeds),
+                     f"{c.spread:.4f}", mib(first["state_bytes"], 2),
+                     "—" if first.get("weight_bytes") is None else mib(first["weight_bytes"], 2),
+                     f"{sum(r['train_runtime_s'] for r in c.runs) / len(c.runs):.0f}"])
+    return table(["run", "what changes", "lr", *[f"seed {s}" for s in seeds], "mean", "vs plain (mean)",
+                  "vs plain, per seed", "seed spread (max - min)", "state MiB", "weights MiB", "train time s (mean)"],
+                 rows, "llr" + "r" * len(seeds) + "rrlrrrr")
+
+
+def variant_targets(comparisons: list[VariantComparison], precision: str) -> list[list[str]]:
+    """The targets of issue 17, judged on the means over the seeds both runs have (lower loss is better)."""
+    rows = []
+    for c in (c for c in comparisons if c.name != c.base):
+        variant = VARIANTS[c.name]
+        diff, pct = c.mean - c.base_mean, 100 * (c.mean / c.base_mean - 1)
+        measured = (f"{c.mean:.4f} vs {c.base_mean:.4f}, difference {diff:+.4f} ({pct:+.2f}%); seed spread of "
+                    f"{c.base} {c.base_spread:.4f}, of {c.name} {c.spread:.4f}")
+        if len(c.seeds) < 2:
+            bound, verdict = "—", "one seed only, no noise estimate (give --repeat-seeds)"
+        elif variant.within_noise:
+            bound, verdict = f"|difference| within {c.base}'s seed spread", abs(diff) <= c.base_spread
+        elif variant.max_gap_pct is not None:
+            bound, verdict = f"within {variant.max_gap_pct:g}% (lower is better)", pct <= variant.max_gap_pct
+        else:
+            where = "within" if abs(diff) <= c.base_spread else "beyond"
+            bound, verdict = "none: a measured cost", f"the difference is {where} {c.base}'s seed spread"
+        rows.append([f"{c.name} vs {c.base} ({precision}), mean over seeds {', '.join(map(str, c.seeds))} at lr "
+                     f"{c.lr:g}", measured, bound,
+                     verdict if isinstance(verdict, str) else f"**{'met' if verdict else 'missed'}**"])
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -344,11 +413,8 @@ class Summary:
 def summarize(results: dict[str, dict], optimizers: list[str], args) -> list[Summary]:
     summaries = []
     for name in optimizers:
-        sweep = {}
-        for key, result in results.items():
-            spec = result["spec"]
-            if spec["optimizer"] == name and spec["seed"] == args.seed:
-                sweep[spec["lr"]] = result["final_eval_loss"]
+        sweep = {r["spec"]["lr"]: r["final_eval_loss"] for r in results.values()
+                 if r["spec"]["optimizer"] == name and r["spec"]["seed"] == args.seed}
         if not sweep:
             continue
         best_lr = min(sweep, key=lambda lr: (sweep[lr], lr))
@@ -357,10 +423,6 @@ def summarize(results: dict[str, dict], optimizers: list[str], args) -> list[Sum
                          if r["spec"]["optimizer"] == name and r["spec"]["lr"] == best_lr)
         summaries.append(Summary(name, dict(sorted(sweep.items())), best_lr, best, repeats))
     return summaries
-
-
-def _mib(n: float) -> str:
-    return mib(n, 2)
 
 
 def results_table(summaries: list[Summary], lrs: list[float]) -> str:
@@ -374,8 +436,8 @@ def results_table(summaries: list[Summary], lrs: list[float]) -> str:
                  else f"{100 * best['lowrank_state_bytes'] / base.best['lowrank_state_bytes']:.2f}%")
         rows.append([s.optimizer, *[f"**{s.sweep[lr]:.4f}**" if lr == s.best_lr else (
             f"{s.sweep[lr]:.4f}" if lr in s.sweep else "—") for lr in lrs], f"{s.best_lr:g}",
-            f"{best['final_eval_loss']:.4f}", f"{best['final_perplexity']:.2f}", versus, _mib(best["state_bytes"]),
-            _mib(best["lowrank_state_bytes"]), share, f"{best['train_runtime_s']:.0f}",
+            f"{best['final_eval_loss']:.4f}", f"{best['final_perplexity']:.2f}", versus, mib(best["state_bytes"], 2),
+            mib(best["lowrank_state_bytes"], 2), share, f"{best['train_runtime_s']:.0f}",
             f"{best['tokens'] / best['train_runtime_s']:,.0f}"])
     return table(["optimizer", *[f"lr {lr:g}" for lr in lrs], "best lr", "final eval loss", "perplexity",
                   f"vs {BASELINE}", "state MiB", "state of low-rank matrices MiB", f"(% of {BASELINE}'s)",
@@ -425,103 +487,6 @@ def targets(summaries: list[Summary]) -> list[list[str]]:
     return rows
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The variants against their base
-
-
-@dataclass
-class VariantComparison:
-    name: str  # a VARIANTS name, or the base itself (its own row)
-    base: str
-    lr: float
-    losses: dict[int, float]  # seed -> final eval loss
-    base_losses: dict[int, float]  # seed -> the base's final eval loss at the same lr
-    runs: list[dict]  # the variant's runs, by seed
-
-    @property
-    def seeds(self) -> list[int]:
-        """The seeds both have: the comparison is paired (same init and data order)."""
-        return sorted(set(self.losses) & set(self.base_losses))
-
-    def _over_seeds(self, losses: dict[int, float]) -> list[float]:
-        return [losses[s] for s in self.seeds]
-
-    mean = property(lambda self: statistics.fmean(self._over_seeds(self.losses)))
-    base_mean = property(lambda self: statistics.fmean(self._over_seeds(self.base_losses)))
-    spread = property(lambda self: _range(self._over_seeds(self.losses)))
-    base_spread = property(lambda self: _range(self._over_seeds(self.base_losses)))
-
-
-def _range(values: list[float]) -> float:
-    return max(values) - min(values)
-
-
-def compare_variants(results: dict[str, dict], names: list[str], best_lr: dict[str, float]) -> list[VariantComparison]:
-    """For each variant in ``names`` whose base has a best lr: its final eval loss per seed at that lr and the
-    base's at the same lr and seeds. Each base comes first, compared with itself (its row of the table)."""
-    def losses(name: str, lr: float) -> tuple[dict[int, float], list[dict]]:
-        runs = sorted((r for r in results.values() if r["spec"]["optimizer"] == name and r["spec"]["lr"] == lr),
-                      key=lambda r: r["spec"]["seed"])
-        return {r["spec"]["seed"]: r["final_eval_loss"] for r in runs}, runs
-
-    out: list[VariantComparison] = []
-    for name in names:
-        if name not in VARIANTS or VARIANTS[name].base not in best_lr:
-            continue
-        base = VARIANTS[name].base
-        lr = best_lr[base]
-        base_losses, base_runs = losses(base, lr)
-        mine, runs = losses(name, lr)
-        paired = set(mine) & set(base_losses)
-        if not paired:
-            continue
-        runs = [r for r in runs if r["spec"]["seed"] in paired]
-        if not any(c.name == base for c in out):
-            out.append(VariantComparison(base, base, lr, base_losses, base_losses, base_runs))
-        out.append(VariantComparison(name, base, lr, mine, base_losses, runs))
-    return out
-
-
-def variants_table(comparisons: list[VariantComparison]) -> str:
-    seeds = sorted({s for c in comparisons for s in c.seeds})
-    rows = []
-    for c in comparisons:
-        own, first = c.name == c.base, c.runs[0]
-        rows.append([c.name, "— (the baseline)" if own else VARIANTS[c.name].what, f"{c.lr:g}",
-                     *[f"{c.losses[s]:.4f}" if s in c.seeds else "—" for s in seeds], f"{c.mean:.4f}",
-                     "—" if own else f"{c.mean - c.base_mean:+.4f} ({100 * (c.mean / c.base_mean - 1):+.2f}%)",
-                     "—" if own else ", ".join(f"{c.losses[s] - c.base_losses[s]:+.4f}" for s in c.seeds),
-                     f"{c.spread:.4f}", _mib(first["state_bytes"]),
-                     "—" if first.get("weight_bytes") is None else _mib(first["weight_bytes"]),
-                     f"{sum(r['train_runtime_s'] for r in c.runs) / len(c.runs):.0f}"])
-    return table(["run", "what changes", "lr", *[f"seed {s}" for s in seeds], "mean", "vs plain (mean)",
-                  "vs plain, per seed", "seed spread (max - min)", "state MiB", "weights MiB", "train time s (mean)"],
-                 rows, "llr" + "r" * len(seeds) + "rrlrrrr")
-
-
-def variant_targets(comparisons: list[VariantComparison], precision: str) -> list[list[str]]:
-    """The targets of issue 17, judged on the means over the seeds both runs have (lower loss is better)."""
-    rows = []
-    for c in (c for c in comparisons if c.name != c.base):
-        variant = VARIANTS[c.name]
-        diff, pct = c.mean - c.base_mean, 100 * (c.mean / c.base_mean - 1)
-        measured = (f"{c.mean:.4f} vs {c.base_mean:.4f}, difference {diff:+.4f} ({pct:+.2f}%); seed spread of "
-                    f"{c.base} {c.base_spread:.4f}, of {c.name} {c.spread:.4f}")
-        if len(c.seeds) < 2:
-            bound, verdict = "—", "one seed only, no noise estimate (give --repeat-seeds)"
-        elif variant.within_noise:
-            bound, verdict = f"|difference| within {c.base}'s seed spread", abs(diff) <= c.base_spread
-        elif variant.max_gap_pct is not None:
-            bound, verdict = f"within {variant.max_gap_pct:g}% (lower is better)", pct <= variant.max_gap_pct
-        else:
-            where = "within" if abs(diff) <= c.base_spread else "beyond"
-            bound, verdict = "none: a measured cost", f"the difference is {where} {c.base}'s seed spread"
-        rows.append([f"{c.name} vs {c.base} ({precision}), mean over seeds {', '.join(map(str, c.seeds))} at lr "
-                     f"{c.lr:g}", measured, bound,
-                     verdict if isinstance(verdict, str) else f"**{'met' if verdict else 'missed'}**"])
-    return rows
-
-
 def write_csv(path: Path, results: dict[str, dict]) -> None:
     rows = []
     for key in sorted(results):
@@ -530,11 +495,7 @@ def write_csv(path: Path, results: dict[str, dict]) -> None:
         for step, loss in r["eval_loss"]:
             rows.append([r["spec"]["optimizer"], f"{r['spec']['lr']:g}", r["spec"]["seed"], step, f"{loss:.6f}",
                          f"{train[step]:.6f}" if step in train else ""])
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["optimizer", "lr", "seed", "step", "eval_loss", "train_loss"])
-    writer.writerows(rows)
-    write_text_atomic(path, buf.getvalue())
+    write_text_atomic(path, csv_text(["optimizer", "lr", "seed", "step", "eval_loss", "train_loss"], rows, "\r\n"))
 
 
 def write_plot(path: Path, summaries: list[Summary], lrs: list[float], title: str) -> bool:
@@ -551,18 +512,12 @@ def write_plot(path: Path, summaries: list[Summary], lrs: list[float], title: st
     finals = [s.best["final_eval_loss"] for s in summaries]
     if finals:
         curves.set_ylim(min(finals) - 0.2, min(finals) + 2.5)
-    curves.set_xlabel("step")
-    curves.set_ylabel("eval loss")
-    curves.set_title("eval loss, best lr of each optimizer")
-    curves.grid(alpha=0.3)
-    curves.legend(fontsize=8)
-    sweep.set_xscale("log")
+    curves.set(xlabel="step", ylabel="eval loss", title="eval loss, best lr of each optimizer")
+    sweep.set(xscale="log", xlabel="peak learning rate", ylabel="final eval loss", title="learning-rate sweep")
     sweep.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
-    sweep.set_xlabel("peak learning rate")
-    sweep.set_ylabel("final eval loss")
-    sweep.set_title("learning-rate sweep")
-    sweep.grid(alpha=0.3)
-    sweep.legend(fontsize=8)
+    for ax in (curves, sweep):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
@@ -593,6 +548,7 @@ def link(args, path: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The command line
 
 
 def _round_lr(lr: float) -> float:
@@ -651,29 +607,24 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.worker:
         return args
-    args.optimizer_list = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    args.optimizer_list = split_list(args.optimizers)
     for name in args.optimizer_list:
         try:
             train_optimizer(name, 1, 1)  # unknown names fail here, before any run
         except ValueError as error:
             raise SystemExit(f"--optimizers: {error}") from None
-    for name in args.optimizer_list:
         if name in VARIANTS and VARIANTS[name].base not in args.optimizer_list:
             raise SystemExit(f"--optimizers: {name} is measured against {VARIANTS[name].base}; "
                              f"list {VARIANTS[name].base} too")
-    args.section_list = [x.strip() for x in args.sections.split(",") if x.strip()]
+    args.section_list = split_list(args.sections)
     if not args.section_list or any(x not in SECTIONS for x in args.section_list):
         raise SystemExit(f"--sections must be a comma-separated list from {', '.join(SECTIONS)}, got {args.sections!r}")
     args.lr_list = sorted(_float_list(args.lrs, "--lrs"))
     args.seed_list = [int(x) for x in args.repeat_seeds.split(",") if x.strip()]
-    args.repeat_list = [n.strip() for n in args.repeat_optimizers.split(",") if n.strip()]
-    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--block-size", args.block_size),
-                        ("--eval-steps", args.eval_steps), ("--rank", args.rank),
-                        ("--update-proj-gap", args.update_proj_gap), ("--parallel", args.parallel)):
-        if value < 1:
-            raise SystemExit(f"{flag} must be >= 1, got {value}")
-    if args.threads < 0:
-        raise SystemExit(f"--threads must be >= 0, got {args.threads}")
+    args.repeat_list = split_list(args.repeat_optimizers)
+    check_at_least(sys.exit, *((f"--{k.replace('_', '-')}", getattr(args, k), 1) for k in (
+        "steps", "batch_size", "block_size", "eval_steps", "rank", "update_proj_gap", "parallel")),
+        ("--threads", args.threads, 0))
     if not Path(args.model_config).is_file():
         raise SystemExit(f"--model-config {args.model_config} does not exist")
     if args.data_files and not Path(args.data_files).is_file():
@@ -716,12 +667,9 @@ def main(argv=None) -> int:
         extra = []
         for summary in summarize(results, swept, args):
             lrs = sorted(summary.sweep)
-            if len(lrs) < 2:
-                continue
-            if summary.best_lr == lrs[0]:
-                extra.append(spec(summary.optimizer, _round_lr(lrs[0] * lrs[0] / lrs[1]), args.seed))
-            elif summary.best_lr == lrs[-1]:
-                extra.append(spec(summary.optimizer, _round_lr(lrs[-1] * lrs[-1] / lrs[-2]), args.seed))
+            if len(lrs) >= 2 and summary.best_lr in (lrs[0], lrs[-1]):
+                end, next_in = (lrs[0], lrs[1]) if summary.best_lr == lrs[0] else (lrs[-1], lrs[-2])
+                extra.append(spec(summary.optimizer, _round_lr(end * end / next_in), args.seed))
         if not extra:
             break
         print("best lr at an end of the grid for " + ", ".join(f"{x.optimizer} (adding {x.lr:g})" for x in extra),
@@ -751,6 +699,17 @@ def main(argv=None) -> int:
     machine = machine_line(args.device)
     folder = work if args.output in ("", "-") else Path(args.output).resolve().parent
     loads = (load_start, load_average())
+
+    def report(suffix: str, tables: list[str], finished: list[str]) -> None:
+        """Print ``tables``; write them as the section convergence[-TAG]SUFFIX of --output."""
+        tables = [t for t in tables if t]
+        print("\n\n".join(tables))
+        if args.output not in ("", "-"):
+            name = "convergence" + ("" if args.tag == "cpu" else f"-{args.tag}") + suffix
+            text = section(name, SCRIPT, command, machine_text(args, machine, finished, loads), *tables)
+            write_section(args.output, text, name)
+            print(f"wrote the convergence{suffix} section of {args.output}")
+
     if "sweep" in args.section_list:
         csv_path, png_path = folder / f"convergence_{args.tag}.csv", folder / f"convergence_{args.tag}.png"
         write_csv(csv_path, results)
@@ -761,13 +720,7 @@ def main(argv=None) -> int:
                   table(TARGET_HEAD, targets(summaries)) if targets(summaries) else "",
                   f"Curves: [{link(args, csv_path)}]({link(args, csv_path)})"
                   + (f"\n\n![convergence]({link(args, png_path)})" if plotted else "")]
-        print("\n\n".join(t for t in tables if t))
-        if args.output not in ("", "-"):
-            finished = [r["finished"] for r in results.values()]
-            name = "convergence" + ("" if args.tag == "cpu" else f"-{args.tag}")
-            write_section(args.output, section(name, SCRIPT, command, machine_text(args, machine, finished, loads),
-                                               *tables), name)
-            print(f"wrote the convergence section of {args.output}")
+        report("", tables, [r["finished"] for r in results.values()])
     if "variants" in args.section_list and comparisons:
         csv_path = folder / f"convergence_{args.tag}_variants.csv"
         write_csv(csv_path, {run_key(r["spec"]["optimizer"], r["spec"]["lr"], r["spec"]["seed"]): r
@@ -776,13 +729,7 @@ def main(argv=None) -> int:
         tables = [setting_table(args, comparisons[0].runs[0], corpus_info), variants_table(comparisons),
                   table(TARGET_HEAD, variant_targets(comparisons, precision)),
                   f"Curves: [{link(args, csv_path)}]({link(args, csv_path)})"]
-        print("\n\n".join(tables))
-        if args.output not in ("", "-"):
-            finished = [r["finished"] for c in comparisons for r in c.runs]
-            name = "convergence" + ("" if args.tag == "cpu" else f"-{args.tag}") + "-variants"
-            write_section(args.output, section(name, SCRIPT, command, machine_text(args, machine, finished, loads),
-                                               *tables), name)
-            print(f"wrote the convergence-variants section of {args.output}")
+        report("-variants", tables, [r["finished"] for c in comparisons for r in c.runs])
     return 0
 
 

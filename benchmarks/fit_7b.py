@@ -5,25 +5,14 @@
     python benchmarks/fit_7b.py --config configs/llama_1b.json --caps 0 --output fit_1b.json   # no cap
     python benchmarks/fit_7b.py --device cpu --config configs/llama_tiny.json --caps 0 --seq-len 64 --steps 2
 
-For each cap (largest first) and optimizer: free the previous run, cap PyTorch's allocator with
-``torch.cuda.set_per_process_memory_fraction`` (GB = 10^9 bytes; 0: no cap; the CUDA context lies outside the
-cap), build the model of --config on the device directly in bf16 (no fp32 copy; SDPA, per-layer gradient
-checkpointing; pure bf16, no master weights), build the optimizer (ours by registry name; a baseline of
-``_common.BASELINES``), run --steps steps on one fixed random batch (the loss falls: the updates happen), and
-record the allocator's peaks (model build included), tokens/s (steps after the first), the losses and the
-optimizer-state bytes. Out of memory: again at each --fallback-seq-lens; a smaller cap starts at the longest
-length that fitted a larger one. Next to each run: ``lowrank_opt.memory.estimate`` for the same run (allocated
-peak = total - overhead; reserved = total - the CUDA context).
-
-Without a CUDA GPU it stops before allocating anything (exit status 3). ``--device cpu`` runs the same code on
-the CPU, the whole run traced by torch.profiler (the CPU allocator's running total of live tensor bytes),
-against ``estimate(..., device="cpu")``: a check of the estimator's tensor model, never GPU numbers. On the CPU,
-``--cpu-matmul layout`` (the default) gives bf16 matrix products one transposed operand
-(:class:`CpuBf16MatmulLayout`): torch's generic CPU bf16 kernel is some 100 times slower otherwise.
-
-Memory levers (issue 17), for the run and its estimate alike: ``--optim-args`` (e.g. ``dense_state_bits=8``),
-``--target-modules``, ``--lean-loss`` (``lowrank_opt.loss.causal_lm_loss_from_model``) and ``--weights int8``
-(every Linear but the head in int8, materialised one module at a time: :func:`build_int8_model`).
+Per cap (largest first; GB = 10^9 bytes, 0: none; ``torch.cuda.set_per_process_memory_fraction``, the CUDA
+context outside it) and optimizer (ours by registry name, or a dense baseline of ``_common.BASELINES``): the model
+of --config built on the device in pure bf16 (SDPA, per-layer gradient checkpointing), --steps steps on one random
+batch; the allocator's peaks, tokens/s, losses and state bytes next to ``lowrank_opt.memory.estimate`` of the same
+run (allocated = total - overhead; reserved = total - the CUDA context). Out of memory: again at each
+--fallback-seq-lens (a smaller cap starts at the longest that fitted a larger one). Without CUDA it stops before
+allocating anything (exit 3); ``--device cpu`` traces the CPU allocator's live tensor bytes instead
+(docs/memory_measured_cpu.md). The memory levers apply to the run and its estimate alike.
 """
 
 from __future__ import annotations
@@ -31,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -45,20 +33,14 @@ from typing import Callable, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    BASELINES, GB, baseline_missing, build_baseline, build_llama, command_line, environment, split_list, table,
-    utc_now, write_json_atomic)
+    BASELINES, GB, baseline_missing, build_baseline, build_llama, check_at_least, command_line, cpu_peak_bytes,
+    environment, release_memory, split_list, storage_bytes, table, utc_now, write_json_atomic)
 
 EXIT_NO_CUDA = 3
 DEFAULT_CONFIG = "configs/llama_7b.json"
 DEFAULT_OPTIMS = "apollo,apollo_mini,apollo_layerwise,apollo_mini_layerwise,torch-adamw-fused,bnb-adamw8bit"
-BASELINE_LR = 1e-3  # ours take the registry's
 WEIGHT_FORMATS = ("float", "int8")
-NO_CUDA_MESSAGE = (
-    "fit_7b.py: error: no CUDA GPU is available (torch.cuda.is_available() is False), and this benchmark "
-    "measures GPU memory; nothing was allocated. Run it on a machine with a CUDA GPU and a CUDA build of "
-    "torch. To smoke-test the script itself on the CPU: python benchmarks/fit_7b.py --device cpu "
-    "--config configs/llama_tiny.json --caps 0 --seq-len 64 --steps 2"
-)
+CPU_MATMUL_CHOICES = ("layout", "torch")
 
 
 @dataclass(frozen=True)
@@ -75,17 +57,9 @@ class OptimChoice:
     lean_loss: bool = False
     weights: str = "float"
 
-    @property
-    def baseline(self) -> bool:
-        return self.name in BASELINES
-
-    @property
-    def estimator(self) -> str:
-        return BASELINES[self.name].estimator if self.baseline else self.name
-
-    @property
-    def estimator_args(self) -> dict:
-        return dict(self.options)
+    baseline = property(lambda self: self.name in BASELINES)
+    estimator = property(lambda self: BASELINES[self.name].estimator if self.baseline else self.name)
+    estimator_args = property(lambda self: dict(self.options))
 
 
 def resolve_choice(name: str) -> OptimChoice:
@@ -95,7 +69,7 @@ def resolve_choice(name: str) -> OptimChoice:
         if BASELINES[key].lowrank is not None:
             raise ValueError(f"{key!r} projects matrices a model's targets would choose; fit_7b.py runs the dense "
                              f"baselines only: {', '.join(k for k, b in BASELINES.items() if b.lowrank is None)}")
-        return OptimChoice(key, BASELINE_LR)
+        return OptimChoice(key, 1e-3)  # ours take the registry's lr
     from lowrank_opt.registry import resolve
 
     try:
@@ -134,15 +108,11 @@ def with_levers(choice: OptimChoice, *, optim_args: Optional[dict] = None, targe
 
 def describe_levers(choice: OptimChoice) -> str:
     """``"dense_state_bits=8, targets all-linear,embed_tokens,lm_head, lean loss, int8 weights"`` ("" if none)."""
+    targets = choice.target_modules
     parts = [f"{k}={v}" for k, v in choice.options.items()]
-    if choice.target_modules is not None:
-        targets = choice.target_modules
-        parts.append("targets " + (targets if isinstance(targets, str) else ",".join(targets)))
-    if choice.lean_loss:
-        parts.append("lean loss")
-    if choice.weights != "float":
-        parts.append(f"{choice.weights} weights")
-    return ", ".join(parts)
+    parts += [] if targets is None else ["targets " + (targets if isinstance(targets, str) else ",".join(targets))]
+    parts += ["lean loss"] if choice.lean_loss else []
+    return ", ".join(parts + ([f"{choice.weights} weights"] if choice.weights != "float" else []))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -152,7 +122,7 @@ def describe_levers(choice: OptimChoice) -> str:
 def _numbers(text: str, cast, what: str, low: float) -> list:
     """``"48,24,16"`` -> [48, 24, 16], each ``cast`` and >= ``low`` (argparse's error otherwise)."""
     values = []
-    for item in (t.strip() for t in text.split(",") if t.strip()):
+    for item in split_list(text):
         try:
             value = cast(item)
         except ValueError:
@@ -205,9 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not args.optims:
         parser.error("--optims needs at least one optimizer name")
-    for label, value in (("--seq-len", args.seq_len), ("--steps", args.steps), ("--batch-size", args.batch_size)):
-        if value < 1:
-            parser.error(f"{label} must be >= 1, got {value}")
+    check_at_least(parser.error, ("--seq-len", args.seq_len, 1), ("--steps", args.steps, 1),
+                   ("--batch-size", args.batch_size, 1))
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr must be a positive number, got {args.lr}")
     if args.device == "cpu" and any(c != 0 for c in args.caps):
@@ -220,22 +189,7 @@ def seq_ladder(seq_len: int, fallbacks: list[int], start_at: Optional[int] = Non
     """The lengths to try in order: ``seq_len``, then the shorter fallbacks, longest first, none above
     ``start_at`` (the longest length that fitted a larger cap)."""
     ladder = [seq_len] + sorted({s for s in fallbacks if s < seq_len}, reverse=True)
-    if start_at is not None:
-        ladder = [s for s in ladder if s <= start_at]
-    return ladder
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Out of memory
-
-
-def is_oom(exc: BaseException) -> bool:
-    import torch
-
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    # OOMs raised from inside autograd hooks or bitsandbytes kernels may arrive as plain RuntimeErrors.
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    return [s for s in ladder if start_at is None or s <= start_at]
 
 
 def first_line(exc: BaseException, limit: int = 240) -> str:
@@ -250,13 +204,17 @@ def longest_fitting(run: Callable[[int], dict], ladder: list[int], cleanup: Call
     Returns (the result of the first length that fitted or ``None``, one ``{"seq_len", "outcome"}`` per
     attempt). Out-of-memory errors are caught (the exception, and with it every tensor its traceback holds,
     is dropped before ``cleanup()`` runs); any other error propagates."""
+    import torch
+
     attempts: list[dict] = []
     for seq_len in ladder:
         message = None
         try:
             result = run(seq_len)
         except Exception as exc:  # only OOMs are handled here, the rest is re-raised
-            if not is_oom(exc):
+            # (OOMs from inside autograd hooks or bitsandbytes kernels may arrive as plain RuntimeErrors.)
+            if not (isinstance(exc, torch.OutOfMemoryError)
+                    or isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()):
                 raise
             message = first_line(exc)
         # Outside the except block: the exception and its frames (model, activations) are gone now.
@@ -270,16 +228,6 @@ def longest_fitting(run: Callable[[int], dict], ladder: list[int], cleanup: Call
 
 # ----------------------------------------------------------------------------------------------------------
 # One training run
-
-
-def free_memory(device: str) -> None:
-    import torch
-
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
 def set_cap(cap_gb: float) -> dict:
@@ -316,13 +264,10 @@ def _post_order(module, prefix: str = ""):
 
 def build_int8_model(config_path: str, device: str, seed: int, dtype: str = "bfloat16",
                      group_size: Optional[int] = None):
-    """The model of :func:`build_model` with every ``nn.Linear`` but the output head in int8
-    (:class:`lowrank_opt.quant.Int8Linear`, round to nearest; what :func:`lowrank_opt.quant.quantize_model_` makes
-    of the float model), without the float model ever existing: built on the meta device, then each module
-    with tensors of its own is materialised on ``device`` (``to_empty``), initialised by the model's own
-    ``_init_weights`` (so the same distributions as the float build; other draws) and, a Linear, replaced at
-    once by its int8 form. So at most one Linear's float weight is alive beside the int8 model: LLaMA-7B is
-    never 13.5 GB here, which a 12 GB cap needs. ``group_size``: None for the library's default (128)."""
+    """:func:`lowrank_opt.quant.quantize_model_` of :func:`build_model`'s model (every ``nn.Linear`` but the head in
+    int8) without the float model ever existing: built on the meta device, then each module materialised
+    (``to_empty``), initialised by the model's ``_init_weights`` and, a Linear, replaced at once by its int8 form,
+    so that at most one float Linear is alive (a 12 GB cap cannot hold LLaMA-7B's 13.5 GB of bf16 weights)."""
     import torch
     from torch import nn
 
@@ -359,82 +304,49 @@ def weight_bytes(model) -> int:
     holds one element), and an int8 layer's codes and scales (its buffers)."""
     from lowrank_opt.quant import Int8Linear
 
-    seen, total = set(), 0
-    tensors = list(model.parameters())
-    tensors += [b for m in model.modules() if isinstance(m, Int8Linear) for b in (m.weight_int8, m.weight_scale)]
-    for t in tensors:
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
-
-
-def bitsandbytes_missing() -> Optional[str]:
-    """Why bitsandbytes (8-bit AdamW, our 8-bit dense states) cannot be used here, or None."""
-    return baseline_missing("bnb-adamw8bit")
-
-
-def build_optim(choice: OptimChoice, model, lr: float):
-    if choice.baseline:
-        return build_baseline(choice.name, model, lr=lr)
-    from lowrank_opt.registry import build_optimizer
-
-    return build_optimizer(choice.name, model, lr=lr, target_modules=choice.target_modules, **choice.options)
-
-
-CPU_MATMUL_CHOICES = ("layout", "torch")
+    return storage_bytes([*model.parameters(), *(b for m in model.modules() if isinstance(m, Int8Linear)
+                                                 for b in (m.weight_int8, m.weight_scale))])
 
 
 def _mm_layout(x) -> Optional[str]:
     """``"row"`` for a row-major 2-D operand, ``"col"`` for a column-major one (a transposed view), else None."""
-    if x.dim() != 2:
-        return None
-    if x.stride(1) == 1 and x.size(1) > 1:
+    if x.dim() == 2 and x.stride(1) == 1 and x.size(1) > 1:
         return "row"
-    if x.stride(0) == 1 and x.size(0) > 1:
+    if x.dim() == 2 and x.stride(0) == 1 and x.size(0) > 1:
         return "col"
     return None
 
 
 class CpuBf16MatmulLayout:
-    """A dispatch mode for CPU runs in bf16: every ``mm``/``addmm`` whose two operands have the same memory
-    layout gets a copy of its *smaller* operand in the other layout first; the product is the same.
-
-    Why: on a CPU without bf16 matrix units (no AVX512-BF16/AMX), torch 2.13 runs bf16 matrix products on its
-    generic ``cpublas::gemm``, which is fast (5-21 GFLOPS on 2 cores) when exactly one operand is transposed
-    and some 100 times slower (0.2 GFLOPS) when both or neither are, as in the input gradient of every Linear
-    (``grad_out @ weight``). That made one LLaMA-7B step at 128 tokens take hours. The copy is of the
-    activation-sized operand (the weight is never copied), a few MB at 7B and 128 tokens; it is made inside
-    the traced block, so it counts in the measured peak, and ``copies``/``largest_copy_bytes`` record it."""
+    """A dispatch mode for bf16 CPU runs: an ``mm``/``addmm`` whose two operands share a memory layout first gets
+    a copy of its *smaller* operand in the other layout (the product is the same). Without bf16 matrix units,
+    torch's generic CPU kernel is some 100 times slower when both or neither operand is transposed, as in every
+    Linear's input gradient (``grad_out @ weight``): one LLaMA-7B step took hours. The copy is activation-sized,
+    made inside the traced block (so counted in the peak) and recorded in ``copies``/``largest_copy_bytes``."""
 
     def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
         import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
 
-        aten = torch.ops.aten
-        owner = self
+        owner, first_operand = self, {torch.ops.aten.mm.default: 0, torch.ops.aten.addmm.default: 1}
         self.copies, self.largest_copy_bytes = 0, 0
 
-        class _Mode(TorchDispatchMode):
+        class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                if func is aten.mm.default or func is aten.addmm.default:
-                    first = 0 if func is aten.mm.default else 1
+                first = first_operand.get(func)
+                if first is not None and args[first].dtype == torch.bfloat16 and args[first].device.type == "cpu":
                     a, b = args[first], args[first + 1]
-                    if a.dtype == torch.bfloat16 and a.device.type == "cpu":
-                        layout = _mm_layout(a)
-                        if layout is not None and layout == _mm_layout(b):
-                            which = first if a.numel() <= b.numel() else first + 1
-                            x = args[which]
-                            flipped = x.contiguous() if layout == "col" else x.t().contiguous().t()
-                            owner.copies += 1
-                            owner.largest_copy_bytes = max(owner.largest_copy_bytes,
-                                                           x.numel() * x.element_size())
-                            args = tuple(flipped if i == which else v for i, v in enumerate(args))
-                return func(*args, **kwargs)
+                    layout = _mm_layout(a)
+                    if layout is not None and layout == _mm_layout(b):
+                        which = first if a.numel() <= b.numel() else first + 1
+                        x = args[which]
+                        owner.copies += 1
+                        owner.largest_copy_bytes = max(owner.largest_copy_bytes, x.numel() * x.element_size())
+                        flipped = x.contiguous() if layout == "col" else x.t().contiguous().t()
+                        args = (*args[:which], flipped, *args[which + 1:])
+                return func(*args, **(kwargs or {}))
 
-        self._mode = _Mode()
+        self._mode = Mode()
 
     def __enter__(self):
         self._mode.__enter__()
@@ -446,35 +358,6 @@ class CpuBf16MatmulLayout:
     def summary(self) -> dict:
         return {"cpu_matmul": "layout", "layout_copies": self.copies,
                 "largest_layout_copy_mb": self.largest_copy_bytes / 1e6}
-
-
-@contextlib.contextmanager
-def cpu_peak_bytes():
-    """The peak of live CPU tensor bytes inside the block, from torch.profiler with ``profile_memory=True``: the
-    most bytes torch's CPU allocator had handed out at once (its running total, as each allocation event carries
-    it), less that total just before the block's first allocation (the profiler keeps the total across
-    sessions: a tensor of an earlier traced block freed after it stays in it). Yields a dict that gets
-    ``peak_bytes``, ``baseline_bytes``, ``allocation_events`` and ``method`` on exit."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    result: dict = {"method": "allocator"}
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        yield result
-    peak, count, first = 0, 0, None
-    pending = list(prof.profiler.kineto_results.experimental_event_tree())
-    while pending:
-        event = pending.pop()
-        pending.extend(event.children)
-        if event.typed[0] == _EventType.Allocation and event.typed[1].device.type == "cpu":
-            fields = event.typed[1]
-            count += 1
-            peak = max(peak, fields.total_allocated)
-            if first is None or event.start_time_ns < first[0]:
-                first = (event.start_time_ns, fields.total_allocated - fields.alloc_size)
-    result["baseline_bytes"] = first[1] if first is not None else 0
-    result["peak_bytes"] = peak - result["baseline_bytes"]
-    result["allocation_events"] = count
 
 
 def train_run(config_path: str, choice: OptimChoice, *, device: str, seq_len: int, batch_size: int, steps: int,
@@ -501,25 +384,19 @@ def train_run(config_path: str, choice: OptimChoice, *, device: str, seq_len: in
     return result
 
 
-def cuda_peaks() -> dict:
-    """The CUDA allocator's peaks since the last reset (GB)."""
-    import torch
-
-    return {"peak_allocated_gb": torch.cuda.max_memory_allocated() / GB,
-            "peak_reserved_gb": torch.cuda.max_memory_reserved() / GB}
-
-
 def _train_run(config_path: str, choice: OptimChoice, *, device: str, seq_len: int, batch_size: int, steps: int,
                lr: float, seed: int, dtype: str) -> dict:
     import torch
 
     from lowrank_opt.loss import causal_lm_loss_from_model
     from lowrank_opt.memory import optimizer_state_bytes
+    from lowrank_opt.registry import build_optimizer
 
     cuda = device == "cuda"
     model = build_model(config_path, device, seed, dtype, weights=choice.weights)
     after_model = torch.cuda.memory_allocated() if cuda else None
-    optimizer = build_optim(choice, model, lr)
+    optimizer = (build_baseline(choice.name, model, lr=lr) if choice.baseline else
+                 build_optimizer(choice.name, model, lr=lr, target_modules=choice.target_modules, **choice.options))
     generator = torch.Generator(device=device).manual_seed(seed)
     vocab = int(model.config.vocab_size)
     batch = torch.randint(0, vocab, (batch_size, seq_len), generator=generator, device=device)
@@ -553,15 +430,11 @@ def _train_run(config_path: str, choice: OptimChoice, *, device: str, seq_len: i
         "peak_allocated_gb": None, "peak_reserved_gb": None, "allocated_after_model_gb": None,
     }
     if cuda:
-        result.update(cuda_peaks())
-        result["allocated_after_model_gb"] = after_model / GB
+        result.update(peak_allocated_gb=torch.cuda.max_memory_allocated() / GB,
+                      peak_reserved_gb=torch.cuda.max_memory_reserved() / GB, allocated_after_model_gb=after_model / GB)
     if hasattr(optimizer, "remove_hooks"):  # layer-wise APOLLO: drop the hooks' references to the optimizer
         optimizer.remove_hooks()
     return result
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The estimate
 
 
 _ESTIMATES: dict = {}
@@ -622,10 +495,6 @@ def markdown_table(records: list[dict], device: str) -> str:
             "the estimate for device cpu; the timings are CPU timings. These are not GPU numbers.\n\n" + out)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Main
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -634,7 +503,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     import torch  # after the arguments, before anything else: no allocation happens without CUDA
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print(NO_CUDA_MESSAGE, file=sys.stderr)
+        print("fit_7b.py: error: no CUDA GPU is available (torch.cuda.is_available() is False), and this benchmark "
+              "measures GPU memory; nothing was allocated. Run it on a machine with a CUDA GPU and a CUDA build of "
+              "torch. To smoke-test the script itself on the CPU: python benchmarks/fit_7b.py --device cpu "
+              "--config configs/llama_tiny.json --caps 0 --seq-len 64 --steps 2", file=sys.stderr)
         return EXIT_NO_CUDA
 
     try:
@@ -656,7 +528,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if device != "cuda":
         print("device cpu: no GPU memory is measured and timings are CPU timings; the peak of live CPU tensor "
               "bytes is traced (torch.profiler) and compared with the estimate for device cpu")
-    bnb_problem = bitsandbytes_missing()
+    bnb_problem = baseline_missing("bnb-adamw8bit")  # also our 8-bit dense states
     settings = {"config": args.config, "caps_gb": args.caps, "optims": args.optims, "seq_len": args.seq_len,
                 "fallback_seq_lens": args.fallback_seq_lens, "steps": args.steps, "batch_size": args.batch_size,
                 "seed": args.seed, "dtype": "bfloat16 (pure, no master)", "optim_args": args.optim_args,
@@ -669,12 +541,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     for cap in args.caps:
         cap_info = set_cap(cap) if device == "cuda" else {"fraction": None, "note": "cpu: no cap"}
         for choice in choices:
+            levers, lr = describe_levers(choice), args.lr if args.lr is not None else choice.lr
             record = {"cap_gb": cap, "optimizer": choice.name, "seq_len": None, "status": "", "measured": None,
-                      "estimate": None, "attempts": [], "cap": cap_info}
-            if describe_levers(choice):
-                record["levers"] = describe_levers(choice)
-            lr = args.lr if args.lr is not None else choice.lr
-            record["lr"] = lr
+                      "estimate": None, "attempts": [], "cap": cap_info, **({"levers": levers} if levers else {}),
+                      "lr": lr}
             previous = longest_so_far.get(choice.name)
             if bnb_problem and (choice.name == "bnb-adamw8bit" or choice.options.get("dense_state_bits") == 8):
                 record["status"] = f"skipped: {bnb_problem}"
@@ -683,9 +553,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 record["note"] = "ran out of memory at every length under a larger cap"
             else:
                 ladder = seq_ladder(args.seq_len, args.fallback_seq_lens, previous)
-                levers = f" ({describe_levers(choice)})" if describe_levers(choice) else ""
-                print(f"cap {cap:g} GB, {choice.name}{levers}: trying seq {ladder} ...", flush=True)
-                free_memory(device)
+                print(f"cap {cap:g} GB, {choice.name}{f' ({levers})' if levers else ''}: trying seq {ladder} ...",
+                      flush=True)
+                release_memory(device)
                 if device == "cuda":
                     set_cap(cap)
 
@@ -696,18 +566,16 @@ def main(argv: Optional[list[str]] = None) -> int:
 
                 measured, attempts = None, []
                 try:
-                    measured, attempts = longest_fitting(run, ladder, cleanup=lambda: free_memory(device))
+                    measured, attempts = longest_fitting(run, ladder, cleanup=lambda: release_memory(device))
                 except Exception as exc:  # one broken optimizer must not lose the other results
                     traceback.print_exc()
                     record["status"] = f"error: {type(exc).__name__}: {first_line(exc)}"
-                free_memory(device)  # outside the except block, so the traceback's tensors are gone
+                release_memory(device)  # outside the except block, so the traceback's tensors are gone
                 record["attempts"] = attempts
                 if measured is not None:
-                    record["measured"] = measured
-                    record["seq_len"] = measured["seq_len"]
-                    record["status"] = "ok" if measured["seq_len"] == args.seq_len else "ok (shorter)"
-                    if not measured["loss_finite"]:
-                        record["status"] += ", non-finite loss"
+                    record.update(measured=measured, seq_len=measured["seq_len"], status=(
+                        "ok" if measured["seq_len"] == args.seq_len else "ok (shorter)")
+                        + ("" if measured["loss_finite"] else ", non-finite loss"))
                     longest_so_far[choice.name] = measured["seq_len"]
                 elif attempts:
                     record["status"] = "oom at " + ", ".join(str(a["seq_len"]) for a in attempts)
@@ -727,9 +595,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if device == "cuda":
         torch.cuda.set_per_process_memory_fraction(1.0)
 
-    print()
-    print(markdown_table(records, device))
-    print(f"\nwrote {args.output}")
+    print(f"\n{markdown_table(records, device)}\n\nwrote {args.output}")
     return 0
 
 

@@ -5,12 +5,10 @@ apollo-torch, the memory estimator against measured peaks, and the CUDA-only tes
     python benchmarks/gpu_proof.py --smoke                               # CPU, tiny configs, every stage
     python benchmarks/gpu_proof.py --render                              # docs/memory.md's "gpu" section again
 
-Every unit of :func:`plan` is one command of another script (benchmarks/fit_7b.py, benchmarks/step_time.py,
-pytest on tests/test_cuda.py) in a process of its own, limited to its own time and to what is left of
---budget-s; the units run in order of importance, so a short budget cuts the least important ones. A unit past
-its limit is killed (what its script had written so far is kept). After every unit, --results is written
-(merged by unit key into what it holds, so a later run with --only can finish what an earlier one missed; a run
-on another device is refused) and --doc's generated "gpu" section is rendered from it.
+Every unit of :func:`plan` is one command of another script (fit_7b.py, step_time.py, pytest on tests/test_cuda.py)
+in a process of its own, most important first, limited to its own time and to what is left of --budget-s (a unit
+past it is killed; what it wrote is kept). After every unit, --results is written (merged by unit key, so --only
+can finish what a cut run missed; another device's results are refused) and --doc's "gpu" section rendered from it.
 """
 
 from __future__ import annotations
@@ -107,10 +105,6 @@ SMOKE_KEYS = ("apollo@48GB", "16GB-setting", "12GB-setting", "step_time@1b-fp32"
               "estimator@60m")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Running the units
-
-
 def run_unit(unit: Unit, smoke: bool, budget_left: float, log) -> dict:
     """The unit's record: its command, status, wall time and what its script wrote (fit_7b's or step_time's
     JSON; pytest's last line)."""
@@ -121,9 +115,8 @@ def run_unit(unit: Unit, smoke: bool, budget_left: float, log) -> dict:
     elif unit.stage != "cuda_tests":
         argv += ["--output", str(out_file)]
     limit = min(unit.max_s, budget_left)
-    record = {"key": unit.key, "stage": unit.stage, "command": shlex.join(["python", *argv]), "date": utc_now()}
-    if unit.stage == "fit_7b":
-        record["expected"] = unit.expect
+    record = {"key": unit.key, "stage": unit.stage, "command": shlex.join(["python", *argv]), "date": utc_now(),
+              **({"expected": unit.expect} if unit.stage == "fit_7b" else {})}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     started = time.time()
     proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -159,10 +152,6 @@ def merge(old: Optional[dict], new: dict) -> dict:
             units[key] = record
     return {**old, **{k: v for k, v in new.items() if k != "units"}, "units": units,
             "commands": old.get("commands", []) + [c for c in new["commands"] if c not in old.get("commands", [])]}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The docs section, from results.json
 
 
 def _f(value, digits: int = 2) -> str:
@@ -206,9 +195,6 @@ def render(results: Optional[dict]) -> str:
                          "llrrrr") if steps else "",
                    table(head, estimates, "lrllllrrrrrrl") if estimates else "",
                    table(["unit", "status", "wall s", "summary"], status, "llrl"))
-
-
-# ----------------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -6,7 +6,7 @@
 
 For each case ``TOKENSxVOCABxHIDDEN:DTYPE`` and path (``plain``: ``F.cross_entropy(F.linear(h, w).float(), y)``;
 ``torch``: ``F.linear_cross_entropy`` with ``torch.nn.LinearCrossEntropyOptions()``, its chunked path; ``lean``:
-``lowrank_opt.loss.linear_cross_entropy``), one loss + backward inside ``fit_7b.cpu_peak_bytes``, the inputs
+``lowrank_opt.loss.linear_cross_entropy``), one loss + backward inside ``_common.cpu_peak_bytes``, the inputs
 cloned inside so that they and their gradients are counted; scratch = peak - (inputs + gradients), next to the
 lean path's formula (:func:`formula_scratch_bytes`; a bf16 ``h.grad`` is made after its peak, T*H*2 bytes less).
 ``--skip CASE:PATH`` leaves a path out, by default the bf16 plain path at LLaMA-7B's head shape (minutes on a CPU).
@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import command_line, environment, machine_line, split_list, table, utc_now, write_json_atomic  # noqa: E402
-from fit_7b import cpu_peak_bytes  # noqa: E402
+from _common import (  # noqa: E402
+    check_at_least, command_line, cpu_peak_bytes, environment, machine_line, split_list, table, utc_now,
+    write_json_atomic)
 
 MB = 1e6
 PATHS = ("plain", "torch", "lean")
@@ -47,14 +48,7 @@ class Case:
     vocab: int
     hidden: int
     dtype: str  # "fp32" | "bf16" | "fp16"
-
-    @property
-    def label(self) -> str:
-        return f"{self.tokens}x{self.vocab}x{self.hidden}:{self.dtype}"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Arguments
+    label = property(lambda self: f"{self.tokens}x{self.vocab}x{self.hidden}:{self.dtype}")
 
 
 def parse_case(text: str) -> Case:
@@ -111,16 +105,6 @@ def parse_skip(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lean_loss.py", description=__doc__.split("\n\n")[0],
@@ -132,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip", type=parse_skip, default=None,
                         help=f"CASE:PATH pairs to leave out (default {DEFAULT_SKIP}: minutes on a CPU); '' for none")
     parser.add_argument("--seed", type=int, default=0, help="seed of the inputs (default 0)")
-    parser.add_argument("--threads", type=positive_int, default=None,
+    parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's own choice)")
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON to this path")
     return parser
@@ -140,20 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """What argparse's types cannot see: a --skip naming no case of --cases, an --output that is a folder."""
-    given_skip = args.skip is not None
+    if args.threads is not None:
+        check_at_least(parser.error, ("--threads", args.threads, 1))
+    args.skip_given = args.skip is not None
     args.skip = parse_skip(DEFAULT_SKIP) if args.skip is None else args.skip
-    args.skip_given = given_skip
-    if given_skip:
+    if args.skip_given:
         labels = {c.label for c in args.cases}
         stray = [f"{case}:{path}" for case, path in args.skip if case not in labels]
         if stray:
             parser.error(f"--skip {', '.join(stray)} names no case of --cases ({', '.join(sorted(labels))})")
     if args.output is not None and args.output.is_dir():
         parser.error(f"--output {str(args.output)!r} is a directory; give a file path")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The loss.py formula
 
 
 def formula_scratch_bytes(tokens: int, vocab: int, hidden: int, dtype: str, token_chunk: int,
@@ -169,10 +150,6 @@ def formula_scratch_bytes(tokens: int, vocab: int, hidden: int, dtype: str, toke
     if dtype != "fp32":
         scratch += 4 * ct * hidden + 8 * cv * hidden
     return scratch
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Measuring
 
 
 def torch_path_missing() -> Optional[str]:
@@ -224,9 +201,7 @@ def measure(fn, inputs) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with cpu_peak_bytes() as peak:
-            h = hidden0.clone().requires_grad_()
-            w = weight0.clone().requires_grad_()
-            y = labels0.clone()
+            h, w, y = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_(), labels0.clone()
             start = time.perf_counter()
             loss = fn(h, w, y)
             loss.backward()
@@ -259,11 +234,9 @@ def run_case(case: Case, paths: list[str], skip: set, seed: int, skip_given: boo
                                                                  DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK)
         missing = torch_path_missing() if path == "torch" else None
         if (case.label, path) in skip:
-            row["status"] = "skipped"
-            row["reason"] = "skipped by --skip" if skip_given else DEFAULT_SKIP_REASON
+            row.update(status="skipped", reason="skipped by --skip" if skip_given else DEFAULT_SKIP_REASON)
         elif missing:
-            row["status"] = "absent"
-            row["reason"] = missing
+            row.update(status="absent", reason=missing)
         else:
             try:
                 if inputs is None:
@@ -271,14 +244,11 @@ def run_case(case: Case, paths: list[str], skip: set, seed: int, skip_given: boo
                 row.update(measure(loss_function(path), inputs))
             except Exception as exc:  # one failing path must not lose the others
                 traceback.print_exc()
-                row["status"] = "error"
-                row["reason"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                row.update(status="error", reason=f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
             gc.collect()
-        if row["status"] == "ok":
-            print(f"{case.label} {path}: peak {row['peak_bytes'] / MB:,.1f} MB, loss {row['loss']:.6f}, "
-                  f"{row['seconds']:.1f} s", flush=True)
-        else:
-            print(f"{case.label} {path}: {row['status']}: {row['reason']}", flush=True)
+        print(f"{case.label} {path}: " + (f"peak {row['peak_bytes'] / MB:,.1f} MB, loss {row['loss']:.6f}, "
+                                          f"{row['seconds']:.1f} s" if row["status"] == "ok"
+                                          else f"{row['status']}: {row['reason']}"), flush=True)
         rows.append(row)
     return rows, compare_losses(case.label, {r["path"]: r["loss"] for r in rows if r["status"] == "ok"})
 
@@ -291,10 +261,6 @@ def compare_losses(label: str, losses: dict[str, float]) -> dict:
     return {"case": label, "losses": losses, "reference": reference,
             "differences": {p: v - losses[reference] for p, v in losses.items() if p != reference},
             "max_loss_difference": (max(values) - min(values)) if len(values) > 1 else None}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Report
 
 
 def _mb(value: Optional[float]) -> str:
@@ -319,10 +285,6 @@ def markdown_table(rows: list[dict], comparisons: list[dict], command: str, mach
          "seconds", "note"], [[r["case"], r["path"], *cells(r)] for r in rows], "llrrrrrrl"), losses])
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Main
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -342,11 +304,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         case_rows, comparison = run_case(case, args.paths, skip, args.seed, args.skip_given)
         rows += case_rows
         comparisons.append(comparison)
-    table_text = markdown_table(rows, comparisons, command, machine)
-    print()
-    print(table_text)
-    total = time.perf_counter() - started
-    print(f"\ntotal {total:.0f} s")
+    table_text, total = markdown_table(rows, comparisons, command, machine), time.perf_counter() - started
+    print(f"\n{table_text}\n\ntotal {total:.0f} s")
     if args.output is not None:
         from lowrank_opt.loss import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK
 
@@ -354,7 +313,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "environment": {**environment("cpu"), "threads": torch.get_num_threads()},
                    "settings": {"cases": [c.label for c in args.cases], "paths": args.paths, "seed": args.seed,
                                 "skip": [f"{c}:{p}" for c, p in args.skip], "threads": args.threads,
-                                "weight_std": WEIGHT_STD, "mb": MB, "peak_method": "fit_7b.cpu_peak_bytes()",
+                                "weight_std": WEIGHT_STD, "mb": MB, "peak_method": "_common.cpu_peak_bytes()",
                                 "lean_chunks": {"token_chunk_size": DEFAULT_TOKEN_CHUNK,
                                                 "vocab_chunk_size": DEFAULT_VOCAB_CHUNK},
                                 "torch_options": (repr(torch.nn.LinearCrossEntropyOptions())

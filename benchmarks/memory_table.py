@@ -2,14 +2,12 @@
 LLaMA-7B with the memory levers of issue 17 (the 16 GB and 12 GB settings).
 
     pip install -e ".[hf,bench]"          # transformers for the configs, matplotlib for the plots
-    python benchmarks/memory_table.py     # docs/memory.md's two sections and docs/memory_{60m,...,7b}.png
+    python benchmarks/memory_table.py     # docs/memory.md's sections and docs/memory_{60m,...,7b}.png
     python benchmarks/memory_table.py --sizes 7b --seq-len 4096 --output /tmp/memory.md --plots-dir /tmp
 
-Every number comes from :func:`lowrank_opt.memory.estimate` (the model on the meta device: nothing is allocated,
-no GPU is needed); nothing here is measured. Unless the flags change it: pure bf16 weights, micro-batch 1 x 2048
-tokens, per-decoder-layer gradient checkpointing, SDPA, one GPU. Ours are registry names; the baselines and their
-settings are ``_common.BASELINES``'. Rerunning replaces the "memory-levers" and "memory-table" sections of
---output; the page's prose around them is written by hand.
+Every number is :func:`lowrank_opt.memory.estimate`'s (meta device: nothing allocated, no GPU); the setting and
+the optimizers are described in docs/memory.md ("The table"). Rerunning replaces the memory-levers, memory-table
+and memory-moe sections of --output.
 """
 
 from __future__ import annotations
@@ -24,8 +22,8 @@ from typing import Any, Callable, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    BASELINES, GB, ROOT, SIZES, LlamaShape, command_line, now_text, package_version, pyplot, save_figure, section,
-    split_list, table, write_section)
+    BASELINES, GB, ROOT, SIZES, LlamaShape, check_at_least, command_line, now_text, package_version, pyplot,
+    save_figure, section, split_list, table, write_section)
 
 CARDS_GB = (8, 12, 16, 24, 32, 40, 48, 80, 141)  # common single-GPU memory sizes, smallest first
 PLOT_LINES_GB = (16, 24, 48, 80)
@@ -113,6 +111,16 @@ def _gb(x: float) -> str:
     return f"{x / GB:.2f}"
 
 
+NET_HEAD = ["weights", "optimizer states", "activations and loss (net)", "gradient, step scratch, overhead",
+            "**total**"]
+
+
+def net_parts(e) -> list[str]:
+    """The columns of :data:`NET_HEAD` (GB): activations net of what backward frees, the small parts together."""
+    return [_gb(e.weights), _gb(e.optimizer_states), _gb(e.activations - e.freed_during_backward),
+            _gb(e.gradients + e.step_temporaries + e.overhead), f"**{_gb(e.total)}**"]
+
+
 def smallest_card(total_bytes: float) -> str:
     return next((f"{card} GB" for card in CARDS_GB if total_bytes <= card * GB), f"> {CARDS_GB[-1]} GB")
 
@@ -154,10 +162,6 @@ def state_split_table(rows: list[Row]) -> str:
                    ", ".join(f"{k.split('.', 1)[1]} {v / GB:.2f}" for k, v in r.estimate.components.items()
                              if k.startswith("optimizer_states.") and v >= 5e5)]
                   for r in rows if not r.layerwise], "lrl")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# LLaMA-7B with the memory levers
 
 
 @dataclass(frozen=True)
@@ -234,17 +238,10 @@ def lever_table(rows: list[LeverRow]) -> str:
             label += " (estimate only: costly in loss)"
         before = by_key.get(lever.after)
         flags = " ".join(lever_cli_flags(lever))
-        out.append([r.number, label, f"`{flags}`" if flags else "—", _gb(e.weights), _gb(e.optimizer_states),
-                    _gb(e.activations - e.freed_during_backward), _gb(e.gradients + e.step_temporaries + e.overhead),
-                    f"**{_gb(e.total)}**", f"{(before.estimate.total - e.total) / GB:.2f} (vs {before.number})"
-                    if before else "—", smallest_card(e.total)])
-    return table(["#", "levers", "`lowrank-opt memory` flags", "weights", "optimizer states",
-                  "activations and loss (net)", "gradient, step scratch, overhead", "**total**", "saved",
-                  "smallest card"], out, "rllrrrrrrl")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# MoE models: fused experts, per-expert APOLLO
+        out.append([r.number, label, f"`{flags}`" if flags else "—", *net_parts(e),
+                    f"{(before.estimate.total - e.total) / GB:.2f} (vs {before.number})" if before else "—",
+                    smallest_card(e.total)])
+    return table(["#", "levers", "`lowrank-opt memory` flags", *NET_HEAD, "saved", "smallest card"], out, "rllrrrrrrl")
 
 
 MOE_CONFIGS = {"mixtral_8x7b": "Mixtral-8x7B", "qwen3_30b_a3b": "Qwen3-30B-A3B"}
@@ -255,7 +252,6 @@ class MoeRow:
     label: str
     optimizer: str
     optim_args: Optional[str] = None
-    layerwise: bool = False
     lean_loss: bool = False
     weights: str = "float"
 
@@ -287,16 +283,9 @@ def moe_table(configs: list[str], setting: Setting, log=print) -> str:
                          weights=row.weights, **setting.estimate_args())
             log(f"  {config:14s} {row.label:36s} {e.total / GB:7.2f} GB ({time.perf_counter() - started:.0f} s)")
             out.append([f"{MOE_CONFIGS.get(config, config)} ({e.n_params / 1e9:.2f} B)", row.label, f"`{row.flags()}`",
-                        _gb(e.weights), _gb(e.optimizer_states), _gb(e.activations - e.freed_during_backward),
-                        _gb(e.gradients + e.step_temporaries + e.overhead), f"**{_gb(e.total)}**",
-                        smallest_card(e.total)])
-    return table(["model", "optimizer", "`lowrank-opt memory CONFIG` flags", "weights", "optimizer states",
-                  "activations and loss (net)", "gradient, step scratch, overhead", "**total**", "smallest card"],
-                 out, "lllrrrrrl")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Plots
+                        *net_parts(e), smallest_card(e.total)])
+    return table(["model", "optimizer", "`lowrank-opt memory CONFIG` flags", *NET_HEAD, "smallest card"], out,
+                 "lllrrrrrl")
 
 
 COLORS = {"weights": "#4c72b0", "gradients": "#dd8452", "optimizer states": "#c44e52", "activations": "#55a868",
@@ -323,11 +312,8 @@ def plot_size(rows: list[Row], size: LlamaShape, setting: Setting, path: Path, c
         ax.axhline(card, color="grey", linestyle="--", linewidth=0.8)
         ax.text(xs[-1] + 0.6, card, f"{card} GB", va="center", fontsize=8, color="grey",
                 bbox=dict(facecolor="white", edgecolor="none", pad=1.0))
-    ax.set_xticks(xs)
-    ax.set_xticklabels(labels, fontsize=7.5)
-    ax.set_xlim(xs[0] - 0.7, xs[-1] + 1.4)
-    ax.set_ylim(0, top * 1.12)
-    ax.set_ylabel("estimated peak per GPU (GB = 1e9 bytes)")
+    ax.set_xticks(xs, labels, fontsize=7.5)
+    ax.set(xlim=(xs[0] - 0.7, xs[-1] + 1.4), ylim=(0, top * 1.12), ylabel="estimated peak per GPU (GB = 1e9 bytes)")
     ax.set_title(f"{size.label} ({rows[0].estimate.n_params / 1e9:.2f} B params), bf16 weights, batch "
                  f"{setting.batch_size} x {setting.seq_len} tokens"
                  + (", gradient checkpointing" if setting.gradient_checkpointing else "")
@@ -337,9 +323,6 @@ def plot_size(rows: list[Row], size: LlamaShape, setting: Setting, path: Path, c
     fig.text(0.01, 0.005, command, fontsize=6.5, color="grey")
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     save_figure(fig, path)
-
-
-# ----------------------------------------------------------------------------------------------------------
 
 
 def _choices(known: dict, what: str):
@@ -369,8 +352,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--moe-configs", default=",".join(MOE_CONFIGS), help="MoE configs of the memory-moe section, "
                         "comma-separated ('' skips it; about a minute per estimate); default %(default)s")
     args = parser.parse_args(argv)
-    if min(args.batch_size, args.seq_len) < 1:
-        parser.error(f"--batch-size and --seq-len must be >= 1, got {args.batch_size} and {args.seq_len}")
+    check_at_least(parser.error, ("--batch-size", args.batch_size, 1), ("--seq-len", args.seq_len, 1))
     if not args.no_plots and pyplot() is None:
         parser.error("the plots need matplotlib: pip install matplotlib (or .[bench]), or pass --no-plots")
     setting = Setting(args.batch_size, args.seq_len, args.gradient_checkpointing)

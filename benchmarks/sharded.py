@@ -5,15 +5,11 @@ in all and per matrix kind, next to the gradient bytes; the optimizer state each
         --output docs/deepspeed.md
     python benchmarks/sharded.py --backend fsdp --config configs/llama_130m.json --steps 4 --output docs/fsdp.md
 
-A plain ``python`` call re-launches itself under ``torch.distributed.run`` (--nproc processes; ``DS_ACCELERATOR=cpu``
-for zero). Every rank builds the LLaMA of --config (fp32, the same seed) and runs --warmup + --steps iterations of a
-real forward/backward of random tokens, then the step: under zero, per stage and param-group layout (``lowrank``:
-``lowrank_param_groups``; ``per-matrix``: ``deepspeed_param_groups``), ``engine.step()`` of
-``lowrank_opt.integrations.deepspeed.initialize``; under fsdp, ``optimizer.step()`` on a model ``fully_shard``ed per
-decoder layer and at the root. Counted per step: the step between barriers and the optimizer's own ``step()`` calls
-in it, ``comm_bytes_last_step`` and ``comm_bytes_by_param`` per matrix kind, every ``torch.distributed``
-collective by phase (:class:`CommCounter`), the state per rank; the reference is the unsharded optimizer on rank 0.
-docs/deepspeed.md and docs/fsdp.md ("Benchmark") say more.
+A plain ``python`` call re-launches itself under ``torch.distributed.run`` (--nproc CPU ranks over gloo). Every rank
+builds the LLaMA of --config and runs --warmup + --steps real forward/backward passes and steps: per ZeRO stage and
+param-group layout (``lowrank``: ``lowrank_param_groups``; ``per-matrix``: ``deepspeed_param_groups``), or under
+FSDP2 per decoder layer. Every ``torch.distributed`` collective is counted by phase (:class:`CommCounter`); the
+reference is the unsharded optimizer on rank 0. What is measured: docs/deepspeed.md and docs/fsdp.md, "Benchmark".
 """
 
 from __future__ import annotations
@@ -35,8 +31,8 @@ from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    build_llama, build_ours, gc_paused, load_average, machine_line, mib, now_text, section, split_list,
-    table, tensor_bytes, timed_calls, write_json_atomic, write_section)
+    build_llama, build_ours, check_at_least, gc_paused, load_average, machine_line, mib, now_text, section,
+    split_list, table, tensor_bytes, timed_calls, write_json_atomic, write_section)
 
 LR = 1e-3
 COMMAND_ENV = "SHARDED_BENCH_COMMAND"  # the user's command line, handed to the torchrun re-launch
@@ -181,10 +177,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.group_list = split_list(args.groups)
     if not args.group_list or any(g not in GROUPINGS for g in args.group_list):
         parser.error(f"--groups takes layouts from {', '.join(GROUPINGS)}, got {args.groups!r}")
-    for name, low in (("steps", 1), ("warmup", 0), ("rank", 1), ("update_proj_gap", 1), ("seq_len", 2),
-                      ("micro_batch", 1), ("threads", 1), ("nproc", 1)):
-        if getattr(args, name) < low:
-            parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    check_at_least(parser.error, *((f"--{name.replace('_', '-')}", getattr(args, name), low) for name, low in (
+        ("steps", 1), ("warmup", 0), ("rank", 1), ("update_proj_gap", 1), ("seq_len", 2), ("micro_batch", 1),
+        ("threads", 1), ("nproc", 1))))
     if not Path(args.config).is_file():
         parser.error(f"--config {args.config} does not exist")
     return args
@@ -447,9 +442,6 @@ def render(args, results: list[list[dict]], references: dict[str, dict], world: 
                      [[label, fmt_ops(rs[0]["comm_backward"]), fmt_ops(rs[0]["comm_step"]),
                        fmt_ops(rs[0]["comm_inside_optimizer"])] for label, rs in zip(labels, results)]))
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> int:

@@ -6,19 +6,15 @@
     python benchmarks/step_time.py --scaling                     # per shape class, 60m..7b, + CSV and PNG
     python benchmarks/step_time.py --scaling --custom 64,172,2,16 --vocab 256 --output -    # tiny, print only
 
-Only parameter tensors are built, with random gradients assigned once, every optimizer on clones of the same
-ones: ours by registry name (:data:`OURS`), the others from ``_common.BASELINES`` (lr 1e-3, weight decay 0,
-update_proj_gap 200). Default mode: one optimizer at a time, its first step, steady steps, a step at a projection
-refresh and its state; then each of --pairs stepped alternately for --paired-rounds rounds. --scaling: per shape
-class, K tensors of each, every optimizer in rotating rounds, scaled to the whole model by the class counts. What
-is measured, and how to read it: docs/benchmarks.md.
+Only parameter tensors are built, random gradients assigned once, every optimizer on clones of the same ones: ours
+by registry name (:data:`OURS`), the others from ``_common.BASELINES``. Default mode: one optimizer at a time, then
+each of --pairs stepped alternately; --scaling: per shape class, scaled to the whole model. What is measured, and
+how to read it: docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import statistics
 import sys
@@ -29,10 +25,10 @@ from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    BASELINES, SIZES, VOCAB, LlamaShape, baseline_missing, build_baseline, build_ours, command_line, gc_paused,
-    initial_weight, llama_parameter_shapes, load_average, machine_line, mib, ms, now_text, parameter_count,
-    peak_rss_text, pyplot, random_tensor, release_memory, rotations, round_ratios, save_figure, section,
-    shape_classes, split_list, state_bytes, table, timed, timed_calls, timed_rounds, write_json_atomic,
+    BASELINES, SIZES, VOCAB, LlamaShape, baseline_missing, build_baseline, build_ours, check_at_least, command_line,
+    csv_text, gc_paused, initial_weight, llama_parameter_shapes, load_average, machine_line, mib, ms, now_text,
+    parameter_count, pyplot, random_tensor, release_memory, rotations, round_ratios, save_figure,
+    section, shape_classes, split_list, state_bytes, table, timed, timed_calls, timed_rounds, write_json_atomic,
     write_section, write_text_atomic)
 
 LR, BETAS, UPDATE_PROJ_GAP = 1e-3, (0.9, 0.999), 200
@@ -108,10 +104,7 @@ class Result:
     refresh_ms: Optional[float]
     state_bytes: int
     projection_bytes: int
-
-    @property
-    def total_bytes(self) -> int:
-        return self.state_bytes + self.projection_bytes
+    total_bytes = property(lambda self: self.state_bytes + self.projection_bytes)
 
 
 @dataclass
@@ -219,10 +212,7 @@ class Measurement:
     refresh_ms: Optional[float]
     state_bytes: int
     held_bytes: int
-
-    @property
-    def median_ms(self) -> float:
-        return statistics.median(self.steady_ms)
+    median_ms = property(lambda self: statistics.median(self.steady_ms))
 
 
 @dataclass
@@ -355,18 +345,12 @@ CSV_FIELDS = ["size", "class", "shape", "count", "K", "optimizer", "first_ms_per
               "refresh_ms_per_matrix", "state_bytes_per_matrix", "held_p_bytes_per_matrix"]
 
 
-def csv_text(runs: list[ClassRun]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_FIELDS)
-    for r in runs:
-        for kind, m in r.results.items():
-            refresh = r.per_matrix(m.refresh_ms)
-            writer.writerow([r.size, r.cls.name, "x".join(map(str, r.cls.dims)), r.cls.count, r.k, kind,
-                             f"{m.first_ms / r.k:.6g}", f"{m.median_ms / r.k:.6g}", f"{min(m.steady_ms) / r.k:.6g}",
-                             f"{max(m.steady_ms) / r.k:.6g}", "" if refresh is None else f"{refresh:.6g}",
-                             f"{m.state_bytes / r.k:.10g}", f"{m.held_bytes / r.k:.10g}"])
-    return buf.getvalue()
+def scaling_csv(runs: list[ClassRun]) -> str:
+    return csv_text(CSV_FIELDS, [
+        [r.size, r.cls.name, "x".join(map(str, r.cls.dims)), r.cls.count, r.k, kind, f"{m.first_ms / r.k:.6g}",
+         f"{m.median_ms / r.k:.6g}", f"{min(m.steady_ms) / r.k:.6g}", f"{max(m.steady_ms) / r.k:.6g}",
+         "" if m.refresh_ms is None else f"{m.refresh_ms / r.k:.6g}", f"{m.state_bytes / r.k:.10g}",
+         f"{m.held_bytes / r.k:.10g}"] for r in runs for kind, m in r.results.items()])
 
 
 def write_plot(path: Path, runs: list[ClassRun], sizes: dict, args) -> bool:
@@ -390,6 +374,7 @@ def write_plot(path: Path, runs: list[ClassRun], sizes: dict, args) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The command line
 
 
 def parse_args(argv=None):
@@ -448,13 +433,10 @@ def parse_args(argv=None):
         args.pair_list.append((a, b))
     if args.refresh_steps is None:
         args.refresh_steps = 3 if args.scaling else 1
-    for flag, value, low in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--vocab", args.vocab, 1),
-                             ("--paired-rounds", args.paired_rounds, 0), ("--refresh-steps", args.refresh_steps, 1),
-                             ("--max-elements", args.max_elements, 1),
-                             ("--rank", 1 if args.rank is None else args.rank, 1),
-                             ("--threads", 1 if args.threads is None else args.threads, 1)):
-        if value < low:
-            parser.error(f"{flag} must be >= {low}, got {value}")
+    check_at_least(parser.error, ("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--vocab", args.vocab, 1),
+                   ("--paired-rounds", args.paired_rounds, 0), ("--refresh-steps", args.refresh_steps, 1),
+                   ("--max-elements", args.max_elements, 1), ("--rank", 1 if args.rank is None else args.rank, 1),
+                   ("--threads", 1 if args.threads is None else args.threads, 1))
     return args
 
 
@@ -490,8 +472,7 @@ def main(argv=None) -> int:
             continue
         params = parameter_set(shape, args.vocab, device, args.torch_dtype)
         for kind in usable:
-            results.append(run_one(kind, size, params, rank, args, device))
-            r = results[-1]
+            results.append(r := run_one(kind, size, params, rank, args, device))
             print(f"#   {kind:18s} first {ms(r.first_ms):>8s} ms  steady {ms(r.steady_ms):>8s} ms  refresh "
                   f"{ms(r.refresh_ms):>8s} ms  state {mib(r.state_bytes)} MiB + P {mib(r.projection_bytes)} MiB",
                   flush=True)
@@ -503,14 +484,16 @@ def main(argv=None) -> int:
         release_memory(device)
 
     machine += f"; load average {load_start} at the start, {load_average()} at the end"
-    if peak_rss_text():
-        machine += f"; peak RSS {peak_rss_text()}"
+    if sys.platform.startswith("linux"):  # getrusage's unit differs elsewhere
+        from lowrank_opt.memory.measure import peak_rss_bytes
+
+        machine += f"; peak RSS {peak_rss_bytes() / 2**30:.1f} GiB"
     printing = args.output in ("", "-")
     folder = Path(tempfile.gettempdir()) if printing else Path(args.output).resolve().parent
     if args.scaling:
-        tables = [sizes_table(args.shapes, args.vocab), *scaling_tables(runs, args.shapes, args, pairs)]
-        write_text_atomic(folder / "scaling.csv", csv_text(runs))
-        tables.append("Per-matrix figures: `scaling.csv`.")
+        tables = [sizes_table(args.shapes, args.vocab), *scaling_tables(runs, args.shapes, args, pairs),
+                  "Per-matrix figures: `scaling.csv`."]
+        write_text_atomic(folder / "scaling.csv", scaling_csv(runs))
         if write_plot(folder / "scaling.png", runs, args.shapes, args):
             tables.append("![step time and state bytes against parameter count](scaling.png)")
         print(f"# wrote {folder / 'scaling.csv'}")
@@ -525,9 +508,8 @@ def main(argv=None) -> int:
                                                   for r in runs]})
     if not printing:
         name = "scaling" if args.scaling else "step_time"
-        write_section(args.output, section(name, "benchmarks/step_time.py", command, f"Run {now_text()} on {machine}.",
-                                              *tables),
-                      name)
+        text = section(name, "benchmarks/step_time.py", command, f"Run {now_text()} on {machine}.", *tables)
+        write_section(args.output, text, name)
         print(f"# wrote the {name} section of {args.output}")
     return 0
 
