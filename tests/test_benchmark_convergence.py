@@ -64,14 +64,14 @@ def test_tiny_sweep_writes_csv_plot_and_section(tmp_path):
     assert len(rows) == 8 * 2 and {r["optimizer"] for r in rows} == {"torch-adamw", "apollo", "apollo_layerwise"}
     text = output.read_text()
     assert text.startswith("# Benchmarks\n\nkept text\n")
-    assert "<!-- BEGIN convergence:" in text and "<!-- END convergence -->" in text
+    assert "<!-- BEGIN convergence-t:" in text and "<!-- END convergence-t -->" in text  # named by --tag
     assert "python benchmarks/convergence.py --model-config" in text and "| apollo_layerwise |" in text
     pytest.importorskip("matplotlib")
     assert (tmp_path / "convergence_t.png").stat().st_size > 1000
     # A second call reuses every finished run (same settings) and rewrites the section in place.
     again = _run(*args)
     assert again.returncode == 0 and "4 runs: 4 reused" in again.stdout, again.stdout[-2000:]
-    assert output.read_text().count("<!-- BEGIN convergence:") == 1
+    assert output.read_text().count("<!-- BEGIN convergence-t:") == 1
 
 
 def _summary(module, name, loss, lowrank_bytes=1000, total=5000, repeats=None):

@@ -298,12 +298,13 @@ def test_memory_table_replaces_its_section_and_keeps_the_page(memory_table, tmp_
     page = f"# page\n\nhand-written prose\n\n{block}\n\n## The table\n\n{begin}\nold figures\n{end}\n\nmore prose\n"
     output.write_bytes(page.encode())
     argv = ["--sizes", "60m", "--optims", "torch-adamw,apollo_mini", "--seq-len", "256", "--no-plots",
-            "--output", str(output)]
+            "--moe-configs", "", "--output", str(output)]
     assert memory_table.main(argv) == 0
     text = output.read_text()
     assert text.startswith(f"# page\n\nhand-written prose\n\n{block}\n\n## The table\n\n{begin}\n```bash\n")
     assert text.endswith(f"{end}\n\nmore prose\n") and "old figures" not in text
     assert "python benchmarks/memory_table.py --sizes 60m --optims torch-adamw,apollo_mini --seq-len 256" in text
+    assert "memory-moe" not in text  # --moe-configs '': no MoE section
     assert "| LLaMA-60M | 0.058 B |" in text  # the summary line: plain / layer-wise totals
     assert "| APOLLO-Mini | layer-wise |" in text  # the detail table
     assert "memory-levers" not in text  # LLaMA-7B's levers only with 7b among the sizes
