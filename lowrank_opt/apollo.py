@@ -635,7 +635,7 @@ class Apollo(Optimizer):
                 decay=float(group["lr"]) * group["weight_decay"], shared=part.shared,
                 chunk=F.chunk_elements(part.weight.device), fast=group["foreach"] is not False,
                 rounding_seed=self._rounding_seed(part, state), int8=int8_module_of(part.weight),
-                label=self._part_label(part)))
+                label=self._part_label(part) if part.weight.dtype == torch.float16 else ""))
             states.append((state, holds))
 
         rounds = iter(range(2))
@@ -660,12 +660,15 @@ class Apollo(Optimizer):
         for (state, holds), limiter, part, plan in zip(states, limiters, batch, (plans[id(p)] for p in batch)):
             if not holds:
                 continue
-            if limiter is not None:
-                old = state.get("limiter_norm")
-                if old is None:
-                    stacked = _limiter_shape(part.group, part.record.shape)  # (E,) for a stack, () for a matrix
-                    state["limiter_norm"] = part.zeros(limiter.shape if stacked else (), limiter.dtype, stacked or None)
-                _local(state["limiter_norm"]).copy_(limiter.view(_local(state["limiter_norm"]).shape))
+            if limiter is None:
+                continue
+            stacked = plan.stacked  # (E,) for a stack (a DTensor under FSDP2), () for a matrix
+            if part.dtensor is not None and stacked:
+                if "limiter_norm" not in state:
+                    state["limiter_norm"] = part.zeros(limiter.shape, limiter.dtype, (plan.count,))
+                state["limiter_norm"].to_local().copy_(limiter)
+            else:
+                state["limiter_norm"] = limiter if stacked else limiter.view(())
 
     def _dense_update(self, parts: list[Part]) -> None:
         """Plain AdamW (:func:`lowrank_opt.functional.dense_update_`; 8-bit moments through

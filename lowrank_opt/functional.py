@@ -87,10 +87,26 @@ def channel_norms(x: torch.Tensor, dim: int, dtype: Optional[torch.dtype] = None
 # Adam's moments and AdamW (one body; a list of one tensor is the single-tensor path)
 
 
+def adam_moment_(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, beta1: float, beta2: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2, in the gradient's dtype; moments kept in another dtype (bf16
+    state, fp32 math) are stored back. Returns (m, v) in the gradient's dtype."""
+    if exp_avg.dtype == grad.dtype:
+        m, v = exp_avg, exp_avg_sq
+    else:
+        m, v = exp_avg.to(grad.dtype), exp_avg_sq.to(grad.dtype)
+    m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    if m is not exp_avg:
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
+    return m, v
+
+
 def adam_moments_(exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], grads: list[torch.Tensor],
                   beta1: float, beta2: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2, in the gradients' dtype; moments kept in another dtype (bf16
-    state, fp32 math) are stored back. Returns (m, v) in the gradients' dtype."""
+    """:func:`adam_moment_` over lists, with torch's foreach ops: the same element-wise
+    operations in the same order (as torch's ``_single_tensor_adam`` and ``_multi_tensor_adam``)."""
     wide = [(m.to(g.dtype), v.to(g.dtype)) if m.dtype != g.dtype else (m, v)
             for m, v, g in zip(exp_avgs, exp_avg_sqs, grads)]
     ms, vs = [w[0] for w in wide], [w[1] for w in wide]
@@ -105,17 +121,14 @@ def adam_moments_(exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
     return ms, vs
 
 
-def adam_directions(ms: list[torch.Tensor], vs: list[torch.Tensor], eps: float) -> list[torch.Tensor]:
-    """m / (sqrt(v) + eps) (step 4; and AdamW's direction)."""
-    denoms = torch._foreach_sqrt(vs)
-    torch._foreach_add_(denoms, eps)
-    return torch._foreach_div(ms, denoms)
-
-
 def adamw_(weights: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
            exp_avg_sqs: list[torch.Tensor], *, beta1: float, beta2: float, eps: float,
            step_sizes: Sequence[float]) -> None:
     """AdamW without the decay (see :func:`update_pieces_`): moments, then w <- w - step_size m/(sqrt(v)+eps)."""
+    if len(weights) == 1:
+        m, v = adam_moment_(exp_avgs[0], exp_avg_sqs[0], grads[0], beta1, beta2)
+        weights[0].addcdiv_(m, v.sqrt().add_(eps), value=-step_sizes[0])
+        return
     ms, vs = adam_moments_(exp_avgs, exp_avg_sqs, grads, beta1, beta2)
     denoms = torch._foreach_sqrt(vs)
     torch._foreach_add_(denoms, eps)
@@ -160,7 +173,7 @@ def flat_pieces(weight: torch.Tensor, chunk: int) -> list[tuple[torch.Tensor, sl
 # APOLLO on the local elements of a stack of matrices
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class LowRankStep:
     """One low-rank parameter's update in this step, as this process holds it.
 
@@ -363,9 +376,11 @@ def scaling(step: LowRankStep, low: torch.Tensor) -> tuple[torch.Tensor, Optiona
     right projections split between processes need ||U||^2 per matrix (channel, with the limiter on) or
     ||R~||^2 and ||R||^2 per matrix (tensor-wise), which are then finished by :func:`finish_scaling`."""
     layout = step.layout
-    exp_avg, exp_avg_sq = step.exp_avg.view(low.shape), step.exp_avg_sq.view(low.shape)
-    (m,), (v,) = adam_moments_([exp_avg], [exp_avg_sq], [low], step.beta1, step.beta2)
-    normalized = adam_directions([m], [v], step.eps)[0]
+    exp_avg, exp_avg_sq = step.exp_avg, step.exp_avg_sq
+    if exp_avg.shape != low.shape:
+        exp_avg, exp_avg_sq = exp_avg.view(low.shape), exp_avg_sq.view(low.shape)
+    m, v = adam_moment_(exp_avg, exp_avg_sq, low, step.beta1, step.beta2)
+    normalized = m / v.sqrt().add_(step.eps)  # R~ (step 4)
     sharded_rows = step.shared and step.side == RIGHT and bool(layout.cut_matrices)
     if step.side == RIGHT:
         if not step.tensor_wise:
@@ -377,7 +392,7 @@ def scaling(step: LowRankStep, low: torch.Tensor) -> tuple[torch.Tensor, Optiona
         if not sharded_rows and layout.whole:
             k = layout.num_matrices
             if k == 1:
-                return _tensor_factor(normalized.square().sum().reshape(1), low.square().sum().reshape(1)), None
+                return _tensor_factor(normalized.square().sum(), low.square().sum()).view(1), None
             return _tensor_factor(normalized.view(k, -1).square().sum(1), low.view(k, -1).square().sum(1)), None
         skip = not layout.owns_first_row  # a cut first row is counted by the process holding its column 0
         nsq = _per_matrix_sum(normalized.square().sum(1), layout, skip)
@@ -389,7 +404,7 @@ def scaling(step: LowRankStep, low: torch.Tensor) -> tuple[torch.Tensor, Optiona
         return channel_norms(normalized, 1) / (channel_norms(low, 1) + SCALING_EPS), None
     k = low.shape[0]
     if k == 1:
-        return _tensor_factor(normalized.square().sum().reshape(1), low.square().sum().reshape(1)), None
+        return _tensor_factor(normalized.square().sum(), low.square().sum()).view(1), None
     return _tensor_factor(normalized.square().sum((1, 2)), low.square().sum((1, 2))), None
 
 
@@ -437,6 +452,10 @@ def apply_update(step: LowRankStep, factor: torch.Tensor, update_sq: Optional[to
     if step.gamma is not None:
         limit, new_limiter = growth_limit_factor(update_sq.sqrt(), step.limiter, step.gamma)
     alpha = math.sqrt(step.scale) if step.scale != 1.0 else None
+    if step.tensor_wise:  # one factor per matrix: combined once
+        factor = factor if limit is None else factor * limit
+        factor = factor if alpha is None else factor * alpha
+        limit = alpha = None
     m, first = layout.matrix_rows, layout.first_matrix
     grad = step.grad.reshape(-1)
 
@@ -479,8 +498,12 @@ def write_tiles_(step: LowRankStep, update: Callable[[torch.Tensor, Tile], None]
     weight = step.weight if step.weight.is_contiguous() else step.weight.contiguous()
     flat = weight.view(-1)
     chunk = step.chunk if step.fast and weight.dtype != compute_dtype(weight.dtype) else None
-    pieces = ((flat.narrow(0, sub.offset, sub.numel), sub)
-              for tile in step.layout.tiles for sub in _subtiles(tile, chunk, step.layout.matrix_rows))
+    tiles = step.layout.tiles
+    if chunk is None and len(tiles) == 1 and tiles[0].numel == flat.numel():  # one whole tile
+        pieces = ((flat, tiles[0]),)
+    else:
+        pieces = ((flat.narrow(0, sub.offset, sub.numel), sub)
+                  for tile in tiles for sub in _subtiles(tile, chunk, step.layout.matrix_rows))
     update_pieces_(pieces, update, decay=step.decay, generator=_generator(weight, step.rounding_seed), label=step.label)
     if weight is not step.weight:
         step.weight.copy_(weight)
@@ -510,7 +533,7 @@ def apollo_update_(steps: list[LowRankStep], reduce: Callable[[list[list[torch.T
 # AdamW on plain tensors
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class DenseStep:
     """One plain tensor's AdamW update: local ``weight``/``grad``/moments, the step's ``step_size`` (bias
     correction folded in) and ``decay`` (lr * weight_decay). ``fast``: big tensors in pieces of ``chunk``

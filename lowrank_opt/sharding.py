@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -178,32 +179,32 @@ class ShardLayout:
                 pos += taken
                 offset += taken * n
 
-    @property
+    @cached_property
     def is_full(self) -> bool:
         return self.start == 0 and self.valid == self.shape2d[0] * self.shape2d[1]
 
-    @property
+    @cached_property
     def whole(self) -> bool:
         """The local elements are whole matrices, one tile (unsharded; FSDP2 shards of a stack)."""
         return len(self.tiles) == 1 and self.tiles[0].nrows == self.matrix_rows and \
             self.tiles[0].ncols == self.shape2d[1]
 
-    @property
+    @cached_property
     def first_row(self) -> int:
         return self.blocks[0].row if self.blocks else 0
 
-    @property
+    @cached_property
     def num_rows(self) -> int:
         if not self.blocks:
             return 0
         last = self.blocks[-1]
         return last.row + last.nrows - self.first_row
 
-    @property
+    @cached_property
     def first_matrix(self) -> int:
         return self.first_row // self.matrix_rows
 
-    @property
+    @cached_property
     def num_matrices(self) -> int:
         """Matrices this process holds elements of."""
         if not self.num_rows:
@@ -213,7 +214,7 @@ class ShardLayout:
     def is_partial(self, block: Block) -> bool:
         return block.ncols < self.shape2d[1]
 
-    @property
+    @cached_property
     def owns_first_row(self) -> bool:
         """Whether this process holds column 0 of its first row: the process that counts a cut row in sums
         over rows (every other holder of the row skips it)."""
@@ -275,12 +276,17 @@ class CountingComm:
 # FSDP2: DTensor parameters
 
 
+_DTENSOR: list = []  # torch's DTensor class, imported on the first call
+
+
 def is_dtensor(t: Any) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
+    if not _DTENSOR:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # pragma: no cover - torch without distributed
+            DTensor = type(None)
+        _DTENSOR.append(DTensor)
+    return isinstance(t, _DTENSOR[0])
 
 
 _MESH_COMMS: "weakref.WeakKeyDictionary[Any, TorchDistComm]" = weakref.WeakKeyDictionary()
@@ -433,7 +439,7 @@ class Record:
         return self.original() if self.original is not None else None
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class Part:
     """What this process holds of parameter ``index`` of a param group in this step: ``weight``/``grad`` are
     local storage; ``layout`` the local elements of its row space (None for a plain-AdamW tensor); ``comm``
@@ -477,9 +483,12 @@ StackOf = Callable[[Record], Optional[tuple[int, int, int]]]
 
 
 def _layout(stack: Optional[tuple[int, int, int]]) -> Optional[ShardLayout]:
-    if stack is None:
-        return None
-    count, m, n = stack
+    return None if stack is None else _whole_layout(*stack)
+
+
+@lru_cache(maxsize=4096)
+def _whole_layout(count: int, m: int, n: int) -> ShardLayout:
+    """Every element of a stack of ``count`` m x n matrices (layouts are immutable: one per shape)."""
     return ShardLayout.full((count * m, n), m)
 
 
