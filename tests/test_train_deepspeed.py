@@ -22,7 +22,7 @@ ARGS = ["--max_steps", "8", "--block_size", "64", "--per_device_train_batch_size
 
 # train.py, counting on each rank the names resolved (ResolvedOptimizer made) and the Apollo optimizers built.
 COUNTING = textwrap.dedent("""
-    import functools, sys
+    import functools, os, sys
     sys.path.insert(0, {repo!r})
     from lowrank_opt import registry
     from lowrank_opt.apollo import Apollo
@@ -35,20 +35,22 @@ COUNTING = textwrap.dedent("""
             _init(self, *args, **kwargs)
         cls.__init__ = functools.wraps(cls.__init__)(wrapped)
     train.main(sys.argv[1:])
-    print("COUNTS", counts.get("ResolvedOptimizer", 0), counts.get("Apollo", 0), flush=True)
+    with open(os.path.join({out!r}, "counts-rank" + os.environ["RANK"]), "w") as f:  # stdout lines interleave
+        f.write(f"{{counts.get('ResolvedOptimizer', 0)}} {{counts.get('Apollo', 0)}}")
 """)
 
 
 def _torchrun(out, *extra):
     script = out.parent / f"{out.name}_counting.py"
-    script.write_text(COUNTING.format(repo=str(REPO)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(COUNTING.format(repo=str(REPO), out=str(out.parent / out.name)))
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *ARGS,
            "--output_dir", str(out), *extra]
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    counts = [line for line in run.stdout.splitlines() if line.startswith("COUNTS")]
-    assert counts == ["COUNTS 1 1", "COUNTS 1 1"], counts  # per rank: one resolution, one optimizer
+    counts = [(out / f"counts-rank{rank}").read_text() for rank in (0, 1)]
+    assert counts == ["1 1", "1 1"], counts  # per rank: one resolution, one optimizer
     state = json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())
     return [e["loss"] for e in state["log_history"] if "loss" in e]
 
