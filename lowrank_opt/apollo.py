@@ -677,7 +677,8 @@ class Apollo(Optimizer):
         for part in parts:
             group = part.group
             beta1, beta2 = group["betas"]
-            eight_bit = _uses_8bit(part, self._part_label(part))
+            label = self._part_label(part)
+            eight_bit = _uses_8bit(part, label)
             state = self._state(part)
             if "step" not in state:
                 if eight_bit:
@@ -691,7 +692,7 @@ class Apollo(Optimizer):
                 generator = None if seed is None else seeded_generator(part.weight.device, seed)
                 adamw_step_8bit_(part.weight, part.grad, state, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                                  step=state["step"], weight_decay=group["weight_decay"],
-                                 correct_bias=group["correct_bias"], generator=generator, label=self._part_label(part))
+                                 correct_bias=group["correct_bias"], generator=generator, label=label)
                 continue
             steps.append(F.DenseStep(
                 weight=part.weight, grad=part.grad, exp_avg=_local(state["exp_avg"]),
@@ -699,7 +700,7 @@ class Apollo(Optimizer):
                 step_size=F.bias_corrected_step_size(lr, beta1, beta2, state["step"], group["correct_bias"]),
                 decay=lr * group["weight_decay"], fast=group["foreach"] is not False,
                 chunk=F.chunk_elements(part.weight.device), rounding_seed=seed, int8=int8_module_of(part.weight),
-                label=self._part_label(part)))
+                label=label))
         F.dense_update_(steps)
 
     def _rounding_seed(self, part: Part, state: dict) -> Optional[int]:

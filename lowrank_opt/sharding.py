@@ -276,17 +276,18 @@ class CountingComm:
 # FSDP2: DTensor parameters
 
 
-_DTENSOR: list = []  # torch's DTensor class, imported on the first call
+@lru_cache(maxsize=None)
+def _dtensor_class() -> type:
+    """torch's DTensor class, imported once (``type(None)`` for a torch without distributed)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return type(None)
+    return DTensor
 
 
 def is_dtensor(t: Any) -> bool:
-    if not _DTENSOR:
-        try:
-            from torch.distributed.tensor import DTensor
-        except ImportError:  # pragma: no cover - torch without distributed
-            DTensor = type(None)
-        _DTENSOR.append(DTensor)
-    return isinstance(t, _DTENSOR[0])
+    return isinstance(t, _dtensor_class())
 
 
 _MESH_COMMS: "weakref.WeakKeyDictionary[Any, TorchDistComm]" = weakref.WeakKeyDictionary()

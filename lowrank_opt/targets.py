@@ -98,16 +98,21 @@ def is_router(module_name: str) -> bool:
     return any(part in ROUTER_NAMES for part in module_name.split("."))
 
 
+def is_experts(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers experts module (a ``...Experts`` class: its >= 3-D parameters are E
+    stacked matrices, its 2-D ones E bias vectors)."""
+    return "Experts" in type(module).__name__
+
+
 def experts_layout(module: nn.Module) -> Optional[str]:
-    """``"out_in"`` or ``"in_out"`` for a transformers experts module (``...Experts`` class: its >= 3-D
-    parameters are E stacked matrices), None for any other module or an experts class whose layout is unknown."""
-    name = type(module).__name__
-    if "Experts" not in name:
+    """``"out_in"`` or ``"in_out"`` for an experts module (:func:`is_experts`), None for any other module or an
+    experts class whose layout is unknown."""
+    if not is_experts(module):
         return None
     transposed = getattr(module, "is_transposed", None)
     if isinstance(transposed, bool):
         return "in_out" if transposed else "out_in"
-    return _EXPERTS_WITHOUT_FLAG.get(name)
+    return _EXPERTS_WITHOUT_FLAG.get(type(module).__name__)
 
 
 def full_ndim(p: torch.Tensor) -> int:
@@ -137,7 +142,7 @@ def _view(module: nn.Module, module_name: str, param_name: str, p: torch.Tensor,
             return None  # 2-D expert biases: E vectors
         return STACKED if layout == "out_in" else STACKED_TRANSPOSED
     if ndim == 2:
-        if "Experts" in type(module).__name__:
+        if is_experts(module):
             return None  # (E, d) expert biases
         return TRANSPOSED if is_transposed_linear(module) else MATRIX
     if isinstance(module, nn.modules.conv._ConvNd):

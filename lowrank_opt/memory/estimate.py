@@ -69,7 +69,7 @@ import torch
 from torch import nn
 
 from ..registry import ResolvedOptimizer, resolve
-from ..targets import ALL_LINEAR, TargetModules, lowrank_targets
+from ..targets import ALL_LINEAR, TargetModules, is_experts, lowrank_targets
 from .activations import activation_bytes
 from .configs import _config_label, _meta_model, resolve_config
 from .dryrun import DryRun, dry_run
@@ -486,7 +486,7 @@ def estimate(
         notes.append("int8 weights (Q-APOLLO): Linear weights but the head in int8 + fp32 scales per %d columns "
                      "(%.2f GB saved); one layer's weight is dequantized while it runs (%.2f GB, in the "
                      "activations)" % (int8_group_size, int8_saved / GB, dequant_transient / GB))
-        stacked = sum(p.numel() for m in model.modules() if "Experts" in type(m).__name__
+        stacked = sum(p.numel() for m in model.modules() if is_experts(m)
                       for p in m.parameters(recurse=False) if p.ndim >= 3)
         if stacked:
             notes.append("int8 weights apply to nn.Linear layers: the %.2f B parameters of fused experts stay %s"
